@@ -1,0 +1,130 @@
+"""One config mechanism for every script.
+
+Each script declares a dataclass of typed defaults, one comment per knob, and calls
+`parse_config(Cls)`. Values come, in order of precedence, from:
+  1. the dataclass defaults,
+  2. a JSON config file given as `--config path.json` (keys are field names),
+  3. command-line flags `--key=value` or `--key value` (`--flag` alone sets a bool to True).
+Unknown keys, values that do not parse to the field's type, and failed checks in the
+dataclass's `validate()` method stop the script with a one-line error before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; scripts print it as one line and exit with status 2."""
+
+
+def _parse_value(name: str, text: Any, typ: Any) -> Any:
+    """Converts `text` (a str from the command line, or a JSON value) to the field type `typ`."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]: "none"/"null" means None, else X
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
+            return None
+        return _parse_value(name, text, args[0])
+    if typ is bool:
+        if isinstance(text, bool):
+            return text
+        low = str(text).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+    if typ in (int, float):
+        try:
+            if typ is int and isinstance(text, str):
+                value = float(text)  # accepts 1e6 and 2_000
+                if value != int(value):
+                    raise ValueError
+                return int(value)
+            return typ(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
+    if typ is str:
+        return str(text)
+    if origin in (list, tuple):  # comma-separated on the command line, a list in JSON
+        items = text if isinstance(text, (list, tuple)) else [t for t in str(text).split(",") if t]
+        (inner,) = set(typing.get_args(typ)) - {Ellipsis} or {str}
+        return [_parse_value(name, t, inner) for t in items]
+    raise ConfigError(f"--{name}: unsupported field type {typ}")
+
+
+def _split_argv(argv: Sequence[str]) -> list[tuple[str, str | None]]:
+    """['--a=1', '--b', '2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = None
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def parse_config(cls: type, argv: Sequence[str] | None = None):
+    """Builds `cls` from defaults, an optional --config JSON file and flags; validates it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    pairs = _split_argv(argv)
+    for key, value in pairs:
+        if key == "config":
+            if value is None:
+                raise ConfigError("--config needs a path to a JSON file")
+            try:
+                with open(value, encoding="utf-8") as f:
+                    loaded = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"--config {value}: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"--config {value}: expected a JSON object of settings")
+            for k, v in loaded.items():
+                if k not in fields:
+                    raise ConfigError(f"{value}: unknown key {k!r} (known: {', '.join(fields)})")
+                values[k] = _parse_value(k, v, fields[k])
+    for key, value in pairs:
+        if key == "config":
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown flag --{key} (known: {', '.join('--' + f for f in fields)})")
+        if value is None and fields[key] is not bool:
+            raise ConfigError(f"--{key} needs a value")
+        values[key] = True if value is None else _parse_value(key, value, fields[key])
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def check(condition: bool, message: str) -> None:
+    """For validate() methods: raise a one-line ConfigError when `condition` is false."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def config_or_exit(cls: type, argv: Sequence[str] | None = None):
+    """parse_config for a script's main(): a bad config prints one line and exits with status 2."""
+    try:
+        return parse_config(cls, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
