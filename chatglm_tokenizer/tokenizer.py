@@ -26,8 +26,9 @@ VOCAB_SIZE = 64793
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 
 
-def find_tokenizer(path: Optional[str] = None) -> str:
-    """Returns the path of tokenizer.model by the lookup order above; one-line error if none."""
+def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
+    """Returns the path of tokenizer.model by the lookup order above; one-line error if none.
+    download=False skips step 4 (for callers that only want the file's hash when it is at hand)."""
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--tokenizer {path}: no such file")
@@ -39,6 +40,8 @@ def find_tokenizer(path: Optional[str] = None) -> str:
         return env
     if os.path.isfile(LOCAL_PATH):
         return LOCAL_PATH
+    if not download:
+        raise FileNotFoundError(f"no tokenizer.model (--tokenizer, ${TOKENIZER_ENV}, {LOCAL_PATH})")
     try:
         from huggingface_hub import hf_hub_download
 

@@ -1,0 +1,78 @@
+"""Pretrain the baby Llama2 on tokens from data_process.py.
+
+One GPU (or CPU / Apple MPS; the device is picked for you):
+    python pretrain.py
+Several GPUs on one node (the global batch in tokens stays the same; accumulation shrinks):
+    torchrun --standalone --nproc_per_node=4 pretrain.py
+Several nodes: add torchrun's --nnodes/--node_rank/--rdzv_endpoint flags; nothing else changes.
+Tiny CPU smoke run (a minute on 2 cores):
+    python pretrain.py --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8 --max_steps=100 \
+        --eval_interval=50 --out_dir=out/tiny
+Continue a stopped run exactly where it stopped:
+    python pretrain.py --resume            (reads out/pretrain/last.pt; same flags as the first run)
+Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `--config my.json`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
+from configurator import check, config_or_exit
+from dataset import DataError, PretrainData
+from model import ModelArgs
+from trainer import TrainConfig, cleanup, fail, setup_runtime, train
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data_dir: str = "data/pretrain"  # data_process.py output: train_*.bin and val_*.bin with .json sidecars
+    # model (the seed's defaults: about 58.5M unique parameters)
+    dim: int = 512  # width of the residual stream
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 8  # query heads (head size = dim / n_heads)
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
+    multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
+    max_seq_len: int = 512  # context length in tokens
+    vocab_size: int = 64793  # ChatGLM2 design vocab; every id fits uint16
+    dropout: float = 0.0  # dropout in attention and MLP (0 for pretraining at this scale)
+
+    def validate(self):
+        super().validate()
+        check(self.dim % self.n_heads == 0, f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        check(self.n_heads % kv == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {kv}")
+        check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
+        check(0 < self.vocab_size <= 65536, "vocab_size must be in 1..65536 (token ids are stored as uint16)")
+        check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.n_kv_heads or None, vocab_size=self.vocab_size,
+                         multiple_of=self.multiple_of, max_seq_len=self.max_seq_len, dropout=self.dropout)
+
+
+def main(argv=None) -> dict:
+    cfg = config_or_exit(PretrainConfig, argv)
+    try:
+        tok_hash = tokenizer_sha256(find_tokenizer(cfg.tokenizer or None, download=False))
+    except FileNotFoundError:
+        tok_hash = ""  # the tokenizer is only needed to check the data; the sidecar's hash is then trusted
+    rt = setup_runtime(cfg.device, cfg.dtype)
+
+    def make_data(args: ModelArgs, grad_accum: int):
+        def split(name: str, accum: int) -> PretrainData:
+            return PretrainData(cfg.data_dir, name, args.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
+                                world_size=rt.world_size, grad_accum=accum, vocab_size=args.vocab_size,
+                                tokenizer_sha256=tok_hash or None)
+        return split("train", grad_accum), split("val", 1)
+
+    try:
+        return train(cfg, rt, cfg.model_args(), make_data, kind="pretrain", tokenizer_sha256=tok_hash)
+    except (FileNotFoundError, DataError) as e:
+        fail(str(e))
+    finally:
+        cleanup(rt)
+
+
+if __name__ == "__main__":
+    main()

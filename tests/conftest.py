@@ -1,0 +1,59 @@
+"""Shared test setup: the tokenizer's location and small on-disk datasets.
+
+Tests that need the real ChatGLM2 tokenizer read it through $BABYLLAMA_TOKENIZER; when that is unset,
+it is pointed at ../shared/chatglm_tokenizer/tokenizer.model beside the repository (this workplace's
+copy) if that file exists. Most tests need no tokenizer: they use small synthetic token ids.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+_SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
+if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(_SHARED_TOKENIZER):
+    os.environ["BABYLLAMA_TOKENIZER"] = os.path.abspath(_SHARED_TOKENIZER)
+SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
+
+
+def write_shard(path: str, ids, split: str, vocab_size: int, tokenizer_sha256=None) -> None:
+    """A data_process-style shard: raw uint16 ids plus its .json sidecar (no tokenizer hash: synthetic ids)."""
+    arr = np.asarray(ids, dtype=np.uint16)
+    arr.tofile(path)
+    meta = {"format": "baby-llama2-chinese/tokens-v1", "split": split, "dtype": "uint16", "vocab_size": vocab_size,
+            "eos_id": 2, "tokenizer_sha256": tokenizer_sha256, "tokens": int(arr.size), "documents": 1}
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture
+def tokenizer_path():
+    path = os.environ.get("BABYLLAMA_TOKENIZER")
+    if not path or not os.path.isfile(path):
+        pytest.skip("needs the ChatGLM2 tokenizer.model ($BABYLLAMA_TOKENIZER)")
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    """A learnable synthetic corpus: repeated 'sentences' over a 512-token vocab, two train shards."""
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(3, 512, size=int(rng.integers(5, 20))) for _ in range(40)]
+
+    def text(n_docs):
+        out = []
+        for _ in range(n_docs):
+            for _ in range(int(rng.integers(2, 6))):
+                out.extend(phrases[int(rng.integers(0, len(phrases)))])
+            out.append(2)
+        return out
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(str(d / "train_00000.bin"), text(300), "train", 512)
+    write_shard(str(d / "train_00001.bin"), text(300), "train", 512)
+    write_shard(str(d / "val_00000.bin"), text(60), "val", 512)
+    return str(d)

@@ -1,0 +1,221 @@
+"""dataset.py, trainer.py and pretrain.py: data order, precision, schedule, DDP, resume, failure handling."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_shard
+from configurator import ConfigError, parse_config
+from dataset import DataError, PretrainData
+from trainer import TrainConfig, autocast_context, grad_accum_steps, lr_at
+
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
+        "--device=cpu", "--compile=false", "--log_interval=1", "--eval_windows=16", "--warmup_steps=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+def metrics(out_dir):
+    """{step: loss} and {step: val_loss} from a run's metrics.jsonl (the last row for a step wins)."""
+    train, val = {}, {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                train[row["step"]] = row["loss"]
+            if "val_loss" in row:
+                val[row["step"]] = row["val_loss"]
+    return train, val
+
+
+def run_pretrain(args, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    if nproc == 1:
+        cmd = [sys.executable, "pretrain.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "pretrain.py", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+# ---- dataset.py -------------------------------------------------------------------------------------
+
+def test_reads_every_shard_and_order_is_a_function_of_step(tiny_corpus):
+    d = PretrainData(tiny_corpus, "train", 32, 4, seed=1)
+    assert len(d.maps) == 2
+    first_shard_windows = int(d.window_offsets[1])
+    seen = set()
+    for step in range(d.n_windows // 4):  # one epoch touches every window once
+        x, y = d.batch(step, 0)
+        assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+        for row in x:
+            seen.add(row.numpy().tobytes())
+    assert len(seen) >= d.n_windows - 4
+    # windows from the second shard were used (the seed read only the first .bin)
+    second = {d.window(k)[:-1].tobytes() for k in range(first_shard_windows, d.n_windows)}
+    assert second & seen
+    again = PretrainData(tiny_corpus, "train", 32, 4, seed=1)
+    assert torch.equal(d.batch(7, 0)[0], again.batch(7, 0)[0])
+    other_seed = PretrainData(tiny_corpus, "train", 32, 4, seed=2)
+    assert not torch.equal(d.batch(7, 0)[0], other_seed.batch(7, 0)[0])
+
+
+def test_ranks_read_disjoint_data_equal_to_accumulation(tiny_corpus):
+    one = PretrainData(tiny_corpus, "train", 32, 4, seed=3, grad_accum=2)
+    r0 = PretrainData(tiny_corpus, "train", 32, 4, seed=3, rank=0, world_size=2)
+    r1 = PretrainData(tiny_corpus, "train", 32, 4, seed=3, rank=1, world_size=2)
+    for step in (0, 5):
+        assert torch.equal(one.batch(step, 0)[0], r0.batch(step, 0)[0])
+        assert torch.equal(one.batch(step, 1)[0], r1.batch(step, 0)[0])
+        assert not torch.equal(r0.batch(step, 0)[0], r1.batch(step, 0)[0])
+
+
+def test_sidecar_is_checked(tiny_corpus, tmp_path):
+    with pytest.raises(DataError, match="vocab_size 512, the model has 64793"):
+        PretrainData(tiny_corpus, "train", 32, 4, vocab_size=64793)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_shard(str(bad / "val_00000.bin"), list(range(3, 200)), "val", 512, tokenizer_sha256="abc")
+    with pytest.raises(DataError, match="different tokenizer"):
+        PretrainData(str(bad), "val", 32, 4, tokenizer_sha256="def")
+    os.remove(bad / "val_00000.bin")
+    write_shard(str(bad / "train_00000.bin"), list(range(3, 200)), "train", 512)
+    with open(bad / "train_00000.bin", "r+b") as f:
+        f.truncate(100)  # an interrupted copy
+    with pytest.raises(DataError, match="file holds 50"):
+        PretrainData(str(bad), "train", 32, 4)
+    with pytest.raises(DataError, match="no val_"):
+        PretrainData(str(bad), "val", 32, 4)
+
+
+# ---- trainer.py pieces ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_autocast_uses_the_dtype_it_is_given(dtype):
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast_context(torch.device("cpu"), dtype):
+        assert (a @ b).dtype == dtype
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    wsd = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr=0.0, lr_schedule="wsd", decay_frac=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0 and lr_at(90, wsd) == pytest.approx(0.5)
+
+
+def test_global_batch_is_fixed_in_tokens():
+    cfg = TrainConfig(batch_size=4, batch_tokens=4 * 32 * 8)
+    assert [grad_accum_steps(cfg, 32, w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError, match="not a multiple"):
+        grad_accum_steps(cfg, 32, 3)
+
+
+def test_config_errors_are_one_line(tmp_path):
+    from pretrain import PretrainConfig
+    with pytest.raises(ConfigError, match="unknown flag --lr"):
+        parse_config(PretrainConfig, ["--lr=1"])
+    with pytest.raises(ConfigError, match="--batch_size: expected int"):
+        parse_config(PretrainConfig, ["--batch_size=big"])
+    with pytest.raises(ConfigError, match="dim 500 is not a multiple of n_heads 8"):
+        parse_config(PretrainConfig, ["--dim=500"])
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"dim": 64, "n_heads": 4}))
+    cfg = parse_config(PretrainConfig, ["--config", str(cfg_file), "--n_heads=2"])
+    assert (cfg.dim, cfg.n_heads) == (64, 2)
+    r = subprocess.run([sys.executable, "pretrain.py", "--max_stpes=3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--max_stpes" in r.stderr
+
+
+# ---- whole runs -------------------------------------------------------------------------------------
+
+def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tmp_path):
+    out = str(tmp_path / "run")
+    run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60", "--eval_interval=30"])
+    _, val = metrics(out)
+    assert val[0] > math.log(512) - 0.3 and val[60] < val[0] - 1.0, val
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    for key in ("model", "model_args", "config", "optimizer", "scaler", "step", "data_position", "rng",
+                "best_val_loss", "kind"):
+        assert key in ckpt
+    assert ckpt["step"] == 60 and ckpt["model_args"]["dim"] == 32 and ckpt["config"]["max_steps"] == 60
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert os.path.isfile(os.path.join(out, "loss.png")) and os.path.isfile(os.path.join(out, "log.txt"))
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "tok/s" in log and "eta" in log and "tokens/step" in log
+
+
+def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
+    """Two gloo ranks, accumulation 1 == one process, accumulation 2, at the same global batch.
+    Catches gradients that are not all-reduced (the seed's DDP + accumulation bug): ranks drift apart."""
+    common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=20", "--eval_interval=20", "--batch_tokens=256"]
+    run_pretrain([*common, f"--out_dir={tmp_path / 'one'}"])
+    run_pretrain([*common, f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    one, val1 = metrics(tmp_path / "one")
+    two, val2 = metrics(tmp_path / "two")
+    assert sorted(one) == list(range(1, 21)) == sorted(two)
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-4, (step, one[step], two[step])
+    assert abs(val1[20] - val2[20]) < 1e-4
+
+
+def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
+    common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=30", "--eval_interval=10", "--dropout=0.1"]
+    run_pretrain([*common, f"--out_dir={tmp_path / 'full'}"])
+    full, _ = metrics(tmp_path / "full")
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "pretrain.py", *common, f"--out_dir={out}", "--ckpt_interval=1"],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a checkpoint past step 12 exists
+        if (out / "metrics.jsonl").exists() and max(metrics(out)[0] or [0]) >= 12:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    stopped_at = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert 10 <= stopped_at < 30
+    run_pretrain([*common, f"--out_dir={out}", "--resume"])
+    resumed, _ = metrics(out)
+    for step in range(stopped_at + 1, 31):
+        assert abs(resumed[step] - full[step]) < 1e-5, (step, resumed[step], full[step])
+
+
+def test_non_finite_losses_skip_then_stop_with_checkpoint_intact(tiny_corpus, tmp_path, monkeypatch):
+    import model as model_mod
+    import pretrain
+    real_forward = model_mod.Transformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, *a):
+        logits, loss = real_forward(self, idx, targets, *a)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3 or calls["n"] > 6:  # one bad step, recovery, then bad for good
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=40",
+                       "--eval_interval=5", "--max_bad_steps=3"])
+    assert e.value.code == 3
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "step 3: non-finite loss" in log and "(1/3 in a row)" in log and "stopping: 3 non-finite" in log
+    train, _ = metrics(out)
+    assert 3 not in train and sorted(train) == [1, 2, 4, 5, 6]
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

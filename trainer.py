@@ -1,0 +1,417 @@
+"""The one training loop shared by pretrain.py and sft.py.
+
+Each script builds a config (a subclass of TrainConfig) and two batch sources with the interface
+`src.batch(step, micro_step) -> (x, y)` (train) and `src.eval_batches(n) -> iterator of (x, y)` (val), then
+calls `train(...)`. Everything else lives here: devices and DDP, precision, the LR schedule, gradient
+accumulation with one gradient sync per optimizer step, validation, logs, atomic checkpoints and resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configurator import check
+from model import ModelArgs, Transformer
+
+# dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
+               "3090": 71.0, "A6000": 154.8, "V100": 125.0, "T4": 65.0}
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "out/pretrain"  # checkpoints, log.txt, metrics.jsonl, loss.png go here
+    resume: bool = False  # continue from out_dir/last.pt exactly where it stopped
+    resume_from: str = ""  # or from this checkpoint file / run dir instead of out_dir
+    seed: int = 1337  # seeds weights, data order and dropout
+    device: str = "auto"  # auto = cuda > mps > cpu; or cuda, cuda:1, cpu, mps
+    dtype: str = "auto"  # auto = bfloat16 where supported, else float16 (+grad scaler) on cuda, float32 on cpu
+    compile: bool = True  # torch.compile the model (CUDA only; ignored elsewhere)
+    tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    # batch: the global batch is fixed in tokens, whatever the number of processes
+    batch_size: int = 32  # micro-batch rows per process per forward pass
+    batch_tokens: int = 0  # tokens per optimizer step over all processes; 0 = batch_size * seq_len * world
+    # optimizer and schedule (per optimizer step)
+    max_steps: int = 2000  # optimizer steps in the whole run
+    learning_rate: float = 3e-4  # peak LR
+    min_lr: float = 3e-5  # LR at the end of the decay
+    warmup_steps: int = 100  # linear warmup from 0
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay over the last decay_frac)
+    decay_frac: float = 0.2  # wsd only: fraction of max_steps spent decaying
+    weight_decay: float = 0.1  # applied to matrices only (no norms, no biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global grad norm; 0 = off
+    # validation, logging, checkpoints
+    eval_interval: int = 200  # steps between validation passes (also at the end)
+    eval_windows: int = 200  # validation windows (rows) per pass; 0 = the whole split
+    log_interval: int = 10  # steps between log lines
+    ckpt_interval: int = 200  # steps between last.pt saves (also at every eval and at the end)
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    peak_tflops: float = 0.0  # the card's bf16 peak for MFU; 0 = look the card up
+    tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
+
+    def validate(self):
+        check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
+        check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
+        check(0 <= self.warmup_steps < self.max_steps, "need 0 <= warmup_steps < max_steps")
+        check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
+        check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
+        check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, DDP rank and world, precision."""
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    dtype: torch.dtype
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str, dtype: str) -> Runtime:
+    """Starts DDP when launched by torchrun (NCCL on CUDA, gloo elsewhere); picks device and precision."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and ddp:
+        device = f"cuda:{local_rank}"  # one process per GPU; CUDA_VISIBLE_DEVICES is the user's business
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return Runtime(dev, rank, local_rank, world, getattr(torch, dtype))
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    """Mixed precision that really uses `dtype` (the seed's autocast ignored its dtype argument)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        decay_start = int(cfg.max_steps * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return cfg.learning_rate
+        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.learning_rate + frac * (cfg.min_lr - cfg.learning_rate)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.learning_rate - cfg.min_lr)
+
+
+def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that the global batch stays cfg.batch_tokens."""
+    per_micro = cfg.batch_size * seq_len * world_size
+    total = cfg.batch_tokens or per_micro
+    check(total % per_micro == 0, f"batch_tokens {total} is not a multiple of batch_size*seq_len*world "
+          f"= {cfg.batch_size}*{seq_len}*{world_size} = {per_micro}")
+    return total // per_micro
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> Optional[float]:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_checkpoint(path: str, prefer: str = "last.pt") -> str:
+    """A run dir or a file -> the checkpoint file (one-line error if none)."""
+    if os.path.isdir(path):
+        for name in (prefer, "best.pt", "last.pt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path}: no last.pt or best.pt in this run dir")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    return path
+
+
+class Logger:
+    """Console + out_dir/log.txt + out_dir/metrics.jsonl (+ TensorBoard), on the master process only."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled, self.out_dir, self.tb = enabled, out_dir, None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            self.log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
+            self.metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    def metric(self, **row) -> None:
+        if self.enabled:
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, row["step"])
+
+
+def plot_losses(out_dir: str) -> Optional[str]:
+    """loss.png from metrics.jsonl (train and val); the last row for a step wins after a resume."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = {}, {}
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                train[row["step"]] = row["loss"]
+            if "val_loss" in row:
+                val[row["step"]] = row["val_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", linewidth=1)
+    ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt: Runtime) -> float:
+    """Mean loss over every row of `batches`, averaged over all ranks (rows weight equally)."""
+    model.eval()
+    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of row-weighted loss, rows)
+    for x, y, *extra in batches:
+        x, y = x.to(rt.device), y.to(rt.device)
+        with autocast_context(rt.device, rt.dtype):
+            _, loss = model(x, y, *[e.to(rt.device) for e in extra])
+        total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], device=rt.device, dtype=torch.float64)
+    if rt.world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
+          tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
+    """Runs (or resumes) a training run and returns a summary dict.
+
+    make_data(model_args, grad_accum) -> (train_src, val_src) is called once the model is known (a resumed
+    run takes its model args, context length included, from the checkpoint, not from the flags)."""
+    log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
+    ckpt = None
+    if cfg.resume or cfg.resume_from:
+        path = resolve_checkpoint(cfg.resume_from or cfg.out_dir, "last.pt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model_args = ModelArgs(**ckpt["model_args"])
+        log.print(f"resuming from {path} at step {ckpt['step']} (best val {ckpt['best_val_loss']:.4f})")
+    seq_len = model_args.max_seq_len
+    accum = grad_accum_steps(cfg, seq_len, rt.world_size)
+    train_src, val_src = make_data(model_args, accum)
+    torch.manual_seed(cfg.seed + rt.rank)
+    model = Transformer(model_args)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    elif init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(rt.device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device.type)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=(rt.dtype == torch.float16))
+    start_step, best_val = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+    raw_model = model
+    if cfg.compile and rt.device.type == "cuda":
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
+    flops_tok, peak = raw_model.flops_per_token(seq_len), peak_flops(rt.device, cfg.peak_tflops)
+    log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | {str(rt.dtype)[6:]}"
+              f" | compile {cfg.compile and rt.device.type == 'cuda'}")
+    log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
+              f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps / 1e6:,.1f}M tokens")
+    log.print(f"data: {train_src.describe()} | {val_src.describe()}")
+
+    def state(step: int, val_loss: float) -> dict:
+        rngs = [rng_state()]
+        if rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
+            rngs = [None] * rt.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": raw_model.state_dict(), "model_args": dataclasses.asdict(model_args),
+                "config": dataclasses.asdict(cfg), "kind": kind, "step": step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "data_position": {"step": step, "seed": cfg.seed, "samples_per_step":
+                tokens_per_step // seq_len}, "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss,
+                "tokenizer_sha256": tokenizer_sha256}
+
+    def checkpoint(step: int, val_loss: float, best: bool) -> None:
+        st = state(step, val_loss)
+        if rt.master:
+            save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), st)
+            if best:
+                save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), st)
+
+    def validate(step: int) -> float:
+        nonlocal best_val
+        val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
+        log.metric(step=step, val_loss=val_loss)
+        checkpoint(step, val_loss, improved)
+        return val_loss
+
+    t_start = time.time()
+    val_loss = validate(0) if start_step == 0 else ckpt["val_loss"]
+    bad, t_last, timed, losses = 0, time.time(), 0, []
+    x, y, *extra = train_src.batch(start_step, 0)
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(accum):
+            if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast_context(rt.device, rt.dtype):
+                _, loss = model(x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True),
+                                *[e.to(rt.device, non_blocking=True) for e in extra])
+                loss = loss / accum
+            # fetch the next micro-batch on the CPU while the GPU works on this one
+            nxt = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
+            x, y, *extra = train_src.batch(*nxt)
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if rt.world_size > 1:  # the logged loss is the global batch's, as on one process
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.zeros(())
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        loss_val = loss_sum.item()  # one host sync per step: needed to skip non-finite steps
+        if not math.isfinite(loss_val):
+            bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            log.print(f"step {step + 1}: non-finite loss ({loss_val}); step skipped ({bad}/{cfg.max_bad_steps} in a row)")
+            if bad >= cfg.max_bad_steps:
+                log.print(f"stopping: {bad} non-finite losses in a row; last good checkpoint is {cfg.out_dir}/last.pt "
+                          f"(lower learning_rate or use dtype=bfloat16)")
+                raise SystemExit(3)
+            continue
+        bad = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        losses.append(loss_val)
+        timed += 1
+        log.metric(step=done, loss=loss_val, lr=lr)
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            now = time.time()
+            dt = (now - t_last) / max(1, timed)
+            t_last, timed = now, 0
+            tok_s = tokens_per_step / dt
+            mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
+            eta = (cfg.max_steps - done) * dt
+            log.print(f"step {done}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | "
+                      f"grad {float(grad_norm):.2f} | {dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
+                      f"eta {eta / 60:.1f} min")
+            losses = []
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = validate(done)
+            t_last, timed = time.time(), 0  # keep validation time out of tokens/s
+        elif done % cfg.ckpt_interval == 0:
+            checkpoint(done, val_loss, False)
+    if rt.master:
+        png = plot_losses(cfg.out_dir)
+        log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"
+                  + (f" | curve {png}" if png else ""))
+    return {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
+
+
+def cleanup(rt: Runtime) -> None:
+    if rt.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fail(msg: str) -> None:
+    """One-line error for the user, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
