@@ -247,6 +247,61 @@ def plot_losses(out_dir: str) -> Optional[str]:
     return path
 
 
+class DeviceBatches:
+    """The run's micro-batches in order, already on the device, read one ahead: the next batch is gathered
+    and copied (pinned, non-blocking on CUDA) while the GPU still works on the current one."""
+
+    def __init__(self, src, start_step: int, accum: int, device: torch.device):
+        self.src, self.accum, self.device = src, accum, device
+        self.pos = (start_step, 0)
+        self.ahead = self._load(*self.pos)
+
+    def _load(self, step: int, micro: int):
+        tensors = self.src.batch(step, micro)
+        if self.device.type == "cuda":
+            return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        return [t.to(self.device) for t in tensors]
+
+    def __next__(self):
+        current = self.ahead
+        step, micro = self.pos
+        self.pos = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self.ahead = self._load(*self.pos)
+        return current
+
+
+def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr: float, grad_clip: float,
+               rt: Runtime) -> tuple:
+    """One optimizer step over `accum` micro-batches -> (global-batch loss, grad norm).
+
+    A non-finite loss skips the update (the caller counts it). This is the step bench.py times."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(accum):
+        if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == accum - 1
+        x, y, *extra = next(batches)
+        with autocast_context(rt.device, rt.dtype):
+            _, loss = model(x, y, *extra)
+            loss = loss / accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if rt.world_size > 1:  # the logged loss is the global batch's, as on one process
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    grad_norm = torch.zeros(())
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    loss_val = loss_sum.item()  # the one host sync per step: a non-finite loss must skip the update
+    if math.isfinite(loss_val):
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_val, float(grad_norm)
+
+
 @torch.no_grad()
 def evaluate(model, batches, rt: Runtime) -> float:
     """Mean loss over every row of `batches`, averaged over all ranks (rows weight equally)."""
@@ -340,35 +395,12 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     t_start = time.time()
     val_loss = validate(0) if start_step == 0 else ckpt["val_loss"]
     bad, t_last, timed, losses = 0, time.time(), 0, []
-    x, y, *extra = train_src.batch(start_step, 0)
+    batches = DeviceBatches(train_src, start_step, accum, rt.device)
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(accum):
-            if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == accum - 1
-            with autocast_context(rt.device, rt.dtype):
-                _, loss = model(x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True),
-                                *[e.to(rt.device, non_blocking=True) for e in extra])
-                loss = loss / accum
-            # fetch the next micro-batch on the CPU while the GPU works on this one
-            nxt = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
-            x, y, *extra = train_src.batch(*nxt)
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if rt.world_size > 1:  # the logged loss is the global batch's, as on one process
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.zeros(())
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        loss_val = loss_sum.item()  # one host sync per step: needed to skip non-finite steps
+        loss_val, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
         if not math.isfinite(loss_val):
             bad += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
             log.print(f"step {step + 1}: non-finite loss ({loss_val}); step skipped ({bad}/{cfg.max_bad_steps} in a row)")
             if bad >= cfg.max_bad_steps:
                 log.print(f"stopping: {bad} non-finite losses in a row; last good checkpoint is {cfg.out_dir}/last.pt "
@@ -376,9 +408,6 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
                 raise SystemExit(3)
             continue
         bad = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         losses.append(loss_val)
         timed += 1
@@ -391,7 +420,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
             mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
             eta = (cfg.max_steps - done) * dt
             log.print(f"step {done}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | "
-                      f"grad {float(grad_norm):.2f} | {dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
+                      f"grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
                       f"eta {eta / 60:.1f} min")
             losses = []
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh (or by you: `source setup.sh`): enters a Python environment with the
+# requirements installed. Uses the active virtual environment if there is one, else creates ./.venv.
+# torch is installed first, pinned, only when it is missing: a bare `torch` requirement on a machine without
+# it would pull whatever build pip picks. Set TORCH_SPEC to choose another (e.g. TORCH_SPEC="torch==2.5.1").
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    python3 -m venv .venv || { echo "error: python3 -m venv failed (on Debian/Ubuntu: apt install python3-venv)" >&2; return 1 2>/dev/null || exit 1; }
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
+  python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || { echo "error: could not install torch" >&2; return 1 2>/dev/null || exit 1; }
+fi
+stamp=".venv-requirements.sha"
+want=$(cat requirements.txt "${EXTRA_REQUIREMENTS:-/dev/null}" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VIRTUAL_ENV/$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing requirements.txt ${EXTRA_REQUIREMENTS:-}"
+  python -m pip install -q -r requirements.txt ${EXTRA_REQUIREMENTS:+-r "$EXTRA_REQUIREMENTS"} || { echo "error: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
+  echo "$want" > "$VIRTUAL_ENV/$stamp"
+fi

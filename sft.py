@@ -1,0 +1,84 @@
+"""Supervised fine-tuning: `prompt <bos> answer <eos>`, loss on the answers only (dataset_sft.py).
+
+Starts from the pretrained model in out/pretrain (best.pt) and writes out/sft, which eval.py reads.
+One GPU (or CPU / Apple MPS):
+    python sft.py
+Several GPUs:
+    torchrun --standalone --nproc_per_node=4 sft.py
+Tiny CPU run after the tiny pretrain run in pretrain.py's docstring:
+    python sft.py --init_from=out/tiny --out_dir=out/tiny_sft --batch_size=8 --max_steps=50 --eval_interval=25
+Continue a stopped run: `python sft.py --resume`. Flags are the fields of SFTConfig (`--key=value`, or --config x.json).
+The training loop is trainer.py's, shared with pretrain.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import ConfigError, check, config_or_exit
+from dataset_sft import MODES, SFTData, SFTDataError
+from model import ModelArgs
+from trainer import TrainConfig, cleanup, fail, resolve_checkpoint, setup_runtime, train
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out_dir: str = "out/sft"  # where this run's checkpoints go (eval.py and chat.py read it)
+    init_from: str = "out/pretrain"  # pretrained checkpoint file or run dir (its best.pt)
+    data_dir: str = "data/sft"  # data_process.py sft output: train.jsonl and val.jsonl
+    batch_mode: str = "dynamic"  # dynamic (pad to the batch's longest, length-grouped) | packed | fixed (seed)
+    max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
+    max_steps: int = 1000  # optimizer steps
+    learning_rate: float = 1e-4  # peak LR (lower than pretraining: the model already knows the language)
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.0  # no decay: a short run from good weights
+    eval_interval: int = 100
+    eval_windows: int = 500  # validation conversations per pass; 0 = all
+    ckpt_interval: int = 100
+
+    def validate(self):
+        super().validate()
+        check(self.batch_mode in MODES, f"batch_mode must be one of {'|'.join(MODES)}, got {self.batch_mode!r}")
+        check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
+
+
+def main(argv=None) -> dict:
+    cfg = config_or_exit(SFTConfig, argv)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    try:
+        tok = load_tokenizer(cfg.tokenizer or None)
+        init_path = resolve_checkpoint(cfg.init_from, prefer="best.pt")
+        init = torch.load(init_path, map_location="cpu", weights_only=False)
+        saved_hash = init.get("tokenizer_sha256")
+        if saved_hash and saved_hash != tok.sha256:
+            fail(f"{init_path} was trained with another tokenizer.model than {tok.path}")
+        if rt.master:
+            print(f"sft: starting from {init_path} ({init['kind']} step {init['step']}, val loss {init['val_loss']:.4f})")
+        args = ModelArgs(**init["model_args"])
+        if cfg.max_seq_len:
+            check(cfg.max_seq_len <= args.max_seq_len, f"max_seq_len {cfg.max_seq_len} is longer than the "
+                  f"pretrained model's {args.max_seq_len}")
+            args.max_seq_len = cfg.max_seq_len
+
+        def make_data(margs: ModelArgs, grad_accum: int):
+            def split(name: str, accum: int) -> SFTData:
+                path = os.path.join(cfg.data_dir, f"{name}.jsonl")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
+                return SFTData(path, tok, margs.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
+                               world_size=rt.world_size, mode=cfg.batch_mode, grad_accum_steps=accum)
+            return split("train", grad_accum), split("val", 1)
+
+        return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256, init_state=init["model"])
+    except (FileNotFoundError, SFTDataError, ConfigError) as e:
+        fail(str(e))
+    finally:
+        cleanup(rt)
+
+
+if __name__ == "__main__":
+    main()
