@@ -55,6 +55,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global grad norm; 0 = off
+    ce_chunk: int = 0  # > 0: fused output layer + loss in chunks of this many rows, never holding the full logits
     # validation, logging, checkpoints
     eval_interval: int = 200  # steps between validation passes (also at the end)
     eval_windows: int = 200  # validation windows (rows) per pass; 0 = the whole split
@@ -74,6 +75,7 @@ class TrainConfig:
         check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
+        check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
 
 
 @dataclass
@@ -253,17 +255,19 @@ class DeviceBatches:
 
     def __init__(self, src, start_step: int, accum: int, device: torch.device):
         self.src, self.accum, self.device = src, accum, device
-        self.pos = (start_step, 0)
+        self.pos, self.tokens = (start_step, 0), 0  # tokens: real tokens handed out so far
         self.ahead = self._load(*self.pos)
 
     def _load(self, step: int, micro: int):
         tensors = self.src.batch(step, micro)
+        self.ahead_tokens = int((tensors[0] != 0).sum())  # real tokens: SFT rows are padded with id 0
         if self.device.type == "cuda":
             return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
         return [t.to(self.device) for t in tensors]
 
     def __next__(self):
         current = self.ahead
+        self.tokens += self.ahead_tokens
         step, micro = self.pos
         self.pos = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
         self.ahead = self._load(*self.pos)
@@ -304,14 +308,15 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
 
 @torch.no_grad()
 def evaluate(model, batches, rt: Runtime) -> float:
-    """Mean loss over every row of `batches`, averaged over all ranks (rows weight equally)."""
+    """Mean loss per target token over all of `batches` and all ranks."""
     model.eval()
-    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of row-weighted loss, rows)
+    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of target-weighted loss, targets)
     for x, y, *extra in batches:
         x, y = x.to(rt.device), y.to(rt.device)
         with autocast_context(rt.device, rt.dtype):
             _, loss = model(x, y, *[e.to(rt.device) for e in extra])
-        total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], device=rt.device, dtype=torch.float64)
+        n = (y != -1).sum()  # SFT batches differ in targets: weight by them to get the per-token mean
+        total += torch.stack([loss.double() * n, n.double()])
     if rt.world_size > 1:
         dist.all_reduce(total)
     model.train()
@@ -340,6 +345,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         model.load_state_dict(ckpt["model"])
     elif init_state is not None:
         model.load_state_dict(init_state)
+    model.ce_chunk = cfg.ce_chunk
     model.to(rt.device)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=(rt.dtype == torch.float16))
@@ -394,8 +400,8 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
 
     t_start = time.time()
     val_loss = validate(0) if start_step == 0 else ckpt["val_loss"]
-    bad, t_last, timed, losses = 0, time.time(), 0, []
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
+    bad, t_last, timed, tok_mark, losses = 0, time.time(), 0, 0, []
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
         loss_val, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
@@ -415,8 +421,8 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
             now = time.time()
             dt = (now - t_last) / max(1, timed)
-            t_last, timed = now, 0
-            tok_s = tokens_per_step / dt
+            tok_s = (batches.tokens - tok_mark) * rt.world_size / (now - t_last)  # real tokens (SFT: no padding)
+            t_last, timed, tok_mark = now, 0, batches.tokens
             mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
             eta = (cfg.max_steps - done) * dt
             log.print(f"step {done}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | "
@@ -425,7 +431,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
             losses = []
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
             val_loss = validate(done)
-            t_last, timed = time.time(), 0  # keep validation time out of tokens/s
+            t_last, timed, tok_mark = time.time(), 0, batches.tokens  # keep validation out of tokens/s
         elif done % cfg.ckpt_interval == 0:
             checkpoint(done, val_loss, False)
     if rt.master:

@@ -1,0 +1,262 @@
+"""Speed benchmarks: the real training step (trainer.train_step), SFT, generation and data processing.
+
+On one GPU, the seed's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793, micro-batch 32):
+    python bench.py                                   # train variants + generation
+    python bench.py --what=parity --data_dir=data/pretrain --steps=300   # fast path vs eager fp32 losses
+    python bench.py --what=sft --sft_data=data/sft/train.jsonl
+    python bench.py --what=data --data_input=corpus.json --data_workers=2
+Several GPUs (data-parallel scaling of the same step):
+    torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile
+Tiny CPU run:
+    python bench.py --what=train,gen --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=64 --batch_size=4 \
+        --steps=3 --warmup=1 --variants=fp32_eager --gen_new_tokens=16
+Results: a table on stdout and out/bench/bench.json (one JSON object per measurement).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from configurator import check, config_or_exit
+from model import ModelArgs, Transformer
+from trainer import DeviceBatches, lr_at, setup_runtime, train_step, TrainConfig
+
+VARIANTS = {  # name -> (autocast dtype, torch.compile, ce_chunk)
+    "fp32_eager": (torch.float32, False, 0),
+    "fp16_eager": (torch.float16, False, 0),  # the seed as shipped: fp16 autocast + grad scaler, no compile
+    "bf16_eager": (torch.bfloat16, False, 0),
+    "bf16_compile": (torch.bfloat16, True, 0),  # pretrain.py's default on a bf16 GPU
+    "bf16_compile_ce4k": (torch.bfloat16, True, 4096),  # + fused chunked output layer and loss
+    "bf16_compile_ce8k": (torch.bfloat16, True, 8192),
+}
+
+
+@dataclass
+class BenchConfig:
+    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data
+    variants: str = "fp16_eager,bf16_compile"  # train variants to time (see VARIANTS)
+    dim: int = 512  # model: the seed's config
+    n_layers: int = 8
+    n_heads: int = 8
+    max_seq_len: int = 512
+    vocab_size: int = 64793
+    batch_size: int = 32  # micro-batch rows per GPU
+    steps: int = 30  # timed steps (parity: steps compared)
+    warmup: int = 8  # untimed steps first (compilation, allocator growth)
+    data_dir: str = "data/pretrain"  # parity: real tokens from data_process.py
+    parity_variant: str = "bf16_compile"  # parity: the fast path compared with fp32_eager
+    sft_data: str = "data/sft/train.jsonl"  # sft: normalized conversations
+    sft_modes: str = "fixed,dynamic,packed"  # sft batch modes to time
+    gen_batches: str = "1,32"  # generation batch sizes
+    gen_prompt_len: int = 32
+    gen_new_tokens: int = 256
+    gen_no_cache: bool = True  # also time generation without the KV cache
+    data_input: str = ""  # data: a corpus file for data_process.py
+    data_workers: int = 2  # data: tokenizer processes
+    tokenizer: str = ""  # tokenizer.model for sft/data (else the usual lookup)
+    device: str = "auto"
+    out: str = "out/bench/bench.json"
+
+    def validate(self):
+        for w in self.what.split(","):
+            check(w in ("train", "parity", "sft", "gen", "data"), f"--what: unknown benchmark {w!r}")
+        for v in self.variants.split(","):
+            check(v in VARIANTS, f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+        check(self.steps > 0 and self.warmup >= 0, "need steps > 0 and warmup >= 0")
+        check(self.parity_variant in VARIANTS, f"--parity_variant: unknown {self.parity_variant!r}")
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size,
+                         max_seq_len=self.max_seq_len)
+
+
+class RandomTokens:
+    """Synthetic batch source: a few pre-drawn (x, y) batches of random ids, cycled (no CPU cost in the loop)."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.batches = [torch.randint(3, vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(4)]
+
+    def batch(self, step: int, micro_step: int):
+        w = self.batches[step % len(self.batches)]
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device) -> float:
+    """Measured bf16 matmul rate (8192^3, median of 20): the MFU denominator."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        sync(device)
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * 8192 ** 3 / times[len(times) // 2] / 1e12
+
+
+def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0):
+    torch.manual_seed(seed)
+    model = Transformer(args).to(rt.device)
+    model.ce_chunk = ce_chunk
+    opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), rt.device.type)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    run = torch.compile(model) if compile_ and rt.device.type == "cuda" else model
+    if rt.world_size > 1:
+        run = torch.nn.parallel.DistributedDataParallel(run, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    return model, run, opt, scaler
+
+
+def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int, tokens_of=None) -> dict:
+    """Times `steps` real train_step calls after `warmup` ones; tokens_of(step) -> tokens counted for a step."""
+    for _ in range(warmup):
+        train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)
+    sync(rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    t0, losses = time.perf_counter(), []
+    for _ in range(steps):
+        losses.append(train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)[0])
+    sync(rt.device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else 0.0
+    return {"seconds": dt, "step_ms": 1000 * dt / steps, "peak_gib": peak, "last_loss": losses[-1]}
+
+
+def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
+    args = cfg.model_args()
+    for name in cfg.variants.split(","):
+        dtype, compile_, ce_chunk = VARIANTS[name]
+        rt = dataclasses.replace(base_rt, dtype=dtype)
+        model, run, opt, scaler = build(args, rt, compile_, ce_chunk=ce_chunk)
+        batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
+        r = time_steps(run, opt, scaler, batches, rt, cfg.steps, cfg.warmup)
+        tok_s = cfg.batch_size * args.max_seq_len * rt.world_size * cfg.steps / r["seconds"]
+        mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else 0
+        emit({"bench": "train", "variant": name, "gpus": rt.world_size, "batch_size": cfg.batch_size,
+              "tokens_per_s": tok_s, "mfu": mfu, **r, "params": model.num_params()})
+        del model, run, opt, scaler, batches
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
+    """The fast path (bf16 + compile) and plain eager fp32 on the same real batches: per-step loss gaps."""
+    from dataset import PretrainData
+    args = cfg.model_args()
+    data = PretrainData(cfg.data_dir, "train", args.max_seq_len, cfg.batch_size, seed=0)
+    sched = TrainConfig(max_steps=cfg.steps, warmup_steps=min(100, cfg.steps // 4), learning_rate=3e-4, min_lr=3e-5)
+    curves = {}
+    for name in ("fp32_eager", cfg.parity_variant):
+        dtype, compile_, ce_chunk = VARIANTS[name]
+        rt = dataclasses.replace(base_rt, dtype=dtype)
+        _, run, opt, scaler = build(args, rt, compile_, seed=0, ce_chunk=ce_chunk)
+        batches = DeviceBatches(data, 0, 1, rt.device)
+        curves[name] = [train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0] for s in range(cfg.steps)]
+    gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[cfg.parity_variant])]
+    emit({"bench": "parity", "steps": cfg.steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),
+          "max_gap_after_10": max(gaps[10:]) if len(gaps) > 10 else max(gaps),
+          "fp32_first_last": [curves["fp32_eager"][0], curves["fp32_eager"][-1]],
+          "fast": cfg.parity_variant, "fast_first_last": [curves[cfg.parity_variant][0], curves[cfg.parity_variant][-1]]})
+
+
+def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
+    """Real (non-padding) tokens per second of the SFT step, per batch mode, bf16 (+compile on CUDA)."""
+    from chatglm_tokenizer import load_tokenizer
+    from dataset_sft import SFTData
+    args = cfg.model_args()
+    tok = load_tokenizer(cfg.tokenizer or None)
+    base = SFTData(cfg.sft_data, tok, args.max_seq_len, cfg.batch_size, seed=0, mode="fixed")
+    for mode in cfg.sft_modes.split(","):
+        data = base.with_mode(mode)
+        real = [int((data.batch(s, 0)[0] != 0).sum()) for s in range(cfg.warmup + cfg.steps)]
+        rt = dataclasses.replace(base_rt, dtype=torch.bfloat16 if base_rt.device.type == "cuda" else torch.float32)
+        _, run, opt, scaler = build(args, rt, compile_=rt.device.type == "cuda" and mode != "dynamic")
+        r = time_steps(run, opt, scaler, DeviceBatches(data, 0, 1, rt.device), rt, cfg.steps, cfg.warmup)
+        emit({"bench": "sft", "mode": mode, "real_tokens_per_s": sum(real[cfg.warmup:]) / r["seconds"],
+              "nonpad_fraction": data.nonpad_fraction(), **r})
+
+
+def bench_gen(cfg: BenchConfig, rt, emit) -> None:
+    from eval import measure_generation
+    model = Transformer(cfg.model_args()).to(rt.device).eval()
+    for bs in [int(b) for b in cfg.gen_batches.split(",")]:
+        for cache in ([True, False] if cfg.gen_no_cache else [True]):
+            r = measure_generation(model, bs, cfg.gen_prompt_len, cfg.gen_new_tokens, cache, rt.device)
+            emit({"bench": "gen", **r})
+
+
+def bench_data(cfg: BenchConfig, emit) -> None:
+    """data_process.py end to end on one file, as a subprocess (its own timing line)."""
+    out = os.path.join(os.path.dirname(cfg.out) or ".", "data_bench")
+    cmd = [sys.executable, "data_process.py", "pretrain", f"--inputs={cfg.data_input}", f"--out_dir={out}",
+           f"--num_workers={cfg.data_workers}", "--progress=false"] + ([f"--tokenizer={cfg.tokenizer}"] if cfg.tokenizer else [])
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    tokens = sum(json.load(open(os.path.join(out, f)))["tokens"] for f in os.listdir(out) if f.endswith(".json"))
+    emit({"bench": "data", "input": cfg.data_input, "workers": cfg.data_workers, "seconds": seconds,
+          "tokens": tokens, "tokens_per_s": tokens / seconds, "rc": r.returncode, "tail": r.stdout[-300:]})
+
+
+def main() -> None:
+    cfg = config_or_exit(BenchConfig)
+    rt = setup_runtime(cfg.device, "float32")
+    rows = []
+
+    def emit(row: dict) -> None:
+        row = {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else str(rt.device), **row}
+        rows.append(row)
+        if rt.master:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    peak = matmul_peak_tflops(rt.device)
+    if rt.master:
+        print(f"bench: {cfg.model_args()} | micro-batch {cfg.batch_size} | {rt.world_size} process(es) | "
+              f"measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    whats = cfg.what.split(",")
+    if "train" in whats:
+        bench_train(cfg, rt, peak, emit)
+    if "parity" in whats:
+        bench_parity(cfg, rt, emit)
+    if "sft" in whats:
+        bench_sft(cfg, rt, emit)
+    if "gen" in whats and rt.master:
+        bench_gen(cfg, rt, emit)
+    if "data" in whats and rt.master:
+        bench_data(cfg, emit)
+    if rt.master:
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        with open(cfg.out + ".tmp", "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows}, f, indent=1)
+        os.replace(cfg.out + ".tmp", cfg.out)
+        print(f"\n{'bench':<7}{'what':<16}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
+        for r in rows:
+            what = r.get("variant") or r.get("mode") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
+            tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
+            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}"
+                  f"{100 * r.get('mfu', 0):>6.1f}%")
+    if rt.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

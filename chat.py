@@ -1,0 +1,180 @@
+"""Talk to a trained model in the terminal: answers stream token by token, earlier turns stay in context.
+
+    python chat.py                                   # out/sft (best.pt, else last.pt), GPU if there is one
+    python chat.py --ckpt=out/sft/last.pt --temperature=0 --max_new_tokens=128
+    python chat.py --device=cpu --system="你是一名医生。"
+    printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
+
+Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way.
+History: every prompt is the SFT template of the earlier turns plus the new question (dataset_sft.render_prompt);
+when it would not leave max_new_tokens of room in the model's context, the oldest turns are dropped.
+A pretrain checkpoint has no chat template: it continues each line as text, with no history.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import check, config_or_exit
+from eval import (EvalError, autocast, check_checkpoint, checkpoint_file, resolve_device, resolve_dtype,
+                  setup_cuda_for_decoding)
+
+
+@dataclass
+class ChatConfig:
+    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
+    system: str = ""  # optional system text put before the first question (as in SFT data with "system")
+    max_new_tokens: int = 256  # longest answer; the history gets the rest of the context window
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
+    top_p: float = 0.9  # nucleus sampling mass; 1.0 = off
+    repetition_penalty: float = 1.1  # > 1 discourages repeating tokens already in the conversation
+    seed: int = 1337  # seeds sampling
+    device: str = "auto"  # auto = cuda > mps > cpu
+    dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
+    tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+
+    def validate(self):
+        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+
+
+def fit_history(tokenizer, history: List[dict], question: str, system: Optional[str], max_len: int,
+                render_prompt=None) -> Tuple[List[dict], List[int]]:
+    """Drops the oldest complete turns until the prompt fits max_len tokens -> (kept history, prompt ids).
+
+    `history` alternates {"role": "user"} / {"role": "assistant"} messages; a turn is one pair. If the question
+    alone is too long, its prompt keeps its last max_len tokens (so it still ends with the <bos> the answer follows)."""
+    if render_prompt is None:
+        from dataset_sft import render_prompt
+    kept = list(history)
+    while True:
+        ids = render_prompt(tokenizer, kept, question, system=system or None)
+        if len(ids) <= max_len or not kept:
+            break
+        kept = kept[2:]
+    if len(ids) > max_len:
+        ids = ids[-max_len:]
+    return kept, ids
+
+
+def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
+    """Writes the text of `tokens` to `out` as it grows; returns the whole text.
+
+    Decoding the growing id list (not token by token) keeps multi-byte characters whole: a partial character
+    decodes to U+FFFD, so nothing is written until it completes."""
+    ids: List[int] = []
+    shown = ""
+    try:
+        for tok in tokens:
+            ids.append(tok)
+            text = tokenizer.decode(ids)
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                continue
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+        out.write(" [stopped]")
+    text = tokenizer.decode(ids)
+    if text.startswith(shown) and len(text) > len(shown):
+        out.write(text[len(shown):])
+    out.write("\n")
+    out.flush()
+    return text.strip()
+
+
+def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
+    """Questions from the terminal (with a prompt) or from piped stdin, one per line; ends at EOF/Ctrl-D."""
+    while True:
+        try:
+            line = input(prompt) if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not interactive:
+            if not line:
+                return
+            line = line.rstrip("\n")
+            if line.strip():
+                print(f"{prompt}{line}")  # echo, so a piped transcript reads like a conversation
+        yield line
+
+
+def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str], max_seq_len: int,
+              device: torch.device, dtype: torch.dtype, out: TextIO = sys.stdout, render_prompt=None) -> List[dict]:
+    """Answers each line, keeping the conversation; returns the history at the end."""
+    history: List[dict] = []
+    budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    knobs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                 top_p=cfg.top_p if cfg.top_p < 1 else None, repetition_penalty=cfg.repetition_penalty,
+                 eos_id=tokenizer.eos_id, generator=gen)
+    for line in lines:
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/quit", "/exit", "/q"):
+            break
+        if question == "/reset":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if kind == "sft":
+            history, ids = fit_history(tokenizer, history, question, cfg.system, budget, render_prompt)
+        else:
+            ids = tokenizer.encode(question)[-budget:]
+        out.write("模型> ")
+        out.flush()
+        with torch.no_grad(), autocast(device, dtype):
+            answer = stream_text(model.stream(ids, **knobs), tokenizer, out)
+        if kind == "sft":
+            history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return history
+
+
+def main() -> None:
+    cfg = config_or_exit(ChatConfig)
+    try:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        setup_cuda_for_decoding(device)
+        try:
+            tokenizer = load_tokenizer(cfg.tokenizer or None)
+        except FileNotFoundError as e:
+            raise EvalError(str(e)) from None
+        ckpt_path = checkpoint_file(cfg.ckpt)
+        from model import load_model
+
+        try:
+            model, ckpt = load_model(ckpt_path, device=str(device))
+        except (ValueError, FileNotFoundError) as e:
+            raise EvalError(str(e)) from None
+        check_checkpoint(ckpt, tokenizer, ckpt_path)
+        max_seq_len = ckpt["model_args"]["max_seq_len"]
+        if cfg.max_new_tokens >= max_seq_len:
+            raise EvalError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len {max_seq_len}")
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    kind = ckpt.get("kind", "pretrain")
+    interactive = sys.stdin.isatty()
+    print(f"{ckpt_path}: {kind} model, step {ckpt.get('step')}, {model.num_params():,} parameters, context "
+          f"{max_seq_len} tokens | {device} {str(dtype)[6:]}")
+    if kind != "sft":
+        print("note: a pretrain checkpoint has no chat template; each line is continued as text, without history")
+    if interactive:
+        print("/reset forgets the conversation, /quit or Ctrl-D leaves, Ctrl-C stops an answer")
+    chat_loop(model, tokenizer, kind, cfg, read_lines(interactive), max_seq_len, device, dtype)
+
+
+if __name__ == "__main__":
+    main()

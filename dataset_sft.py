@@ -1,0 +1,511 @@
+"""SFT batches: one chat template, loss on the answers only, batches without wasted padding.
+
+Input: data_process.py's `data/sft/train.jsonl` / `val.jsonl`, one conversation per line:
+  {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...],
+   "system": "optional", "source": "file name"}      (turns alternate user/assistant, user first, assistant last)
+
+Template (the seed's `prompt <bos> answer <eos>`, continued turn after turn; `render` is the only
+implementation, and sft.py, eval.py and chat.py all go through it):
+
+    [encode(system + "\\n")]  encode(q1) <bos> encode(a1) <eos>  encode(q2) <bos> encode(a2) <eos> ...
+     not supervised          not supervised   supervised         not supervised   supervised
+
+Every piece is encoded on its own (sentencepiece puts its "▁" in front of each). Worked example with the
+ChatGLM2 tokenizer (<bos>=1, <eos>=2), system "你是医生", then q1 "你好", a1 "您好", q2 "头疼", a2 "多休息":
+
+    pieces     ▁ 你是 医生 <0x0A> | ▁你 好 | <s> | ▁ 您好 | </s> | ▁ 头疼 | <s> | ▁多 休息 | </s>
+    ids        30910 34607 32718 13     | 36474 54591 | 1 | 30910 48214 | 2 | 30910 46317 | 1 | 40636 33503 | 2
+    supervised F     F     F     F      | F     F     | F | T     T     | T | F     F     | F | T     T     | T
+
+`render_prompt(tok, history, question, system)` gives the same ids up to and including the <bos> after
+the question (what a chat turn feeds to generate()).
+
+The one shift (make_example): a sample of n tokens becomes n - 1 (input, target) pairs
+    x = ids[:-1],  y[t] = ids[t+1] if supervised[t+1] else -1
+so the model at the <bos> position learns the answer's first token and at the answer's last token
+learns <eos>; the prompt and padding are never targets.
+
+Over-long samples (more than max_seq_len + 1 tokens; max_seq_len is the row length T of x and y):
+  1. whole oldest turns go first (the system text stays) while more than one turn is left;
+  2. then the start of what is left is cut: the system text, then the beginning of the last question
+     (the end of the question, nearest the answer, is kept; the <bos> always is);
+  3. if the last answer with its <bos> and <eos> is still longer than max_seq_len + 1, no complete
+     answer can be kept: the sample is dropped and counted (`dropped`), as the seed drops long answers.
+  Samples changed by 1-2 are counted as `truncated`.
+
+Batch modes (`SFTData(..., mode=...)`), each a deterministic function of (seed, step, micro_step, rank,
+world_size): the b-th batch of the run is k = (step * grad_accum + micro_step) * world_size + rank, so R
+ranks with A accumulation steps read the same batches as R * A micro-steps on one process.
+  "dynamic": per epoch a seeded shuffle, cut into mega-batches of `group` batches, sorted by length inside,
+             cut into batches, batches shuffled; each batch padded to its longest sample.
+  "packed":  per epoch shuffled mega-batches packed first-fit-decreasing into rows of exactly T tokens;
+             batch() also returns seg (B, T) int64 segment ids (1, 2, ... per sample, 0 on padding) and
+             the model must attend only within a segment: `segment_mask(seg)`. Positions need not restart
+             per sample: RoPE scores depend only on the query-key distance, which the mask keeps in-sample.
+  "fixed":   the seed's way: shuffled, every row padded to T (kept for the padding comparison).
+x is padded with 0 (pad id), y with -1. A sample's last x token never predicts the next sample's first.
+
+Measure padding on a file (one line per mode; knobs in MeasureConfig below):
+    python dataset_sft.py --data=data/sft/train.jsonl --batch_size=32 --max_seq_len=512 [--tokenizer=PATH]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from configurator import check, config_or_exit
+from model import segment_mask  # noqa: F401  (packed rows' attention mask; re-exported for callers)
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+MODES = ("dynamic", "packed", "fixed")
+
+
+class SFTDataError(ValueError):
+    """A bad conversation: the message is one line naming the file, line and what was expected."""
+
+
+def check_conversation(conversation, system=None) -> Optional[str]:
+    """None if `conversation` follows the contract, else a short reason."""
+    if not isinstance(conversation, list) or not conversation:
+        return "expected a non-empty list of turns"
+    if len(conversation) % 2:
+        return f"expected user/assistant pairs, got {len(conversation)} turns (must end with assistant)"
+    for i, turn in enumerate(conversation):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(turn, dict) or turn.get("role") != want:
+            return f"turn {i}: expected role {want!r}"
+        if not isinstance(turn.get("content"), str):
+            return f"turn {i}: expected a string content"
+    if system is not None and not isinstance(system, str):
+        return "expected system to be a string"
+    return None
+
+
+def _texts(conversation, system) -> List[str]:
+    """The pieces encoded separately: [system + "\\n"] (if any), then every turn's content in order."""
+    return ([system + "\n"] if system else []) + [t["content"] for t in conversation]
+
+
+def _assemble(pieces: Sequence[Sequence[int]], has_system: bool, bos_id: int = BOS_ID,
+              eos_id: int = EOS_ID) -> Tuple[List[int], List[bool]]:
+    """Encoded pieces (from `_texts`) -> (ids, supervised): the template itself, in one place."""
+    ids: List[int] = []
+    sup: List[bool] = []
+    if has_system:
+        ids += pieces[0]
+        sup += [False] * len(pieces[0])
+        pieces = pieces[1:]
+    for i in range(0, len(pieces), 2):
+        q, a = pieces[i], pieces[i + 1]
+        ids += list(q) + [bos_id] + list(a) + [eos_id]
+        sup += [False] * (len(q) + 1) + [True] * (len(a) + 1)
+    return ids, sup
+
+
+def render(tokenizer, conversation, system: Optional[str] = None) -> Tuple[List[int], List[bool]]:
+    """A whole conversation -> (ids, supervised); supervised is True on answer tokens and their <eos>."""
+    reason = check_conversation(conversation, system)
+    if reason:
+        raise SFTDataError(f"render: {reason}")
+    pieces = tokenizer.encode_batch(_texts(conversation, system))
+    return _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
+
+
+def render_prompt(tokenizer, history, question: str, system: Optional[str] = None,
+                  max_len: Optional[int] = None) -> List[int]:
+    """ids of `history` (complete earlier turns) + question + <bos>: the input that generate() answers.
+
+    Equals render(history + [question, answer])[0] up to and including the question's <bos>. If max_len is
+    given, the oldest turns go first (the system text stays), then the start of the rest is cut, as in training.
+    """
+    conversation = list(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    reason = check_conversation(conversation, system)
+    if reason:
+        raise SFTDataError(f"render_prompt: {reason}")
+    pieces = tokenizer.encode_batch(_texts(conversation, system))
+    n_sys = len(pieces[0]) if system else 0
+    turns = pieces[1:] if system else pieces
+    # turn i as ids: q <bos> a <eos>; the last one is just q <bos> (its answer is what we generate)
+    blocks = [list(turns[i]) + [tokenizer.bos_id] + list(turns[i + 1]) + [tokenizer.eos_id]
+              for i in range(0, len(turns) - 2, 2)] + [list(turns[-2]) + [tokenizer.bos_id]]
+    sys_ids = list(pieces[0]) if system else []
+    if max_len is not None:
+        while len(blocks) > 1 and n_sys + sum(map(len, blocks)) > max_len:
+            blocks.pop(0)
+    ids = sys_ids + [i for b in blocks for i in b]
+    if max_len is not None and len(ids) > max_len:
+        ids = ids[len(ids) - max(max_len, 1):]
+    return ids
+
+
+def truncate(ids: Sequence[int], supervised: Sequence[bool], max_seq_len: int,
+             n_system: int = 0) -> Tuple[Optional[List[int]], Optional[List[bool]], str]:
+    """Fits a rendered sample into max_seq_len + 1 tokens by the policy in the module docstring.
+
+    n_system: how many leading tokens are system text (kept while whole turns are dropped).
+    Returns (ids, supervised, status), status "ok", "truncated" or "dropped" (then ids, supervised are None).
+    """
+    limit = max_seq_len + 1
+    ids, sup = list(ids), list(supervised)
+    if len(ids) <= limit:
+        return ids, sup, "ok"
+    # a turn ends at a supervised <eos> followed by an unsupervised token (the next question); the
+    # last turn's end is not listed, so popping every entry leaves exactly one turn
+    ends = [i + 1 for i in range(n_system, len(sup) - 1) if sup[i] and not sup[i + 1]]
+    while ends and len(ids) > limit:  # 1. the oldest whole turn goes, the system text stays
+        cut = ends.pop(0)
+        ids, sup = ids[:n_system] + ids[cut:], sup[:n_system] + sup[cut:]
+        ends = [e - (cut - n_system) for e in ends]
+    if len(ids) > limit:  # 2. cut the start: system text, then the question's beginning
+        last_bos = len(sup) - 1 - sup[::-1].index(False)  # the last unsupervised token is the answer's <bos>
+        excess = len(ids) - limit
+        if excess > last_bos:  # 3. <bos> + answer + <eos> alone is longer than the limit
+            return None, None, "dropped"
+        ids, sup = ids[excess:], sup[excess:]
+    return ids, sup, "truncated"
+
+
+def make_example(ids: Sequence[int], supervised: Sequence[bool], max_seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The one shift: (ids, supervised) of n <= max_seq_len + 1 tokens -> x, y, each (n - 1,) int64.
+
+        ids        q0  q1  <bos> a0  a1  <eos>
+        supervised F   F   F     T   T   T
+        x          q0  q1  <bos> a0  a1
+        y          -1  -1  a0    a1  <eos>        y[t] = ids[t+1] if supervised[t+1] else -1
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    sup = np.asarray(supervised, dtype=bool)
+    if len(ids) != len(sup) or not 2 <= len(ids) <= max_seq_len + 1:
+        raise ValueError(f"make_example: need 2..{max_seq_len + 1} ids with one flag each, "
+                         f"got {len(ids)} ids and {len(sup)} flags (truncate first)")
+    x = ids[:-1].copy()
+    y = np.where(sup[1:], ids[1:], -1)
+    return x, y
+
+
+def _read_records(path) -> Iterator[Tuple[str, list, Optional[str]]]:
+    """Yields (where, conversation, system) from a contract jsonl file, or from a list of record dicts."""
+    if not isinstance(path, str):
+        for i, rec in enumerate(path):
+            rec = rec if isinstance(rec, dict) else {}
+            yield f"record {i}", rec.get("conversations"), rec.get("system") or None
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SFTDataError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise SFTDataError(f"{path}:{lineno}: expected a JSON object with \"conversations\"")
+            yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None
+
+
+class SFTData:
+    """Tokenized conversations of one split and the trainer's batch source.
+
+    path: a contract jsonl file (or a list of record dicts, for tests). Samples are rendered, truncated and
+    stored as one flat uint16 token array + int64 offsets + a bit-packed supervised mask (~2.1 bytes/token).
+    batch(step, micro_step) -> (x, y) in "dynamic"/"fixed" mode, (x, y, seg) in "packed" mode; CPU int64.
+    """
+
+    def __init__(self, path, tokenizer, max_seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, mode: str = "dynamic", grad_accum_steps: int = 1, group: int = 50,
+                 pad_multiple: int = 1, progress: Optional[bool] = None, num_threads: int = -1):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if not (max_seq_len >= 1 and batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size
+                and grad_accum_steps >= 1 and group >= 1 and pad_multiple >= 1):
+            raise ValueError("SFTData: need max_seq_len, batch_size, world_size, grad_accum_steps, group, "
+                             "pad_multiple >= 1 and 0 <= rank < world_size")
+        self.name = os.path.basename(path) if isinstance(path, str) else "records"
+        self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum_steps
+        self.mode, self.group, self.pad_multiple = mode, group, pad_multiple
+        self._load(path, tokenizer, progress, num_threads)
+        self._cache: dict = {}  # epoch -> batches, holding the latest epoch only
+        self._epoch_sizes: List[int] = []  # batches in epochs 0, 1, ... (packed epochs differ a little)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def _load(self, path, tokenizer, progress, num_threads) -> None:
+        records = []
+        for where, conv, system in _read_records(path):
+            reason = check_conversation(conv, system)
+            if reason:
+                raise SFTDataError(f"{where}: {reason}")
+            records.append((conv, system))
+        if progress is None:
+            progress = len(records) >= 5000 and sys.stderr.isatty()
+        from tqdm import tqdm
+
+        tok_parts, sup_parts, lengths = [], [], []
+        counts = {"conversations": len(records), "samples": 0, "dropped": 0, "truncated": 0}
+        chunk = 2048  # conversations per encode_batch call: all cores busy, bounded memory
+        bar = tqdm(total=len(records), desc=f"tokenizing {self.name}", unit="conv", disable=not progress)
+        for s in range(0, len(records), chunk):
+            part = records[s:s + chunk]
+            texts = [_texts(conv, system) for conv, system in part]
+            flat = tokenizer.encode_batch([t for ts in texts for t in ts], num_threads=num_threads)
+            at = 0
+            for (conv, system), ts in zip(part, texts):
+                pieces, at = flat[at:at + len(ts)], at + len(ts)
+                ids, sup = _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
+                n_sys = len(pieces[0]) if system else 0
+                ids, sup, status = truncate(ids, sup, self.max_seq_len, n_sys)
+                if status == "dropped":
+                    counts["dropped"] += 1
+                    continue
+                counts["truncated"] += status == "truncated"
+                tok_parts.append(ids)
+                sup_parts.append(sup)
+                lengths.append(len(ids))
+            bar.update(len(part))
+        bar.close()
+        flat_ids = np.fromiter((i for ids in tok_parts for i in ids), dtype=np.int64, count=sum(lengths))
+        if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= 2 ** 16):
+            raise SFTDataError(f"{self.name}: token id {int(flat_ids.max())} does not fit uint16 (wrong tokenizer?)")
+        flat_sup = np.fromiter((b for sup in sup_parts for b in sup), dtype=bool, count=sum(lengths))
+        self.tokens = flat_ids.astype(np.uint16)
+        self.sup_bits = np.packbits(flat_sup, bitorder="little")
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.ex_len = np.asarray(lengths, dtype=np.int64) - 1  # (x, y) length of each sample
+        counts["samples"] = len(lengths)
+        counts["tokens"] = int(self.tokens.size)
+        counts["supervised"] = int(flat_sup.sum())  # = the number of targets != -1 (a sample never starts supervised)
+        self.counts = counts
+        if counts["samples"] == 0:
+            raise SFTDataError(f"{self.name}: no samples left ({counts['conversations']} conversations, "
+                               f"{counts['dropped']} dropped as longer than max_seq_len={self.max_seq_len})")
+
+    def __len__(self) -> int:
+        return self.counts["samples"]
+
+    def sample(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Sample i as stored (after truncation): ids (n,) int64 and supervised (n,) bool."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        bits = np.unpackbits(self.sup_bits[s // 8:(e + 7) // 8], bitorder="little")
+        return self.tokens[s:e].astype(np.int64), bits[s % 8:s % 8 + e - s].astype(bool)
+
+    # ---- batch layout --------------------------------------------------------------------------
+    def with_mode(self, mode: str, group: Optional[int] = None) -> "SFTData":
+        """The same tokenized samples batched another way (shares the arrays)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        other = object.__new__(SFTData)
+        other.__dict__.update(self.__dict__)
+        other.mode, other.group = mode, self.group if group is None else group
+        other._cache, other._epoch_sizes = {}, []
+        return other
+
+    def _layout(self, epoch: int) -> list:
+        """Epoch's batches: dynamic/fixed: arrays of B sample ids; packed: B rows, each a list of sample ids."""
+        if epoch in self._cache:
+            return self._cache[epoch]
+        rng = np.random.default_rng([self.seed, epoch])
+        B, n = self.batch_size, len(self)
+        perm = rng.permutation(n)
+        mega = self.group * B
+        if self.mode == "fixed":
+            batches = list(perm[:n // B * B].reshape(-1, B))
+        elif self.mode == "dynamic":
+            perm, batches = perm[:n // B * B], []  # the last n % B samples of this shuffle wait for the next epoch
+            for s in range(0, len(perm), mega):
+                chunk = perm[s:s + mega]
+                chunk = chunk[np.argsort(-self.ex_len[chunk], kind="stable")]
+                batches += [chunk[i:i + B] for i in range(0, len(chunk), B)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        else:
+            rows = []
+            for s in range(0, n, mega):
+                rows += _pack_ffd(perm[s:s + mega], self.ex_len, self.max_seq_len)
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+            batches = [rows[i:i + B] for i in range(0, len(rows) // B * B, B)]
+        self._cache = {epoch: batches}
+        return batches
+
+    def _epoch_size(self, epoch: int) -> int:
+        while len(self._epoch_sizes) <= epoch:
+            e = len(self._epoch_sizes)
+            if self.mode == "packed" or e == 0:
+                self._epoch_sizes.append(len(self._layout(e)))
+            else:
+                self._epoch_sizes.append(self._epoch_sizes[0])
+        return self._epoch_sizes[epoch]
+
+    def _locate(self, k: int) -> Tuple[int, int]:
+        """Global batch index k -> (epoch, batch within the epoch)."""
+        if self.mode != "packed":
+            return divmod(k, self._epoch_size(0))
+        epoch = 0
+        while k >= self._epoch_size(epoch):
+            k -= self._epoch_size(epoch)
+            epoch += 1
+        return epoch, k
+
+    def _members(self, k: int):
+        if self.epoch_batches() == 0:
+            raise SFTDataError(f"{self.name}: {len(self)} samples make no full batch of {self.batch_size} in "
+                               f"{self.mode} mode (lower batch_size or add data)")
+        epoch, i = self._locate(k)
+        return self._layout(epoch)[i]
+
+    def batch_index(self, step: int, micro_step: int) -> int:
+        return (step * self.grad_accum + micro_step) * self.world_size + self.rank
+
+    def epoch_batches(self) -> int:
+        """Batches in one epoch over all ranks (epoch 0's count in packed mode; later ones differ by a few)."""
+        return self._epoch_size(0)
+
+    def _width(self, members) -> int:
+        if self.mode != "dynamic":
+            return self.max_seq_len
+        longest = int(self.ex_len[members].max())
+        return min(self.max_seq_len, -(-longest // self.pad_multiple) * self.pad_multiple)
+
+    # ---- batches -------------------------------------------------------------------------------
+    def batch(self, step: int, micro_step: int):
+        """(x, y) each (B, L) int64, or (x, y, seg) in packed mode; x padded with 0, y with -1."""
+        members = self._members(self.batch_index(step, micro_step))
+        if self.mode != "packed":
+            return self._padded(members, self._width(members))
+        T, B = self.max_seq_len, self.batch_size
+        x = np.full((B, T), PAD_ID, dtype=np.int64)
+        y = np.full((B, T), -1, dtype=np.int64)
+        seg = np.zeros((B, T), dtype=np.int64)
+        for r, row in enumerate(members):
+            at = 0
+            for j, i in enumerate(row):
+                xi, yi = make_example(*self.sample(int(i)), T)
+                x[r, at:at + len(xi)], y[r, at:at + len(xi)], seg[r, at:at + len(xi)] = xi, yi, j + 1
+                at += len(xi)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)
+
+    def _padded(self, members, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = np.full((len(members), width), PAD_ID, dtype=np.int64)
+        y = np.full((len(members), width), -1, dtype=np.int64)
+        for r, i in enumerate(members):
+            xi, yi = make_example(*self.sample(int(i)), self.max_seq_len)
+            x[r, :len(xi)], y[r, :len(yi)] = xi, yi
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def eval_batches(self, max_samples: int = 0):
+        """Yields dynamically padded (x, y) over the first max_samples samples (0 = all), split across ranks.
+
+        Every mode evaluates the same way (samples never share a row), so val losses compare across modes."""
+        n = min(len(self), max_samples) if max_samples > 0 else len(self)
+        mine = np.arange(self.rank, n, self.world_size)
+        mine = mine[np.argsort(-self.ex_len[mine], kind="stable")]  # similar lengths together: less padding
+        for s in range(0, len(mine), self.batch_size):
+            members = mine[s:s + self.batch_size]
+            longest = int(self.ex_len[members].max())
+            yield self._padded(members, min(self.max_seq_len, -(-longest // self.pad_multiple) * self.pad_multiple))
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def padding_stats(self, n_batches: int = 0) -> dict:
+        """Over global batches 0..n_batches-1 (0 = one epoch): fractions of the (B, L) cells that hold a token
+        (nonpad) and a target (supervised), and the mean cells per batch. Computed from the layout, so it
+        does not depend on which ids are 0."""
+        n_batches = n_batches or self.epoch_batches()
+        if n_batches == 0:
+            return {"batches": 0, "nonpad": float("nan"), "supervised": float("nan"), "cells_per_batch": 0.0}
+        cells = tokens = targets = 0
+        sup_per_sample = self._targets_per_sample()
+        for k in range(n_batches):
+            members = self._members(k)
+            ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in members]) if self.mode == "packed" \
+                else np.asarray(members)
+            cells += len(members) * self._width(ids)
+            tokens += int(self.ex_len[ids].sum())
+            targets += int(sup_per_sample[ids].sum())
+        return {"batches": n_batches, "nonpad": tokens / cells, "supervised": targets / cells,
+                "cells_per_batch": cells / n_batches}
+
+    def _targets_per_sample(self) -> np.ndarray:
+        """Targets (supervised tokens) of each sample, (N,) int64, computed once and shared by with_mode copies."""
+        if "_targets" not in self.__dict__:
+            flat = np.unpackbits(self.sup_bits, bitorder="little", count=int(self.offsets[-1])).astype(np.int64)
+            self._targets = np.add.reduceat(flat, self.offsets[:-1])
+        return self._targets
+
+    def tokens_in_batch(self, step: int, micro_step: int) -> int:
+        """Real (non-padding) tokens in batch(step, micro_step): for honest tokens/s in the trainer's log."""
+        members = self._members(self.batch_index(step, micro_step))
+        ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in members]) if self.mode == "packed" \
+            else np.asarray(members)
+        return int(self.ex_len[ids].sum())
+
+    def nonpad_fraction(self, n_batches: int = 0) -> float:
+        """Fraction of the batches' (B, L) cells that hold a real token (see padding_stats)."""
+        return self.padding_stats(n_batches)["nonpad"]
+
+    def describe(self) -> str:
+        c = self.counts
+        return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
+                f"dropped, {c['truncated']:,} truncated) | {c['tokens']:,} tokens, {c['supervised']:,} supervised | "
+                f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {self.epoch_batches():,}/epoch")
+
+
+def _pack_ffd(samples: np.ndarray, ex_len: np.ndarray, capacity: int) -> List[List[int]]:
+    """First-fit-decreasing: sample ids -> rows whose (x, y) lengths sum to <= capacity."""
+    order = samples[np.argsort(-ex_len[samples], kind="stable")]
+    room = np.zeros(len(order), dtype=np.int64)  # free cells of each open row
+    rows: List[List[int]] = []
+    for i in order:
+        need = int(ex_len[i])
+        fits = np.flatnonzero(room[:len(rows)] >= need)
+        if fits.size:
+            r = int(fits[0])
+        else:
+            r = len(rows)
+            rows.append([])
+            room[r] = capacity
+        rows[r].append(int(i))
+        room[r] -= need
+    return rows
+
+
+@dataclass
+class MeasureConfig:
+    data: str = "data/sft/train.jsonl"  # contract jsonl to measure
+    tokenizer: str = ""  # tokenizer.model path ("" = env BABYLLAMA_TOKENIZER, then the default lookup)
+    batch_size: int = 32  # rows per batch
+    max_seq_len: int = 512  # row length T
+    seed: int = 0  # shuffle seed
+    batches: int = 0  # batches to measure per mode (0 = one epoch)
+
+    def validate(self):
+        check(self.batch_size >= 1 and self.max_seq_len >= 1, "--batch_size and --max_seq_len must be >= 1")
+        check(self.batches >= 0, "--batches must be >= 0")
+
+
+def main() -> None:
+    cfg = config_or_exit(MeasureConfig)
+    from chatglm_tokenizer import load_tokenizer
+
+    try:
+        if not os.path.isfile(cfg.data):
+            raise FileNotFoundError(f"{cfg.data}: no such file; run `python data_process.py sft ...` first")
+        tok = load_tokenizer(cfg.tokenizer or None)
+        data = SFTData(cfg.data, tok, cfg.max_seq_len, cfg.batch_size, seed=cfg.seed, mode="fixed", progress=True)
+    except (OSError, SFTDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(data.describe())
+    print(f"{'mode':<26} {'batches':>8} {'nonpad':>7} {'supervised':>10} {'cells/batch':>11}")
+    for label, src in [("fixed (seed, pad to T)", data), ("dynamic, random batches", data.with_mode("dynamic", 1)),
+                       ("dynamic, length-grouped", data.with_mode("dynamic")), ("packed (FFD)", data.with_mode("packed"))]:
+        st = src.padding_stats(cfg.batches)
+        print(f"{label:<26} {st['batches']:>8} {st['nonpad']:>7.1%} {st['supervised']:>10.1%} {st['cells_per_batch']:>11,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,680 @@
+"""The baby Llama2: RMSNorm, rotary embeddings, SwiGLU, optional grouped-query attention, tied embeddings.
+
+Library module, no command line. Typical use:
+  from model import ModelArgs, Transformer, load_model
+  model = Transformer(ModelArgs())                        # 58.48M unique parameters at the defaults
+  logits, loss = model(x, y)                              # x, y: (B, T) int64, y == -1 is ignored
+  model, ckpt = load_model("out/pretrain", device="cuda")   # best.pt, else last.pt
+  model.generate([[5, 6, 7], [8, 9]], max_new_tokens=32, temperature=0.7, top_p=0.9)
+Quick check on CPU:  python -c "import model; m = model.Transformer(model.ModelArgs()); print(m.num_params())"
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from configurator import check
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 512  # width of the residual stream
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 8  # query heads; head_dim = dim // n_heads
+    n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention; None = n_heads
+    vocab_size: int = 64793  # real token ids 0..vocab_size-1 (ChatGLM2 tokenizer)
+    multiple_of: int = 32  # SwiGLU hidden width is rounded up to a multiple of this
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    max_seq_len: int = 512  # longest context; sizes the rotary tables and the generation window
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches (training only)
+    pad_vocab_multiple: int = 64  # embedding rows padded up to a multiple of this for fast matmuls (1 = none)
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "pad_vocab_multiple"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.dim % self.n_heads == 0, f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        head_dim = self.dim // self.n_heads
+        check(head_dim % 2 == 0, f"head_dim {head_dim} (dim / n_heads) must be even: rotary embeddings rotate pairs")
+        kv = self.kv_heads
+        check(kv > 0 and self.n_heads % kv == 0, f"n_heads {self.n_heads} must be divisible by n_kv_heads {kv}")
+        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        # SwiGLU has three matrices instead of two, so 2/3 of 4*dim keeps the FFN's parameters those of a 4x MLP
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return m * ((self.vocab_size + m - 1) // m)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the mean of squares overflows/loses precision in bf16/fp16, so normalise in fp32 and cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the pairs (x[2i], x[2i+1]) of x (B, T, H, head_dim) by cos/sin (B or 1, T, 1, head_dim // 2).
+
+    Interleaved pairs as in Meta's Llama; an export to HF Llama must permute wq/wk rows as HF's converter does.
+    Done in fp32 because bf16 angles lose the position information at long range.
+    """
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, head_dim // 2)
+    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values per layer, each (B, n_kv_heads, max_len, head_dim).
+
+    Buffers are made on the first write in the dtype the projections produce (bf16 under autocast), so the
+    cache never mixes dtypes with the queries. Static shapes keep decoding free of reallocations.
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.k: list[Optional[torch.Tensor]] = [None] * n_layers
+        self.v: list[Optional[torch.Tensor]] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, n_kv, T, head_dim) at slots [start, start+T); returns slots [0, start+T)."""
+        if self.k[layer] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = start + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def allocate(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, static: bool) -> None:
+        """Makes every layer's buffers now (zeros). static=True marks them as fixed addresses for torch.compile,
+        so CUDA graphs write the cache in place instead of copying it in and out of the graph each step."""
+        shape = (batch, n_kv, self.max_len, head_dim)
+        for i in range(len(self.k)):
+            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+            if static:
+                torch._dynamo.mark_static_address(self.k[i])
+                torch._dynamo.mark_static_address(self.v[i])
+
+    def fits(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> bool:
+        k = self.k[0]
+        return k is not None and k.shape == (batch, n_kv, self.max_len, head_dim) and k.dtype == dtype \
+            and k.device == torch.device(device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, n_kv, 1, head_dim) at slot (1,) long tensor; returns the whole buffers (B, n_kv, max_len,
+        head_dim). The slot is a tensor and the result has a fixed shape, so a compiled step never recompiles."""
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]
+
+
+def decode_attention_backends():
+    """SDPA kernels for decoding: flash, memory-efficient or math, never cuDNN.
+
+    Decoding passes an explicit mask; under bf16 SDPA would then pick cuDNN attention, which builds a plan per new
+    shape (about 5 ms of CPU each, torch 2.11 on H100) and made eager decoding 6x slower. Scoped to the decode
+    calls, so training keeps its kernels.
+    """
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size) -> None:
+    if not prompts or not all(prompts):
+        raise ValueError("generate: need at least one prompt and every prompt needs at least one token")
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"generate: token id {bad[0]} outside [0, {vocab_size})")
+    if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1) \
+            or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError("generate: need max_new_tokens >= 0, temperature >= 0, repetition_penalty > 0, "
+                         f"top_k >= 1, 0 < top_p <= 1; got {max_new_tokens}, {temperature}, "
+                         f"{repetition_penalty}, {top_k}, {top_p}")
+
+
+def sample_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
+                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits (B, vocab_size) fp32 -> next ids (B,), all on the device (capturable in a CUDA graph).
+
+    Repetition penalty (CTRL: positive logits / p, negative * p, over ids with seen (B, vocab) True), then
+    temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p, sampled as
+    argmax(probs / noise) with noise (B, vocab) i.i.d. Exp(1): the smallest of Exp(1)/p_i is Exp(p_i)-distributed,
+    so index i wins with probability p_i, as torch.multinomial would draw, without its host-side checks.
+    """
+    if seen is not None:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the best one always stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    # a zero draw would make 0/0 = NaN, which argmax would pick: clamp to the smallest normal float
+    return (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads = args.n_heads, args.kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, start=0):
+        """x (B, T, dim). mask None = plain causal (training); else bool (B, 1, T, S), True = may attend.
+
+        start: int = first cache slot of x (the slots up to start + T are attended); a 0-d long tensor = the slot
+        of a single decode token, and the whole cache buffer is attended (fixed shapes, see Transformer._decode_step).
+        """
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if isinstance(start, torch.Tensor):  # static-shape decode step (T = 1): all max_len slots, mask picks
+            k, v = cache.write(self.layer_id, k, v, start.view(1))  # (B, n_kv, max_len, head_dim)
+        elif cache is not None:
+            k, v = cache.update(self.layer_id, k, v, start)  # (B, n_kv, S, head_dim), S = start + T
+        if self.n_kv_heads != self.n_heads:
+            # each group of n_heads // n_kv_heads query heads reads the same key/value head
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down, back into the residual stream
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def segment_mask(seg: torch.Tensor) -> torch.Tensor:
+    """seg (B, T) int segment ids -> bool attention mask (B, 1, T, T), True = may attend.
+
+    Position t attends to s <= t in the same segment only, so packed samples never see each other. The mask
+    is causal already (SDPA runs with is_causal=False). Every row keeps its diagonal, so no softmax row is
+    empty (no NaN), padding (segment 0) included.
+    """
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Mean CE of h @ weight[:vocab].T against targets, chunk by chunk, gradients computed in the forward.
+
+    The (N, vocab) logits are the largest tensor of training (16384 x 64832 at the seed's batch: 2 GiB in
+    bf16, 4 GiB once upcast for the loss). Here only one (chunk, vocab) block exists at a time: its logits,
+    the loss terms and dlogits = (softmax - onehot) / n_targets, which at once give grad_h (chunk, dim) and
+    a (vocab, dim) fp32 contribution to grad_weight. backward() only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, chunk: int):
+        n_targets = (targets != -1).sum().clamp(min=1)
+        dev = h.device.type  # the gradient matmuls run in the autocast dtype, as the plain path's would
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = F.linear(hc, weight).float()  # (c, padded_vocab); bf16 matmul under autocast
+            logits[:, vocab_size:] = float("-inf")  # padded ids: zero probability, zero gradient
+            valid = tc != -1
+            tgt = torch.where(valid, tc, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+            dlogits = torch.exp(logits - lse[:, None])  # softmax (c, padded_vocab)
+            dlogits[torch.arange(len(tc), device=tc.device), tgt] -= 1.0
+            dlogits *= (valid / n_targets)[:, None]
+            dlogits = dlogits.to(mm_dtype)
+            grad_h[s:s + chunk] = F.linear(dlogits, weight.t()).to(h.dtype)  # (c, dim)
+            grad_w += (dlogits.t() @ hc.to(dlogits.dtype)).float()  # (padded_vocab, dim)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n_targets
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def fused_linear_cross_entropy(h, weight, targets, vocab_size: int, chunk: int) -> torch.Tensor:
+    """h (N, dim), weight (padded_vocab, dim), targets (N,) with -1 ignored -> mean CE, no (N, vocab) tensor."""
+    return _FusedLinearCE.apply(h, weight, targets, vocab_size, chunk)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        V = args.padded_vocab_size
+        self.tok_embeddings = nn.Embedding(V, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, V, bias=False)
+        self.ce_chunk = 0  # rows per chunk of the fused output+loss (0 = plain cross-entropy); see forward
+        self.output.weight = self.tok_embeddings.weight  # tied: one (padded_vocab, dim) matrix reads and writes tokens
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
+        # non-persistent: derived from args, so checkpoints stay small and never disagree with the code
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():  # the tied matrix comes once, as tok_embeddings.weight
+            std = 0.02
+            if name.endswith(("wo.weight", "w2.weight")):
+                # each adds into the residual stream, which sums 2*n_layers of them: keep its variance O(1) (GPT-2)
+                std = 0.02 / math.sqrt(2 * args.n_layers)
+            elif name == "tok_embeddings.weight":
+                # logits = unit-RMS hidden @ these rows have std = std * sqrt(dim): 0.02 gives 0.45 at dim 512, an init
+                # loss of ln(V) + 0.45**2 / 2 = ln(V) + 0.10; capping the logit std at 0.25 keeps the start near-uniform
+                std = min(0.02, 0.25 / math.sqrt(args.dim))
+            if p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+        with torch.no_grad():
+            # padded rows are never read (ids < vocab_size) and their logits are sliced off; zero keeps them inert
+            self.tok_embeddings.weight[args.vocab_size:].zero_()
+
+    def num_params(self, unique: bool = True) -> int:
+        """Parameters over the real vocabulary (padded embedding rows are not counted).
+
+        unique=True counts the tied embedding/output matrix once; False counts it twice (the seed's "92M").
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        n -= (self.args.padded_vocab_size - self.args.vocab_size) * self.args.dim
+        return n if unique else n + self.args.vocab_size * self.args.dim
+
+    def _hidden(self, idx, pos=None, mask=None, cache=None, start=0) -> torch.Tensor:
+        """idx (B, T) -> final-normed hidden states (B, T, dim). pos (B, T) rotary positions, default 0..T-1."""
+        T = idx.size(1)
+        if pos is None:
+            if T > self.args.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.args.max_seq_len}")
+            cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]  # (1, T, 1, head_dim/2)
+        else:
+            cos, sin = self.rope_cos[pos][:, :, None, :], self.rope_sin[pos][:, :, None, :]  # (B, T, 1, head_dim/2)
+        h = self.dropout(self.tok_embeddings(idx))
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, start)
+        return self.norm(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        # (..., padded_vocab) -> (..., vocab_size): a view, so padded ids get no probability and no gradient
+        return self.output(h)[..., : self.args.vocab_size]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, seg: Optional[torch.Tensor] = None):
+        """idx (B, T) int64 -> (logits, loss).
+
+        With targets (B, T) (-1 = ignore): logits (B, T, vocab_size), loss = mean CE over targets != -1.
+        Without: logits (B, 1, vocab_size) for the last position only (sampling needs no more), loss None.
+        seg (B, T) segment ids of packed SFT rows: attention stays inside each segment (segment_mask).
+        With `self.ce_chunk` > 0 (set by the trainer) training never materialises the (B, T, vocab) logits:
+        the loss comes from fused_linear_cross_entropy and the returned logits are None.
+        """
+        h = self._hidden(idx, mask=None if seg is None else segment_mask(seg))
+        if targets is None:
+            return self._logits(h[:, -1:, :]), None
+        if self.ce_chunk and self.training:
+            loss = fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.output.weight, targets.reshape(-1),
+                                              self.args.vocab_size, self.ce_chunk)
+            return None, loss
+        logits = self._logits(h)
+        # view, not reshape: (B, T) merge without a copy even though the vocab slice is strided
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N matmul + 12*L*H*Q*T attention."""
+        a = self.args
+        T = a.max_seq_len if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the card's peak (e.g. measured bf16 matmul)."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
+        """AdamW decaying only matrices (embedding, projections); norms' gains are not pulled to zero."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if device_type == "cuda" else {}  # one kernel for all params instead of a loop
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+                 eos_id: Optional[int] = 2, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None, compile: bool = False) -> list[list[int]]:
+        """New tokens for each prompt (eos excluded; a row stops at eos). See _decode for the knobs.
+
+        compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see compile_decode);
+        the tokens are the same as without it. The GPU is asked for tokens only every 16 steps.
+        """
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                eos_id, use_cache, generator, compile, sync_every=16):
+            for row, tok in enumerate(step):
+                if tok is not None:
+                    out[row].append(tok)
+        return out
+
+    def stream(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+               eos_id: Optional[int] = 2, use_cache: bool = True,
+               generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[int]:
+        """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
+        for step in self._steps([prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                eos_id, use_cache, generator, compile, sync_every=1):
+            if step[0] is not None:
+                yield step[0]
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
+               generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+        """Picks the decoder: the static-shape one (_decode_static) when the cache is on and prompt + new tokens
+        fit max_seq_len (no context crop needed), else the general one (_decode), which crops the context."""
+        check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, self.args.vocab_size)
+        if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= self.args.max_seq_len:
+            return self._decode_static(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                                       generator, compile, sync_every)
+        return self._decode(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
+                            generator)
+
+    def compile_decode(self, **compile_kwargs) -> None:
+        """Makes generate/stream(compile=True) run each decode step as torch.compile(_decode_step, **compile_kwargs).
+
+        Default: fullgraph=True, dynamic=False, mode="reduce-overhead" (inductor + CUDA graphs: one graph replay
+        per token instead of ~150 kernel launches). Pass e.g. backend="aot_eager" for a quick CPU check. One
+        graph per (batch size, sampling knobs, dtype); generate(compile=True) calls this with the defaults if needed.
+        """
+        opts: dict = dict(fullgraph=True, dynamic=False)
+        if "backend" not in compile_kwargs:
+            opts["mode"] = "reduce-overhead"
+        opts.update(compile_kwargs)
+        self._compiled_step = torch.compile(self._decode_step, **opts)
+        self._static_cache = None  # buffers marked static for the previous compiled function
+
+    def _decode_step(self, tok, cur, pad, cache: KVCache, seen, noise, temperature, top_k, top_p,
+                     repetition_penalty) -> torch.Tensor:
+        """One decode step with the same shapes every step -> next ids (B,).
+
+        tok (B, 1) ids written at cache slot cur (0-d long tensor, the same slot for every row: prompts are
+        left-padded); row r attends to slots [pad[r], cur] of the whole cache buffer (B, n_kv, max_len, head_dim),
+        its rotary position is cur - pad[r]. seen (B, vocab) bool or None, noise (B, vocab) Exp(1) draws or None
+        (greedy): see sample_tokens. No host sync, no branch on tensor values: capturable as one CUDA graph.
+        """
+        kj = torch.arange(cache.max_len, device=tok.device)[None, :]  # (1, max_len)
+        mask = ((kj >= pad[:, None]) & (kj <= cur))[:, None, None, :]  # (B, 1, 1, max_len)
+        pos = (cur - pad)[:, None]  # (B, 1)
+        h = self._hidden(tok, pos, mask, cache, cur)
+        logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
+        return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+
+    @torch.no_grad()
+    def _decode_static(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+                       generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+        """_decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
+
+        The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
+        goes through _decode_step (compiled when compile=True) over the whole max_seq_len cache. New tokens stay
+        on the device and are copied to the host every sync_every steps (1 for stream), which is also when a
+        batch whose rows all emitted eos stops; the steps run past an eos in between are discarded.
+        """
+        a = self.args
+        if max_new_tokens == 0:
+            return
+        device, B, S = self.rope_cos.device, len(prompts), max(len(p) for p in prompts)
+        rows = torch.zeros(B, S, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            rows[row, S - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt = rows.to(device)  # (B, S) left-padded
+        pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) first real slot per row
+        seen = None  # (B, vocab_size) ids already in each row, for the repetition penalty
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, a.vocab_size, dtype=torch.bool)
+            for row, p in enumerate(prompts):
+                seen[row, torch.tensor(p)] = True
+            seen = seen.to(device)
+        noise = None if temperature == 0.0 else torch.empty(B, a.vocab_size, device=device)
+
+        def draw():  # Exp(1) noise from the caller's generator, outside any compiled graph
+            return None if noise is None else noise.exponential_(generator=generator)
+
+        dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.tok_embeddings.weight.dtype  # what the k/v projections produce
+        shape = (B, a.kv_heads, a.dim // a.n_heads, dt, device)
+        step_fn = self._decode_step
+        if compile:
+            if getattr(self, "_compiled_step", None) is None:
+                self.compile_decode()
+            step_fn = self._compiled_step
+            # reused across calls: CUDA graphs bake in the addresses of static inputs, new buffers would re-record
+            cache = getattr(self, "_static_cache", None)
+            if cache is None or not cache.fits(*shape):
+                cache = self._static_cache = None  # free the old buffers first
+                cache = KVCache(a.n_layers, a.max_seq_len)
+                cache.allocate(B, *shape[1:], static=True)
+                self._static_cache = cache
+        else:
+            cache = KVCache(a.n_layers, a.max_seq_len)
+            cache.allocate(B, *shape[1:], static=False)
+        was_training = self.training
+        self.eval()
+        try:
+            with decode_attention_backends():
+                qi = torch.arange(S, device=device)[None, :, None]  # (1, S, 1)
+                kj = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
+                pad_w = pad[:, None, None]  # (B, 1, 1)
+                # causal, no pad keys; a pad query sees itself only so its softmax stays finite (its output is unused)
+                mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, S, S)
+                pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, S)
+                h = self._hidden(prompt, pos, mask, cache, 0)
+                logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
+                nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, draw())
+            new = [nxt]  # (B,) per step, on the device
+            cur = torch.full((), S, dtype=torch.long, device=device)  # cache slot of the token fed next
+            finished, flushed = [False] * B, 0
+            for step in range(1, max_new_tokens + 1):
+                if step % sync_every == 0 or step == max_new_tokens:
+                    block = torch.stack(new[flushed:step], dim=1).tolist()  # (B, k): the one host sync
+                    for j in range(step - flushed):
+                        result: list[Optional[int]] = []
+                        for row in range(B):
+                            tok = block[row][j]
+                            finished[row] = finished[row] or tok == eos_id
+                            result.append(None if finished[row] else tok)
+                        yield result
+                        if all(finished):
+                            return
+                    flushed = step
+                if step == max_new_tokens:
+                    return
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                with decode_attention_backends():
+                    if compile:
+                        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are copied already
+                    nxt = step_fn(nxt[:, None], cur, pad, cache, seen, draw(), temperature, top_k, top_p,
+                                  repetition_penalty).clone()  # clone: a graph output is overwritten by the next replay
+                new.append(nxt)
+                cur += 1
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
+    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
+                generator) -> Iterator[list[Optional[int]]]:
+        """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
+
+        Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
+        rotary positions start at 0 at its first real token, so a row's result equals generating it alone.
+        Context window: a forward never sees more than max_seq_len tokens. When the sequence outgrows it,
+        the context is cropped from the left (keeping enough room that at most one more crop is needed,
+        and at least max_seq_len // 2 tokens), and the cache is refilled from the cropped context; the
+        no-cache path crops identically, so both give the same tokens. Rows of a batch share the crop,
+        so after a crop a short row may see less history than it would alone.
+        Sampling: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in the row),
+        then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p.
+        generator must live on the model's device (torch.Generator(device="cuda") on a GPU).
+        """
+        a = self.args
+        check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size)
+        device, L, B = self.rope_cos.device, a.max_seq_len, len(prompts)
+        S = max(len(p) for p in prompts)
+        seq = torch.zeros(B, S + max_new_tokens, dtype=torch.long, device=device)  # (B, total) left-padded
+        for row, p in enumerate(prompts):
+            seq[row, S - len(p):S] = torch.tensor(p, dtype=torch.long)
+        pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) pad slots per row
+        seen = None  # (B, vocab_size) ids already in each row, for the repetition penalty
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, a.vocab_size, dtype=torch.bool, device=device)
+            for row, p in enumerate(prompts):
+                seen[row, torch.tensor(p, device=device)] = True
+        finished = [False] * B
+        n, ctx, cache = S, 0, None  # tokens so far, first slot of the context window, KV cache
+        was_training = self.training
+        self.eval()
+        try:
+            for step in range(max_new_tokens):
+                if n - ctx > L:
+                    forwards_left = max_new_tokens - step  # this one and the rest, each adds one token
+                    ctx, cache = n - max(L - (forwards_left - 1), L // 2, 1), None
+                q0 = n - 1 if (use_cache and cache is not None) else ctx  # first query slot of this forward
+                if use_cache and cache is None:
+                    cache = KVCache(a.n_layers, min(L, S + max_new_tokens - 1 - ctx))
+                # window coordinates: slot s of seq is s - ctx; a row's real tokens start at pad_w
+                pad_w = (pad - ctx).clamp(min=0)[:, None, None]  # (B, 1, 1)
+                qi = torch.arange(q0 - ctx, n - ctx, device=device)[None, :, None]  # (1, Tq, 1)
+                kj = torch.arange(0, n - ctx, device=device)[None, None, :]  # (1, 1, Tk)
+                # causal, no pad keys; a pad query sees itself only so its softmax stays finite (its output is unused)
+                mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, Tq, Tk)
+                pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, Tq)
+                with decode_attention_backends():
+                    h = self._hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
+                logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
+                nxt = self._sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+                seq[:, n] = nxt
+                n += 1
+                if seen is not None:
+                    seen[torch.arange(B, device=device), nxt] = True
+                result: list[Optional[int]] = []
+                for row, tok in enumerate(nxt.tolist()):
+                    finished[row] = finished[row] or tok == eos_id
+                    result.append(None if finished[row] else tok)
+                yield result
+                if all(finished):
+                    return
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator) -> torch.Tensor:
+        """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
+        noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
+        return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
+    """Rebuilds a Transformer from a checkpoint file or run dir (best.pt, else last.pt); returns (model in eval, ckpt).
+
+    Accepts state dicts saved from torch.compile ("_orig_mod.") or DDP ("module.") wrappers. The checkpoint is read
+    to CPU first so optimizer state in ckpt does not take GPU memory; only the model moves to `device`.
+    """
+    if os.path.isdir(path):
+        found = [os.path.join(path, f) for f in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(f"{path}: no best.pt or last.pt in this run directory")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    # weights_only=False: our checkpoints also hold numpy/python RNG states; only load files you trust
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'model_args')")
+    try:
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
+    except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
+        raise ValueError(f"{path}: bad model_args: {e}") from None
+    state = {}
+    for key, value in ckpt["model"].items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,508 @@
+"""data_process.py: every input format, the bad-input rules, dedup, validation split, shards + sidecars, the uint16 guard,
+interrupted runs, and token-exact output (tests marked with `tokenizer_path` use the real ChatGLM2 tokenizer)."""
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import data_process as dp
+from conftest import ROOT
+
+FIX = os.path.join(ROOT, "tests", "fixtures_data")
+PRE = os.path.join(FIX, "pretrain")
+SFT = os.path.join(FIX, "sft")
+PRE_FILES = ["wiki_array.json", "baike.jsonl", "text_bad.jsonl", "wudao.json", "plain.txt"]
+SFT_FILES = ["alpaca.json", "belle.json", "sharegpt.jsonl", "multiturn.json", "seed.csv", "reward.jsonl"]
+
+WIKI_A = "长江是中国第一长河，发源于青藏高原的唐古拉山脉。"
+WIKI_B = "黄河是中国第二长河，被称为中华民族的母亲河。"
+# the documents the fixtures must produce (min_chars=10, exact dedup), in input order
+EXPECTED_DOCS = [
+    WIKI_A, WIKI_B,
+    "民法典\n2020年5月28日通过\n第一编\n总则\n第二编\n物权", "刑法\n第一章\n刑法的任务、基本原则和适用范围",
+    "高血压是一种常见的慢性疾病，需要长期管理。", "感冒通常由病毒引起，多休息多喝水即可。",
+    "三国演义\n话说天下大势，分久必合，合久必分。", "西游记\n混沌未分天地乱，茫茫渺渺无人见。",
+    "第一章 传染病总论\n传染病是由病原微生物感染人体后产生的疾病。", "第二章 病毒性肝炎\n病毒性肝炎是由多种肝炎病毒引起的传染病。",
+]
+
+
+def cfg(**kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("num_workers", 1)
+    return dp.Config(**kw)
+
+
+def records(src, c=None):
+    return list(dp.iter_container(src, c or cfg()))
+
+
+def read_docs(out_dir):
+    """All documents of a pretrain output as lists of ids (train shards then val shards), plus the sidecars."""
+    docs, sides = {}, {}
+    for split in ("train", "val"):
+        ids = []
+        for name in sorted(os.listdir(out_dir)):
+            if name.startswith(split + "_") and name.endswith(".bin"):
+                arr = np.memmap(os.path.join(out_dir, name), dtype=np.uint16, mode="r")
+                ids.extend(arr.tolist())
+                with open(os.path.join(out_dir, name[:-4] + ".json")) as f:
+                    sides[name] = json.load(f)
+        out, cur = [], []
+        for i in ids:
+            if i == 2:
+                out.append(cur)
+                cur = []
+            else:
+                cur.append(i)
+        assert cur == [], "a shard must end with <eos>"
+        docs[split] = out
+    return docs, sides
+
+
+# ---------------------------------------------------------------- parsing (no tokenizer)
+
+def test_json_array_stream_tiny_reads(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text('[\n 1234567,\n {"text": "长江\\n黄河", "n": [1, 2]},\n  "x" , 89 ]', encoding="utf-8")
+    got = list(dp.iter_json_array(str(p), read_chars=3))  # every element straddles reads
+    assert got == [(1234567, 2, None), ({"text": "长江\n黄河", "n": [1, 2]}, 3, None), ("x", 4, None), (89, 4, None)]
+    p.write_text("[]", encoding="utf-8")
+    assert list(dp.iter_json_array(str(p), read_chars=1)) == []
+
+
+def test_json_array_malformed_element_resyncs(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text('[\n{"text": "一"},\n{"text": oops},\n{"text": "二"},\n{"text": "三"}\n]', encoding="utf-8")
+    got = list(dp.iter_json_array(str(p), read_chars=4))
+    assert [(r, ln) for r, ln, bad in got] == [({"text": "一"}, 2), (None, 3), ({"text": "二"}, 4), ({"text": "三"}, 5)]
+    assert got[1][2].startswith("malformed JSON array element")
+
+
+def test_json_array_truncated(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text('[{"text": "一"}, {"text": "二"}, {"text": "三', encoding="utf-8")
+    got = list(dp.iter_json_array(str(p), read_chars=5))
+    assert [r for r, _, _ in got] == [{"text": "一"}, {"text": "二"}, None]
+    assert "malformed" in got[2][2] or "truncated" in got[2][2]
+
+
+@pytest.mark.parametrize("name,container,fmt", [
+    ("pretrain/wiki_array.json", "array", "completion"), ("pretrain/baike.jsonl", "lines", "baike"),
+    ("pretrain/text_bad.jsonl", "lines", "text"), ("pretrain/wudao.json", "array", "wudao"),
+    ("pretrain/plain.txt", "txt", "text"), ("sft/alpaca.json", "array", "instruction"),
+    ("sft/belle.json", "lines", "instruction"), ("sft/sharegpt.jsonl", "lines", "sharegpt"),
+    ("sft/multiturn.json", "array", "instruction"), ("sft/seed.csv", "csv", "prompt_answer"),
+    ("sft/reward.jsonl", "lines", "reward")])
+def test_detect_each_format_and_gzip(tmp_path, name, container, fmt):
+    src = dp.detect(os.path.join(FIX, name), "", cfg())
+    assert (src.container, src.fmt) == (container, fmt)
+    gz = tmp_path / (os.path.basename(name) + ".gz")
+    with open(os.path.join(FIX, name), "rb") as f:
+        gz.write_bytes(gzip.compress(f.read()))
+    src_gz = dp.detect(str(gz), "", cfg())
+    assert (src_gz.container, src_gz.fmt) == (container, fmt)
+    assert records(src_gz) == records(src)
+
+
+def test_pretrain_documents_of_each_format():
+    rep = dp.Reporter(0)
+    docs = []
+    for name in PRE_FILES:
+        docs += list(dp.iter_documents(dp.detect(os.path.join(PRE, name), "", cfg()), cfg(), rep))
+    assert docs == [WIKI_A, WIKI_B, "  " + WIKI_A + "\n", "短"] + EXPECTED_DOCS[2:]
+    assert rep.counts == Counter({"malformed": 1, "missing_field": 2})
+
+
+def test_instruction_and_sharegpt_as_pretrain_text():
+    rec = {"instruction": "问", "input": "补充", "output": "答", "history": [["q1", "a1"]]}
+    assert dp.record_text(rec, "instruction") == "q1\na1\n问\n补充\n答"
+    rec = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好"}]}
+    assert dp.record_text(rec, "sharegpt") == "你好\n您好"
+
+
+def test_txt_rule(tmp_path):
+    src = dp.detect(os.path.join(PRE, "plain.txt"), "", cfg())
+    assert [(r["text"], ln) for r, ln, _ in records(src)] == [(EXPECTED_DOCS[8], 1), (EXPECTED_DOCS[9], 5)]
+    one = tmp_path / "one.txt"
+    one.write_text("第一行\n第二行\n", encoding="utf-8")
+    assert [r for r, _, _ in records(dp.detect(str(one), "", cfg()))] == [{"text": "第一行\n第二行"}]
+    # a document is cut at a line end once it holds txt_max_chars characters
+    assert [r["text"] for r, _, _ in records(dp.detect(str(one), "", cfg()), cfg(txt_max_chars=3))] == ["第一行", "第二行"]
+
+
+def test_parquet_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "c4.parquet"
+    pq.write_table(pa.table({"text": ["第一篇文章。", "第二篇文章。"], "url": ["a", "b"]}), str(p))
+    src = dp.detect(str(p), "", cfg())
+    assert (src.container, src.fmt) == ("parquet", "text")
+    assert [(r, ln) for r, ln, _ in records(src)] == [({"text": "第一篇文章。"}, 1), ({"text": "第二篇文章。"}, 2)]
+
+
+def test_explicit_format_and_manifest(tmp_path):
+    p = tmp_path / "notes.dat"
+    p.write_text("一段文字\n\n另一段文字\n", encoding="utf-8")
+    with pytest.raises(dp.DataError, match="unknown format"):
+        dp.detect(str(p), "", cfg())
+    assert dp.parse_inputs(cfg(mode="pretrain", inputs=[f"{p}:txt", "x.json"]), "pretrain") == [(str(p), "txt"), ("x.json", "")]
+    src = dp.detect(str(p), "txt", cfg())
+    assert [r["text"] for r, _, _ in records(src)] == ["一段文字", "另一段文字"]
+    m = tmp_path / "list.txt"
+    m.write_text(f"# corpora\n{p} txt\nsub/b.jsonl   # relative to the manifest\n", encoding="utf-8")
+    assert dp.parse_inputs(cfg(mode="pretrain", manifest=str(m)), "pretrain") == \
+        [(str(p), "txt"), (os.path.join(str(tmp_path), "sub/b.jsonl"), "")]
+    m.write_text(f"{p} nosuchformat\n", encoding="utf-8")
+    with pytest.raises(dp.DataError, match=r"list.txt:1: expected 'path' or 'path format'"):
+        dp.parse_inputs(cfg(mode="pretrain", manifest=str(m)), "pretrain")
+
+
+def test_explicit_format_key_override(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    p.write_text('{"title": "标题", "content": "正文", "text": "文本"}\n', encoding="utf-8")
+    assert dp.detect(str(p), "", cfg()).fmt == "wudao"
+    src = dp.detect(str(p), "text", cfg())
+    assert list(dp.iter_documents(src, cfg(), dp.Reporter(0))) == ["文本"]
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_lines_are_counted_and_reported(capsys):
+    src = dp.detect(os.path.join(PRE, "text_bad.jsonl"), "", cfg())
+    rep = dp.Reporter(2)
+    docs = list(dp.iter_documents(src, cfg(), rep))
+    assert len(docs) == 2 and rep.counts == Counter({"malformed": 1, "missing_field": 2})
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"warning: {src.path}:2: malformed JSON line")
+    assert err[1].startswith(f"warning: {src.path}:3: text record: expected a string field 'text' (missing)")
+    assert err[2] == "warning: more bad records skipped (counted in the summary)" and len(err) == 3
+
+
+def test_undecodable_bytes(tmp_path):
+    lines = tmp_path / "bad.jsonl"
+    lines.write_bytes('{"text": "好的"}\n'.encode() + b'{"text": "\xff\xfe"}\n' + '{"text": "也好"}\n'.encode())
+    got = records(dp.detect(str(lines), "", cfg()))
+    assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
+    assert got[1][2].startswith("undecodable")
+    arr = tmp_path / "bad.json"
+    arr.write_bytes('[{"text": "好的"},\n'.encode() + b'{"text": "\xff"},\n' + '{"text": "也好"}]'.encode())
+    got = records(dp.detect(str(arr), "", cfg()))
+    assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
+    assert got[1][2].startswith("undecodable")
+    txt = tmp_path / "bad.txt"
+    txt.write_bytes("第一行\n".encode() + b"\xc3\x28\n" + "第三行\n".encode())
+    got = records(dp.detect(str(txt), "", cfg()))
+    assert [r for r, _, _ in got] == [None, {"text": "第一行\n第三行"}] and got[0][1] == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty input"), (b"  \n\n", "empty input"), (b"[]", "empty input (no records)"), (b"{oops\n", "1: malformed JSON line"),
+    (b"hello world\n", "unknown format"), (b'{"foo": 1}\n', "unknown format: first record has keys ['foo']"),
+    (b"[1, 2]", "expected JSON objects")])
+def test_unknown_or_empty_input_exits_2_without_output(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    for mode in ("pretrain", "sft"):
+        with pytest.raises(SystemExit) as e:
+            dp.main([mode, f"--inputs={os.path.join(PRE, 'baike.jsonl')},{bad}", f"--out_dir={out}", "--progress=false"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {bad}") and message in err[0]
+        assert not out.exists()
+
+
+def test_truncated_gzip_is_a_one_line_error(tmp_path, capsys):
+    data = "".join(json.dumps({"text": f"第{i}篇文章，内容足够长。"}, ensure_ascii=False) + "\n" for i in range(20000))
+    gz = gzip.compress(data.encode())
+    bad = tmp_path / "cut.jsonl.gz"
+    bad.write_bytes(gz[: len(gz) // 2])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        dp.main(["sft", f"--inputs={bad}:prompt_answer", f"--out_dir={out}", "--max_reports=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith(f"error: {bad}: cannot read (EOFError")
+    assert os.listdir(out) == []  # detection passed (the head is readable), the stream broke mid-file
+    bad.write_bytes(gz[:100])
+    with pytest.raises(SystemExit):
+        dp.main(["sft", f"--inputs={bad}", f"--out_dir={tmp_path / 'out2'}"])
+    assert capsys.readouterr().err.startswith(f"error: {bad}: cannot read (EOFError")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_config_errors_exit_2(capsys):
+    for argv in (["pretrain", "--no_such_knob=1"], ["nomode"], ["--inputs=a.json"], ["sft", "--val_fraction=1.5"]):
+        with pytest.raises(SystemExit) as e:
+            dp.main(argv)
+        assert e.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sft_rejects_pretrain_only_format(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dp.main(["sft", f"--inputs={os.path.join(PRE, 'wiki_array.json')}", f"--out_dir={tmp_path / 'o'}"])
+    assert e.value.code == 2 and "holds no conversations" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- dedup, near-dup, validation split (fake ids)
+
+def fake_chunk(texts):
+    """What a worker returns, with fake ids: each document = [10 + its index] * 3 then <eos>."""
+    hashes = np.array([dp.text_hash(t) for t in texts], dtype=np.uint64)
+    lengths = np.full(len(texts), 4, dtype=np.int64)
+    ids = np.concatenate([[10 + i] * 3 + [2] for i in range(len(texts))]).astype(np.uint16)
+    return hashes, lengths, ids
+
+
+class FakeWriter(dp.ShardWriter):
+    def __init__(self):
+        super().__init__("", "x", 10 ** 9, {})
+        self.written = []
+
+    def write(self, ids, documents, source):
+        self.written.append((ids.tolist(), documents, source))
+        self.documents += documents
+
+
+def test_exact_dedup_and_val_split_rules():
+    texts = ["甲 乙", "丙丁", " 甲  乙\n", "戊己", "丙丁", "庚辛"]
+    hashes, lengths, ids = fake_chunk(texts)
+    writers = {"train": FakeWriter(), "val": FakeWriter()}
+    counts, split_tokens = Counter(), {"train": 0, "val": 0, "kept": 0}
+    src = dp.Source("/x/f.json", "array", "text")
+    # val_fraction 0: val is filled only by the min-tokens rule (every 2nd kept document until val has 4 tokens)
+    c = cfg(val_fraction=0.0, val_min_tokens=4)
+    dp._place_chunk(hashes, lengths, ids, None, src, c, writers, dp.HashSet(), dp.NearDupIndex(8), counts, split_tokens)
+    assert counts == Counter({"duplicate": 2})
+    assert writers["train"].written == [([10, 10, 10, 2, 13, 13, 13, 2, 15, 15, 15, 2], 3, "f.json")]
+    assert writers["val"].written == [([11, 11, 11, 2], 1, "f.json")]
+    assert split_tokens == {"train": 12, "val": 4, "kept": 4}
+    # without dedup nothing is dropped; val_fraction ~1 sends everything to val
+    writers = {"train": FakeWriter(), "val": FakeWriter()}
+    counts = Counter()
+    dp._place_chunk(hashes, lengths, ids, None, src, cfg(dedup=False, val_fraction=0.999999), writers, dp.HashSet(),
+                    dp.NearDupIndex(8), counts, {"train": 0, "val": 0, "kept": 0})
+    assert counts == Counter() and writers["val"].written[0][1] == 6 and writers["train"].written == []
+
+
+def test_hashset_merges_and_still_finds():
+    s = dp.HashSet(merge_every=3)
+    hs = np.array([5, 1, 9, 7, 5, 1], dtype=np.uint64)
+    assert [s.add_if_new(int(h), False) for h in hs[:4]] == [True, True, True, True]
+    assert s.sorted.tolist() == [1, 5, 9] and s.recent == {7} and len(s) == 4
+    assert s.seen_before(hs).tolist() == [True, True, True, False, True, True]
+    assert not s.add_if_new(7, False) and s.add_if_new(8, False)
+
+
+def test_minhash_near_duplicates():
+    a, b = dp.minhash_params(64)
+    base = "传染病是指由病原微生物感染人体后产生的有传染性、在一定条件下可造成流行的疾病。" * 3
+    near_copy = base.replace("流行", "流形", 1)
+    other = "混沌未分天地乱，茫茫渺渺无人见。自从盘古破鸿蒙，开辟从兹清浊辨。覆载群生仰至仁，发明万物皆成善。"
+    sig = [dp.minhash_signature(t, a, b) for t in (base, near_copy, other)]
+    assert sig[0].shape == (64,) and sig[0].dtype == np.uint32
+    assert (sig[0] == sig[1]).mean() > 0.7 and (sig[0] == sig[2]).mean() < 0.1
+    idx = dp.NearDupIndex(8)
+    assert [idx.add_if_new(s) for s in sig] == [True, False, True]
+
+
+def test_uint16_guard():
+    assert dp.to_uint16(np.array([0, 2, 64792]), 64793).tolist() == [0, 2, 64792]
+    with pytest.raises(dp.DataError, match="token id 64793 is outside the vocabulary"):
+        dp.to_uint16(np.array([5, 64793]), 64793)
+    with pytest.raises(dp.DataError, match="token id 70000"):
+        dp.to_uint16(np.array([70000]), 64793)
+
+
+# ---------------------------------------------------------------- SFT (no tokenizer)
+
+def test_sft_each_format(tmp_path):
+    out = tmp_path / "sft"
+    s = dp.main(["sft", "--inputs=" + ",".join(os.path.join(SFT, f) for f in SFT_FILES), f"--out_dir={out}",
+                 "--val_fraction=0", "--val_min_records=2"])[0]
+    assert s["counts"] == {"read": 11, "duplicate": 1, "empty_or_short": 1, "bad_missing_field": 1}
+    rows = {split: [json.loads(l) for l in open(out / f"{split}.jsonl", encoding="utf-8")] for split in ("train", "val")}
+    assert len(rows["train"]) == 7 and len(rows["val"]) == 2
+    u, a = "user", "assistant"
+    want = [
+        ([(u, "给出三个保持健康的提示。"), (a, "1.饮食均衡。\n2.定期运动。\n3.充足睡眠。")], None, "alpaca.json"),
+        ([(u, "把下面的句子翻译成英文。\n今天天气很好。"), (a, "The weather is nice today.")], None, "alpaca.json"),
+        ([(u, "为给定的句子生成一个同义句。\n她在准备期末考试。"), (a, "她正在为期末考试做准备。")], None, "belle.json"),
+        ([(u, "头痛怎么办？"), (a, "先休息，如果持续请就医。"), (u, "需要吃药吗？"), (a, "可以服用布洛芬。")], "你是一名医生。",
+         "sharegpt.jsonl"),
+        ([(u, "发烧了"), (a, "多喝水。")], None, "sharegpt.jsonl"),
+        ([(u, "推荐一道家常菜。"), (a, "西红柿炒鸡蛋。"), (u, "谢谢"), (a, "不客气！")], None, "multiturn.json"),
+        ([(u, "什么是肝硬化？"), (a, "一种慢性肝病，肝脏出现纤维化。")], None, "seed.csv"),
+        ([(u, "逗号,在问题里"), (a, '回答里有"引号"。')], None, "seed.csv"),
+        ([(u, "白带发黄怎么回事？"), (a, "可能是阴道炎，建议就医检查。")], None, "reward.jsonl"),
+    ]
+    # kept conversations #1 and #3 went to val (the min-records rule alternates), the rest to train: input order is
+    got = [rows["train"][0], rows["val"][0], rows["train"][1], rows["val"][1]] + rows["train"][2:]
+    for row, (turns, system, source) in zip(got, want):
+        assert [(t["role"], t["content"]) for t in row["conversations"]] == turns
+        assert row.get("system") == system and row["source"] == source
+    side = json.load(open(out / "val.json"))
+    assert side["format"] == dp.SFT_FORMAT and side["conversations"] == 2 and side["turns"] == 6
+    assert json.load(open(out / "train.json"))["conversations"] == 7
+    assert sorted(os.listdir(out)) == ["train.json", "train.jsonl", "val.json", "val.jsonl"]
+
+
+def test_sft_interrupted_leaves_no_output(tmp_path, monkeypatch):
+    out = tmp_path / "sft"
+
+    def boom(rec, fmt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dp, "record_conversation", boom)
+    with pytest.raises(KeyboardInterrupt):
+        dp.main(["sft", f"--inputs={os.path.join(SFT, 'reward.jsonl')}", f"--out_dir={out}"])
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- pretrain end to end (real tokenizer)
+
+def run_pretrain(out, *extra, files=PRE_FILES):
+    argv = ["pretrain", "--inputs=" + ",".join(os.path.join(PRE, f) for f in files), f"--out_dir={out}",
+            "--progress=false", "--val_fraction=0", "--val_min_tokens=1"] + list(extra)
+    return dp.main(argv)[0]
+
+
+def test_pretrain_end_to_end_exact(tmp_path, tokenizer_path):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=tokenizer_path)
+    out = tmp_path / "pre"
+    s = run_pretrain(out, "--num_workers=2", "--chunk_chars=40")  # many tiny tasks over 2 workers, order must hold
+    assert s["counts"] == {"read": 12, "too_short": 1, "duplicate": 1, "bad_malformed": 1, "bad_missing_field": 2}
+    docs, sides = read_docs(out)
+    # val_min_tokens=1: the 2nd kept document is the only val document
+    assert docs["val"] == [sp.encode(EXPECTED_DOCS[1])]
+    assert docs["train"] == [sp.encode(d) for d in EXPECTED_DOCS[:1] + EXPECTED_DOCS[2:]]
+    assert [sp.decode(d) for d in docs["train"]] == EXPECTED_DOCS[:1] + EXPECTED_DOCS[2:]  # decode round trip
+    side = sides["train_00000.bin"]
+    with open(tokenizer_path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    assert {k: side[k] for k in ("format", "split", "dtype", "vocab_size", "eos_id", "tokenizer_sha256", "documents")} == \
+        {"format": "baby-llama2-chinese/tokens-v1", "split": "train", "dtype": "uint16", "vocab_size": 64793, "eos_id": 2,
+         "tokenizer_sha256": sha, "documents": 9}
+    assert side["tokens"] == os.path.getsize(out / "train_00000.bin") // 2 == sum(len(d) + 1 for d in docs["train"])
+    assert side["sources"] == sorted(PRE_FILES) and side["filters"]["dedup"] is True and side["filters"]["min_chars"] == 10
+    assert sides["val_00000.bin"]["sources"] == ["wiki_array.json"]
+    assert sorted(os.listdir(out)) == ["train_00000.bin", "train_00000.json", "val_00000.bin", "val_00000.json"]
+
+
+def test_pretrain_shards_no_dedup_and_deterministic(tmp_path, tokenizer_path):
+    a = run_pretrain(tmp_path / "a", "--shard_tokens=30", "--dedup=false", "--min_chars=0", "--chunk_chars=1")
+    assert a["counts"]["read"] == 12 and "duplicate" not in a["counts"] and "too_short" not in a["counts"]
+    names = sorted(os.listdir(tmp_path / "a"))
+    bins = [n for n in names if n.startswith("train") and n.endswith(".bin")]
+    assert len(bins) > 2 and all(n[:-4] + ".json" in names for n in bins)
+    docs, sides = read_docs(tmp_path / "a")
+    assert sum(sides[b]["documents"] for b in bins) == len(docs["train"]) == 11
+    # default val split (fraction 0.005 + val_min_tokens 4096) is non-empty even for 12 documents
+    s = dp.main(["pretrain", "--inputs=" + ",".join(os.path.join(PRE, f) for f in PRE_FILES), f"--out_dir={tmp_path / 'b'}",
+                 "--progress=false", "--num_workers=2"])[0]
+    assert s["documents"]["val"] >= 1 and s["documents"]["train"] >= 1
+    # same output bytes with 1 and 2 workers (decisions are made in input order in the main process)
+    run_pretrain(tmp_path / "c", "--num_workers=1")
+    run_pretrain(tmp_path / "d", "--num_workers=2", "--chunk_chars=30")
+    for name in ("train_00000.bin", "val_00000.bin"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+
+
+def test_pretrain_minhash_option(tmp_path, tokenizer_path):
+    doc = "传染病是指由病原微生物感染人体后产生的有传染性、在一定条件下可造成流行的疾病。" * 3
+    p = tmp_path / "near.jsonl"
+    p.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                         for t in (doc, doc.replace("流行", "流形", 1), "混沌未分天地乱，茫茫渺渺无人见。")), encoding="utf-8")
+    s = dp.main(["pretrain", f"--inputs={p}", f"--out_dir={tmp_path / 'o'}", "--progress=false", "--num_workers=1",
+                 "--minhash"])[0]
+    assert s["counts"].get("near_duplicate") == 1 and s["documents"]["train"] + s["documents"]["val"] == 2
+    s = dp.main(["pretrain", f"--inputs={p}", f"--out_dir={tmp_path / 'o'}", "--progress=false", "--num_workers=1"])[0]
+    assert "near_duplicate" not in s["counts"] and s["documents"]["train"] + s["documents"]["val"] == 3
+
+
+def test_pretrain_interrupted_leaves_no_bin(tmp_path, tokenizer_path, monkeypatch):
+    out = tmp_path / "pre"
+    run_pretrain(out)  # a complete earlier run
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    calls = []
+    real = dp._place_chunk
+
+    def fail_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dp, "_place_chunk", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(out, "--chunk_chars=1", "--dedup=false", "--min_chars=0")
+    assert len(calls) == 2
+    # no temp files left, and the earlier complete output is untouched (no half-written .bin took its place)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    fresh = tmp_path / "fresh"
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(fresh, "--chunk_chars=1")
+    assert os.listdir(fresh) == []
+
+
+class FakeTokenizer:
+    """Stands in for ChatGLMTokenizer: the ids of a text are its characters' code points minus 19900."""
+
+    def encode(self, text):
+        return [ord(c) - 19900 for c in text]
+
+    def encode_batch(self, texts, num_threads=-1):
+        return [self.encode(t) for t in texts]
+
+
+def test_worker_output_layout_and_overflow_guard(monkeypatch):
+    monkeypatch.setattr(dp, "_WORKER", {"tok": FakeTokenizer(), "vocab_size": 64793, "seed": 0, "minhash": None})
+    hashes, lengths, ids, sigs = dp.encode_chunk(["一丁", "七"])  # U+4E00 U+4E01, U+4E03
+    assert lengths.tolist() == [3, 2] and ids.dtype == np.uint16 and sigs is None
+    assert ids.tolist() == [68, 69, 2, 71, 2]
+    assert hashes.tolist() == [dp.text_hash("一丁"), dp.text_hash("七")]
+    with pytest.raises(dp.DataError, match="token id 64900 is outside the vocabulary"):
+        dp.encode_chunk(["一\U00014b40"])  # 84800 - 19900 = 64900: fits uint16 but not the vocabulary
+    with pytest.raises(dp.DataError, match="does not fit uint16"):
+        dp.encode_chunk(["\U00016f00"])  # 93952 - 19900 = 74052 > 65535
+
+
+def test_uint16_guard_in_worker(tokenizer_path):
+    dp._worker_init(tokenizer_path, 1000, 0, 0)  # pretend the vocab were 1000: ids of Chinese text exceed it
+    try:
+        with pytest.raises(dp.DataError, match="outside the vocabulary"):
+            dp.encode_chunk(["长江是中国第一长河"])
+    finally:
+        dp._WORKER.clear()
+    dp._worker_init(tokenizer_path, 64793, 0, 0)
+    try:
+        hashes, lengths, ids, sigs = dp.encode_chunk([WIKI_A, WIKI_B])
+    finally:
+        dp._WORKER.clear()
+    assert lengths.tolist() == [len(ids) - lengths[1], lengths[1]] and ids.dtype == np.uint16
+    assert ids[lengths[0] - 1] == 2 and ids[-1] == 2 and (ids == 2).sum() == 2 and sigs is None
+    assert hashes.tolist() == [dp.text_hash(WIKI_A), dp.text_hash(WIKI_B)]
+
+
+def test_default_run_on_sample_dir(tmp_path, tokenizer_path, monkeypatch):
+    """`python data_process.py` with no flags: data/sample/{pretrain,sft}/* -> data/{pretrain,sft} (cwd-relative)."""
+    for mode, names in (("pretrain", ["wiki_array.json", "plain.txt"]), ("sft", ["alpaca.json", "seed.csv"])):
+        d = tmp_path / "data" / "sample" / mode
+        d.mkdir(parents=True)
+        for n in names:
+            shutil.copy(os.path.join(FIX, mode, n), d / n)
+        (d / "README.md").write_text("not data")
+    monkeypatch.chdir(tmp_path)
+    pre, sft = dp.main(["--num_workers=1", "--progress=false"])
+    assert pre["documents"] == {"train": 2, "val": 2} and sft["conversations"] == {"train": 2, "val": 2}
+    assert os.path.isfile("data/pretrain/train_00000.bin") and os.path.isfile("data/sft/val.jsonl")

@@ -1,0 +1,373 @@
+"""bleu.py, eval.py and chat.py: BLEU by hand, perplexity = exp(pretrain val loss), bad input, reports, chat history."""
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bleu
+import eval as ev
+from chat import ChatConfig, chat_loop, fit_history, stream_text
+from conftest import ROOT, write_shard
+from dataset import PretrainData
+from dataset_sft import render_prompt
+from model import ModelArgs, Transformer
+
+torch.set_num_threads(1)
+V = 96  # tiny vocabulary of the fake tokenizer and tiny models
+
+
+class FakeTokenizer:
+    """Characters <-> ids 3..V-1 (ids given out in order of first sight); pad 0, bos 1, eos 2."""
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = V
+    sha256 = "f" * 64
+    path = "fake.model"
+
+    def __init__(self):
+        self.char_to_id, self.id_to_char = {}, {}
+
+    def encode(self, text, bos=False, eos=False):
+        ids = []
+        for c in text:
+            if c not in self.char_to_id:
+                i = 3 + len(self.char_to_id) % (V - 3)
+                self.char_to_id[c], self.id_to_char[i] = i, c
+            ids.append(self.char_to_id[c])
+        return ([1] if bos else []) + ids + ([2] if eos else [])
+
+    def encode_batch(self, texts, num_threads=-1):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return "".join(self.id_to_char.get(int(i), "?") for i in ids if int(i) > 2)
+
+
+def tiny_model(max_seq_len=16, seed=0, vocab_size=V):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=max_seq_len)).eval()
+
+
+def tiny_ckpt(model, kind="sft", sha="f" * 64):
+    return {"model": model.state_dict(), "model_args": vars(model.args).copy(), "config": {}, "kind": kind, "step": 7,
+            "val_loss": 1.0, "best_val_loss": 1.0, "tokenizer_sha256": sha}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+# ---- BLEU ------------------------------------------------------------------------------------------
+
+def test_identical_text_scores_100_and_disjoint_near_0():
+    ref = "高血压患者应该低盐饮食，坚持服药，定期复查血压。"
+    assert bleu.mean_sentence_bleu4([ref], [ref]) == pytest.approx(100.0)
+    assert bleu.corpus_sacrebleu([ref], [ref])[0] == pytest.approx(100.0)
+    other = "今天天气晴朗我们去公园散步吧"
+    assert bleu.mean_sentence_bleu4([ref], [other]) < 1.0
+    assert bleu.corpus_sacrebleu([ref], [other])[0] == pytest.approx(0.0)
+    assert bleu.sentence_bleu4(ref, "") == 0.0
+
+
+def test_partial_match_equals_hand_computed_ngram_precisions():
+    ref, hyp = "a b c d e f".split(), "a b c x e f".split()
+    # unigrams 5/6, bigrams ab bc ef = 3/5, trigrams abc = 1/4, 4-grams 0/3 -> method1: 0.1/3; equal lengths, BP = 1
+    expected = math.exp(0.25 * (math.log(5 / 6) + math.log(3 / 5) + math.log(1 / 4) + math.log(0.1 / 3)))
+    assert bleu.sentence_bleu4_words(ref, hyp) == pytest.approx(expected, rel=1e-9)
+    one = "a v w x y z".split()  # unigrams 1/6; no longer match -> epsilon 0.1 over 5, 4, 3 n-grams
+    expected = math.exp(0.25 * (math.log(1 / 6) + sum(math.log(0.1 / n) for n in (5, 4, 3))))
+    assert bleu.sentence_bleu4_words(ref, one) == pytest.approx(expected, rel=1e-9)
+    assert bleu.sentence_bleu4_words(ref, "u v w x y z".split()) == 0.0  # nltk: no unigram match -> 0
+
+
+def test_reference_and_hypothesis_are_not_swapped():
+    long, short = "a b c d e f g h".split(), "a b c d".split()
+    # short hypothesis of a long reference: every precision 1, brevity penalty exp(1 - 8/4)
+    assert bleu.sentence_bleu4_words(long, short) == pytest.approx(math.exp(-1.0), rel=1e-9)
+    # the seed's order (long as the hypothesis): precisions 4/8, 3/7, 2/6, 1/5, no brevity penalty
+    assert bleu.sentence_bleu4_words(short, long) == pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25, rel=1e-9)
+
+
+def test_words_are_lowercased_jieba_words_without_spaces():
+    assert bleu.words("我爱北京天安门") == ["我", "爱", "北京", "天安门"]
+    assert bleu.words("Hello World 你好") == ["hello", "world", "你好"]
+    # whole-word matching: same characters in other words do not count as a 4-gram match
+    assert bleu.sentence_bleu4("我爱北京天安门", "我爱北京天安门") == pytest.approx(1.0)
+
+
+# ---- perplexity ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def val_dir(tmp_path):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "pre"
+    d.mkdir()
+    write_shard(str(d / "val_00000.bin"), rng.integers(3, V, 100), "val", V)  # (100-1)//16 = 6 windows
+    write_shard(str(d / "val_00001.bin"), rng.integers(3, V, 37), "val", V)  # 2 windows
+    write_shard(str(d / "val_00002.bin"), rng.integers(3, V, 10), "val", V)  # too short: none
+    write_shard(str(d / "train_00000.bin"), rng.integers(3, V, 50), "train", V)  # never read
+    return str(d)
+
+
+def manual_loss(model, data_dir, seq_len, max_windows=None):
+    """Mean CE by hand: windows of seq_len+1 tokens at multiples of seq_len per val shard, log_softmax and gather."""
+    nll, count, windows = 0.0, 0, 0
+    for name in sorted(os.listdir(data_dir)):
+        if not (name.startswith("val_") and name.endswith(".bin")):
+            continue
+        ids = np.fromfile(os.path.join(data_dir, name), dtype=np.uint16).astype(np.int64)
+        for start in range(0, len(ids) - seq_len, seq_len):
+            if max_windows is not None and windows == max_windows:
+                break
+            w = torch.from_numpy(ids[start:start + seq_len + 1])[None]
+            with torch.no_grad():
+                logits, _ = model(w[:, :-1], w[:, 1:])
+            logp = torch.log_softmax(logits.double(), -1)[0]
+            nll -= logp[torch.arange(seq_len), w[0, 1:]].sum().item()
+            count, windows = count + seq_len, windows + 1
+    return nll / count, windows
+
+
+def test_perplexity_is_exp_of_mean_loss_computed_by_hand(val_dir):
+    model = tiny_model()
+    want, n = manual_loss(model, val_dir, 16)
+    assert n == 8
+    got = ev.perplexity(model, val_dir, 16, 3, 0, "cpu")
+    assert got["windows"] == 8 and got["tokens"] == 8 * 16
+    assert got["loss"] == pytest.approx(want, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+    capped = ev.perplexity(model, val_dir, 16, 4, 5, "cpu")
+    want5, _ = manual_loss(model, val_dir, 16, max_windows=5)
+    assert capped["windows"] == 5 and capped["loss"] == pytest.approx(want5, rel=1e-5)
+    assert capped["loss"] != pytest.approx(want, rel=1e-5)
+
+
+def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
+    from trainer import Runtime, evaluate
+
+    model = tiny_model()
+    rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
+    val_loss = evaluate(model, PretrainData(val_dir, "val", 16, 5).eval_batches(6), rt)
+    assert ev.perplexity(model, val_dir, 16, 2, 6, "cpu")["ppl"] == pytest.approx(math.exp(val_loss), rel=1e-6)
+
+
+def test_perplexity_rejects_shards_of_another_vocabulary(val_dir):
+    with pytest.raises(ev.EvalError, match="vocab_size 96, the model has 64793"):
+        ev.perplexity(tiny_model(), val_dir, 16, 2, 0, "cpu", vocab_size=64793)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
+    ok = {"question": "头疼怎么办", "answer": "多休息"}
+    with pytest.raises(ev.EvalError, match=r"empty\.jsonl: empty"):
+        ev.load_qa(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(ev.EvalError, match=r"bad\.jsonl:2: not JSON"):
+        ev.load_qa(write_jsonl(tmp_path / "bad.jsonl", [ok, '{"question": "x", ']))
+    with pytest.raises(ev.EvalError, match=r'noq\.jsonl:3: missing field "question"'):
+        ev.load_qa(write_jsonl(tmp_path / "noq.jsonl", [ok, ok, {"answer": "a"}]))
+    with pytest.raises(ev.EvalError, match=r'noa\.jsonl:2: missing field "answer"'):
+        ev.load_qa(write_jsonl(tmp_path / "noa.jsonl", [ok, {"question": "q"}]))
+    with pytest.raises(ev.EvalError, match=r'noa2\.jsonl:1: missing field "answer"'):
+        ev.load_qa(write_jsonl(tmp_path / "noa2.jsonl", [{"question": "q"}, ok]))
+    with pytest.raises(ev.EvalError, match=r"list\.jsonl:1: expected a JSON object"):
+        ev.load_qa(write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"]))
+    rows = ev.load_qa(write_jsonl(tmp_path / "good.jsonl", [ok, "", dict(ok, department="内科")]))
+    assert [r["answer"] for r in rows] == ["多休息", "多休息"] and rows[1]["department"] == "内科"
+    assert ev.load_qa(write_jsonl(tmp_path / "q.jsonl", [{"question": "q"}])) == [{"question": "q"}]
+
+
+def test_checkpoint_of_another_vocabulary_is_rejected():
+    tok = FakeTokenizer()
+    ckpt = tiny_ckpt(tiny_model())
+    ev.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
+    with pytest.raises(ev.EvalError, match="model vocab_size 64793, but the tokenizer has 96"):
+        ev.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64793)), tok, "x.pt")
+    with pytest.raises(ev.EvalError, match="another vocabulary"):
+        ev.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
+
+
+def run_script(script, args, stdin=None, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, "not json"])
+    r = run_script("eval.py", [f"--data={path}", "--ckpt=/nonexistent"])
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and f"{path}:2: not JSON" in r.stderr
+
+
+def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path):
+    torch.save(tiny_ckpt(tiny_model()), tmp_path / "best.pt")  # vocab 96, not the tokenizer's 64793
+    r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "another vocabulary" in r.stderr
+
+
+# ---- generation and reports ------------------------------------------------------------------------
+
+class ReversingModel:
+    """generate() answers each prompt with the prompt reversed, and records batch sizes."""
+
+    def __init__(self):
+        self.batches = []
+
+    def generate(self, prompts, **kw):
+        self.batches.append([len(p) for p in prompts])
+        return [list(reversed(p)) for p in prompts]
+
+
+def test_generate_all_batches_by_length_and_restores_order():
+    prompts = [[5] * n + [n] for n in (7, 2, 9, 1, 4)]
+    model = ReversingModel()
+    outs, seconds = ev.generate_all(model, prompts, 2, {}, torch.device("cpu"), torch.float32, progress=False)
+    assert outs == [list(reversed(p)) for p in prompts] and seconds >= 0
+    assert model.batches == [[2, 3], [5, 8], [10]]  # sorted by length, cut into batches of 2
+
+
+def test_measure_generation_counts_every_new_token():
+    r = ev.measure_generation(tiny_model(max_seq_len=32), 3, 4, 10, True, "cpu", warmup=False)
+    assert r["tokens"] == 30 and r["tokens_per_s"] > 0
+    r = ev.measure_generation(tiny_model(max_seq_len=32), 2, 4, 5, False, "cpu")
+    assert r["tokens"] == 10 and not r["use_cache"]
+
+
+def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsys):
+    tok = FakeTokenizer()
+    model = tiny_model(max_seq_len=32)
+    ckpt_path = str(tmp_path / "run" / "best.pt")
+    rows = [{"question": f"问题{i}是什么", "answer": f"答案{i}很长", "department": "内科"} for i in range(5)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    cfg = ev.EvalConfig(ckpt=ckpt_path, data=data, val_bin=val_dir, max_new_tokens=6, batch_size=2, limit=4)
+    os.makedirs(os.path.dirname(ckpt_path))
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, ckpt_path, torch.device("cpu"), torch.float32, progress=False)
+    with open(tmp_path / "run" / "eval_report.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(report, ensure_ascii=False))
+    for key in ("checkpoint", "step", "kind", "data", "samples", "scores", "protocol", "timing", "results", "config"):
+        assert key in saved, key
+    assert saved["samples"] == 4 and saved["step"] == 7 and len(saved["results"]) == 4
+    assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss"}
+    assert {"prompt", "decoding", "bleu4", "sacrebleu", "perplexity"} <= set(saved["protocol"])
+    assert "greedy" in saved["protocol"]["decoding"] and "tok:zh" in saved["protocol"]["sacrebleu"]
+    assert [r["question"] for r in saved["results"]] == [r["question"] for r in rows[:4]]
+    assert saved["results"][2]["reference"] == "答案2很长" and saved["results"][2]["department"] == "内科"
+    # the answers are what the model generates for the SFT prompt of each question, greedily
+    prompt = render_prompt(tok, [], rows[1]["question"], max_len=32 - 6)
+    assert saved["results"][1]["answer"] == tok.decode(model.generate([prompt], 6)[0]).strip()
+    assert saved["scores"]["ppl"] == pytest.approx(math.exp(manual_loss(model, val_dir, 32)[0]), rel=1e-5)
+    assert 0 <= saved["scores"]["bleu4"] <= 100 and saved["timing"]["new_tokens"] > 0
+    with open(tmp_path / "run" / "eval_report.md", encoding="utf-8") as f:
+        md = f.read()
+    assert all(r["question"] in md and r["answer"] in md for r in rows[:4]) and "## Protocol" in md
+    assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"BLEU-4 \(nltk, jieba, method1\): \d+\.\d\d \| sacreBLEU \(zh\): \d+\.\d\d \| ppl: \d+\.\d", out[-1])
+    assert any(line.startswith("[question] 问题0是什么") for line in out[-6:])
+
+
+def test_evaluate_without_references_only_generates(tmp_path, capsys):
+    tok = FakeTokenizer()
+    model = tiny_model(max_seq_len=32)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "床前明月光"}, {"question": "你好"}])
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none", max_new_tokens=4)
+    out = ev.evaluate(cfg, model, tiny_ckpt(model, kind="pretrain"), tok, str(tmp_path / "best.pt"),
+                      torch.device("cpu"), torch.float32, progress=False)
+    assert out is None and not os.path.exists(tmp_path / "eval_report.json")
+    printed = capsys.readouterr().out
+    assert "[prompt] 床前明月光" in printed and "[prompt] 你好" in printed and "ppl: n/a" in printed
+
+
+# ---- chat ------------------------------------------------------------------------------------------
+
+def conversation(n_turns):
+    h = []
+    for i in range(n_turns):
+        h += [{"role": "user", "content": f"问{i}" * 3}, {"role": "assistant", "content": f"答{i}" * 4}]
+    return h
+
+
+def test_fit_history_keeps_the_latest_turns_within_max_len():
+    tok = FakeTokenizer()
+    history = conversation(5)  # each turn: 6 + 1 + 8 + 1 = 16 tokens; the question "新问题" + <bos> = 4
+    kept, ids = fit_history(tok, history, "新问题", None, 4 + 2 * 16 + 15)
+    assert kept == history[-4:]  # the two latest turns fit, the third does not
+    assert ids == render_prompt(tok, kept, "新问题") and ids[-1] == tok.bos_id and len(ids) <= 51
+    kept, ids = fit_history(tok, history, "新问题", None, 1000)
+    assert kept == history
+    kept, ids = fit_history(tok, history, "新问题" * 10, None, 12)  # the question alone is too long
+    assert kept == [] and len(ids) == 12 and ids[-1] == tok.bos_id
+    kept, ids = fit_history(tok, history, "新问题", "你是医生", 4 + 5 + 16)  # system text stays
+    assert kept == history[-2:] and ids[:5] == tok.encode("你是医生\n")
+
+
+class ScriptedModel:
+    """stream() yields the ids of a fixed answer and records every prompt it got."""
+
+    def __init__(self, tok, answer):
+        self.prompts, self.answer_ids = [], tok.encode(answer)
+
+    def stream(self, prompt, **kw):
+        self.prompts.append(list(prompt))
+        yield from self.answer_ids
+
+
+def test_chat_loop_keeps_history_resets_and_quits():
+    tok = FakeTokenizer()
+    model = ScriptedModel(tok, "多喝水")
+    out = io.StringIO()
+    cfg = ChatConfig(max_new_tokens=8)
+    lines = ["头疼", "", "还有呢", "/reset", "谢谢", "/quit", "never read"]
+    history = chat_loop(model, tok, "sft", cfg, iter(lines), 64, torch.device("cpu"), torch.float32, out)
+    assert len(model.prompts) == 3 and out.getvalue().count("多喝水") == 3 and "(history cleared)" in out.getvalue()
+    first_turn = [{"role": "user", "content": "头疼"}, {"role": "assistant", "content": "多喝水"}]
+    assert model.prompts[1] == render_prompt(tok, first_turn, "还有呢")
+    assert model.prompts[2] == render_prompt(tok, [], "谢谢")
+    assert history == [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "多喝水"}]
+
+
+def test_stream_text_writes_only_complete_text():
+    class Tok:
+        def decode(self, ids):  # a two-token character: half of it decodes to U+FFFD
+            return "".join({5: "好", 6: "\ufffd", 7: "的"}[i] for i in ids).replace("\ufffd的", "啊")
+
+    out = io.StringIO()
+    assert stream_text(iter([5, 6, 7]), Tok(), out) == "好啊"
+    assert out.getvalue() == "好啊\n" and "\ufffd" not in out.getvalue()
+
+
+def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
+    from chatglm_tokenizer import tokenizer_sha256
+
+    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
+    r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}"],
+                   stdin="你好\n感冒了怎么办？\n/quit\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "你> 你好" in r.stdout and "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
+
+
+def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
+    from chatglm_tokenizer import tokenizer_sha256
+
+    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
+    r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
+                               "--val_bin=none", f"--tokenizer={tokenizer_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("BLEU-4 (nltk, jieba, method1): ")
+    with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
+        assert json.load(f)["samples"] == 3
