@@ -25,7 +25,6 @@ Writes eval_report.json and eval_report.md into the checkpoint's folder and prin
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -41,6 +40,7 @@ from tqdm import tqdm
 import bleu
 from chatglm_tokenizer import load_tokenizer
 from configurator import check, config_dict, config_or_exit
+from trainer import autocast_context as autocast, resolve_device, resolve_dtype  # one rule for every script
 
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", "data/sample/eval/medical_qa.jsonl")
 DEFAULT_VAL = "data/pretrain"
@@ -91,12 +91,6 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- devices
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(device)
-
-
 def setup_cuda_for_decoding(device: torch.device) -> None:
     """Process-wide CUDA settings for the eval and chat scripts (not for library callers)."""
     if device.type != "cuda":
@@ -104,22 +98,6 @@ def setup_cuda_for_decoding(device: torch.device) -> None:
     # (the attention kernels are chosen by model.decode_attention_backends around each decode call)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Same rule as the trainer, so perplexity here matches its validation loss."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return getattr(torch, dtype)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:

@@ -6,6 +6,7 @@ Library module, no command line. Typical use:
   logits, loss = model(x, y)                              # x, y: (B, T) int64, y == -1 is ignored
   model, ckpt = load_model("out/pretrain", device="cuda")   # best.pt, else last.pt
   model.generate([[5, 6, 7], [8, 9]], max_new_tokens=32, temperature=0.7, top_p=0.9)
+  model.generate(prompts, 256, temperature=1.0, compile=True)   # GPU: each decode step replays one CUDA graph
 Quick check on CPU:  python -c "import model; m = model.Transformer(model.ModelArgs()); print(m.num_params())"
 """
 from __future__ import annotations
@@ -468,7 +469,7 @@ class Transformer(nn.Module):
             opts["mode"] = "reduce-overhead"
         opts.update(compile_kwargs)
         self._compiled_step = torch.compile(self._decode_step, **opts)
-        self._static_cache = None  # buffers marked static for the previous compiled function
+        self._static_caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see _decode_static
 
     def _decode_step(self, tok, cur, pad, cache: KVCache, seen, noise, temperature, top_k, top_p,
                      repetition_penalty) -> torch.Tensor:
@@ -524,13 +525,15 @@ class Transformer(nn.Module):
             if getattr(self, "_compiled_step", None) is None:
                 self.compile_decode()
             step_fn = self._compiled_step
-            # reused across calls: CUDA graphs bake in the addresses of static inputs, new buffers would re-record
-            cache = getattr(self, "_static_cache", None)
+            # reused across calls: the graph is specialised to the addresses of static inputs (new buffers =
+            # recompile and re-record), one per shape so eval's last, smaller batch does not evict the others
+            cache = self._static_caches.get(shape)
             if cache is None or not cache.fits(*shape):
-                cache = self._static_cache = None  # free the old buffers first
+                if len(self._static_caches) >= 4:  # bound the memory: drop the oldest shape
+                    self._static_caches.pop(next(iter(self._static_caches)))
                 cache = KVCache(a.n_layers, a.max_seq_len)
                 cache.allocate(B, *shape[1:], static=True)
-                self._static_cache = cache
+                self._static_caches[shape] = cache
         else:
             cache = KVCache(a.n_layers, a.max_seq_len)
             cache.allocate(B, *shape[1:], static=False)

@@ -31,6 +31,7 @@ class SFTConfig(TrainConfig):
     data_dir: str = "data/sft"  # data_process.py sft output: train.jsonl and val.jsonl
     batch_mode: str = "dynamic"  # dynamic (pad to the batch's longest, length-grouped) | packed | fixed (seed)
     max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
+    pad_multiple: int = 64  # dynamic batches pad to a multiple of this: few distinct shapes for torch.compile
     max_steps: int = 1000  # optimizer steps
     learning_rate: float = 1e-4  # peak LR (lower than pretraining: the model already knows the language)
     min_lr: float = 1e-5
@@ -44,6 +45,7 @@ class SFTConfig(TrainConfig):
         super().validate()
         check(self.batch_mode in MODES, f"batch_mode must be one of {'|'.join(MODES)}, got {self.batch_mode!r}")
         check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
+        check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
 
 
 def main(argv=None) -> dict:
@@ -70,7 +72,8 @@ def main(argv=None) -> dict:
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
                 return SFTData(path, tok, margs.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
-                               world_size=rt.world_size, mode=cfg.batch_mode, grad_accum_steps=accum)
+                               world_size=rt.world_size, mode=cfg.batch_mode, grad_accum_steps=accum,
+                               pad_multiple=cfg.pad_multiple)
             return split("train", grad_accum), split("val", 1)
 
         return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256, init_state=init["model"])

@@ -46,6 +46,7 @@ class TrainConfig:
     batch_tokens: int = 0  # tokens per optimizer step over all processes; 0 = batch_size * seq_len * world
     # optimizer and schedule (per optimizer step)
     max_steps: int = 2000  # optimizer steps in the whole run
+    max_minutes: float = 0.0  # also stop (validate, checkpoint) after this much training time; 0 = no limit
     learning_rate: float = 3e-4  # peak LR
     min_lr: float = 3e-5  # LR at the end of the decay
     warmup_steps: int = 100  # linear warmup from 0
@@ -55,7 +56,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global grad norm; 0 = off
-    ce_chunk: int = 0  # > 0: fused output layer + loss in chunks of this many rows, never holding the full logits
+    ce_chunk: int = 4096  # > 0: fused output layer + loss in chunks of this many rows (never the full logits); 0 = plain
     # validation, logging, checkpoints
     eval_interval: int = 200  # steps between validation passes (also at the end)
     eval_windows: int = 200  # validation windows (rows) per pass; 0 = the whole split
@@ -76,6 +77,7 @@ class TrainConfig:
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
         check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
+        check(self.max_minutes >= 0, "max_minutes must be >= 0")
 
 
 @dataclass
@@ -92,29 +94,40 @@ class Runtime:
         return self.rank == 0
 
 
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda > mps > cpu. A bare 'cuda' gets this process's index (cuda:LOCAL_RANK): one process per
+    GPU under torchrun, and torch.cuda.set_device refuses a device without an index."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"  # CUDA_VISIBLE_DEVICES stays the user's business
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 where supported, else float16 on CUDA; float32 on CPU and MPS."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return getattr(torch, dtype)
+
+
 def setup_runtime(device: str, dtype: str) -> Runtime:
     """Starts DDP when launched by torchrun (NCCL on CUDA, gloo elsewhere); picks device and precision."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and ddp:
-        device = f"cuda:{local_rank}"  # one process per GPU; CUDA_VISIBLE_DEVICES is the user's business
-    dev = torch.device(device)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return Runtime(dev, rank, local_rank, world, getattr(torch, dtype))
+    return Runtime(dev, rank, local_rank, world, resolve_dtype(dtype, dev))
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
@@ -250,27 +263,32 @@ def plot_losses(out_dir: str) -> Optional[str]:
 
 
 class DeviceBatches:
-    """The run's micro-batches in order, already on the device, read one ahead: the next batch is gathered
-    and copied (pinned, non-blocking on CUDA) while the GPU still works on the current one."""
+    """The run's micro-batches in order, on the device. `prefetch()` reads and copies the next one (pinned,
+    non-blocking on CUDA); train_step calls it once the GPU has work queued, so the CPU-side gathering
+    overlaps the GPU instead of delaying the next step's first kernel."""
 
     def __init__(self, src, start_step: int, accum: int, device: torch.device):
         self.src, self.accum, self.device = src, accum, device
         self.pos, self.tokens = (start_step, 0), 0  # tokens: real tokens handed out so far
-        self.ahead = self._load(*self.pos)
+        self.ahead = None
+        self.prefetch()
 
-    def _load(self, step: int, micro: int):
-        tensors = self.src.batch(step, micro)
+    def prefetch(self) -> None:
+        if self.ahead is not None:
+            return
+        tensors = self.src.batch(*self.pos)
         self.ahead_tokens = int((tensors[0] != 0).sum())  # real tokens: SFT rows are padded with id 0
         if self.device.type == "cuda":
-            return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
-        return [t.to(self.device) for t in tensors]
+            self.ahead = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        else:
+            self.ahead = [t.to(self.device) for t in tensors]
 
     def __next__(self):
-        current = self.ahead
+        self.prefetch()
+        current, self.ahead = self.ahead, None
         self.tokens += self.ahead_tokens
         step, micro = self.pos
         self.pos = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
-        self.ahead = self._load(*self.pos)
         return current
 
 
@@ -291,6 +309,7 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
             loss = loss / accum
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        batches.prefetch()  # the GPU is busy with this micro-step: gather the next batch meanwhile
     if rt.world_size > 1:  # the logged loss is the global batch's, as on one process
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     grad_norm = torch.zeros(())
@@ -358,6 +377,10 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
     raw_model = model
     if cfg.compile and rt.device.type == "cuda":
+        # SFT rows come in up to max_seq_len / pad_multiple widths, each a graph in train and in eval mode
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, limit, max(getattr(dyn, limit), 64))
         model = torch.compile(model)
     if rt.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
@@ -418,7 +441,9 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         losses.append(loss_val)
         timed += 1
         log.metric(step=done, loss=loss_val, lr=lr)
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+        out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
+        last = done == cfg.max_steps or out_of_time
+        if done % cfg.log_interval == 0 or last:
             now = time.time()
             dt = (now - t_last) / max(1, timed)
             tok_s = (batches.tokens - tok_mark) * rt.world_size / (now - t_last)  # real tokens (SFT: no padding)
@@ -429,11 +454,14 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
                       f"grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
                       f"eta {eta / 60:.1f} min")
             losses = []
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+        if done % cfg.eval_interval == 0 or last:
             val_loss = validate(done)
             t_last, timed, tok_mark = time.time(), 0, batches.tokens  # keep validation out of tokens/s
         elif done % cfg.ckpt_interval == 0:
             checkpoint(done, val_loss, False)
+        if out_of_time:
+            log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
+            break
     if rt.master:
         png = plot_losses(cfg.out_dir)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"

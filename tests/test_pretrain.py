@@ -219,3 +219,13 @@ def test_non_finite_losses_skip_then_stop_with_checkpoint_intact(tiny_corpus, tm
     assert 3 not in train and sorted(train) == [1, 2, 4, 5, 6]
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bare_cuda_gets_this_process_index(monkeypatch):
+    """`--device=cuda` (and auto on a GPU) must name an index: torch.cuda.set_device rejects a bare 'cuda'."""
+    from trainer import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("cuda:3", local_rank=1) == torch.device("cuda:3")
+    assert resolve_device("cpu") == torch.device("cpu")
