@@ -28,7 +28,7 @@ from eval import (EvalError, autocast, check_checkpoint, checkpoint_file, resolv
 class ChatConfig:
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
-    max_new_tokens: int = 256  # longest answer; the history gets the rest of the context window
+    max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest
     temperature: float = 0.7  # 0 = greedy
     top_k: int = 0  # sample from the k most likely tokens only; 0 = off
     top_p: float = 0.9  # nucleus sampling mass; 1.0 = off
@@ -94,6 +94,11 @@ def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
 
 def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
     """Questions from the terminal (with a prompt) or from piped stdin, one per line; ends at EOF/Ctrl-D."""
+    if interactive:
+        try:  # line editing for input(): without it arrow keys land in the question as "^[[D" and backspace
+            import readline  # noqa: F401  over a wide (CJK) character leaves half of it on screen
+        except ImportError:  # Windows has no readline; input() still works
+            pass
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()
@@ -160,8 +165,11 @@ def main() -> None:
             raise EvalError(str(e)) from None
         check_checkpoint(ckpt, tokenizer, ckpt_path)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
-        if cfg.max_new_tokens >= max_seq_len:
-            raise EvalError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len {max_seq_len}")
+        if cfg.max_new_tokens >= max_seq_len:  # e.g. the default 256 on a small demo model: answers get half the context
+            fitted = max(1, max_seq_len // 2)
+            print(f"note: --max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in this model's "
+                  f"{max_seq_len}-token context; using {fitted}")
+            cfg.max_new_tokens = fitted
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

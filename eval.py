@@ -419,7 +419,9 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     write_atomic(md_path, markdown_report(report))
     print(f"\nwrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
           f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
-    print(f"\n[question] {records[0]['question']}\n[answer] {answers[0]}\n")
+    # the first sample whose answer is not empty: an early <eos> on sample 0 would show nothing
+    shown = next((i for i, a in enumerate(answers) if a.strip()), 0)
+    print(f"\n[question {shown + 1}/{len(records)}] {records[shown]['question']}\n[answer] {answers[shown]}\n")
     print(score_line(bleu4, sacre, ppl))
     return report
 

@@ -275,7 +275,8 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"BLEU-4 \(nltk, jieba, method1\): \d+\.\d\d \| sacreBLEU \(zh\): \d+\.\d\d \| ppl: \d+\.\d", out[-1])
-    assert any(line.startswith("[question] 问题0是什么") for line in out[-6:])
+    shown = next((i for i, r in enumerate(saved["results"]) if r["answer"].strip()), 0)  # first non-empty answer
+    assert any(line == f"[question {shown + 1}/4] {rows[shown]['question']}" for line in out[-6:]), out[-6:]
 
 
 def test_evaluate_without_references_only_generates(tmp_path, capsys):

@@ -1,0 +1,49 @@
+"""End to end on real Chinese text: data_process -> pretrain (tiny, CPU) -> eval perplexity.
+
+Uses two of the shared corpus files (real text, ChatGLM2 tokenizer); skipped where they are absent.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+
+SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
+                ("c4-style-csl-abstracts.jsonl", "medical-encyclopedia-style.jsonl")]
+
+
+def run(args, timeout=400):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+@pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason="needs ../shared/data")
+def test_tiny_cpu_run_on_the_shared_corpus_lowers_val_loss_and_eval_agrees(tmp_path, tokenizer_path):
+    data, out = tmp_path / "tokens", tmp_path / "run"
+    run(["data_process.py", "pretrain", f"--inputs={','.join(SHARED_FILES)}", f"--out_dir={data}", "--progress=false"])
+    meta = json.load(open(data / "train_00000.json"))
+    assert meta["vocab_size"] == 64793 and meta["tokens"] > 400_000
+    run(["pretrain.py", f"--data_dir={data}", f"--out_dir={out}", "--dim=32", "--n_layers=2", "--n_heads=4",
+         "--max_seq_len=64", "--batch_size=8", "--max_steps=60", "--warmup_steps=5", "--learning_rate=3e-3",
+         "--min_lr=3e-4", "--eval_interval=30", "--eval_windows=64", "--device=cpu"])
+    val = {}
+    for line in open(out / "metrics.jsonl"):
+        row = json.loads(line)
+        if "val_loss" in row:
+            val[row["step"]] = row["val_loss"]
+    assert abs(val[0] - math.log(64793)) < 0.1, val[0]
+    assert val[60] < val[0] - 2.0, val
+    # eval.py's perplexity of the same checkpoint on the same 64 validation windows is exp(val loss)
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    stdout = run(["eval.py", f"--ckpt={out}/last.pt", "--data=none", "--max_new_tokens=4", f"--val_bin={data}",
+                  "--ppl_windows=64", "--device=cpu"])
+    ppl = float(re.search(r"ppl: ([0-9.]+)", stdout).group(1))
+    assert ppl == pytest.approx(math.exp(ckpt["val_loss"]), rel=2e-3), (ppl, ckpt["val_loss"])
