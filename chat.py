@@ -5,7 +5,8 @@
     python chat.py --device=cpu --system="你是一名医生。"
     printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
 
-Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way.
+Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way (at the
+prompt it only clears the line).
 History: every prompt is the SFT template of the earlier turns plus the new question (dataset_sft.render_prompt);
 when it would not leave max_new_tokens of room in the model's context, the oldest turns are dropped.
 A pretrain checkpoint has no chat template: it continues each line as text, with no history.
@@ -18,10 +19,8 @@ from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
 from configurator import check, config_or_exit
-from eval import (EvalError, autocast, check_checkpoint, checkpoint_file, resolve_device, resolve_dtype,
-                  setup_cuda_for_decoding)
+from eval import EvalError, autocast, load_for_inference
 
 
 @dataclass
@@ -95,16 +94,23 @@ def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
 def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
     """Questions from the terminal (with a prompt) or from piped stdin, one per line; ends at EOF/Ctrl-D."""
     if interactive:
-        try:  # line editing for input(): without it arrow keys land in the question as "^[[D" and backspace
-            import readline  # noqa: F401  over a wide (CJK) character leaves half of it on screen
+        # line editing for input(): without readline, arrow keys land in the question as "^[[D" and
+        # backspace over a wide (CJK) character erases only half of it on screen
+        try:
+            import readline  # noqa: F401
         except ImportError:  # Windows has no readline; input() still works
             pass
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep the chat (a Ctrl-C meant to stop an
+            print()  # answer often lands just after it ended); /quit or Ctrl-D leaves
+            if not interactive:
+                return
+            continue
         if not interactive:
             if not line:
                 return
@@ -141,6 +147,9 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         out.flush()
         with torch.no_grad(), autocast(device, dtype):
             answer = stream_text(model.stream(ids, **knobs), tokenizer, out)
+        if not answer:  # an undertrained model often picks <eos> first; say so instead of showing a blank line
+            hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 else ""
+            out.write(f"(empty answer: the model ended it at once{hint})\n")
         if kind == "sft":
             history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return history
@@ -149,21 +158,8 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
 def main() -> None:
     cfg = config_or_exit(ChatConfig)
     try:
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
-        setup_cuda_for_decoding(device)
-        try:
-            tokenizer = load_tokenizer(cfg.tokenizer or None)
-        except FileNotFoundError as e:
-            raise EvalError(str(e)) from None
-        ckpt_path = checkpoint_file(cfg.ckpt)
-        from model import load_model
-
-        try:
-            model, ckpt = load_model(ckpt_path, device=str(device))
-        except (ValueError, FileNotFoundError) as e:
-            raise EvalError(str(e)) from None
-        check_checkpoint(ckpt, tokenizer, ckpt_path)
+        model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
+                                                                              cfg.dtype)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
         if cfg.max_new_tokens >= max_seq_len:  # e.g. the default 256 on a small demo model: answers get half the context
             fitted = max(1, max_seq_len // 2)

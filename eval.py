@@ -40,7 +40,7 @@ from tqdm import tqdm
 import bleu
 from chatglm_tokenizer import load_tokenizer
 from configurator import check, config_dict, config_or_exit
-from trainer import autocast_context as autocast, resolve_device, resolve_dtype  # one rule for every script
+from trainer import autocast_context as autocast, resolve_checkpoint, resolve_device, resolve_dtype  # one rule for every script
 
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", "data/sample/eval/medical_qa.jsonl")
 DEFAULT_VAL = "data/pretrain"
@@ -171,14 +171,32 @@ def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
 
 def checkpoint_file(path: str) -> str:
     """The file load_model reads for `path` (a run dir prefers best.pt, else last.pt)."""
-    if os.path.isdir(path):
-        for name in ("best.pt", "last.pt"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise EvalError(f"{path}: no best.pt or last.pt in this run dir (train first, or pass --ckpt=FILE)")
-    if not os.path.isfile(path):
-        raise EvalError(f"--ckpt {path}: no such checkpoint file or run dir")
-    return path
+    try:
+        return resolve_checkpoint(path, prefer="best.pt")
+    except FileNotFoundError as e:
+        raise EvalError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
+
+
+def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
+    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
+
+    Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is an EvalError."""
+    from model import load_model
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    setup_cuda_for_decoding(device)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or None)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    ckpt_path = checkpoint_file(ckpt)
+    try:
+        model, saved = load_model(ckpt_path, device=str(device))
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalError(str(e)) from None
+    check_checkpoint(saved, tokenizer, ckpt_path)
+    return model, saved, ckpt_path, tokenizer, device, dtype
 
 
 def build_prompts(tokenizer, questions: Sequence[str], kind: str, max_len: int) -> tuple:
@@ -445,22 +463,9 @@ def main() -> None:
     try:
         if cfg.data and cfg.data.lower() != "none" and not cfg.prompts:
             load_qa(resolve_data_path(cfg.data))  # bad input fails in a second, before the model loads
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
-        setup_cuda_for_decoding(device)
         torch.manual_seed(cfg.seed)
-        try:
-            tokenizer = load_tokenizer(cfg.tokenizer or None)
-        except FileNotFoundError as e:
-            raise EvalError(str(e)) from None
-        ckpt_path = checkpoint_file(cfg.ckpt)
-        from model import load_model
-
-        try:
-            model, ckpt = load_model(ckpt_path, device=str(device))
-        except (ValueError, FileNotFoundError) as e:
-            raise EvalError(str(e)) from None
-        check_checkpoint(ckpt, tokenizer, ckpt_path)
+        model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
+                                                                              cfg.dtype)
         ma = ckpt["model_args"]
         print(f"{ckpt_path}: {ckpt.get('kind', '?')} checkpoint, step {ckpt.get('step')}, {model.num_params():,} parameters "
               f"(dim {ma['dim']}, {ma['n_layers']} layers, context {ma['max_seq_len']}) | {device} {str(dtype)[6:]}")

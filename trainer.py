@@ -232,14 +232,8 @@ class Logger:
                         self.tb.add_scalar(k, v, row["step"])
 
 
-def plot_losses(out_dir: str) -> Optional[str]:
-    """loss.png from metrics.jsonl (train and val); the last row for a step wins after a resume."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def read_metrics(out_dir: str) -> tuple:
+    """({step: train loss}, {step: val loss}) from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
     train, val = {}, {}
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
@@ -248,6 +242,18 @@ def plot_losses(out_dir: str) -> Optional[str]:
                 train[row["step"]] = row["loss"]
             if "val_loss" in row:
                 val[row["step"]] = row["val_loss"]
+    return train, val
+
+
+def plot_losses(out_dir: str) -> Optional[str]:
+    """loss.png (train and val curves) from metrics.jsonl."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = read_metrics(out_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", linewidth=1)
     ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
@@ -414,10 +420,13 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     def validate(step: int) -> float:
         nonlocal best_val
         val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
+        log.metric(step=step, val_loss=val_loss)
+        if step == 0:  # the starting point (random init, or the pretrained model for SFT): a baseline, not a result
+            log.print(f"step 0: val loss {val_loss:.4f} (before training)")
+            return val_loss
         improved = val_loss < best_val
         best_val = min(best_val, val_loss)
         log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
-        log.metric(step=step, val_loss=val_loss)
         checkpoint(step, val_loss, improved)
         return val_loss
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
+from trainer import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
                 ("c4-style-csl-abstracts.jsonl", "medical-encyclopedia-style.jsonl")]
@@ -34,11 +35,7 @@ def test_tiny_cpu_run_on_the_shared_corpus_lowers_val_loss_and_eval_agrees(tmp_p
     run(["pretrain.py", f"--data_dir={data}", f"--out_dir={out}", "--dim=32", "--n_layers=2", "--n_heads=4",
          "--max_seq_len=64", "--batch_size=8", "--max_steps=60", "--warmup_steps=5", "--learning_rate=3e-3",
          "--min_lr=3e-4", "--eval_interval=30", "--eval_windows=64", "--device=cpu"])
-    val = {}
-    for line in open(out / "metrics.jsonl"):
-        row = json.loads(line)
-        if "val_loss" in row:
-            val[row["step"]] = row["val_loss"]
+    _, val = read_metrics(out)
     assert abs(val[0] - math.log(64793)) < 0.1, val[0]
     assert val[60] < val[0] - 2.0, val
     # eval.py's perplexity of the same checkpoint on the same 64 validation windows is exp(val loss)

@@ -7,31 +7,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, write_shard
 from configurator import ConfigError, parse_config
 from dataset import DataError, PretrainData
-from trainer import TrainConfig, autocast_context, grad_accum_steps, lr_at
+from trainer import TrainConfig, autocast_context, grad_accum_steps, lr_at, read_metrics as metrics
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
         "--device=cpu", "--compile=false", "--log_interval=1", "--eval_windows=16", "--warmup_steps=2",
         "--learning_rate=3e-3", "--min_lr=3e-4"]
-
-
-def metrics(out_dir):
-    """{step: loss} and {step: val_loss} from a run's metrics.jsonl (the last row for a step wins)."""
-    train, val = {}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "loss" in row:
-                train[row["step"]] = row["loss"]
-            if "val_loss" in row:
-                val[row["step"]] = row["val_loss"]
-    return train, val
 
 
 def run_pretrain(args, nproc=1, timeout=300):
