@@ -793,13 +793,14 @@ def iter_chunks(sources: list[Source], cfg: Config, rep: Reporter, counts: Count
 def run_pretrain(cfg: Config, out_dir: str) -> dict:
     from chatglm_tokenizer.tokenizer import load_tokenizer
 
+    # every input checked before any output, and before the tokenizer (which may need a download)
+    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg, "pretrain")]
     try:
         tok = load_tokenizer(cfg.tokenizer or None)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     if tok.n_pieces > tok.vocab_size or tok.vocab_size > 65536:
         raise DataError(f"{tok.path}: {tok.n_pieces} pieces do not fit vocab {tok.vocab_size} / uint16")
-    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg, "pretrain")]  # every input checked before any output
     workers = cfg.num_workers or os.cpu_count() or 1
     max_pending = cfg.max_pending or 2 * workers + 2
     filters = {"min_chars": cfg.min_chars, "dedup": cfg.dedup, "minhash": cfg.minhash,

@@ -2,7 +2,7 @@
 
 Tests that need the real ChatGLM2 tokenizer read it through $BABYLLAMA_TOKENIZER; when that is unset,
 it is pointed at ../shared/chatglm_tokenizer/tokenizer.model beside the repository (this workplace's
-copy) if that file exists. Most tests need no tokenizer: they use small synthetic token ids.
+copy) if that file exists; .ci/run sets both variables. Most tests need no tokenizer: they use small synthetic token ids.
 """
 import json
 import os
@@ -16,7 +16,8 @@ sys.path.insert(0, ROOT)
 _SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
 if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(_SHARED_TOKENIZER):
     os.environ["BABYLLAMA_TOKENIZER"] = os.path.abspath(_SHARED_TOKENIZER)
-SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
+# real corpora for end-to-end tests: $BABYLLAMA_SHARED_DATA (set by .ci/run), else ../shared/data
+SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 
 
 def write_shard(path: str, ids, split: str, vocab_size: int, tokenizer_sha256=None) -> None:
