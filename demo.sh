@@ -19,12 +19,12 @@ python data_process.py pretrain --out_dir=$D/pretrain --progress=false
 python data_process.py sft --out_dir=$D/sft --progress=false
 
 echo "== 2/4 pretrain a tiny Llama2 ($TINY)"
-python pretrain.py --data_dir=$D/pretrain --out_dir=$O/pretrain $TINY --max_steps=150 --warmup_steps=10 \
-    --learning_rate=3e-3 --min_lr=3e-4 --eval_interval=50 --eval_windows=32 --log_interval=25
+python pretrain.py --data_dir=$D/pretrain --out_dir=$O/pretrain $TINY --max_steps=120 --warmup_steps=10 \
+    --learning_rate=3e-3 --min_lr=3e-4 --eval_interval=40 --eval_windows=32 --log_interval=20
 
 echo "== 3/4 sft: fine-tune it on the sample question/answer pairs"
-python sft.py --init_from=$O/pretrain --data_dir=$D/sft --out_dir=$O/sft --batch_size=8 --max_steps=200 \
-    --warmup_steps=10 --learning_rate=3e-3 --min_lr=3e-4 --eval_interval=100 --log_interval=50
+python sft.py --init_from=$O/pretrain --data_dir=$D/sft --out_dir=$O/sft --batch_size=8 --max_steps=150 \
+    --warmup_steps=10 --learning_rate=3e-3 --min_lr=3e-4 --eval_interval=50 --log_interval=25
 
 echo "== 4/4 eval: answer the sample medical questions, BLEU and perplexity"
 echo "artifacts: tokens $D/pretrain/ | conversations $D/sft/ | pretrain run $O/pretrain/ (best.pt, last.pt, log.txt, loss.png)"
