@@ -196,6 +196,14 @@ def _read_records(path) -> Iterator[Tuple[str, list, Optional[str]]]:
             rec = rec if isinstance(rec, dict) else {}
             yield f"record {i}", rec.get("conversations"), rec.get("system") or None
         return
+    for lineno, rec in read_jsonl(path, 'a JSON object with "conversations"'):
+        yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None
+
+
+def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON lines file (also eval.py's reader).
+
+    A line that is not a JSON object stops with a one-line SFTDataError naming file:line and `expected`."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -203,10 +211,10 @@ def _read_records(path) -> Iterator[Tuple[str, list, Optional[str]]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
+                raise SFTDataError(f"{path}:{lineno}: not JSON ({e.msg}); expected {expected} per line") from None
             if not isinstance(rec, dict):
-                raise SFTDataError(f"{path}:{lineno}: expected a JSON object with \"conversations\"")
-            yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None
+                raise SFTDataError(f"{path}:{lineno}: expected {expected}, got {type(rec).__name__}")
+            yield lineno, rec
 
 
 class SFTData:

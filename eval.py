@@ -95,7 +95,7 @@ def setup_cuda_for_decoding(device: torch.device) -> None:
     """Process-wide CUDA settings for the eval and chat scripts (not for library callers)."""
     if device.type != "cuda":
         return
-    # (the attention kernels are chosen by model.decode_attention_backends around each decode call)
+    # (the attention kernels are chosen by generate.decode_attention_backends around each decode call)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -125,21 +125,16 @@ def load_qa(path: str) -> List[dict]:
     """JSON lines of {"question", "answer"?} -> list of dicts; one-line EvalError naming file:line on bad input.
 
     Either every record has a string "answer" (scored) or none has (generate only)."""
+    from dataset_sft import SFTDataError, read_jsonl
+
     records, with_answer = [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
+        rows = list(read_jsonl(path, 'a JSON object with "question" and "answer"'))
     except (OSError, UnicodeDecodeError) as e:
         raise EvalError(f"{path}: cannot read ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{lineno}: not JSON ({e.msg}); expected one {{\"question\", \"answer\"}} object per line") from None
-        if not isinstance(rec, dict):
-            raise EvalError(f"{path}:{lineno}: expected a JSON object with \"question\" and \"answer\", got {type(rec).__name__}")
+    except SFTDataError as e:
+        raise EvalError(str(e)) from None
+    for lineno, rec in rows:
         if not isinstance(rec.get("question"), str) or not rec["question"].strip():
             what = "missing field" if "question" not in rec else "empty or non-string field"
             raise EvalError(f"{path}:{lineno}: {what} \"question\" (expected a non-empty string)")

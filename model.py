@@ -7,6 +7,7 @@ Library module, no command line. Typical use:
   model, ckpt = load_model("out/pretrain", device="cuda")   # best.pt, else last.pt
   model.generate([[5, 6, 7], [8, 9]], max_new_tokens=32, temperature=0.7, top_p=0.9)
   model.generate(prompts, 256, temperature=1.0, compile=True)   # GPU: each decode step replays one CUDA graph
+generate() and stream() delegate to generate.py (KV cache, sampling, the two decoders, compile_decode).
 Quick check on CPU:  python -c "import model; m = model.Transformer(model.ModelArgs()); print(m.num_params())"
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import generate  # KV cache, sampling and the decoders; it imports nothing from here at run time
 from configurator import check
 
 
@@ -95,105 +96,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-class KVCache:
-    """Preallocated keys/values per layer, each (B, n_kv_heads, max_len, head_dim).
-
-    Buffers are made on the first write in the dtype the projections produce (bf16 under autocast), so the
-    cache never mixes dtypes with the queries. Static shapes keep decoding free of reallocations.
-    """
-
-    def __init__(self, n_layers: int, max_len: int):
-        self.max_len = max_len
-        self.k: list[Optional[torch.Tensor]] = [None] * n_layers
-        self.v: list[Optional[torch.Tensor]] = [None] * n_layers
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v (B, n_kv, T, head_dim) at slots [start, start+T); returns slots [0, start+T)."""
-        if self.k[layer] is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k[layer] = k.new_zeros(shape)
-            self.v[layer] = v.new_zeros(shape)
-        end = start + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def allocate(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, static: bool) -> None:
-        """Makes every layer's buffers now (zeros). static=True marks them as fixed addresses for torch.compile,
-        so CUDA graphs write the cache in place instead of copying it in and out of the graph each step."""
-        shape = (batch, n_kv, self.max_len, head_dim)
-        for i in range(len(self.k)):
-            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
-            if static:
-                torch._dynamo.mark_static_address(self.k[i])
-                torch._dynamo.mark_static_address(self.v[i])
-
-    def fits(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> bool:
-        k = self.k[0]
-        return k is not None and k.shape == (batch, n_kv, self.max_len, head_dim) and k.dtype == dtype \
-            and k.device == torch.device(device)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v (B, n_kv, 1, head_dim) at slot (1,) long tensor; returns the whole buffers (B, n_kv, max_len,
-        head_dim). The slot is a tensor and the result has a fixed shape, so a compiled step never recompiles."""
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
-        return self.k[layer], self.v[layer]
-
-
-def decode_attention_backends():
-    """SDPA kernels for decoding: flash, memory-efficient or math, never cuDNN.
-
-    Decoding passes an explicit mask; under bf16 SDPA would then pick cuDNN attention, which builds a plan per new
-    shape (about 5 ms of CPU each, torch 2.11 on H100) and made eager decoding 6x slower. Scoped to the decode
-    calls, so training keeps its kernels.
-    """
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size) -> None:
-    if not prompts or not all(prompts):
-        raise ValueError("generate: need at least one prompt and every prompt needs at least one token")
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"generate: token id {bad[0]} outside [0, {vocab_size})")
-    if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1) \
-            or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError("generate: need max_new_tokens >= 0, temperature >= 0, repetition_penalty > 0, "
-                         f"top_k >= 1, 0 < top_p <= 1; got {max_new_tokens}, {temperature}, "
-                         f"{repetition_penalty}, {top_k}, {top_p}")
-
-
-def sample_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
-                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """logits (B, vocab_size) fp32 -> next ids (B,), all on the device (capturable in a CUDA graph).
-
-    Repetition penalty (CTRL: positive logits / p, negative * p, over ids with seen (B, vocab) True), then
-    temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p, sampled as
-    argmax(probs / noise) with noise (B, vocab) i.i.d. Exp(1): the smallest of Exp(1)/p_i is Exp(p_i)-distributed,
-    so index i wins with probability p_i, as torch.multinomial would draw, without its host-side checks.
-    """
-    if seen is not None:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the best one always stays
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    # a zero draw would make 0/0 = NaN, which argmax would pick: clamp to the smallest normal float
-    return (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -207,11 +109,12 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None, start=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
         """x (B, T, dim). mask None = plain causal (training); else bool (B, 1, T, S), True = may attend.
 
         start: int = first cache slot of x (the slots up to start + T are attended); a 0-d long tensor = the slot
-        of a single decode token, and the whole cache buffer is attended (fixed shapes, see Transformer._decode_step).
+        of a single decode token, and the whole cache buffer is attended (fixed shapes, see generate.decode_step).
+        cache: None, or anything with update/write like generate.KVCache.
         """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -423,14 +326,14 @@ class Transformer(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                  eos_id: Optional[int] = 2, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None, compile: bool = False) -> list[list[int]]:
-        """New tokens for each prompt (eos excluded; a row stops at eos). See _decode for the knobs.
+        """New tokens for each prompt (eos excluded; a row stops at eos). See generate.decode for the knobs.
 
-        compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see compile_decode);
+        compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see generate.compile_decode);
         the tokens are the same as without it. The GPU is asked for tokens only every 16 steps.
         """
         out: list[list[int]] = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                eos_id, use_cache, generator, compile, sync_every=16):
+        for step in generate.steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   eos_id, use_cache, generator, compile, sync_every=16):
             for row, tok in enumerate(step):
                 if tok is not None:
                     out[row].append(tok)
@@ -441,216 +344,10 @@ class Transformer(nn.Module):
                eos_id: Optional[int] = 2, use_cache: bool = True,
                generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[int]:
         """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
-        for step in self._steps([prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                eos_id, use_cache, generator, compile, sync_every=1):
+        for step in generate.steps(self, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   eos_id, use_cache, generator, compile, sync_every=1):
             if step[0] is not None:
                 yield step[0]
-
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
-               generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
-        """Picks the decoder: the static-shape one (_decode_static) when the cache is on and prompt + new tokens
-        fit max_seq_len (no context crop needed), else the general one (_decode), which crops the context."""
-        check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, self.args.vocab_size)
-        if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= self.args.max_seq_len:
-            return self._decode_static(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                                       generator, compile, sync_every)
-        return self._decode(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
-                            generator)
-
-    def compile_decode(self, **compile_kwargs) -> None:
-        """Makes generate/stream(compile=True) run each decode step as torch.compile(_decode_step, **compile_kwargs).
-
-        Default: fullgraph=True, dynamic=False, mode="reduce-overhead" (inductor + CUDA graphs: one graph replay
-        per token instead of ~150 kernel launches). Pass e.g. backend="aot_eager" for a quick CPU check. One
-        graph per (batch size, sampling knobs, dtype); generate(compile=True) calls this with the defaults if needed.
-        """
-        opts: dict = dict(fullgraph=True, dynamic=False)
-        if "backend" not in compile_kwargs:
-            opts["mode"] = "reduce-overhead"
-        opts.update(compile_kwargs)
-        self._compiled_step = torch.compile(self._decode_step, **opts)
-        self._static_caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see _decode_static
-
-    def _decode_step(self, tok, cur, pad, cache: KVCache, seen, noise, temperature, top_k, top_p,
-                     repetition_penalty) -> torch.Tensor:
-        """One decode step with the same shapes every step -> next ids (B,).
-
-        tok (B, 1) ids written at cache slot cur (0-d long tensor, the same slot for every row: prompts are
-        left-padded); row r attends to slots [pad[r], cur] of the whole cache buffer (B, n_kv, max_len, head_dim),
-        its rotary position is cur - pad[r]. seen (B, vocab) bool or None, noise (B, vocab) Exp(1) draws or None
-        (greedy): see sample_tokens. No host sync, no branch on tensor values: capturable as one CUDA graph.
-        """
-        kj = torch.arange(cache.max_len, device=tok.device)[None, :]  # (1, max_len)
-        mask = ((kj >= pad[:, None]) & (kj <= cur))[:, None, None, :]  # (B, 1, 1, max_len)
-        pos = (cur - pad)[:, None]  # (B, 1)
-        h = self._hidden(tok, pos, mask, cache, cur)
-        logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
-        return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
-
-    @torch.no_grad()
-    def _decode_static(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                       generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
-        """_decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
-
-        The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
-        goes through _decode_step (compiled when compile=True) over the whole max_seq_len cache. New tokens stay
-        on the device and are copied to the host every sync_every steps (1 for stream), which is also when a
-        batch whose rows all emitted eos stops; the steps run past an eos in between are discarded.
-        """
-        a = self.args
-        if max_new_tokens == 0:
-            return
-        device, B, S = self.rope_cos.device, len(prompts), max(len(p) for p in prompts)
-        rows = torch.zeros(B, S, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            rows[row, S - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt = rows.to(device)  # (B, S) left-padded
-        pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) first real slot per row
-        seen = None  # (B, vocab_size) ids already in each row, for the repetition penalty
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(B, a.vocab_size, dtype=torch.bool)
-            for row, p in enumerate(prompts):
-                seen[row, torch.tensor(p)] = True
-            seen = seen.to(device)
-        noise = None if temperature == 0.0 else torch.empty(B, a.vocab_size, device=device)
-
-        def draw():  # Exp(1) noise from the caller's generator, outside any compiled graph
-            return None if noise is None else noise.exponential_(generator=generator)
-
-        dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else self.tok_embeddings.weight.dtype  # what the k/v projections produce
-        shape = (B, a.kv_heads, a.dim // a.n_heads, dt, device)
-        step_fn = self._decode_step
-        if compile:
-            if getattr(self, "_compiled_step", None) is None:
-                self.compile_decode()
-            step_fn = self._compiled_step
-            # reused across calls: the graph is specialised to the addresses of static inputs (new buffers =
-            # recompile and re-record), one per shape so eval's last, smaller batch does not evict the others
-            cache = self._static_caches.get(shape)
-            if cache is None or not cache.fits(*shape):
-                if len(self._static_caches) >= 4:  # bound the memory: drop the oldest shape
-                    self._static_caches.pop(next(iter(self._static_caches)))
-                cache = KVCache(a.n_layers, a.max_seq_len)
-                cache.allocate(B, *shape[1:], static=True)
-                self._static_caches[shape] = cache
-        else:
-            cache = KVCache(a.n_layers, a.max_seq_len)
-            cache.allocate(B, *shape[1:], static=False)
-        was_training = self.training
-        self.eval()
-        try:
-            with decode_attention_backends():
-                qi = torch.arange(S, device=device)[None, :, None]  # (1, S, 1)
-                kj = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
-                pad_w = pad[:, None, None]  # (B, 1, 1)
-                # causal, no pad keys; a pad query sees itself only so its softmax stays finite (its output is unused)
-                mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, S, S)
-                pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, S)
-                h = self._hidden(prompt, pos, mask, cache, 0)
-                logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
-                nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, draw())
-            new = [nxt]  # (B,) per step, on the device
-            cur = torch.full((), S, dtype=torch.long, device=device)  # cache slot of the token fed next
-            finished, flushed = [False] * B, 0
-            for step in range(1, max_new_tokens + 1):
-                if step % sync_every == 0 or step == max_new_tokens:
-                    block = torch.stack(new[flushed:step], dim=1).tolist()  # (B, k): the one host sync
-                    for j in range(step - flushed):
-                        result: list[Optional[int]] = []
-                        for row in range(B):
-                            tok = block[row][j]
-                            finished[row] = finished[row] or tok == eos_id
-                            result.append(None if finished[row] else tok)
-                        yield result
-                        if all(finished):
-                            return
-                    flushed = step
-                if step == max_new_tokens:
-                    return
-                if seen is not None:
-                    seen.scatter_(1, nxt[:, None], True)
-                with decode_attention_backends():
-                    if compile:
-                        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are copied already
-                    nxt = step_fn(nxt[:, None], cur, pad, cache, seen, draw(), temperature, top_k, top_p,
-                                  repetition_penalty).clone()  # clone: a graph output is overwritten by the next replay
-                new.append(nxt)
-                cur += 1
-        finally:
-            self.train(was_training)
-
-    @torch.inference_mode()
-    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
-                generator) -> Iterator[list[Optional[int]]]:
-        """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
-
-        Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
-        rotary positions start at 0 at its first real token, so a row's result equals generating it alone.
-        Context window: a forward never sees more than max_seq_len tokens. When the sequence outgrows it,
-        the context is cropped from the left (keeping enough room that at most one more crop is needed,
-        and at least max_seq_len // 2 tokens), and the cache is refilled from the cropped context; the
-        no-cache path crops identically, so both give the same tokens. Rows of a batch share the crop,
-        so after a crop a short row may see less history than it would alone.
-        Sampling: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in the row),
-        then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p.
-        generator must live on the model's device (torch.Generator(device="cuda") on a GPU).
-        """
-        a = self.args
-        check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size)
-        device, L, B = self.rope_cos.device, a.max_seq_len, len(prompts)
-        S = max(len(p) for p in prompts)
-        seq = torch.zeros(B, S + max_new_tokens, dtype=torch.long, device=device)  # (B, total) left-padded
-        for row, p in enumerate(prompts):
-            seq[row, S - len(p):S] = torch.tensor(p, dtype=torch.long)
-        pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) pad slots per row
-        seen = None  # (B, vocab_size) ids already in each row, for the repetition penalty
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(B, a.vocab_size, dtype=torch.bool, device=device)
-            for row, p in enumerate(prompts):
-                seen[row, torch.tensor(p, device=device)] = True
-        finished = [False] * B
-        n, ctx, cache = S, 0, None  # tokens so far, first slot of the context window, KV cache
-        was_training = self.training
-        self.eval()
-        try:
-            for step in range(max_new_tokens):
-                if n - ctx > L:
-                    forwards_left = max_new_tokens - step  # this one and the rest, each adds one token
-                    ctx, cache = n - max(L - (forwards_left - 1), L // 2, 1), None
-                q0 = n - 1 if (use_cache and cache is not None) else ctx  # first query slot of this forward
-                if use_cache and cache is None:
-                    cache = KVCache(a.n_layers, min(L, S + max_new_tokens - 1 - ctx))
-                # window coordinates: slot s of seq is s - ctx; a row's real tokens start at pad_w
-                pad_w = (pad - ctx).clamp(min=0)[:, None, None]  # (B, 1, 1)
-                qi = torch.arange(q0 - ctx, n - ctx, device=device)[None, :, None]  # (1, Tq, 1)
-                kj = torch.arange(0, n - ctx, device=device)[None, None, :]  # (1, 1, Tk)
-                # causal, no pad keys; a pad query sees itself only so its softmax stays finite (its output is unused)
-                mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, Tq, Tk)
-                pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, Tq)
-                with decode_attention_backends():
-                    h = self._hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
-                logits = self._logits(h[:, -1, :]).float()  # (B, vocab_size)
-                nxt = self._sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
-                seq[:, n] = nxt
-                n += 1
-                if seen is not None:
-                    seen[torch.arange(B, device=device), nxt] = True
-                result: list[Optional[int]] = []
-                for row, tok in enumerate(nxt.tolist()):
-                    finished[row] = finished[row] or tok == eos_id
-                    result.append(None if finished[row] else tok)
-                yield result
-                if all(finished):
-                    return
-        finally:
-            self.train(was_training)
-
-    @staticmethod
-    def _sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator) -> torch.Tensor:
-        """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
-        noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
-        return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
 
 
 def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ConfigError  # noqa: E402
+import generate  # noqa: E402
 from model import ModelArgs, Transformer, apply_rope, load_model, rope_tables  # noqa: E402
 
 torch.set_num_threads(1)
@@ -220,16 +221,16 @@ def test_sampling_rules():
     logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
     seen = torch.tensor([[True, True, False, False]])
     # penalty 2: 2.0 -> 1.0 stays best; penalty 5: 2.0 -> 0.4 loses to 0.5
-    assert Transformer._sample(logits, 0.0, None, None, 2.0, seen, None).item() == 0
-    assert Transformer._sample(logits, 0.0, None, None, 5.0, seen, None).item() == 2
+    assert generate.sample(logits, 0.0, None, None, 2.0, seen, None).item() == 0
+    assert generate.sample(logits, 0.0, None, None, 5.0, seen, None).item() == 2
     # a seen negative logit is multiplied, not divided: -2 * 4 = -8 loses to -1 (-2 / 4 = -0.5 would win)
     negative = torch.tensor([[-1.0, -2.0]])
-    assert Transformer._sample(negative, 0.0, None, None, 4.0, torch.tensor([[False, True]]), None).item() == 0
+    assert generate.sample(negative, 0.0, None, None, 4.0, torch.tensor([[False, True]]), None).item() == 0
     probs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {Transformer._sample(probs, 1.0, None, 0.6, 1.0, None, g).item() for _ in range(200)}
+    draws = {generate.sample(probs, 1.0, None, 0.6, 1.0, None, g).item() for _ in range(200)}
     assert draws == {0, 1}  # 0.5 < 0.6 so the second token is needed, the third is not
-    draws = {Transformer._sample(probs, 1.0, 3, None, 1.0, None, g).item() for _ in range(300)}
+    draws = {generate.sample(probs, 1.0, 3, None, 1.0, None, g).item() for _ in range(300)}
     assert draws == {0, 1, 2}
 
 
@@ -237,15 +238,15 @@ def general_steps(model, prompts, new, eos_id, **knobs):
     """Per-step lists of the general decoder (growing cache, crops), the reference for the static one."""
     k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
     k.update(knobs)
-    return list(model._decode(prompts, new, k["temperature"], k["top_k"], k["top_p"], k["repetition_penalty"],
-                              eos_id, True, k["generator"]))
+    return list(generate.decode(model, prompts, new, k["temperature"], k["top_k"], k["top_p"], k["repetition_penalty"],
+                                eos_id, True, k["generator"]))
 
 
 def static_steps(model, prompts, new, eos_id, sync_every, compile=False, **knobs):
     k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
     k.update(knobs)
-    return list(model._decode_static(prompts, new, k["temperature"], k["top_k"], k["top_p"], k["repetition_penalty"],
-                                     eos_id, k["generator"], compile, sync_every))
+    return list(generate.decode_static(model, prompts, new, k["temperature"], k["top_k"], k["top_p"],
+                                       k["repetition_penalty"], eos_id, k["generator"], compile, sync_every))
 
 
 def test_static_decoder_equals_general_decoder_step_for_step():
@@ -268,12 +269,13 @@ def test_static_decoder_equals_general_decoder_step_for_step():
     assert static_steps(model, PROMPTS, 0, None, 16) == []
 
 
-def test_static_path_only_where_the_context_fits():
+def test_static_path_only_where_the_context_fits(monkeypatch):
     model = lively_model(max_seq_len=16)
     prompts = [list(range(10, 22)), [5, 6, 7]]  # S = 12: 5 new tokens fit exactly (12 + 5 - 1 = 16), 6 need a crop
     for new in (5, 6):
         assert model.generate(prompts, new, eos_id=None) == model.generate(prompts, new, eos_id=None, use_cache=False)
-    model._decode_static = None  # 6 new tokens must not take the static path (it would fail to run)
+    # 6 new tokens must not take the static path (it would fail to run)
+    monkeypatch.setattr(generate, "decode_static", None)
     model.generate(prompts, 6, eos_id=None)
 
 
@@ -284,7 +286,7 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     eager = model.generate(PROMPTS, 12, eos_id=None)
     torch._dynamo.reset()
     counters.clear()
-    model.compile_decode(backend="aot_eager")  # inductor on CPU takes ~40 s; the graph is the same
+    generate.compile_decode(model, backend="aot_eager")  # inductor on CPU takes ~40 s; the graph is the same
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert model.generate(PROMPTS, 12, eos_id=None, compile=True) == eager
         # other prompt lengths, other lengths of output, an eos stop: same shapes for the step, no recompile
