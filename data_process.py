@@ -320,52 +320,55 @@ def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int 
             yield None, line_at(pos), "truncated JSON array (no closing ']')"
 
 
-def iter_json_lines(path: str):
+def utf8_lines(path: str):
+    """(line number, text, None) for each line of a (possibly gzipped) file, or (line number, None, reason) for a
+    line that is not UTF-8; a leading byte-order mark is dropped."""
     with open_bytes(path) as fb:
         for ln, raw in enumerate(fb, 1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield None, ln, f"undecodable bytes (not UTF-8) at byte {e.start}"
+                yield ln, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
                 continue
-            if ln == 1:
-                text = text.lstrip("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield None, ln, f"malformed JSON line ({e.msg})"
-                continue
-            yield obj, ln, None
+            yield ln, text.lstrip("\ufeff") if ln == 1 else text, None
+
+
+def iter_json_lines(path: str):
+    for ln, text, err in utf8_lines(path):
+        if err:
+            yield None, ln, err
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield None, ln, f"malformed JSON line ({e.msg})"
+            continue
+        yield obj, ln, None
 
 
 def iter_txt(path: str, max_chars: int):
     """Plain text: a blank line ends a document; a document longer than max_chars is cut at a line end."""
-    with open_bytes(path) as fb:
-        lines, size, start = [], 0, 1
-        for ln, raw in enumerate(fb, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield None, ln, f"undecodable bytes (not UTF-8) at byte {e.start}; line dropped"
-                continue
-            if ln == 1:
-                text = text.lstrip("\ufeff")
-            if not text.strip():
-                if lines:
-                    yield {"text": "".join(lines).strip()}, start, None
-                lines, size = [], 0
-                continue
-            if not lines:
-                start = ln
-            lines.append(text)
-            size += len(text)
-            if size >= max_chars:
+    lines, size, start = [], 0, 1
+    for ln, text, err in utf8_lines(path):
+        if err:
+            yield None, ln, f"{err}; line dropped"
+            continue
+        if not text.strip():
+            if lines:
                 yield {"text": "".join(lines).strip()}, start, None
-                lines, size = [], 0
-        if lines:
+            lines, size = [], 0
+            continue
+        if not lines:
+            start = ln
+        lines.append(text)
+        size += len(text)
+        if size >= max_chars:
             yield {"text": "".join(lines).strip()}, start, None
+            lines, size = [], 0
+    if lines:
+        yield {"text": "".join(lines).strip()}, start, None
 
 
 def iter_csv(path: str):
