@@ -55,7 +55,9 @@ def main(argv=None) -> dict:
     cfg = config_or_exit(PretrainConfig, argv)
     try:
         tok_hash = tokenizer_sha256(find_tokenizer(cfg.tokenizer or None, download=False))
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if cfg.tokenizer:  # a path the user named must exist
+            fail(str(e))
         tok_hash = ""  # the tokenizer is only needed to check the data; the sidecar's hash is then trusted
     rt = setup_runtime(cfg.device, cfg.dtype)
 

@@ -215,3 +215,13 @@ def test_bare_cuda_gets_this_process_index(monkeypatch):
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
     assert resolve_device("cuda:3", local_rank=1) == torch.device("cuda:3")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path):
+    out = tmp_path / "timed"
+    r = run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500", "--max_minutes=0.0001"])
+    assert "stopping at step 1: max_minutes=0.0001 reached" in r.stdout
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["step"] == 1 and ckpt["config"]["max_steps"] == 500
+    train, val = metrics(out)
+    assert sorted(train) == [1] and sorted(val) == [0, 1]
