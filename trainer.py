@@ -78,6 +78,9 @@ class TrainConfig:
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
         check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
         check(self.max_minutes >= 0, "max_minutes must be >= 0")
+        if self.tensorboard:
+            import importlib.util
+            check(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs `pip install tensorboard`")
 
 
 @dataclass
