@@ -563,14 +563,19 @@ def _bad_kind(reason: str) -> str:
     return "undecodable" if reason.startswith("undecodable") else "malformed"
 
 
-def iter_documents(src: Source, cfg: Config, rep: Reporter) -> Iterator[str]:
+def iter_records(src: Source, cfg: Config, rep: Reporter) -> Iterator[tuple]:
+    """(line, record dict) for every readable record of `src`; unreadable ones and non-objects are reported."""
     for rec, ln, bad in iter_container(src, cfg):
         if bad is not None:
             rep.bad(_bad_kind(bad), src, ln, bad)
-            continue
-        if not isinstance(rec, dict):
+        elif not isinstance(rec, dict):
             rep.bad("malformed", src, ln, f"expected a JSON object, got {type(rec).__name__}")
-            continue
+        else:
+            yield ln, rec
+
+
+def iter_documents(src: Source, cfg: Config, rep: Reporter) -> Iterator[str]:
+    for ln, rec in iter_records(src, cfg, rep):
         try:
             yield record_text(rec, src.fmt)
         except BadRecord as e:
@@ -940,13 +945,7 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
     ok = False
     try:
         for src in sources:
-            for rec, ln, bad in iter_container(src, cfg):
-                if bad is not None:
-                    rep.bad(_bad_kind(bad), src, ln, bad)
-                    continue
-                if not isinstance(rec, dict):
-                    rep.bad("malformed", src, ln, f"expected a JSON object, got {type(rec).__name__}")
-                    continue
+            for ln, rec in iter_records(src, cfg, rep):
                 try:
                     turns, system = record_conversation(rec, src.fmt)
                 except BadRecord as e:
