@@ -28,13 +28,14 @@ from configurator import check, config_or_exit
 from model import ModelArgs, Transformer
 from trainer import DeviceBatches, lr_at, setup_runtime, train_step, TrainConfig
 
-VARIANTS = {  # name -> (autocast dtype, torch.compile, ce_chunk)
+VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
     "fp32_eager": (torch.float32, False, 0),
     "fp16_eager": (torch.float16, False, 0),  # the seed as shipped: fp16 autocast + grad scaler, no compile
     "bf16_eager": (torch.bfloat16, False, 0),
     "bf16_compile": (torch.bfloat16, True, 0),  # pretrain.py's default on a bf16 GPU
     "bf16_compile_ce4k": (torch.bfloat16, True, 4096),  # + fused chunked output layer and loss
     "bf16_compile_ce8k": (torch.bfloat16, True, 8192),
+    "bf16_compile_ce4k_cg": (torch.bfloat16, "reduce-overhead", 4096),  # + CUDA graphs for forward and backward
 }
 
 
@@ -120,7 +121,8 @@ def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0)
     model.ce_chunk = ce_chunk
     opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    run = torch.compile(model) if compile_ and rt.device.type == "cuda" else model
+    mode = compile_ if isinstance(compile_, str) else None
+    run = torch.compile(model, mode=mode) if compile_ and rt.device.type == "cuda" else model
     if rt.world_size > 1:
         run = torch.nn.parallel.DistributedDataParallel(run, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     return model, run, opt, scaler
@@ -135,11 +137,11 @@ def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int, tokens_of
         torch.cuda.reset_peak_memory_stats(rt.device)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
-        losses.append(train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)[0])
+        losses.append(train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)[0])  # read after timing
     sync(rt.device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else 0.0
-    return {"seconds": dt, "step_ms": 1000 * dt / steps, "peak_gib": peak, "last_loss": losses[-1]}
+    return {"seconds": dt, "step_ms": 1000 * dt / steps, "peak_gib": peak, "last_loss": losses[-1].item()}
 
 
 def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
@@ -171,7 +173,8 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
         rt = dataclasses.replace(base_rt, dtype=dtype)
         _, run, opt, scaler = build(args, rt, compile_, seed=0, ce_chunk=ce_chunk)
         batches = DeviceBatches(data, 0, 1, rt.device)
-        curves[name] = [train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0] for s in range(cfg.parity_steps)]
+        curves[name] = torch.stack([train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0]
+                                    for s in range(cfg.parity_steps)]).tolist()
     gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[cfg.parity_variant])]
     emit({"bench": "parity", "steps": cfg.parity_steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),
           "max_gap_after_10": max(gaps[10:]) if len(gaps) > 10 else max(gaps),
@@ -199,6 +202,8 @@ def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
 def bench_gen(cfg: BenchConfig, rt, emit) -> None:
     from eval import measure_generation
     model = Transformer(cfg.model_args()).to(rt.device).eval()
+    if rt.device.type == "cuda":
+        model.cast_for_inference(torch.bfloat16)  # as eval.py and chat.py load it
     for bs in [int(b) for b in cfg.gen_batches.split(",")]:
         for cache in ([True, False] if cfg.gen_no_cache else [True]):
             r = measure_generation(model, bs, cfg.gen_prompt_len, cfg.gen_new_tokens, cache, rt.device)

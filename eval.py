@@ -191,6 +191,8 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        model.cast_for_inference(dtype)  # bf16 weights: decoding never re-casts them (see model.cast_for_inference)
     return model, saved, ckpt_path, tokenizer, device, dtype
 
 

@@ -43,16 +43,26 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def allocate(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, static: bool) -> None:
-        """Makes every layer's buffers now (zeros). static=True marks them as fixed addresses for torch.compile,
-        so CUDA graphs write the cache in place instead of copying it in and out of the graph each step."""
+    def allocate(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, static: bool,
+                 vocab_size: int = 0) -> None:
+        """Makes every layer's buffers now (zeros), and the decode state decode_step reads and updates in place:
+        tok (B, 1) the token fed next, cur () its slot, pad (B,) each row's first real slot, out (B, max_len + 1)
+        the chosen token of each slot, seen (B, vocab) ids already in each row, noise (B, vocab) Exp(1) draws.
+        static=True marks them all as fixed addresses for torch.compile, so a CUDA graph reads and writes them
+        in place: nothing is copied in or out of the graph per token."""
         shape = (batch, n_kv, self.max_len, head_dim)
         for i in range(len(self.k)):
             self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
             self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
-            if static:
-                torch._dynamo.mark_static_address(self.k[i])
-                torch._dynamo.mark_static_address(self.v[i])
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cur = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, self.max_len + 1, dtype=torch.long, device=device)  # + the last, never fed
+        self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
+        self.noise = torch.ones(batch, vocab_size, device=device)
+        if static:
+            for t in (*self.k, *self.v, self.tok, self.cur, self.pad, self.out, self.seen, self.noise):
+                torch._dynamo.mark_static_address(t)
 
     def fits(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> bool:
         k = self.k[0]
@@ -146,21 +156,28 @@ def compile_decode(model: Transformer, **compile_kwargs) -> None:
     model._static_caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see decode_static
 
 
-def decode_step(model: Transformer, tok, cur, pad, cache: KVCache, seen, noise, temperature, top_k, top_p,
-                repetition_penalty) -> torch.Tensor:
-    """One decode step with the same shapes every step -> next ids (B,).
+def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty) -> None:
+    """One decode step with the same shapes every step, entirely on the device state of `cache` (see allocate).
 
-    tok (B, 1) ids written at cache slot cur (0-d long tensor, the same slot for every row: prompts are
-    left-padded); row r attends to slots [pad[r], cur] of the whole cache buffer (B, n_kv, max_len, head_dim),
-    its rotary position is cur - pad[r]. seen (B, vocab) bool or None, noise (B, vocab) Exp(1) draws or None
-    (greedy): see sample_tokens. No host sync, no branch on tensor values: capturable as one CUDA graph.
+    Feeds cache.tok (B, 1) at slot cache.cur (the same slot for every row: prompts are left-padded); row r attends
+    to slots [pad[r], cur] of the whole cache buffer, its rotary position is cur - pad[r]. Marks tok as seen
+    (repetition penalty), samples the next ids with cache.noise, writes them to cache.tok and to cache.out at slot
+    cur + 1, and advances cur. No host sync, no branch on tensor values: capturable as one CUDA graph.
     """
+    tok, cur, pad = cache.tok, cache.cur, cache.pad
+    seen = cache.seen if repetition_penalty != 1.0 else None
+    if seen is not None:
+        seen.scatter_(1, tok, True)
     kj = torch.arange(cache.max_len, device=tok.device)[None, :]  # (1, max_len)
     mask = ((kj >= pad[:, None]) & (kj <= cur))[:, None, None, :]  # (B, 1, 1, max_len)
     pos = (cur - pad)[:, None]  # (B, 1)
     h = model._hidden(tok, pos, mask, cache, cur)
     logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
-    return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+    nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen,
+                        cache.noise if temperature != 0.0 else None)  # (B,)
+    cur.add_(1)
+    tok.copy_(nxt[:, None])
+    cache.out.index_copy_(1, cur.view(1), nxt[:, None])
 
 
 @torch.no_grad()
@@ -170,8 +187,8 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
 
     The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
     goes through decode_step (compiled when compile=True) over the whole max_seq_len cache. New tokens stay
-    on the device and are copied to the host every sync_every steps (1 for stream), which is also when a
-    batch whose rows all emitted eos stops; the steps run past an eos in between are discarded.
+    on the device (cache.out) and are copied to the host every sync_every steps (1 for stream), which is also
+    when a batch whose rows all emitted eos stops; the steps run past an eos in between are discarded.
     """
     a = model.args
     if max_new_tokens == 0:
@@ -188,10 +205,6 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
         for row, p in enumerate(prompts):
             seen[row, torch.tensor(p)] = True
         seen = seen.to(device)
-    noise = None if temperature == 0.0 else torch.empty(B, a.vocab_size, device=device)
-
-    def draw():  # Exp(1) noise from the caller's generator, outside any compiled graph
-        return None if noise is None else noise.exponential_(generator=generator)
 
     dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else model.tok_embeddings.weight.dtype  # what the k/v projections produce
@@ -208,11 +221,11 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
             if len(model._static_caches) >= 4:  # bound the memory: drop the oldest shape
                 model._static_caches.pop(next(iter(model._static_caches)))
             cache = KVCache(a.n_layers, a.max_seq_len)
-            cache.allocate(B, *shape[1:], static=True)
+            cache.allocate(B, *shape[1:], static=True, vocab_size=a.vocab_size)
             model._static_caches[shape] = cache
     else:
         cache = KVCache(a.n_layers, a.max_seq_len)
-        cache.allocate(B, *shape[1:], static=False)
+        cache.allocate(B, *shape[1:], static=False, vocab_size=a.vocab_size)
     was_training = model.training
     model.eval()
     try:
@@ -225,13 +238,19 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
             pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, S)
             h = model._hidden(prompt, pos, mask, cache, 0)
             logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
-            nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, draw())
-        new = [nxt]  # (B,) per step, on the device
-        cur = torch.full((), S, dtype=torch.long, device=device)  # cache slot of the token fed next
+            noise = None if temperature == 0.0 else cache.noise.exponential_(generator=generator)
+            nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+        # the decode state, in place (fixed addresses): first new token at slot S, fed next at slot S
+        cache.pad.copy_(pad)
+        cache.cur.fill_(S)
+        cache.tok.copy_(nxt[:, None])
+        cache.out[:, S] = nxt
+        if seen is not None:
+            cache.seen.copy_(seen)
         finished, flushed = [False] * B, 0
         for step in range(1, max_new_tokens + 1):
             if step % sync_every == 0 or step == max_new_tokens:
-                block = torch.stack(new[flushed:step], dim=1).tolist()  # (B, k): the one host sync
+                block = cache.out[:, S + flushed:S + step].tolist()  # (B, k): the one host sync
                 for j in range(step - flushed):
                     result: list[Optional[int]] = []
                     for row in range(B):
@@ -244,15 +263,11 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
                 flushed = step
             if step == max_new_tokens:
                 return
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            with decode_attention_backends():
-                if compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are copied already
-                nxt = step_fn(model, nxt[:, None], cur, pad, cache, seen, draw(), temperature, top_k, top_p,
-                              repetition_penalty).clone()  # clone: a graph output is overwritten by the next replay
-            new.append(nxt)
-            cur += 1
+            if temperature != 0.0:  # Exp(1) noise from the caller's generator, outside any compiled graph
+                cache.noise.exponential_(generator=generator)
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            step_fn(model, cache, temperature, top_k, top_p, repetition_penalty)
     finally:
         model.train(was_training)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fused_ce  # the output layer + loss without the (N, vocab) logits
 import generate  # KV cache, sampling and the decoders; it imports nothing from here at run time
 from configurator import check
 
@@ -131,7 +132,13 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         p = self.dropout if self.training else 0.0
-        if mask is None:
+        if isinstance(start, torch.Tensor):
+            # one query against the whole cache: two small matmuls and a softmax, which torch.compile fuses, beat
+            # an attention kernel tiled for long queries (SDPA would pick one that is mostly idle here)
+            att = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5  # (B, heads, 1, max_len)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = att.to(v.dtype) @ v  # (B, heads, 1, head_dim)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -176,52 +183,6 @@ def segment_mask(seg: torch.Tensor) -> torch.Tensor:
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
-class _FusedLinearCE(torch.autograd.Function):
-    """Mean CE of h @ weight[:vocab].T against targets, chunk by chunk, gradients computed in the forward.
-
-    The (N, vocab) logits are the largest tensor of training (16384 x 64832 at the seed's batch: 2 GiB in
-    bf16, 4 GiB once upcast for the loss). Here only one (chunk, vocab) block exists at a time: its logits,
-    the loss terms and dlogits = (softmax - onehot) / n_targets, which at once give grad_h (chunk, dim) and
-    a (vocab, dim) fp32 contribution to grad_weight. backward() only scales the stored gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, chunk: int):
-        n_targets = (targets != -1).sum().clamp(min=1)
-        dev = h.device.type  # the gradient matmuls run in the autocast dtype, as the plain path's would
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.size(0), chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits = F.linear(hc, weight).float()  # (c, padded_vocab); bf16 matmul under autocast
-            logits[:, vocab_size:] = float("-inf")  # padded ids: zero probability, zero gradient
-            valid = tc != -1
-            tgt = torch.where(valid, tc, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-            dlogits = torch.exp(logits - lse[:, None])  # softmax (c, padded_vocab)
-            dlogits[torch.arange(len(tc), device=tc.device), tgt] -= 1.0
-            dlogits *= (valid / n_targets)[:, None]
-            dlogits = dlogits.to(mm_dtype)
-            grad_h[s:s + chunk] = F.linear(dlogits, weight.t()).to(h.dtype)  # (c, dim)
-            grad_w += (dlogits.t() @ hc.to(dlogits.dtype)).float()  # (padded_vocab, dim)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total / n_targets
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
-
-
-def fused_linear_cross_entropy(h, weight, targets, vocab_size: int, chunk: int) -> torch.Tensor:
-    """h (N, dim), weight (padded_vocab, dim), targets (N,) with -1 ignored -> mean CE, no (N, vocab) tensor."""
-    return _FusedLinearCE.apply(h, weight, targets, vocab_size, chunk)
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -254,6 +215,15 @@ class Transformer(nn.Module):
             # padded rows are never read (ids < vocab_size) and their logits are sliced off; zero keeps them inert
             self.tok_embeddings.weight[args.vocab_size:].zero_()
 
+    def cast_for_inference(self, dtype: torch.dtype) -> "Transformer":
+        """Stores the weights in `dtype` (bf16) for generation under autocast of the same dtype: the matmuls see the
+        weights autocast would make, but no decode step re-casts all of them (about 0.1 ms a token on an H100).
+        The residual stream and the rotary tables stay fp32. Not for training (no fp32 master weights)."""
+        cos, sin = self.rope_cos, self.rope_sin
+        self.to(dtype)
+        self.rope_cos, self.rope_sin = cos, sin
+        return self
+
     def num_params(self, unique: bool = True) -> int:
         """Parameters over the real vocabulary (padded embedding rows are not counted).
 
@@ -272,7 +242,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]  # (1, T, 1, head_dim/2)
         else:
             cos, sin = self.rope_cos[pos][:, :, None, :], self.rope_sin[pos][:, :, None, :]  # (B, T, 1, head_dim/2)
-        h = self.dropout(self.tok_embeddings(idx))
+        h = self.dropout(self.tok_embeddings(idx)).float()  # fp32 residual stream, also under cast_for_inference
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, start)
         return self.norm(h)
@@ -288,14 +258,14 @@ class Transformer(nn.Module):
         Without: logits (B, 1, vocab_size) for the last position only (sampling needs no more), loss None.
         seg (B, T) segment ids of packed SFT rows: attention stays inside each segment (segment_mask).
         With `self.ce_chunk` > 0 (set by the trainer) training never materialises the (B, T, vocab) logits:
-        the loss comes from fused_linear_cross_entropy and the returned logits are None.
+        the loss comes from fused_ce.linear_cross_entropy and the returned logits are None.
         """
         h = self._hidden(idx, mask=None if seg is None else segment_mask(seg))
         if targets is None:
             return self._logits(h[:, -1:, :]), None
         if self.ce_chunk and self.training:
-            loss = fused_linear_cross_entropy(h.reshape(-1, h.size(-1)), self.output.weight, targets.reshape(-1),
-                                              self.args.vocab_size, self.ce_chunk)
+            loss = fused_ce.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.output.weight, targets.reshape(-1),
+                                                 self.args.vocab_size, self.ce_chunk)
             return None, loss
         logits = self._logits(h)
         # view, not reshape: (B, T) merge without a copy even though the vocab slice is strided
@@ -319,7 +289,8 @@ class Transformer(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        extra = {"fused": True} if device_type == "cuda" else {}  # one kernel for all params instead of a loop
+        # fused: one kernel for all parameters, and it can skip a step on the device (trainer.train_step's found_inf)
+        extra = {"fused": True} if device_type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,

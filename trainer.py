@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -172,11 +174,65 @@ def peak_flops(device: torch.device, override_tflops: float) -> Optional[float]:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so training only waits for the copy of the state to host memory
+    (about 0.8 GB at the default model: weights + AdamW moments), not for the disk. GPU tensors are copied into
+    pinned buffers kept from one save to the next (fast, asynchronous copies). One write at a time; wait() before
+    exiting. best.pt is a hard link to the same file as last.pt when both are written (no second copy)."""
+
+    def __init__(self):
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.pinned: dict = {}  # position in the state -> pinned host tensor
+
+    def save(self, state: dict, last: str, best: Optional[str] = None) -> None:
+        self.wait()  # the previous write has finished with the buffers
+        snapshot = self._snapshot(state, (), {})
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies have landed
+        self.thread = threading.Thread(target=self._write, args=(snapshot, last, best))
+        self.thread.start()
+
+    def _snapshot(self, obj, key: tuple, seen: dict):
+        if isinstance(obj, torch.Tensor):
+            # the tied embedding/output matrix appears twice in the state dict: copy (and save) it once
+            alias = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+            if alias not in seen:
+                if obj.device.type != "cuda":
+                    seen[alias] = obj.detach().clone()  # even on CPU: the live tensors change while the thread writes
+                else:
+                    buf = self.pinned.get(key)
+                    if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                        buf = self.pinned[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+                    seen[alias] = buf.copy_(obj.detach(), non_blocking=True)
+            return seen[alias]
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, key + (k,), seen) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._snapshot(v, key + (i,), seen) for i, v in enumerate(obj))
+        return obj
+
+    def _write(self, state: dict, last: str, best: Optional[str]) -> None:
+        try:
+            tmp = last + ".tmp"
+            torch.save(state, tmp)  # complete before either name points at it: a crash leaves the old files
+            if best is not None:
+                try:
+                    os.link(tmp, best + ".tmp")
+                except OSError:  # no hard links on this filesystem: a second copy
+                    shutil.copyfile(tmp, best + ".tmp")
+                os.replace(best + ".tmp", best)
+            os.replace(tmp, last)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def rng_state() -> dict:
@@ -302,12 +358,17 @@ class DeviceBatches:
 
 
 def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr: float, grad_clip: float,
-               rt: Runtime) -> tuple:
-    """One optimizer step over `accum` micro-batches -> (global-batch loss, grad norm).
+               rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `accum` micro-batches -> (global-batch loss, grad norm), 0-d tensors on the device.
 
-    A non-finite loss skips the update (the caller counts it). This is the step bench.py times."""
+    A non-finite loss or gradient norm skips the update; the caller counts such steps when it reads the losses.
+    With a fused AdamW and no fp16 scaler (the bf16/fp32 default) the skip is decided on the device, through the
+    optimizer's found_inf flag (as GradScaler drives it), so the step never waits for the GPU: the host reads the
+    losses once per log interval. This is the step bench.py times."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if rt.device.type == "cuda":  # a new iteration for CUDA graphs (torch.compile mode="reduce-overhead")
+        torch.compiler.cudagraph_mark_step_begin()
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(accum):
         if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
@@ -321,17 +382,21 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
         batches.prefetch()  # the GPU is busy with this micro-step: gather the next batch meanwhile
     if rt.world_size > 1:  # the logged loss is the global batch's, as on one process
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    grad_norm = torch.zeros(())
+    grad_norm = torch.zeros((), device=rt.device)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    loss_val = loss_sum.item()  # the one host sync per step: a non-finite loss must skip the update
-    if math.isfinite(loss_val):
-        scaler.step(optimizer)
-    scaler.update()
+    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    if optimizer.defaults.get("fused") and not scaler.is_enabled():
+        optimizer.found_inf = (~finite).float()  # 1.0: the fused kernel leaves weights, moments and step count alone
+        optimizer.step()
+    else:  # fp16's scaler skips inf gradients itself; a non-finite loss is checked on the host
+        if finite.item():
+            scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_val, float(grad_norm)
+    return loss_sum, grad_norm
 
 
 @torch.no_grad()
@@ -413,12 +478,12 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
                 tokens_per_step // seq_len}, "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss,
                 "tokenizer_sha256": tokenizer_sha256}
 
+    writer = CheckpointWriter()
+
     def checkpoint(step: int, val_loss: float, best: bool) -> None:
         st = state(step, val_loss)
         if rt.master:
-            save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), st)
-            if best:
-                save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), st)
+            writer.save(st, os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt") if best else None)
 
     def validate(step: int) -> float:
         nonlocal best_val
@@ -436,44 +501,64 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     t_start = time.time()
     val_loss = validate(0) if start_step == 0 else ckpt["val_loss"]
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
-    bad, t_last, timed, tok_mark, losses = 0, time.time(), 0, 0, []
-    for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        loss_val, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
-        if not math.isfinite(loss_val):
+    bad, t_last, timed, tok_mark = 0, time.time(), 0, 0
+    pending: list = []  # (step, lr, loss, grad norm) still on the device: read in one sync by flush()
+    logged: list = []  # finite losses since the last log line
+
+    def flush() -> float:
+        """Reads the pending steps' losses (the loop's one host sync), writes their metrics, counts skipped steps;
+        stops the run (exit 3) after max_bad_steps non-finite steps in a row. Returns the last grad norm."""
+        nonlocal bad
+        if not pending:
+            return float("nan")
+        values = torch.stack([torch.stack([loss, gn]).float() for _, _, loss, gn in pending]).tolist()
+        for (done, lr, _, _), (loss, gn) in zip(pending, values):
+            if math.isfinite(loss) and math.isfinite(gn):
+                bad = 0
+                logged.append(loss)
+                log.metric(step=done, loss=loss, lr=lr)
+                continue
             bad += 1
-            log.print(f"step {step + 1}: non-finite loss ({loss_val}); step skipped ({bad}/{cfg.max_bad_steps} in a row)")
+            log.print(f"step {done}: non-finite loss {loss} / grad norm {gn}; step skipped ({bad}/{cfg.max_bad_steps} in a row)")
             if bad >= cfg.max_bad_steps:
-                log.print(f"stopping: {bad} non-finite losses in a row; last good checkpoint is {cfg.out_dir}/last.pt "
+                log.print(f"stopping: {bad} non-finite steps in a row; last good checkpoint is {cfg.out_dir}/last.pt "
                           f"(lower learning_rate or use dtype=bfloat16)")
                 raise SystemExit(3)
-            continue
-        bad = 0
-        done = step + 1
-        losses.append(loss_val)
-        timed += 1
-        log.metric(step=done, loss=loss_val, lr=lr)
-        out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
-        last = done == cfg.max_steps or out_of_time
-        if done % cfg.log_interval == 0 or last:
-            now = time.time()
-            dt = (now - t_last) / max(1, timed)
-            tok_s = (batches.tokens - tok_mark) * rt.world_size / (now - t_last)  # real tokens (SFT: no padding)
-            t_last, timed, tok_mark = now, 0, batches.tokens
-            mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
-            eta = (cfg.max_steps - done) * dt
-            log.print(f"step {done}/{cfg.max_steps} | loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | "
-                      f"grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
-                      f"eta {eta / 60:.1f} min")
-            losses = []
-        if done % cfg.eval_interval == 0 or last:
-            val_loss = validate(done)
-            t_last, timed, tok_mark = time.time(), 0, batches.tokens  # keep validation out of tokens/s
-        elif done % cfg.ckpt_interval == 0:
-            checkpoint(done, val_loss, False)
-        if out_of_time:
-            log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
-            break
+        pending.clear()
+        return values[-1][1]
+
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
+            done = step + 1
+            pending.append((done, lr, loss, grad_norm))
+            timed += 1
+            out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
+            last = done == cfg.max_steps or out_of_time
+            if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
+                continue
+            gn = flush()  # before any checkpoint: a run that must stop never saves after its bad steps
+            if done % cfg.log_interval == 0 or last:
+                now = time.time()
+                dt = (now - t_last) / max(1, timed)
+                tok_s = (batches.tokens - tok_mark) * rt.world_size / (now - t_last)  # real tokens (SFT: no padding)
+                t_last, timed, tok_mark = now, 0, batches.tokens
+                mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
+                mean = f"{sum(logged) / len(logged):.4f}" if logged else "n/a"
+                log.print(f"step {done}/{cfg.max_steps} | loss {mean} | lr {lr:.2e} | grad {gn:.2f} | "
+                          f"{dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | eta {(cfg.max_steps - done) * dt / 60:.1f} min")
+                logged.clear()
+            if done % cfg.eval_interval == 0 or last:
+                val_loss = validate(done)
+                t_last, timed, tok_mark = time.time(), 0, batches.tokens  # keep validation out of tokens/s
+            elif done % cfg.ckpt_interval == 0:
+                checkpoint(done, val_loss, False)
+            if out_of_time:
+                log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
+                break
+    finally:
+        writer.wait()  # the last checkpoint is on disk before the run returns or exits
     if rt.master:
         png = plot_losses(cfg.out_dir)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"

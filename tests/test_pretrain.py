@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_shard
+from model import ModelArgs, Transformer
 from configurator import ConfigError, parse_config
 from dataset import DataError, PretrainData
 from trainer import TrainConfig, autocast_context, grad_accum_steps, lr_at, read_metrics as metrics
@@ -225,3 +226,72 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path):
     assert ckpt["step"] == 1 and ckpt["config"]["max_steps"] == 500
     train, val = metrics(out)
     assert sorted(train) == [1] and sorted(val) == [0, 1]
+
+
+def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync():
+    """train_step decides the skip on the device (fused AdamW's found_inf): a NaN loss changes nothing, not even
+    AdamW's step count (which sets its bias correction); the next finite step updates as usual."""
+    from model import ModelArgs, Transformer
+    from trainer import DeviceBatches, Runtime, train_step
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
+    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert opt.defaults.get("fused"), "the CPU path must take the same on-device skip as CUDA"
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
+
+    class Src:
+        def batch(self, step, micro):
+            g = torch.Generator().manual_seed(step)
+            w = torch.randint(0, 64, (2, 17), generator=g)
+            return w[:, :-1], w[:, 1:]
+
+    batches = DeviceBatches(Src(), 0, 1, rt.device)
+    train_step(model, opt, scaler, batches, 1, 1e-2, 1.0, rt)  # one real step: moments exist
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    real = model.forward
+    model.forward = lambda x, y: (None, real(x, y)[1] * float("nan"))
+    loss, gn = train_step(model, opt, scaler, batches, 1, 1e-2, 1.0, rt)
+    assert not torch.isfinite(loss) and isinstance(loss, torch.Tensor)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    assert all(int(opt.state[p]["step"]) == 1 for p in model.parameters())
+    model.forward = real
+    loss, gn = train_step(model, opt, scaler, batches, 1, 1e-2, 1.0, rt)
+    assert torch.isfinite(loss) and gn > 0
+    assert all(int(opt.state[p]["step"]) == 2 for p in model.parameters())
+    assert not torch.equal(before["layers.0.attention.wq.weight"], model.state_dict()["layers.0.attention.wq.weight"])
+
+
+def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
+    """The background writer saves the state as it was at save() (training goes on changing the tensors), best.pt
+    is the same file as that last.pt, and the next last.pt leaves best.pt alone."""
+    from trainer import CheckpointWriter
+    w = torch.zeros(1000)
+    writer = CheckpointWriter()
+    last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
+    writer.save({"model": {"w": w}, "step": 1}, last, best)
+    w += 1.0  # the training thread moves on at once
+    writer.wait()
+    a, b = torch.load(last), torch.load(best)
+    assert a["step"] == b["step"] == 1 and torch.equal(a["model"]["w"], torch.zeros(1000))
+    writer.save({"model": {"w": w}, "step": 2}, last)
+    writer.wait()
+    assert torch.load(last)["step"] == 2 and torch.load(best)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary files left
+    writer.save({"model": {"w": w}, "step": 3}, str(tmp_path / "missing" / "last.pt"))
+    with pytest.raises(RuntimeError, match="does not exist"):  # a failed write surfaces in the training thread
+        writer.wait()
+
+
+def test_checkpoint_keeps_the_tied_matrix_once(tmp_path):
+    from trainer import CheckpointWriter
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=640, max_seq_len=16))
+    writer = CheckpointWriter()
+    writer.save({"model": m.state_dict()}, str(tmp_path / "last.pt"))
+    writer.wait()
+    sd = torch.load(tmp_path / "last.pt")["model"]
+    assert sd["tok_embeddings.weight"].untyped_storage().data_ptr() == sd["output.weight"].untyped_storage().data_ptr()
+    m2 = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=640, max_seq_len=16))
+    m2.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

@@ -66,7 +66,7 @@ def fine_tune(steps: int, seed: int = 0):
     model.train()
     loss = float("nan")
     for _ in range(steps):
-        loss, _ = train_step(model, optimizer, scaler, batches, 1, 3e-3, 1.0, rt)
+        loss = train_step(model, optimizer, scaler, batches, 1, 3e-3, 1.0, rt)[0].item()
     model.eval()
     return model, tok, data.batch(0, 0), loss
 

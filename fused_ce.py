@@ -1,0 +1,143 @@
+"""The output layer and the cross-entropy loss in one pass, chunk by chunk, gradients included.
+
+Library module, no command line; model.Transformer uses it when the trainer sets `model.ce_chunk` (default 4096).
+  from fused_ce import linear_cross_entropy
+  loss = linear_cross_entropy(h, weight, targets, vocab_size=64793, chunk=4096)   # h (N, dim), targets (N,), -1 ignored
+Check against the plain path on CPU:  python -m pytest tests/test_model.py -k fused
+
+Why: the (N, vocab) logits are the largest tensor of training (16384 x 64832 at the seed's batch: 2 GiB in bf16,
+4 GiB once upcast for the loss), and the softmax around them is pure memory traffic. Here one (chunk, vocab) block
+exists at a time; for it we compute the loss terms and dlogits = (softmax - onehot) / n_targets, which give at
+once grad_h (chunk, dim) and a (vocab, dim) contribution to grad_weight. backward() only scales the stored
+gradients, so the logits are never recomputed.
+
+On CUDA with Triton, one kernel per block turns logits into dlogits in place (two reads and one write of the
+block, the loss terms on the side); elsewhere the same arithmetic runs as torch ops. The matmuls are cuBLAS's.
+The whole computation is one custom op, opaque to torch.compile: it needs no tracing and causes no graph break.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch fallback below does the same arithmetic
+    triton = None
+
+
+def _softmax_grad_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: torch.Tensor):
+    """logits (c, padded_vocab) -> (loss terms summed, fp32 0-d; dlogits (c, padded_vocab) in logits' dtype).
+
+    dlogits = (softmax(logits[:, :vocab_size]) - onehot(target)) * scale for rows whose target is not -1, else 0;
+    padded columns get probability 0 and gradient 0."""
+    x = logits.float()
+    x[:, vocab_size:] = float("-inf")
+    valid = targets != -1
+    tgt = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(x, dim=-1)  # (c,)
+    total = ((lse - x.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+    p = torch.exp(x - lse[:, None])
+    p[torch.arange(len(tgt), device=tgt.device), tgt] -= 1.0
+    p *= (valid * scale)[:, None]
+    return total, p.to(logits.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _softmax_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, losses_ptr, vocab_size, n_cols,
+                             BLOCK: tl.constexpr):
+        """One program per row: online logsumexp over the row (first read), then dlogits written over the logits
+        (second read, one write). losses[row] = lse - logit[target], 0 for an ignored row."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        target = tl.load(targets_ptr + row)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max and sum of exp(x - max)
+        s = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
+            new_m = tl.maximum(m, x)
+            safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # a lane with no real column yet: keep s at 0
+            s = s * tl.exp(m - safe) + tl.exp(x - safe)
+            m = new_m
+        row_max = tl.max(m, axis=0)
+        lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+        valid = target != -1
+        target_logit = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(losses_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - lse)  # padded columns: exp(-inf) = 0
+            p = tl.where(cols == target, p - 1.0, p) * row_scale
+            tl.store(base + cols, p.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, scale: torch.Tensor):
+    """_softmax_grad_torch's results; on CUDA with Triton computed in place by one kernel (logits are consumed)."""
+    if triton is None or not logits.is_cuda:
+        return _softmax_grad_torch(logits, targets, vocab_size, scale)
+    losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
+    _softmax_grad_kernel[(logits.size(0),)](logits, logits.stride(0), targets, scale, losses, vocab_size,
+                                            logits.size(1), BLOCK=4096, num_warps=8)
+    return losses.sum(), logits
+
+
+@torch.library.custom_op("babyllama::linear_ce_grads", mutates_args=())
+def linear_ce_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                    chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (N, dim), weight (padded_vocab, dim), both in the matmul dtype; targets (N,) long, -1 ignored.
+    -> (mean loss fp32 0-d, d loss / d h (N, dim) in h's dtype, d loss / d weight (padded_vocab, dim) fp32)."""
+    n_targets = (targets != -1).sum().clamp(min=1)
+    scale = (1.0 / n_targets).float().reshape(1)  # stays on the device: no host sync
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        hc = h[s:s + chunk]
+        logits = F.linear(hc, weight)  # (c, padded_vocab)
+        loss_sum, dlogits = _softmax_grad(logits, targets[s:s + chunk], vocab_size, scale)
+        total += loss_sum
+        torch.mm(dlogits, weight, out=grad_h[s:s + chunk])  # (c, dim), written in place
+        _accumulate(grad_w, dlogits.t(), hc)  # (padded_vocab, dim)
+    return total / n_targets, grad_h, grad_w
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. On CUDA with bf16/fp16 inputs the GEMM adds into the fp32 buffer itself (out_dtype),
+    saving a rounded temporary, its upcast and a separate add over the 133 MB gradient per chunk."""
+    if a.is_cuda and a.dtype != torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
+@linear_ce_grads.register_fake
+def _(h, weight, targets, vocab_size, chunk):
+    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, chunk: int):
+        dev = h.device.type  # under autocast the matmuls run in its dtype, as the plain path's would
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        loss, grad_h, grad_w = linear_ce_grads(h.to(mm), weight.to(mm), targets, vocab_size, chunk)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of h @ weight[:vocab_size].T against targets (-1 ignored), as F.cross_entropy of the
+    full logits would give, without the (N, vocab) tensor. h (N, dim), weight (padded_vocab, dim), targets (N,)."""
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk)
