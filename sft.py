@@ -29,15 +29,15 @@ class SFTConfig(TrainConfig):
     out_dir: str = "out/sft"  # where this run's checkpoints go (eval.py and chat.py read it)
     init_from: str = "out/pretrain"  # pretrained checkpoint file or run dir (its best.pt)
     data_dir: str = "data/sft"  # data_process.py sft output: train.jsonl and val.jsonl
-    batch_mode: str = "dynamic"  # dynamic (pad to the batch's longest, length-grouped) | packed | fixed (seed)
+    batch_mode: str = "packed"  # packed (whole conversations packed into full rows, 99.7% real tokens) | dynamic | fixed
     max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
     pad_multiple: int = 64  # dynamic batches pad to a multiple of this: few distinct shapes for torch.compile
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 400  # optimizer steps (packed: about 100 conversations a step, 1.4 epochs of the shared SFT data)
     learning_rate: float = 1e-4  # peak LR (lower than pretraining: the model already knows the language)
     min_lr: float = 1e-5
     warmup_steps: int = 50
     weight_decay: float = 0.0  # no decay: a short run from good weights
-    eval_interval: int = 100
+    eval_interval: int = 50
     eval_windows: int = 500  # validation conversations per pass; 0 = all
     ckpt_interval: int = 100
 
