@@ -26,7 +26,7 @@ import torch
 
 from configurator import check, config_or_exit
 from model import ModelArgs, Transformer
-from trainer import DeviceBatches, lr_at, setup_runtime, train_step, TrainConfig
+from trainer import DeviceBatches, lr_at, setup_runtime, train_step, TrainConfig, wrap_ddp
 
 VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
     "fp32_eager": (torch.float32, False, 0),
@@ -124,7 +124,7 @@ def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0)
     mode = compile_ if isinstance(compile_, str) else None
     run = torch.compile(model, mode=mode) if compile_ and rt.device.type == "cuda" else model
     if rt.world_size > 1:
-        run = torch.nn.parallel.DistributedDataParallel(run, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        run = wrap_ddp(run, rt)  # pretrain.py's DDP wrapper
     return model, run, opt, scaler
 
 

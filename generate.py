@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if TYPE_CHECKING:
@@ -122,11 +123,24 @@ def sample_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optio
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p; the best one always stays
-        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop = cumsum_rows(probs) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     # a zero draw would make 0/0 = NaN, which argmax would pick: clamp to the smallest normal float
     return (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def cumsum_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """x.cumsum(-1) for x (B, V) as two short scans (within blocks of `block`, then over the block totals).
+
+    Same sums up to float rounding; needed because torch.compile (inductor, torch 2.11) fails to generate code
+    for the split scan it picks for 64K-long rows, which broke compiled top-p sampling on the GPU."""
+    B, V = x.shape
+    n = -(-V // block) * block
+    within = F.pad(x, (0, n - V)).view(B, n // block, block).cumsum(-1)  # (B, blocks, block)
+    totals = within[..., -1]  # (B, blocks)
+    before = totals.cumsum(-1) - totals  # (B, blocks): the sum of all earlier blocks
+    return (within + before[..., None]).view(B, n)[:, :V]
 
 
 def steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,

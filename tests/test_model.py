@@ -452,3 +452,10 @@ def test_cast_for_inference_keeps_rope_fp32_and_matches_autocast():
     assert m.output.weight is m.tok_embeddings.weight  # still tied
     assert (out.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_blocked_cumsum_equals_cumsum():
+    x = torch.rand(3, 64793)
+    assert torch.allclose(generate.cumsum_rows(x), x.cumsum(-1), rtol=1e-5, atol=1e-3)
+    y = torch.rand(2, 7)
+    assert torch.allclose(generate.cumsum_rows(y, block=4), y.cumsum(-1), atol=1e-6)
