@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda > mps > cpu; or cuda, cuda:1, cpu, mps
     dtype: str = "auto"  # auto = bfloat16 where supported, else float16 (+grad scaler) on cuda, float32 on cpu
     compile: bool = True  # torch.compile the model (CUDA only; ignored elsewhere)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs: far fewer CPU launches, helps DDP)
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     # batch: the global batch is fixed in tokens, whatever the number of processes
     batch_size: int = 32  # micro-batch rows per process per forward pass
@@ -79,6 +80,7 @@ class TrainConfig:
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
         check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
+        check(self.compile_mode in ("default", "reduce-overhead"), f"compile_mode must be default|reduce-overhead, got {self.compile_mode!r}")
         check(self.max_minutes >= 0, "max_minutes must be >= 0")
         if self.tensorboard:
             import importlib.util
@@ -462,7 +464,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, limit, max(getattr(dyn, limit), 64))
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     if rt.world_size > 1:
         model = wrap_ddp(model, rt)
 
