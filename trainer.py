@@ -425,6 +425,22 @@ def evaluate(model, batches, rt: Runtime) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def out_of_minutes(max_minutes: float, t_start: float, step: int, log_interval: int, rt: Runtime) -> bool:
+    """True once the run has used max_minutes (0 = no limit). Every process must stop at the same step (a rank
+    that stops alone leaves the others waiting in a collective), and clocks differ, so under torchrun the ranks
+    agree (rank 0's clock decides) at log steps only: one small all-reduce per log line, no sync per step."""
+    if max_minutes <= 0:
+        return False
+    late = time.time() - t_start > 60 * max_minutes
+    if rt.world_size == 1:
+        return late
+    if step % log_interval:
+        return False
+    flag = torch.tensor(float(late and rt.master), device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
           tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
     """Runs (or resumes) a training run and returns a summary dict.
@@ -543,7 +559,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
             done = step + 1
             pending.append((done, lr, loss, grad_norm))
             timed += 1
-            out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
+            out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
             last = done == cfg.max_steps or out_of_time
             if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
                 continue

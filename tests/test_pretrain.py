@@ -228,6 +228,16 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path):
     assert sorted(train) == [1] and sorted(val) == [0, 1]
 
 
+def test_max_minutes_under_torchrun_stops_every_rank_at_the_same_step(tiny_corpus, tmp_path):
+    """Ranks' clocks differ; a rank stopping alone would leave the other waiting in a collective (a hang). Rank 0's
+    clock decides, at log steps: both stop at step 3 (the first log step), the run exits 0 with a checkpoint."""
+    out = tmp_path / "timed2"
+    r = run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500", "--max_minutes=0.0001",
+                      "--log_interval=3"], nproc=2)
+    assert "stopping at step 3: max_minutes=0.0001 reached" in r.stdout
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
+
+
 def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync():
     """train_step decides the skip on the device (fused AdamW's found_inf): a NaN loss changes nothing, not even
     AdamW's step count (which sets its bias correction); the next finite step updates as usual."""
