@@ -45,7 +45,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def allocate(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device, static: bool,
-                 vocab_size: int = 0) -> None:
+                 vocab_size: int) -> None:
         """Makes every layer's buffers now (zeros), and the decode state decode_step reads and updates in place:
         tok (B, 1) the token fed next, cur () its slot, pad (B,) each row's first real slot, out (B, max_len + 1)
         the chosen token of each slot, seen (B, vocab) ids already in each row, noise (B, vocab) Exp(1) draws.
