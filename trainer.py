@@ -139,9 +139,10 @@ def setup_runtime(device: str, dtype: str) -> Runtime:
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     """DistributedDataParallel with the gradients living in the all-reduce buckets (gradient_as_bucket_view): no
-    copy of every gradient into a bucket and back each step (about 150 small kernels and their launches)."""
+    copy of every gradient into a bucket and back each step (about 150 small kernels and their launches). The only
+    buffers are the rotary tables, computed identically on every rank: no broadcast of them before each forward."""
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                                     gradient_as_bucket_view=True)
+                                                     gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
