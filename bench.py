@@ -128,8 +128,8 @@ def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0)
     return model, run, opt, scaler
 
 
-def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int, tokens_of=None) -> dict:
-    """Times `steps` real train_step calls after `warmup` ones; tokens_of(step) -> tokens counted for a step."""
+def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int) -> dict:
+    """Times `steps` real train_step calls after `warmup` ones (the caller turns the seconds into tokens/s)."""
     for _ in range(warmup):
         train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)
     sync(rt.device)

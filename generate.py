@@ -213,12 +213,6 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
         rows[row, S - len(p):] = torch.tensor(p, dtype=torch.long)
     prompt = rows.to(device)  # (B, S) left-padded
     pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) first real slot per row
-    seen = None  # (B, vocab_size) ids already in each row, for the repetition penalty
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, a.vocab_size, dtype=torch.bool)
-        for row, p in enumerate(prompts):
-            seen[row, torch.tensor(p)] = True
-        seen = seen.to(device)
 
     dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else model.tok_embeddings.weight.dtype  # what the k/v projections produce
@@ -240,6 +234,12 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
     else:
         cache = KVCache(a.n_layers, a.max_seq_len)
         cache.allocate(B, *shape[1:], static=False, vocab_size=a.vocab_size)
+    seen = None  # cache.seen (B, vocab_size): ids already in each row, for the repetition penalty
+    if repetition_penalty != 1.0:
+        ids = torch.zeros(B, a.vocab_size, dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            ids[row, torch.tensor(p)] = True
+        seen = cache.seen.copy_(ids)  # in place: the buffer's address is what the compiled step reads
     was_training = model.training
     model.eval()
     try:
@@ -259,8 +259,6 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
         cache.cur.fill_(S)
         cache.tok.copy_(nxt[:, None])
         cache.out[:, S] = nxt
-        if seen is not None:
-            cache.seen.copy_(seen)
         finished, flushed = [False] * B, 0
         for step in range(1, max_new_tokens + 1):
             if step % sync_every == 0 or step == max_new_tokens:
