@@ -456,10 +456,12 @@ class SFTData:
         return self.padding_stats(n_batches)["nonpad"]
 
     def describe(self) -> str:
-        c = self.counts
+        c, per_epoch = self.counts, self.epoch_batches()
+        batching = (f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {per_epoch:,}/epoch" if per_epoch
+                    else f"too few for one {self.mode} batch; validation pads its own batches of {self.batch_size}")
         return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
                 f"dropped, {c['truncated']:,} truncated) | {c['tokens']:,} tokens, {c['supervised']:,} supervised | "
-                f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {self.epoch_batches():,}/epoch")
+                f"{batching}")
 
 
 def _pack_ffd(samples: np.ndarray, ex_len: np.ndarray, capacity: int) -> List[List[int]]:

@@ -295,7 +295,7 @@ def test_tokens_in_batch_counts_real_tokens():
 
 def test_too_few_samples_for_a_batch_fail_only_when_batched():
     data = SFTData(records(3), TOK, max_seq_len=64, batch_size=4, mode="packed")  # 3 samples fill 1 row < 4 rows
-    assert "0/epoch" in data.describe()  # a small val split in packed mode must still build (sft.py evaluates it)
+    assert "too few for one packed batch" in data.describe()  # a small val split in packed mode must still build (sft.py evaluates it)
     assert sum(x.shape[0] for x, _ in data.eval_batches()) == 3
     with pytest.raises(SFTDataError, match="no full batch"):
         data.batch(0, 0)

@@ -323,7 +323,7 @@ def test_model_buffers_are_derived_so_ddp_need_not_broadcast_them():
 
 
 def test_compile_mode_auto_takes_cuda_graphs_only_under_ddp():
-    """auto: CUDA graphs where the host would lag (DDP, measured 1.79x -> 1.86x on 2 GPUs), plain compile on one."""
+    """auto: CUDA graphs where the host would lag (DDP: 1,734K -> 1,817K tokens/s on 2 H200s), plain compile on one."""
     from trainer import Runtime, compile_mode
     one = Runtime(torch.device("cuda"), 0, 0, 1, torch.bfloat16)
     two = Runtime(torch.device("cuda"), 1, 1, 2, torch.bfloat16)
