@@ -5,8 +5,8 @@ On one GPU, the seed's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793
     python bench.py --what=parity --data_dir=data/pretrain --steps=300   # fast path vs eager fp32 losses
     python bench.py --what=sft --sft_data=data/sft/train.jsonl
     python bench.py --what=data --data_input=corpus.json --data_workers=2
-Several GPUs (data-parallel scaling of the same step):
-    torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile
+Several GPUs (data-parallel scaling of the step pretrain.py runs under torchrun, CUDA graphs included):
+    torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile_ce4k_cg
 Tiny CPU run:
     python bench.py --what=train,gen --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=64 --batch_size=4 \
         --steps=3 --warmup=1 --variants=fp32_eager --gen_new_tokens=16

@@ -396,6 +396,11 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
         group["lr"] = lr
     if rt.device.type == "cuda":  # a new iteration for CUDA graphs (torch.compile mode="reduce-overhead")
         torch.compiler.cudagraph_mark_step_begin()
+    if accum > 1:  # accumulate into allocated gradients (see zero_grad below); allocated once per run
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(accum):
         if rt.world_size > 1:  # all-reduce gradients on the last micro-step only
@@ -422,7 +427,10 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
         if finite.item():
             scaler.step(optimizer)
         scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # With accumulation the gradients are zeroed, not freed. A freed .grad would be replaced by the first micro-step's
+    # gradient tensor itself, and under CUDA graphs that tensor lives in the graph's memory pool, overwritten by the
+    # next micro-step's replay: silently wrong gradients (pytorch/pytorch#169545; tests/test_gpu.py checks this).
+    optimizer.zero_grad(set_to_none=accum == 1)
     return loss_sum, grad_norm
 
 

@@ -1,5 +1,5 @@
 """Checks that need a CUDA GPU (skipped elsewhere): the Triton loss kernel and the GPU-only GEMM path of fused_ce,
-the on-device step skip, and CUDA-graph decoding against eager decoding.
+the on-device step skip, CUDA-graph decoding against eager decoding, CUDA-graph training with accumulation.
 
 Run on a GPU machine:  python -m pytest -q tests/test_gpu.py
 """
@@ -80,3 +80,30 @@ def test_non_finite_step_is_skipped_on_the_device():
     assert not torch.isfinite(loss).item()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(int(opt.state[p]["step"]) == 1 for p in model.parameters())
+
+
+def test_cuda_graph_training_with_accumulation_equals_eager():
+    """torch.compile(mode="reduce-overhead") (the default under torchrun) with 2 micro-steps per optimizer step: the
+    accumulated gradient norm and the loss match eager's. Freed gradients between steps let AccumulateGrad adopt a
+    tensor from the CUDA graph's pool that the next micro-step overwrites (pytorch/pytorch#169545)."""
+    from trainer import DeviceBatches, Runtime, train_step
+
+    class Src:
+        def batch(self, step, micro):
+            w = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(100 * step + micro))
+            return w[:, :-1], w[:, 1:]
+
+    rt = Runtime(torch.device("cuda"), 0, 0, 1, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    for mode in (None, "reduce-overhead"):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=32)).cuda()
+        opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        run = model if mode is None else torch.compile(model, mode=mode)
+        batches = DeviceBatches(Src(), 0, 2, rt.device)
+        steps = [train_step(run, opt, scaler, batches, 2, 1e-2, 1e9, rt) for _ in range(4)]  # no clipping: raw norm
+        results.append([(loss.item(), norm.item()) for loss, norm in steps])
+    for (l0, n0), (l1, n1) in zip(*results):
+        assert l1 == pytest.approx(l0, rel=1e-3) and n1 == pytest.approx(n0, rel=1e-2), results
