@@ -500,13 +500,14 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
         rngs = ckpt["rng"]
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
-    raw_model = model
+    raw_model, compiled = model, "eager"
     if cfg.compile and rt.device.type == "cuda":
         # SFT rows come in up to max_seq_len / pad_multiple widths, each a graph in train and in eval mode
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, limit, max(getattr(dyn, limit), 64))
-        model = torch.compile(model, mode=compile_mode(cfg.compile_mode, rt))
+        mode = compile_mode(cfg.compile_mode, rt)
+        model, compiled = torch.compile(model, mode=mode), f"compiled ({mode or 'default'})"
     if rt.world_size > 1:
         model = wrap_ddp(model, rt)
 
@@ -514,7 +515,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     flops_tok, peak = raw_model.flops_per_token(seq_len), peak_flops(rt.device, cfg.peak_tflops)
     peak = peak * rt.world_size if peak else None  # the logged tokens/s are all ranks'
     log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | {str(rt.dtype)[6:]}"
-              f" | compile {cfg.compile and rt.device.type == 'cuda'}")
+              f" | {compiled}")
     log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
               f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps / 1e6:,.1f}M tokens")
     log.print(f"data: {train_src.describe()} | {val_src.describe()}")
