@@ -16,6 +16,14 @@ from model import ModelArgs, Transformer  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+class RandomBatches:
+    """(x, y) of 4 rows x 32 tokens from a 256-id vocabulary, a fixed function of (step, micro-step)."""
+
+    def batch(self, step, micro):
+        w = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(100 * step + micro))
+        return w[:, :-1], w[:, 1:]
+
+
 def loss_and_grads(model, x, y, ce_chunk):
     model.zero_grad(set_to_none=True)
     model.ce_chunk = ce_chunk
@@ -66,12 +74,7 @@ def test_non_finite_step_is_skipped_on_the_device():
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     rt = Runtime(torch.device("cuda"), 0, 0, 1, torch.bfloat16)
 
-    class Src:
-        def batch(self, step, micro):
-            w = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(step))
-            return w[:, :-1], w[:, 1:]
-
-    batches = DeviceBatches(Src(), 0, 1, rt.device)
+    batches = DeviceBatches(RandomBatches(), 0, 1, rt.device)
     train_step(model, opt, scaler, batches, 1, 1e-2, 1.0, rt)
     before = [p.detach().clone() for p in model.parameters()]
     real = model.forward
@@ -88,22 +91,20 @@ def test_cuda_graph_training_with_accumulation_equals_eager():
     tensor from the CUDA graph's pool that the next micro-step overwrites (pytorch/pytorch#169545)."""
     from trainer import DeviceBatches, Runtime, train_step
 
-    class Src:
-        def batch(self, step, micro):
-            w = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(100 * step + micro))
-            return w[:, :-1], w[:, 1:]
-
     rt = Runtime(torch.device("cuda"), 0, 0, 1, torch.float32)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     results = []
-    for mode in (None, "reduce-overhead"):
-        torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=32)).cuda()
-        opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        run = model if mode is None else torch.compile(model, mode=mode)
-        batches = DeviceBatches(Src(), 0, 2, rt.device)
-        steps = [train_step(run, opt, scaler, batches, 2, 1e-2, 1e9, rt) for _ in range(4)]  # no clipping: raw norm
-        results.append([(loss.item(), norm.item()) for loss, norm in steps])
+    try:
+        for mode in (None, "reduce-overhead"):
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=32)).cuda()
+            opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+            run = model if mode is None else torch.compile(model, mode=mode)
+            batches = DeviceBatches(RandomBatches(), 0, 2, rt.device)
+            steps = [train_step(run, opt, scaler, batches, 2, 1e-2, 1e9, rt) for _ in range(4)]  # no clipping: raw norm
+            results.append([(loss.item(), norm.item()) for loss, norm in steps])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     for (l0, n0), (l1, n1) in zip(*results):
         assert l1 == pytest.approx(l0, rel=1e-3) and n1 == pytest.approx(n0, rel=1e-2), results
