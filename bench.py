@@ -56,6 +56,7 @@ class BenchConfig:
     parity_steps: int = 300  # parity: optimizer steps on real data, both paths
     sft_data: str = "data/sft/train.jsonl"  # sft: normalized conversations
     sft_modes: str = "fixed,dynamic,packed"  # sft batch modes to time
+    sft_variant: str = "bf16_compile_ce4k_cg"  # sft: the step as sft.py runs it by default on a GPU
     gen_batches: str = "1,32"  # generation batch sizes
     gen_prompt_len: int = 32
     gen_new_tokens: int = 256
@@ -73,6 +74,7 @@ class BenchConfig:
             check(v in VARIANTS, f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
         check(self.steps > 0 and self.warmup >= 0, "need steps > 0 and warmup >= 0")
         check(self.parity_variant in VARIANTS, f"--parity_variant: unknown {self.parity_variant!r}")
+        check(self.sft_variant in VARIANTS, f"--sft_variant: unknown {self.sft_variant!r}")
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size,
@@ -129,12 +131,13 @@ def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0)
 
 
 def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int) -> dict:
-    """Times `steps` real train_step calls after `warmup` ones (the caller turns the seconds into tokens/s)."""
+    """Times `steps` real train_step calls after `warmup` ones (the caller turns the seconds into tokens/s).
+    The peak memory spans the warm-up too: CUDA graphs allocate their private pool while recording, never after."""
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     for _ in range(warmup):
         train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)
     sync(rt.device)
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         losses.append(train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)[0])  # read after timing
@@ -183,7 +186,7 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
 
 
 def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
-    """Real (non-padding) tokens per second of the SFT step, per batch mode, bf16 (+compile on CUDA)."""
+    """Real (non-padding) tokens per second of the SFT step, per batch mode: `sft_variant` on CUDA, fp32 elsewhere."""
     from chatglm_tokenizer import load_tokenizer
     from dataset_sft import SFTData
     args = cfg.model_args()
@@ -192,11 +195,12 @@ def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
     for mode in cfg.sft_modes.split(","):
         data = base.with_mode(mode)
         real = [int((data.batch(s, 0)[0] != 0).sum()) for s in range(cfg.warmup + cfg.steps)]
-        rt = dataclasses.replace(base_rt, dtype=torch.bfloat16 if base_rt.device.type == "cuda" else torch.float32)
-        _, run, opt, scaler = build(args, rt, compile_=rt.device.type == "cuda")
+        dtype, compile_, ce_chunk = VARIANTS[cfg.sft_variant] if base_rt.device.type == "cuda" else VARIANTS["fp32_eager"]
+        rt = dataclasses.replace(base_rt, dtype=dtype)
+        _, run, opt, scaler = build(args, rt, compile_, ce_chunk=ce_chunk)
         r = time_steps(run, opt, scaler, DeviceBatches(data, 0, 1, rt.device), rt, cfg.steps, cfg.warmup)
         emit({"bench": "sft", "mode": mode, "real_tokens_per_s": sum(real[cfg.warmup:]) / r["seconds"],
-              "nonpad_fraction": data.nonpad_fraction(), **r})
+              "variant": cfg.sft_variant, "nonpad_fraction": data.nonpad_fraction(), **r})
 
 
 def bench_gen(cfg: BenchConfig, rt, emit) -> None:
@@ -256,7 +260,7 @@ def main() -> None:
         os.replace(cfg.out + ".tmp", cfg.out)
         print(f"\n{'bench':<7}{'what':<16}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
         for r in rows:
-            what = r.get("variant") or r.get("mode") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
+            what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
             print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}"
                   f"{100 * r.get('mfu', 0):>6.1f}%")
