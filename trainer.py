@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -156,8 +157,12 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     57% of the gradient bytes, is complete only after the last backward op) and each graph costs host time:
     2 x H200 with CUDA graphs, 18.1 -> 17.8 ms/step; without, 18.7 -> 18.3."""
     torch._dynamo.config.optimize_ddp = False
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                                     gradient_as_bucket_view=True, broadcast_buffers=False)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):

@@ -322,6 +322,23 @@ def test_model_buffers_are_derived_so_ddp_need_not_broadcast_them():
     assert all(torch.equal(a, b) for a, b in zip(m.buffers(), other.buffers()))
 
 
+def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_path):
+    """torch 2.13 deprecates broadcast_buffers with a FutureWarning on every torchrun start; wrap_ddp uses whichever
+    name this torch has, and either way DDP does not re-send the rotary tables before each forward."""
+    import warnings
+    import torch.distributed as dist
+    from trainer import Runtime, wrap_ddp
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            ddp = wrap_ddp(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16)),
+                           Runtime(torch.device("cpu"), 0, 0, 1, torch.float32))
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
+    finally:
+        dist.destroy_process_group()
+
+
 def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
     """reduce-overhead (CUDA graphs) by default: same losses and memory, 2-10% faster on one H200, more under DDP."""
     from trainer import compile_mode
