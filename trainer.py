@@ -142,8 +142,8 @@ def setup_runtime(device: str, dtype: str) -> Runtime:
 def compile_mode(mode: str) -> Optional[str]:
     """torch.compile's mode argument. reduce-overhead replays the forward and backward as CUDA graphs (one launch
     instead of hundreds of kernels), so the GPU never waits for the host: same losses and peak memory (4.24 vs 4.27
-    GiB with the graphs' pool), 2-10% faster on one H200 in pretrain.py (858-940K -> 941-984K tokens/s), and under
-    DDP, where the host lags most, 1,734K -> 1,817K tokens/s on 2 x H200."""
+    GiB with the graphs' pool), faster the slower the host: one H100 787K -> 876K tokens/s (bench.py), one H200
+    858-940K -> 941-984K (pretrain.py), 2 x H200 under DDP 1,734K -> 1,817K."""
     return None if mode == "default" else mode
 
 
