@@ -1,0 +1,67 @@
+"""bench.py on CPU at a tiny config: its numbers follow from what it timed, and its parity harness compares like with like.
+
+    python -m pytest tests/test_bench.py -q
+
+The GPU figures of the README come from the same code paths (notes/speed.md has the commands). The SFT test needs the
+real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skips without it.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from model import ModelArgs, Transformer
+
+TINY = ["--dim=32", "--n_layers=1", "--n_heads=2", "--max_seq_len=16", "--vocab_size=128", "--batch_size=4",
+        "--device=cpu"]
+
+
+def run_bench(tmp_path, *flags):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", *TINY, f"--out={out}", *flags], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_train_rows_follow_from_the_timed_steps(tmp_path):
+    report, stdout = run_bench(tmp_path, "--what=train", "--variants=fp32_eager", "--steps=3", "--warmup=1")
+    (row,) = report["rows"]
+    assert row["variant"] == "fp32_eager" and row["gpus"] == 1
+    assert row["tokens_per_s"] == pytest.approx(4 * 16 * 3 / row["seconds"], rel=1e-9)
+    assert row["step_ms"] == pytest.approx(1000 * row["seconds"] / 3, rel=1e-9)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, max_seq_len=16, vocab_size=128)
+    assert row["params"] == Transformer(args).num_params()
+    # random tokens, 4 small AdamW steps from the initialisation: the loss is still near ln(vocab)
+    assert abs(row["last_loss"] - math.log(128)) < 0.5
+    assert report["config"]["variants"] == "fp32_eager"
+    table = stdout.splitlines()[-1].split()
+    assert table[:2] == ["train", "fp32_eager"] and table[2].replace(",", "") == str(round(row["tokens_per_s"]))
+
+
+def test_parity_harness_gives_zero_gaps_for_the_same_path(tmp_path, tiny_corpus):
+    """fp32 eager against itself on CPU: same init, same batches, same schedule -> identical losses. A harness that
+    fed the two paths different batches or seeds would show gaps here and make the GPU parity figure meaningless."""
+    report, _ = run_bench(tmp_path, "--what=parity", f"--data_dir={tiny_corpus}", "--parity_variant=fp32_eager",
+                          "--parity_steps=6", "--vocab_size=512")
+    (row,) = report["rows"]
+    assert row["steps"] == 6 and row["max_gap"] == 0.0 and row["mean_gap"] == 0.0
+    assert row["fp32_first_last"] == row["fast_first_last"]
+    assert row["fp32_first_last"][1] < row["fp32_first_last"][0]  # it trained: the last loss is below the first
+
+
+def test_sft_rows_count_real_tokens_and_packing_wastes_less(tmp_path, tokenizer_path):
+    convs = [{"conversations": [{"role": "user", "content": "问题" * (1 + i % 5)},
+                                {"role": "assistant", "content": "回答很长" * (1 + i % 3)}]} for i in range(40)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
+    report, _ = run_bench(tmp_path, "--what=sft", f"--sft_data={data}", "--sft_modes=fixed,packed", "--steps=2",
+                          "--warmup=1", "--max_seq_len=64", "--vocab_size=64793", f"--tokenizer={tokenizer_path}")
+    fixed, packed = report["rows"]
+    assert (fixed["mode"], packed["mode"]) == ("fixed", "packed")
+    assert 0 < fixed["nonpad_fraction"] < 0.5 < packed["nonpad_fraction"] <= 1
+    for row in (fixed, packed):  # real tokens per second: never more than the padded rows the step processed
+        assert 0 < row["real_tokens_per_s"] <= 4 * 64 * 2 / row["seconds"] + 1e-6
