@@ -155,7 +155,8 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     A compiled model stays one graph (optimize_ddp off) rather than one per gradient bucket: the all-reduces then
     wait for the whole backward instead of overlapping it, but little could overlap anyway (the tied embedding,
     57% of the gradient bytes, is complete only after the last backward op) and each graph costs host time:
-    2 x H200 with CUDA graphs, 18.1 -> 17.8 ms/step; without, 18.7 -> 18.3."""
+    2 x H200 with CUDA graphs, 18.1 -> 17.8 ms/step; without, 18.7 -> 18.3. Tracing the reducer into the compiled
+    backward (optimize_ddp="python_reducer" + compiled autograd) was slower still: 18.3 ms."""
     torch._dynamo.config.optimize_ddp = False
     DDP = torch.nn.parallel.DistributedDataParallel
     # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
