@@ -6,6 +6,7 @@ copy) if that file exists; .ci/run sets both variables. Most tests need no token
 """
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +29,21 @@ def write_shard(path: str, ids, split: str, vocab_size: int, tokenizer_sha256=No
             "eos_id": 2, "tokenizer_sha256": tokenizer_sha256, "tokens": int(arr.size), "documents": 1}
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(meta, f)
+
+
+def run_script(script: str, args, nproc: int = 1, stdin=None, timeout: int = 300, threads: int = 1, check: bool = True):
+    """Run a repository script as a user would: `python script args` or, with nproc > 1, torchrun -> CompletedProcess.
+    check: a non-zero exit fails the test with both output tails (a crash in one torchrun worker shows only in its
+    stderr); pass check=False to assert on an expected failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run([*launcher, script, *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        pytest.fail(f"{script} exited {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}",
+                    pytrace=False)
+    return r
 
 
 @pytest.fixture

@@ -7,12 +7,10 @@ real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skips without it.
 """
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import run_script
 from model import ModelArgs, Transformer
 
 TINY = ["--dim=32", "--n_layers=1", "--n_heads=2", "--max_seq_len=16", "--vocab_size=128", "--batch_size=4",
@@ -21,9 +19,7 @@ TINY = ["--dim=32", "--n_layers=1", "--n_heads=2", "--max_seq_len=16", "--vocab_
 
 def run_bench(tmp_path, *flags):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", *TINY, f"--out={out}", *flags], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("bench.py", [*TINY, f"--out={out}", *flags])
     return json.loads(out.read_text()), r.stdout
 
 

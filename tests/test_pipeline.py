@@ -6,24 +6,19 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA
+from conftest import SHARED_DATA, run_script
 from trainer import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
                 ("c4-style-csl-abstracts.jsonl", "medical-encyclopedia-style.jsonl")]
 
 
-def run(args, timeout=400):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    return r.stdout
+def run(args):
+    return run_script(args[0], args[1:], timeout=400, threads=2).stdout
 
 
 @pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason="needs ../shared/data")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, write_shard
+from conftest import ROOT, run_script, write_shard
 from model import ModelArgs, Transformer
 from configurator import ConfigError, parse_config
 from dataset import DataError, PretrainData
@@ -21,16 +21,8 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_
         "--learning_rate=3e-3", "--min_lr=3e-4"]
 
 
-def run_pretrain(args, nproc=1, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    if nproc == 1:
-        cmd = [sys.executable, "pretrain.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "pretrain.py", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+def run_pretrain(args, nproc=1):
+    return run_script("pretrain.py", args, nproc=nproc)
 
 
 # ---- dataset.py -------------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def test_config_errors_are_one_line(tmp_path):
     cfg_file.write_text(json.dumps({"dim": 64, "n_heads": 4}))
     cfg = parse_config(PretrainConfig, ["--config", str(cfg_file), "--n_heads=2"])
     assert (cfg.dim, cfg.n_heads) == (64, 2)
-    r = subprocess.run([sys.executable, "pretrain.py", "--max_stpes=3"], cwd=ROOT, capture_output=True, text=True)
+    r = run_script("pretrain.py", ["--max_stpes=3"], check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--max_stpes" in r.stderr
 
 

@@ -6,15 +6,11 @@ test_tiny_model_learns_fixture_answers_word_for_word needs no tokenizer.model (a
 test_sft_script_ddp_run_and_resume needs the real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skips without it.
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import ROOT, write_shard
+from conftest import run_script, write_shard
 from dataset_sft import SFTData, render_prompt
 from model import ModelArgs, Transformer
 from trainer import DeviceBatches, Runtime, train_step
@@ -111,16 +107,6 @@ TINY = ["--dim=32", "--n_layers=1", "--n_heads=4", "--max_seq_len=64", "--vocab_
         "--learning_rate=3e-3", "--min_lr=3e-4"]
 
 
-def run(script, args, nproc=1, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launcher, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:  # the whole tail, unabridged: a crash in one torchrun worker shows only in its stderr
-        pytest.fail(f"{script} exited {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}", pytrace=False)
-    return r
-
-
 def write_sft_split(path, pairs):
     with open(path, "w", encoding="utf-8") as f:
         for q, a in pairs:
@@ -136,7 +122,7 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     write_shard(str(shards / "train_00000.bin"), rng.integers(3, 64793, size=4000), "train", 64793)
     write_shard(str(shards / "val_00000.bin"), rng.integers(3, 64793, size=1000), "val", 64793)
     pre = tmp_path / "pre"
-    run("pretrain.py", [*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"])
+    run_script("pretrain.py", [*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"])
 
     sft_data = tmp_path / "sft_data"
     sft_data.mkdir()
@@ -146,14 +132,14 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     sft_args = ["--device=cpu", "--compile=false", "--batch_size=4", "--warmup_steps=1", "--learning_rate=1e-3",
                 "--min_lr=1e-4", "--log_interval=1", "--eval_windows=8", "--eval_interval=2", "--pad_multiple=8",
                 f"--init_from={pre}", f"--data_dir={sft_data}", f"--out_dir={out}", f"--tokenizer={tokenizer_path}"]
-    r = run("sft.py", [*sft_args, "--max_steps=2"], nproc=2)
+    r = run_script("sft.py", [*sft_args, "--max_steps=2"], nproc=2)
     assert "x2" in r.stdout, r.stdout  # both processes took part (the banner says device cpu x2)
     first = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert first["kind"] == "sft" and first["step"] == 2
     assert first["model_args"]["vocab_size"] == 64793 and first["tokenizer_sha256"]
     assert np.isfinite(first["val_loss"])
 
-    r = run("sft.py", [*sft_args, "--max_steps=4", "--resume"], nproc=2)
+    r = run_script("sft.py", [*sft_args, "--max_steps=4", "--resume"], nproc=2)
     assert "resuming from" in r.stdout and "at step 2" in r.stdout, r.stdout
     second = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert second["kind"] == "sft" and second["step"] == 4
