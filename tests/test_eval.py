@@ -196,14 +196,15 @@ def test_checkpoint_of_another_vocabulary_is_rejected():
 
 def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, "not json"])
-    r = run_script("eval.py", [f"--data={path}", "--ckpt=/nonexistent"], check=False)
+    r = run_script("eval.py", [f"--data={path}", "--ckpt=/nonexistent"], check=False, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and f"{path}:2: not JSON" in r.stderr
 
 
 def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path):
     torch.save(tiny_ckpt(tiny_model()), tmp_path / "best.pt")  # vocab 96, not the tokenizer's 64793
-    r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], check=False)
+    r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], check=False,
+                   timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "another vocabulary" in r.stderr
 
@@ -347,7 +348,7 @@ def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     model = tiny_model(max_seq_len=64, vocab_size=64793)
     torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
     r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}"],
-                   stdin="你好\n感冒了怎么办？\n/quit\n")
+                   stdin="你好\n感冒了怎么办？\n/quit\n", timeout=120)
     assert "你> 你好" in r.stdout and "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
 
 
@@ -358,7 +359,7 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
-                               "--val_bin=none", f"--tokenizer={tokenizer_path}"])
+                               "--val_bin=none", f"--tokenizer={tokenizer_path}"], timeout=120)
     assert r.stdout.strip().splitlines()[-1].startswith("BLEU-4 (nltk, jieba, method1): ")
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["samples"] == 3

@@ -21,10 +21,6 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_
         "--learning_rate=3e-3", "--min_lr=3e-4"]
 
 
-def run_pretrain(args, nproc=1):
-    return run_script("pretrain.py", args, nproc=nproc)
-
-
 # ---- dataset.py -------------------------------------------------------------------------------------
 
 def test_reads_every_shard_and_order_is_a_function_of_step(tiny_corpus):
@@ -121,7 +117,8 @@ def test_config_errors_are_one_line(tmp_path):
 
 def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tmp_path):
     out = str(tmp_path / "run")
-    run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60", "--eval_interval=30"])
+    run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60",
+                               "--eval_interval=30"])
     _, val = metrics(out)
     assert val[0] > math.log(512) - 0.3 and val[60] < val[0] - 1.0, val
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
@@ -139,8 +136,8 @@ def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
     """Two gloo ranks, accumulation 1 == one process, accumulation 2, at the same global batch.
     Catches gradients that are not all-reduced (the seed's DDP + accumulation bug): ranks drift apart."""
     common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=20", "--eval_interval=20", "--batch_tokens=256"]
-    run_pretrain([*common, f"--out_dir={tmp_path / 'one'}"])
-    run_pretrain([*common, f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'one'}"])
+    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'two'}"], nproc=2)
     one, val1 = metrics(tmp_path / "one")
     two, val2 = metrics(tmp_path / "two")
     assert sorted(one) == list(range(1, 21)) == sorted(two)
@@ -151,7 +148,7 @@ def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
 
 def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
     common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=30", "--eval_interval=10", "--dropout=0.1"]
-    run_pretrain([*common, f"--out_dir={tmp_path / 'full'}"])
+    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'full'}"])
     full, _ = metrics(tmp_path / "full")
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -166,7 +163,7 @@ def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
     p.wait()
     stopped_at = torch.load(out / "last.pt", weights_only=False)["step"]
     assert 10 <= stopped_at < 30
-    run_pretrain([*common, f"--out_dir={out}", "--resume"])
+    run_script("pretrain.py", [*common, f"--out_dir={out}", "--resume"])
     resumed, _ = metrics(out)
     for step in range(stopped_at + 1, 31):
         assert abs(resumed[step] - full[step]) < 1e-5, (step, resumed[step], full[step])
@@ -212,7 +209,8 @@ def test_bare_cuda_gets_this_process_index(monkeypatch):
 
 def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path):
     out = tmp_path / "timed"
-    r = run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500", "--max_minutes=0.0001"])
+    r = run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500",
+                                   "--max_minutes=0.0001"])
     assert "stopping at step 1: max_minutes=0.0001 reached" in r.stdout
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["step"] == 1 and ckpt["config"]["max_steps"] == 500
@@ -224,8 +222,8 @@ def test_max_minutes_under_torchrun_stops_every_rank_at_the_same_step(tiny_corpu
     """Ranks' clocks differ; a rank stopping alone would leave the other waiting in a collective (a hang). Rank 0's
     clock decides, at log steps: both stop at step 3 (the first log step), the run exits 0 with a checkpoint."""
     out = tmp_path / "timed2"
-    r = run_pretrain([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500", "--max_minutes=0.0001",
-                      "--log_interval=3", "--peak_tflops=1"], nproc=2)
+    r = run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500",
+                                   "--max_minutes=0.0001", "--log_interval=3", "--peak_tflops=1"], nproc=2)
     assert "stopping at step 3: max_minutes=0.0001 reached" in r.stdout
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
     # MFU: the logged tokens/s are both ranks', so the peak is both cards' (2 x 1 TFLOP/s here)

@@ -122,7 +122,8 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     write_shard(str(shards / "train_00000.bin"), rng.integers(3, 64793, size=4000), "train", 64793)
     write_shard(str(shards / "val_00000.bin"), rng.integers(3, 64793, size=1000), "val", 64793)
     pre = tmp_path / "pre"
-    run_script("pretrain.py", [*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"])
+    run_script("pretrain.py", [*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"],
+               timeout=120)
 
     sft_data = tmp_path / "sft_data"
     sft_data.mkdir()
@@ -132,14 +133,14 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     sft_args = ["--device=cpu", "--compile=false", "--batch_size=4", "--warmup_steps=1", "--learning_rate=1e-3",
                 "--min_lr=1e-4", "--log_interval=1", "--eval_windows=8", "--eval_interval=2", "--pad_multiple=8",
                 f"--init_from={pre}", f"--data_dir={sft_data}", f"--out_dir={out}", f"--tokenizer={tokenizer_path}"]
-    r = run_script("sft.py", [*sft_args, "--max_steps=2"], nproc=2)
+    r = run_script("sft.py", [*sft_args, "--max_steps=2"], nproc=2, timeout=120)
     assert "x2" in r.stdout, r.stdout  # both processes took part (the banner says device cpu x2)
     first = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert first["kind"] == "sft" and first["step"] == 2
     assert first["model_args"]["vocab_size"] == 64793 and first["tokenizer_sha256"]
     assert np.isfinite(first["val_loss"])
 
-    r = run_script("sft.py", [*sft_args, "--max_steps=4", "--resume"], nproc=2)
+    r = run_script("sft.py", [*sft_args, "--max_steps=4", "--resume"], nproc=2, timeout=120)
     assert "resuming from" in r.stdout and "at step 2" in r.stdout, r.stdout
     second = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert second["kind"] == "sft" and second["step"] == 4
