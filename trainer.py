@@ -156,7 +156,8 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     wait for the whole backward instead of overlapping it, but little could overlap anyway (the tied embedding,
     57% of the gradient bytes, is complete only after the last backward op) and each graph costs host time:
     2 x H200 with CUDA graphs, 18.1 -> 17.8 ms/step; without, 18.7 -> 18.3. Tracing the reducer into the compiled
-    backward (optimize_ddp="python_reducer" + compiled autograd) was slower still: 18.3 ms."""
+    backward (optimize_ddp="python_reducer" + compiled autograd) was slower still: 18.3 ms; so was syncing the tied
+    weight's output-layer part under the backward and its lookup rows after it (18.9 vs 18.5, notes/speed.md)."""
     torch._dynamo.config.optimize_ddp = False
     DDP = torch.nn.parallel.DistributedDataParallel
     # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
