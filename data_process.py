@@ -59,7 +59,7 @@ class Config:
     inputs: list[str] = field(default_factory=list)  # comma-separated files, each optionally path:format; empty = data/sample/<mode>/*
     manifest: str = ""  # text file, one input per line: "path" or "path format" ('#' starts a comment)
     out_dir: str = ""  # empty = data/<mode>
-    tokenizer: str = ""  # explicit tokenizer.model path (else BABYLLAMA_TOKENIZER, chatglm_tokenizer/tokenizer.model, HF download)
+    tokenizer: str = ""  # explicit tokenizer.model path (else BABYLLAMA_TOKENIZER, chatglm_tokenizer/, ../shared, HF download)
     num_workers: int = 0  # tokenizer processes; 0 = one per CPU core
     chunk_chars: int = 1 << 20  # characters of text per task sent to a worker (bigger = less IPC overhead, more memory)
     max_pending: int = 0  # tasks in flight at once (bounds memory); 0 = 2 * num_workers + 2

@@ -76,7 +76,9 @@ class TrainConfig:
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
         check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
-        check(0 <= self.warmup_steps < self.max_steps, "need 0 <= warmup_steps < max_steps")
+        check(0 <= self.warmup_steps < self.max_steps,
+              f"--warmup_steps={self.warmup_steps} must be >= 0 and below --max_steps={self.max_steps} "
+              f"(a short run: add --warmup_steps={self.max_steps // 10})")
         check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")

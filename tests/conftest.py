@@ -14,9 +14,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-_SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
-if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(_SHARED_TOKENIZER):
-    os.environ["BABYLLAMA_TOKENIZER"] = os.path.abspath(_SHARED_TOKENIZER)
+from chatglm_tokenizer.tokenizer import SHARED_PATH  # noqa: E402 (needs ROOT on sys.path)
+
+# the scripts find ../shared themselves; the variable also serves tests that pass the path explicitly
+if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(SHARED_PATH):
+    os.environ["BABYLLAMA_TOKENIZER"] = SHARED_PATH
 # real corpora for end-to-end tests: $BABYLLAMA_SHARED_DATA (set by .ci/run), else ../shared/data
 SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 

@@ -506,3 +506,41 @@ def test_default_run_on_sample_dir(tmp_path, tokenizer_path, monkeypatch):
     pre, sft = dp.main(["--num_workers=1", "--progress=false"])
     assert pre["documents"] == {"train": 2, "val": 2} and sft["conversations"] == {"train": 2, "val": 2}
     assert os.path.isfile("data/pretrain/train_00000.bin") and os.path.isfile("data/sft/val.jsonl")
+
+
+def test_tokenizer_lookup_order_and_offline_error(tmp_path, monkeypatch):
+    """--tokenizer, then $BABYLLAMA_TOKENIZER, then the package's copy, then ../shared beside the repository, then the
+    Hub; offline, the error is one line naming every way out."""
+    import sys
+    import types
+
+    from chatglm_tokenizer import tokenizer as tk
+
+    assert os.path.normpath(tk.SHARED_PATH) == os.path.normpath(
+        os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model"))
+    paths = {}
+    for name in ("arg", "env", "local", "shared"):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "tokenizer.model"
+        paths[name].write_bytes(b"x")
+    monkeypatch.setattr(tk, "LOCAL_PATH", str(paths["local"]))
+    monkeypatch.setattr(tk, "SHARED_PATH", str(paths["shared"]))
+    monkeypatch.setenv(tk.TOKENIZER_ENV, str(paths["env"]))
+    assert tk.find_tokenizer(str(paths["arg"])) == str(paths["arg"])
+    assert tk.find_tokenizer() == str(paths["env"])
+    monkeypatch.delenv(tk.TOKENIZER_ENV)
+    assert tk.find_tokenizer() == str(paths["local"])
+    paths["local"].unlink()
+    assert tk.find_tokenizer() == str(paths["shared"])
+    paths["shared"].unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
+        tk.find_tokenizer(download=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known\nsecond line")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
+    with pytest.raises(FileNotFoundError) as e:
+        tk.find_tokenizer()
+    assert "\n" not in str(e.value) and "pass --tokenizer PATH" in str(e.value)
+    assert str(e.value).endswith("(download from THUDM/chatglm2-6b failed: Name or service not known)")

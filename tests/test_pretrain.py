@@ -105,6 +105,9 @@ def test_config_errors_are_one_line(tmp_path):
         parse_config(PretrainConfig, ["--batch_size=big"])
     with pytest.raises(ConfigError, match="dim 500 is not a multiple of n_heads 8"):
         parse_config(PretrainConfig, ["--dim=500"])
+    with pytest.raises(ConfigError, match=r"--warmup_steps=100 must be >= 0 and below --max_steps=20 \(a short run: "
+                                          r"add --warmup_steps=2\)"):
+        parse_config(PretrainConfig, ["--max_steps=20"])
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"dim": 64, "n_heads": 4}))
     cfg = parse_config(PretrainConfig, ["--config", str(cfg_file), "--n_heads=2"])
