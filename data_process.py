@@ -4,6 +4,7 @@
   python data_process.py pretrain --inputs=wiki.json.gz,baike.jsonl --out_dir=data/pretrain
   python data_process.py pretrain --manifest=corpora.txt --num_workers=8 --minhash   # manifest: "path [format]" per line
   python data_process.py pretrain --inputs=notes.txt:txt,dump.parquet               # path:format names the format
+  python data_process.py pretrain --inputs=hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json
   python data_process.py sft --inputs=alpaca.json,belle.jsonl,sharegpt.jsonl,seed.csv --out_dir=data/sft
   python data_process.py pretrain --inputs=tests/fixtures_data/pretrain/wiki_array.json --out_dir=/tmp/tiny --num_workers=1
 
@@ -18,6 +19,8 @@ formats (first match wins): sharegpt {conversations}, baike {title, sections}, i
 history, system]}, reward {question, response_chosen}, qa {question, answer}, prompt_answer {prompt, answer} (the seed's
 CSV), wudao {title, content}, completion {completion} (Wikipedia-cn), text {text}; plain text `txt`: documents are separated
 by blank lines (a file without blank lines is one document; documents are cut at a line end after txt_max_chars).
+An input `hf://datasets/OWNER/NAME/FILE` is that file of a Hugging Face dataset repo: downloaded once into the Hub's cache
+($HF_HOME), then read like a local file; a failed download stops with a one-line error before anything is written.
 
 Bad input: malformed JSON lines / array elements, records without the expected string field and undecodable bytes are
 skipped and counted (the first few reported as file:line); an unknown format or an input without records stops with a
@@ -51,12 +54,13 @@ SFT_FORMAT = "baby-llama2-chinese/sft-v1"
 EOS_ID = 2
 MODES = ("pretrain", "sft", "all")
 SAMPLE_DIR = os.path.join("data", "sample")
+HF_SCHEME = "hf://datasets/"  # an input naming a file of a Hugging Face dataset repo, fetched by fetch_hf
 
 
 @dataclass
 class Config:
     mode: str = "all"  # pretrain | sft | all (both, on the embedded sample); also accepted as the first bare word
-    inputs: list[str] = field(default_factory=list)  # comma-separated files, each optionally path:format; empty = data/sample/<mode>/*
+    inputs: list[str] = field(default_factory=list)  # comma-separated files (path[:format], hf://...); empty = data/sample/<mode>/*
     manifest: str = ""  # text file, one input per line: "path" or "path format" ('#' starts a comment)
     out_dir: str = ""  # empty = data/<mode>
     tokenizer: str = ""  # explicit tokenizer.model path (else BABYLLAMA_TOKENIZER, chatglm_tokenizer/, ../shared, HF download)
@@ -519,14 +523,14 @@ def parse_inputs(cfg: Config, mode: str) -> list[tuple[str, str]]:
             parts = line.split()
             if len(parts) > 2 or (len(parts) == 2 and parts[1] not in FORMAT_NAMES):
                 raise DataError(f"{cfg.manifest}:{i}: expected 'path' or 'path format' (formats: {', '.join(FORMAT_NAMES)})")
-            path = parts[0] if os.path.isabs(parts[0]) else os.path.join(base, parts[0])
+            path = parts[0] if os.path.isabs(parts[0]) or parts[0].startswith(HF_SCHEME) else os.path.join(base, parts[0])
             specs.append((path, parts[1] if len(parts) == 2 else ""))
     elif cfg.inputs:
         for item in cfg.inputs:
             path, sep, fmt = item.rpartition(":")
             if sep and fmt in FORMAT_NAMES:
                 specs.append((path, fmt))
-            elif sep and not os.path.exists(item):
+            elif sep and not item.startswith(HF_SCHEME) and not os.path.exists(item):
                 raise DataError(f"{item}: unknown format {fmt!r} (formats: {', '.join(FORMAT_NAMES)})")
             else:
                 specs.append((item, ""))
@@ -538,7 +542,23 @@ def parse_inputs(cfg: Config, mode: str) -> list[tuple[str, str]]:
             raise DataError(f"no inputs: {pattern} is empty; pass --inputs or --manifest")
     if not specs:
         raise DataError("no inputs: the manifest lists no files")
-    return specs
+    return [(fetch_hf(path) if path.startswith(HF_SCHEME) else path, fmt) for path, fmt in specs]
+
+
+def fetch_hf(url: str) -> str:
+    """hf://datasets/OWNER/NAME/FILE -> local path of FILE of that Hugging Face dataset repo, downloaded on first use
+    into the Hub's cache ($HF_HOME, default ~/.cache/huggingface) with its progress bar, then read from there."""
+    owner, _, rest = url[len(HF_SCHEME):].partition("/")
+    name, _, filename = rest.partition("/")
+    if not (owner and name and filename):
+        raise DataError(f"{url}: expected {HF_SCHEME}OWNER/NAME/PATH/IN/REPO")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(f"{owner}/{name}", filename, repo_type="dataset")
+    except Exception as e:  # offline, no such repo or file, package missing: one line, before any output exists
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"{url}: download failed ({reason}); or download it yourself and pass the local path") from None
 
 
 class Reporter:

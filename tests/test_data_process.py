@@ -544,3 +544,40 @@ def test_tokenizer_lookup_order_and_offline_error(tmp_path, monkeypatch):
         tk.find_tokenizer()
     assert "\n" not in str(e.value) and "pass --tokenizer PATH" in str(e.value)
     assert str(e.value).endswith("(download from THUDM/chatglm2-6b failed: Name or service not known)")
+
+
+def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
+    """hf://datasets/OWNER/NAME/FILE[:format] goes through huggingface_hub (a stand-in here: this machine has no route
+    to the Hub) and then reads as the local file would; a failed download stops before the output folder exists."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type=None):
+        calls.append((repo_id, filename, repo_type))
+        return os.path.join(PRE, "wiki_array.json")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
+    url = "hf://datasets/pleisto/wikipedia-cn-20230720-filtered/sub/dir/wikipedia-cn-20230720-filtered.json"
+    c = cfg(mode="pretrain", inputs=[url, f"{url}:text"])
+    assert dp.parse_inputs(c, "pretrain") == [(os.path.join(PRE, "wiki_array.json"), ""),
+                                              (os.path.join(PRE, "wiki_array.json"), "text")]
+    assert calls == [("pleisto/wikipedia-cn-20230720-filtered", "sub/dir/wikipedia-cn-20230720-filtered.json", "dataset")] * 2
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{url} completion\n", encoding="utf-8")  # not joined to the manifest's folder
+    assert dp.parse_inputs(cfg(mode="pretrain", manifest=str(manifest)), "pretrain") == \
+        [(os.path.join(PRE, "wiki_array.json"), "completion")]
+    with pytest.raises(dp.DataError, match=r"^hf://datasets/pleisto: expected hf://datasets/OWNER/NAME/PATH/IN/REPO$"):
+        dp.parse_inputs(cfg(mode="pretrain", inputs=["hf://datasets/pleisto"]), "pretrain")
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        dp.main(["pretrain", f"--inputs={os.path.join(PRE, 'baike.jsonl')},{url}", f"--out_dir={out}", "--progress=false"])
+    assert e.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err == (f"error: {url}: download failed (Name or service not known); or download it "
+                                       "yourself and pass the local path\n")
