@@ -47,6 +47,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from chatglm_tokenizer.tokenizer import hub_download
 from configurator import check, config_or_exit
 
 TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
@@ -553,12 +554,9 @@ def fetch_hf(url: str) -> str:
     if not (owner and name and filename):
         raise DataError(f"{url}: expected {HF_SCHEME}OWNER/NAME/PATH/IN/REPO")
     try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(f"{owner}/{name}", filename, repo_type="dataset")
-    except Exception as e:  # offline, no such repo or file, package missing: one line, before any output exists
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DataError(f"{url}: download failed ({reason}); or download it yourself and pass the local path") from None
+        return hub_download(f"{owner}/{name}", filename, repo_type="dataset")
+    except OSError as e:  # one line, before any output exists
+        raise DataError(f"{url}: download failed ({e}); or download it yourself and pass the local path") from None
 
 
 class Reporter:

@@ -48,17 +48,29 @@ def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
     if not download:
         raise FileNotFoundError(f"no tokenizer.model (--tokenizer, ${TOKENIZER_ENV}, {LOCAL_PATH}, {SHARED_PATH})")
     try:
-        from huggingface_hub import hf_hub_download
-
-        downloaded = hf_hub_download(HF_REPO, HF_FILE, local_dir=os.path.dirname(LOCAL_PATH))
-        return downloaded
-    except Exception as e:  # offline, hub down, package missing: one line naming every way out
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return hub_download(HF_REPO, HF_FILE, local_dir=os.path.dirname(LOCAL_PATH))
+    except OSError as e:  # one line naming every way out
         raise FileNotFoundError(
             "no ChatGLM2 tokenizer.model: pass --tokenizer PATH, or set "
             f"{TOKENIZER_ENV}=PATH, or put it at {LOCAL_PATH} "
-            f"(download from {HF_REPO} failed: {reason})"
+            f"(download from {HF_REPO} failed: {e})"
         ) from None
+
+
+def hub_download(repo_id: str, filename: str, repo_type: Optional[str] = None, local_dir: Optional[str] = None) -> str:
+    """Local path of `filename` of a Hugging Face Hub repo (the tokenizer's, or a dataset's for data_process.py),
+    downloaded if needed. Any failure (offline, no such file, huggingface_hub missing) -> OSError whose message is
+    the first line of the cause, for one-line errors."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, local_dir=local_dir)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(reason) > 160:  # the Hub's messages run long: keep whole sentences
+            end = reason.rfind(". ", 0, 160)
+            reason = reason[:end + 1] if end > 0 else reason[:160] + "..."
+        raise OSError(reason) from None
 
 
 @lru_cache(maxsize=8)

@@ -545,6 +545,15 @@ def test_tokenizer_lookup_order_and_offline_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and "pass --tokenizer PATH" in str(e.value)
     assert str(e.value).endswith("(download from THUDM/chatglm2-6b failed: Name or service not known)")
 
+    def long_winded(*args, **kwargs):  # the Hub's own messages: several sentences on one line
+        raise OSError("An error happened while trying to locate the file on the Hub. " * 4)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=long_winded))
+    with pytest.raises(FileNotFoundError) as e:
+        tk.find_tokenizer()
+    sentence = "An error happened while trying to locate the file on the Hub."  # 62 characters: two fit in 160
+    assert str(e.value).endswith(f"failed: {sentence} {sentence})")
+
 
 def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     """hf://datasets/OWNER/NAME/FILE[:format] goes through huggingface_hub (a stand-in here: this machine has no route
@@ -554,7 +563,7 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake_download(repo_id, filename, repo_type=None):
+    def fake_download(repo_id, filename, repo_type=None, local_dir=None):
         calls.append((repo_id, filename, repo_type))
         return os.path.join(PRE, "wiki_array.json")
 
