@@ -1,8 +1,8 @@
 """Shared test setup: the tokenizer's location and small on-disk datasets.
 
-Tests that need the real ChatGLM2 tokenizer read it through $BABYLLAMA_TOKENIZER; when that is unset,
-it is pointed at ../shared/chatglm_tokenizer/tokenizer.model beside the repository (this workplace's
-copy) if that file exists; .ci/run sets both variables. Most tests need no tokenizer: they use small synthetic token ids.
+Tests that need the real ChatGLM2 tokenizer find it as the scripts do (chatglm_tokenizer.find_tokenizer without the
+download: $BABYLLAMA_TOKENIZER, the package's copy, ../shared beside the repository) and skip without it; .ci/run sets
+the variable. Most tests need no tokenizer: they use small synthetic token ids.
 """
 import json
 import os
@@ -14,11 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from chatglm_tokenizer.tokenizer import SHARED_PATH  # noqa: E402 (needs ROOT on sys.path)
+from chatglm_tokenizer import find_tokenizer  # noqa: E402 (needs ROOT on sys.path)
 
-# the scripts find ../shared themselves; the variable also serves tests that pass the path explicitly
-if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(SHARED_PATH):
-    os.environ["BABYLLAMA_TOKENIZER"] = SHARED_PATH
 # real corpora for end-to-end tests: $BABYLLAMA_SHARED_DATA (set by .ci/run), else ../shared/data
 SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 
@@ -50,10 +47,10 @@ def run_script(script: str, args, nproc: int = 1, stdin=None, timeout: int = 300
 
 @pytest.fixture
 def tokenizer_path():
-    path = os.environ.get("BABYLLAMA_TOKENIZER")
-    if not path or not os.path.isfile(path):
-        pytest.skip("needs the ChatGLM2 tokenizer.model ($BABYLLAMA_TOKENIZER)")
-    return path
+    try:
+        return find_tokenizer(download=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the ChatGLM2 tokenizer.model: {e}")
 
 
 @pytest.fixture
