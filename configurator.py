@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad config key or value; scripts print it as one line and exit with status 2."""
 
 
+class DataError(ValueError):
+    """Input data that cannot be used (unreadable or unknown corpus, missing shards, a conversation that breaks the
+    contract, data of another vocabulary or tokenizer): one line naming the file and what was expected, exit 2."""
+
+
 def _parse_value(name: str, text: Any, typ: Any) -> Any:
     """Converts `text` (a str from the command line, or a JSON value) to the field type `typ`."""
     origin = typing.get_origin(typ)

@@ -13,14 +13,10 @@ every document followed by <eos>=2, each with a sidecar <stem>.json (format baby
 vocab size, dtype, eos id, token/document counts, sources, filters). SFT output: train.jsonl / val.jsonl, one
 {"conversations": [{"role": "user"|"assistant", "content"}...], "system"?, "source"} per line, sidecars train.json / val.json.
 
-Formats are detected from the bytes (gzip magic, parquet magic, first non-space character '[' = one JSON array, '{' = JSON
-lines; .txt / .csv by extension) and from the keys of the first record; `path:format` overrides the record format. Record
-formats (first match wins): sharegpt {conversations}, baike {title, sections}, instruction {instruction, output [, input,
-history, system]}, reward {question, response_chosen}, qa {question, answer}, prompt_answer {prompt, answer} (the seed's
-CSV), wudao {title, content}, completion {completion} (Wikipedia-cn), text {text}; plain text `txt`: documents are separated
-by blank lines (a file without blank lines is one document; documents are cut at a line end after txt_max_chars).
-An input `hf://datasets/OWNER/NAME/FILE` is that file of a Hugging Face dataset repo: downloaded once into the Hub's cache
-($HF_HOME), then read like a local file; a failed download stops with a one-line error before anything is written.
+Inputs are read by corpora.py: the container is detected from the bytes (gzip, parquet, a JSON array, JSON lines;
+.txt / .csv by extension), the record format from the keys of the first record (sharegpt, baike, instruction, reward,
+qa, prompt_answer, wudao, completion, text; plain text `txt`); `path:format` overrides the record format. An input
+`hf://datasets/OWNER/NAME/FILE` is that file of a Hugging Face dataset repo, downloaded once into the Hub's cache.
 
 Bad input: malformed JSON lines / array elements, records without the expected string field and undecodable bytes are
 skipped and counted (the first few reported as file:line); an unknown format or an input without records stops with a
@@ -28,49 +24,42 @@ one-line error (exit 2) before anything is written. Outputs are written under *.
 """
 from __future__ import annotations
 
-import csv
 import glob
-import gzip
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
-import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
-from chatglm_tokenizer.tokenizer import hub_download
-from configurator import check, config_or_exit
+from configurator import DataError, check, config_or_exit
+from corpora import (PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records,
+                     parse_inputs, record_conversation)
 
 TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
 SFT_FORMAT = "baby-llama2-chinese/sft-v1"
 EOS_ID = 2
 MODES = ("pretrain", "sft", "all")
-SAMPLE_DIR = os.path.join("data", "sample")
-HF_SCHEME = "hf://datasets/"  # an input naming a file of a Hugging Face dataset repo, fetched by fetch_hf
 
 
 @dataclass
-class Config:
+class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOptions)
     mode: str = "all"  # pretrain | sft | all (both, on the embedded sample); also accepted as the first bare word
     inputs: list[str] = field(default_factory=list)  # comma-separated files (path[:format], hf://...); empty = data/sample/<mode>/*
     manifest: str = ""  # text file, one input per line: "path" or "path format" ('#' starts a comment)
     out_dir: str = ""  # empty = data/<mode>
-    tokenizer: str = ""  # explicit tokenizer.model path (else BABYLLAMA_TOKENIZER, chatglm_tokenizer/, ../shared, HF download)
+    tokenizer: str = ""  # explicit tokenizer.model path (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     num_workers: int = 0  # tokenizer processes; 0 = one per CPU core
     chunk_chars: int = 1 << 20  # characters of text per task sent to a worker (bigger = less IPC overhead, more memory)
     max_pending: int = 0  # tasks in flight at once (bounds memory); 0 = 2 * num_workers + 2
     shard_tokens: int = 100_000_000  # a shard is closed once it holds at least this many tokens (documents are never split)
     min_chars: int = 10  # pretrain: drop documents with fewer characters (after stripping)
-    txt_max_chars: int = 1 << 20  # plain text: a document is cut at the next line end after this many characters
     dedup: bool = True  # drop exact duplicates (64-bit hash of whitespace-normalized text)
     minhash: bool = False  # pretrain: also drop near-duplicates (MinHash over character 5-grams, LSH)
     minhash_perms: int = 64  # MinHash permutations (signature length)
@@ -81,7 +70,6 @@ class Config:
     sft_max_chars: int = 8192  # sft: drop conversations longer than this (characters of all turns and the system text)
     sft_min_answer_chars: int = 1  # sft: drop conversations with an assistant turn shorter than this
     max_reports: int = 5  # bad records reported individually (file:line) per run; all are counted
-    max_record_chars: int = 64 << 20  # JSON array: an element longer than this is treated as malformed (bounds memory)
     progress: bool = True  # tqdm progress bar (docs/s, tokens/s) on stderr
     seed: int = 0  # salt of the hash that chooses the validation split
 
@@ -101,503 +89,6 @@ class Config:
               "--minhash_perms must be a positive multiple of --minhash_bands")
         check(self.sft_max_chars >= 1 and self.sft_min_answer_chars >= 0, "--sft_max_chars must be >= 1")
         check(self.max_record_chars >= 1024, "--max_record_chars must be >= 1024")
-
-
-class DataError(Exception):
-    """Input that cannot be processed at all (unknown format, empty input, token id out of range): one line, exit 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# record formats: name -> keys that identify it (first match wins, most specific first)
-
-RECORD_FORMATS = {
-    "sharegpt": ("conversations",),
-    "baike": ("title", "sections"),
-    "instruction": ("instruction", "output"),
-    "reward": ("question", "response_chosen"),
-    "qa": ("question", "answer"),
-    "prompt_answer": ("prompt", "answer"),
-    "wudao": ("title", "content"),
-    "completion": ("completion",),
-    "text": ("text",),
-}
-OPTIONAL_KEYS = ("summary", "input", "history", "system")  # read when present
-PRETRAIN_ONLY = ("baike", "wudao", "completion", "text")
-FORMAT_NAMES = tuple(RECORD_FORMATS) + ("txt",)
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
-
-
-class BadRecord(Exception):
-    """A record that is skipped and counted; the message says what was expected."""
-
-
-def _field(rec: dict, key: str, required: bool = True) -> str:
-    value = rec.get(key)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        raise BadRecord(f"expected a string field {key!r}" + ("" if key in rec else " (missing)"))
-    return value
-
-
-def _join(*parts: str) -> str:
-    return "\n".join(p for p in parts if p)
-
-
-def record_conversation(rec: dict, fmt: str) -> tuple[list[dict], str]:
-    """A chat-like record -> (turns [{"role","content"}...] starting with user, alternating, ending with assistant, system)."""
-    system = ""
-    if fmt == "sharegpt":
-        convs = rec.get("conversations")
-        if not isinstance(convs, list):
-            raise BadRecord("expected a list field 'conversations'")
-        turns = []
-        for t in convs:
-            if not isinstance(t, dict):
-                raise BadRecord("expected conversation turns as objects")
-            role = t.get("from", t.get("role"))
-            content = t.get("value", t.get("content"))
-            if role not in SHAREGPT_ROLES or not isinstance(content, str):
-                raise BadRecord(f"expected turns with from/role in {sorted(SHAREGPT_ROLES)} and a string value/content")
-            role = SHAREGPT_ROLES[role]
-            if role == "system":
-                system = _join(system, content)
-            else:
-                turns.append({"role": role, "content": content})
-        if isinstance(rec.get("system"), str):
-            system = _join(rec["system"], system)
-        if turns and turns[-1]["role"] == "user":  # a trailing unanswered question carries no supervision
-            turns.pop()
-        if not turns or any(t["role"] != ("user" if i % 2 == 0 else "assistant") for i, t in enumerate(turns)):
-            raise BadRecord("expected turns alternating user/assistant, starting with user")
-        return turns, system
-    if fmt == "instruction":
-        turns = []
-        history = rec.get("history") or []
-        if not isinstance(history, list):
-            raise BadRecord("expected 'history' as a list of [question, answer]")
-        for pair in history:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise BadRecord("expected 'history' items as [question, answer] strings")
-            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-        question = _join(_field(rec, "instruction"), _field(rec, "input", required=False))
-        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": _field(rec, "output")}]
-        system = _field(rec, "system", required=False)
-        return turns, system
-    if fmt == "reward":
-        return [{"role": "user", "content": _field(rec, "question")},
-                {"role": "assistant", "content": _field(rec, "response_chosen")}], ""
-    if fmt == "qa":
-        return [{"role": "user", "content": _field(rec, "question")},
-                {"role": "assistant", "content": _field(rec, "answer")}], ""
-    if fmt == "prompt_answer":
-        return [{"role": "user", "content": _field(rec, "prompt")},
-                {"role": "assistant", "content": _field(rec, "answer")}], ""
-    raise DataError(f"format {fmt!r} holds no conversations (SFT needs one of: sharegpt, instruction, reward, qa, prompt_answer)")
-
-
-def record_text(rec: dict, fmt: str) -> str:
-    """Any record -> one pretraining document."""
-    if fmt in ("completion", "text"):
-        return _field(rec, fmt)
-    if fmt == "wudao":
-        return _join(_field(rec, "title"), _field(rec, "content"))
-    if fmt == "baike":
-        sections = rec.get("sections")
-        if not isinstance(sections, list):
-            raise BadRecord("expected a list field 'sections'")
-        parts = [_field(rec, "title"), _field(rec, "summary", required=False)]
-        for s in sections:
-            if not isinstance(s, dict):
-                raise BadRecord("expected 'sections' items as objects")
-            parts += [_field(s, "title", required=False), _field(s, "content", required=False)]
-        return _join(*parts)
-    turns, system = record_conversation(rec, fmt)
-    return _join(system, *(t["content"] for t in turns))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# containers: every reader yields (record or None, line number, None or the reason the record is bad)
-
-_WS = re.compile(r"[ \t\n\r]*")
-_RESYNC = re.compile(r"\}[ \t\n\r]*,[ \t\n\r]*(?=\{)")
-_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by the surrogateescape handler
-
-
-def open_bytes(path: str):
-    """Binary stream of the file's content, gunzipped when it starts with the gzip magic."""
-    f = open(path, "rb")
-    if f.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    return f
-
-
-def _base_ext(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
-    return os.path.splitext(name)[1].lower()
-
-
-def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int = 64 << 20):
-    """Streams the elements of one top-level JSON array with JSONDecoder.raw_decode over a sliding text buffer.
-
-    Memory is one read (read_chars) plus the longest element. Undecodable bytes become lone surrogates
-    (surrogateescape) so decoding never stops; records holding them are reported as undecodable. A syntax error
-    skips to the next `}, {` boundary and is reported once.
-    """
-    raw_decode = json.JSONDecoder().raw_decode
-    with open_bytes(path) as fb:
-        stream = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape")
-        buf, pos, eof = "", 0, False
-        line, line_pos = 1, 0  # line number of buf[line_pos]; advanced lazily so counting stays O(n)
-        dirty = False  # a read held undecodable bytes: check every record from then on
-        state = "start"  # start -> first -> (value -> sep)*
-
-        def line_at(p):
-            nonlocal line, line_pos
-            line += buf.count("\n", line_pos, p)
-            line_pos = p
-            return line
-
-        def extend(min_new: int) -> bool:
-            nonlocal buf, pos, eof, line_pos, dirty
-            line_at(pos)
-            new = stream.read(max(read_chars, min_new))
-            if not new:
-                eof = True
-                return False
-            if not dirty and _SURROGATE.search(new):
-                dirty = True
-            buf, line_pos, pos = buf[pos:] + new, 0, 0
-            return True
-
-        while True:
-            pos = _WS.match(buf, pos).end()
-            if pos >= len(buf):
-                if eof or not extend(0):
-                    break
-                continue
-            c = buf[pos]
-            if state == "start":
-                if c != "[":
-                    raise DataError(f"{path}:{line_at(pos)}: expected a JSON array starting with '['")
-                pos, state = pos + 1, "first"
-            elif state == "sep":
-                if c == ",":
-                    pos, state = pos + 1, "value"
-                elif c == "]":
-                    return
-                else:
-                    yield None, line_at(pos), "expected ',' or ']' after an array element"
-                    state = "resync"
-            elif state == "resync":
-                m = _RESYNC.search(buf, pos)
-                if m:
-                    pos, state = m.end(), "value"
-                elif eof:
-                    return
-                else:
-                    pos = max(pos, len(buf) - 64)  # keep a tail: the boundary may straddle two reads
-                    extend(0)
-            else:  # an element is expected
-                if c == "]" and state == "first":
-                    return
-                try:
-                    obj, end = raw_decode(buf, pos)
-                except json.JSONDecodeError as e:
-                    incomplete = e.pos >= len(buf) - 1 or e.msg.startswith("Unterminated string")
-                    if incomplete and not eof and len(buf) - pos < max_record_chars:
-                        extend(len(buf) - pos)  # doubles the buffer, so a long element costs O(n log n)
-                        continue
-                    yield None, line_at(pos), f"malformed JSON array element ({e.msg})"
-                    pos, state = pos + 1, "resync"
-                    continue
-                if end >= len(buf) and not eof:  # a number at the end of the buffer may continue
-                    extend(0)
-                    continue
-                ln = line_at(pos)
-                if dirty and _SURROGATE.search(buf, pos, end):
-                    yield None, ln, "undecodable bytes (not UTF-8)"
-                else:
-                    yield obj, ln, None
-                pos, state = end, "sep"
-        if state != "start":
-            yield None, line_at(pos), "truncated JSON array (no closing ']')"
-
-
-def utf8_lines(path: str):
-    """(line number, text, None) for each line of a (possibly gzipped) file, or (line number, None, reason) for a
-    line that is not UTF-8; a leading byte-order mark is dropped."""
-    with open_bytes(path) as fb:
-        for ln, raw in enumerate(fb, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield ln, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
-                continue
-            yield ln, text.lstrip("\ufeff") if ln == 1 else text, None
-
-
-def iter_json_lines(path: str):
-    for ln, text, err in utf8_lines(path):
-        if err:
-            yield None, ln, err
-            continue
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield None, ln, f"malformed JSON line ({e.msg})"
-            continue
-        yield obj, ln, None
-
-
-def iter_txt(path: str, max_chars: int):
-    """Plain text: a blank line ends a document; a document longer than max_chars is cut at a line end."""
-    lines, size, start = [], 0, 1
-    for ln, text, err in utf8_lines(path):
-        if err:
-            yield None, ln, f"{err}; line dropped"
-            continue
-        if not text.strip():
-            if lines:
-                yield {"text": "".join(lines).strip()}, start, None
-            lines, size = [], 0
-            continue
-        if not lines:
-            start = ln
-        lines.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield {"text": "".join(lines).strip()}, start, None
-            lines, size = [], 0
-    if lines:
-        yield {"text": "".join(lines).strip()}, start, None
-
-
-def iter_csv(path: str):
-    with open_bytes(path) as fb:
-        stream = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.DictReader(stream)
-        for row in reader:
-            ln = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                yield None, ln, f"malformed CSV row (expected {len(reader.fieldnames)} columns)"
-            elif any(_SURROGATE.search(v) for v in row.values()):
-                yield None, ln, "undecodable bytes (not UTF-8)"
-            else:
-                yield row, ln, None
-
-
-def iter_parquet(path: str, columns: list[str]):
-    import pyarrow.parquet as pq
-
-    ln = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
-        for row in batch.to_pylist():
-            ln += 1
-            yield row, ln, None
-
-
-@dataclass
-class Source:
-    path: str
-    container: str  # array | lines | txt | csv | parquet
-    fmt: str  # a RECORD_FORMATS name
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
-
-
-def iter_container(src: Source, cfg: Config):
-    """(record or None, line, None or why the record is bad) of any container; an unreadable file (truncated gzip,
-    broken parquet, I/O error) stops with a one-line DataError naming the file."""
-    try:
-        if src.container == "array":
-            yield from iter_json_array(src.path, max_record_chars=cfg.max_record_chars)
-        elif src.container == "lines":
-            yield from iter_json_lines(src.path)
-        elif src.container == "txt":
-            yield from iter_txt(src.path, cfg.txt_max_chars)
-        elif src.container == "csv":
-            yield from iter_csv(src.path)
-        elif src.container == "parquet":
-            import pyarrow.parquet as pq
-
-            known = {k for keys in RECORD_FORMATS.values() for k in keys} | set(OPTIONAL_KEYS)
-            yield from iter_parquet(src.path, [n for n in pq.ParquetFile(src.path).schema_arrow.names if n in known])
-        else:
-            raise AssertionError(src.container)
-    except (OSError, EOFError, zlib.error, csv.Error) as e:
-        raise DataError(f"{src.path}: cannot read ({type(e).__name__}: {e})") from None
-    except Exception as e:  # pyarrow's errors (ArrowInvalid, ...) without importing pyarrow for every input
-        if type(e).__module__.startswith("pyarrow"):
-            raise DataError(f"{src.path}: cannot read ({type(e).__name__}: {e})") from None
-        raise
-
-
-def match_format(keys) -> Optional[str]:
-    keys = set(keys)
-    for name, required in RECORD_FORMATS.items():
-        if set(required) <= keys:
-            return name
-    return None
-
-
-def detect(path: str, explicit: str, cfg: Config) -> Source:
-    """Container from the bytes (and .txt/.csv extension), record format from the first record's keys or `explicit`."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    ext = _base_ext(path)
-    if magic == b"PAR1":
-        container = "parquet"
-    elif explicit == "txt" or ext == ".txt":
-        container = "txt"
-    elif ext == ".csv":
-        container = "csv"
-    else:
-        with open_bytes(path) as fb:
-            try:
-                head = fb.read(1 << 16).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-        if not head:
-            raise DataError(f"{path}: empty input")
-        if head[0] == "[":
-            container = "array"
-        elif head[0] == "{":
-            container = "lines"
-        else:
-            raise DataError(f"{path}:1: unknown format: expected a JSON array '[', JSON lines '{{', parquet, "
-                            f".txt or .csv (name one with path:format, formats: {', '.join(FORMAT_NAMES)})")
-    src = Source(path, container, "text" if container == "txt" else "")
-    if container == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        first_keys, first_line = pf.schema_arrow.names, 1
-        if pf.metadata.num_rows == 0:
-            raise DataError(f"{path}: empty input (no rows)")
-    else:
-        first_keys, first_line, first_bad = None, 0, ""
-        for rec, ln, bad in iter_container(src, cfg):
-            first_bad = first_bad or (f"{ln}: {bad}" if bad else "")
-            if bad is None:
-                first_keys, first_line = (list(rec) if isinstance(rec, dict) else None), ln
-                if first_keys is None:
-                    raise DataError(f"{path}:{ln}: unknown format: expected JSON objects, got {type(rec).__name__}")
-                break
-            if ln > 1000:
-                break
-        if first_keys is None:
-            raise DataError(f"{path}:{first_bad}: no readable record at the start of the file" if first_bad
-                            else f"{path}: empty input (no records)")
-    if explicit and explicit != "txt":
-        src.fmt = explicit
-    elif container != "txt":
-        fmt = match_format(first_keys)
-        if fmt is None:
-            raise DataError(f"{path}:{first_line}: unknown format: first record has keys {sorted(first_keys)}, expected "
-                            + "; ".join(f"{n} {{{', '.join(k)}}}" for n, k in RECORD_FORMATS.items()))
-        src.fmt = fmt
-    return src
-
-
-def parse_inputs(cfg: Config, mode: str) -> list[tuple[str, str]]:
-    """(path, explicit format or '') for each input: --inputs, --manifest, or the embedded sample of `mode`."""
-    specs: list[tuple[str, str]] = []
-    if cfg.manifest:
-        try:
-            with open(cfg.manifest, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise DataError(f"--manifest {cfg.manifest}: {e.strerror}") from None
-        base = os.path.dirname(cfg.manifest)
-        for i, line in enumerate(lines, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) > 2 or (len(parts) == 2 and parts[1] not in FORMAT_NAMES):
-                raise DataError(f"{cfg.manifest}:{i}: expected 'path' or 'path format' (formats: {', '.join(FORMAT_NAMES)})")
-            path = parts[0] if os.path.isabs(parts[0]) or parts[0].startswith(HF_SCHEME) else os.path.join(base, parts[0])
-            specs.append((path, parts[1] if len(parts) == 2 else ""))
-    elif cfg.inputs:
-        for item in cfg.inputs:
-            path, sep, fmt = item.rpartition(":")
-            if sep and fmt in FORMAT_NAMES:
-                specs.append((path, fmt))
-            elif sep and not item.startswith(HF_SCHEME) and not os.path.exists(item):
-                raise DataError(f"{item}: unknown format {fmt!r} (formats: {', '.join(FORMAT_NAMES)})")
-            else:
-                specs.append((item, ""))
-    else:
-        pattern = os.path.join(SAMPLE_DIR, mode, "*")
-        specs = [(p, "") for p in sorted(glob.glob(pattern))
-                 if os.path.isfile(p) and not p.lower().endswith((".md", ".license")) and "LICENSE" not in p]
-        if not specs:
-            raise DataError(f"no inputs: {pattern} is empty; pass --inputs or --manifest")
-    if not specs:
-        raise DataError("no inputs: the manifest lists no files")
-    return [(fetch_hf(path) if path.startswith(HF_SCHEME) else path, fmt) for path, fmt in specs]
-
-
-def fetch_hf(url: str) -> str:
-    """hf://datasets/OWNER/NAME/FILE -> local path of FILE of that Hugging Face dataset repo, downloaded on first use
-    into the Hub's cache ($HF_HOME, default ~/.cache/huggingface) with its progress bar, then read from there."""
-    owner, _, rest = url[len(HF_SCHEME):].partition("/")
-    name, _, filename = rest.partition("/")
-    if not (owner and name and filename):
-        raise DataError(f"{url}: expected {HF_SCHEME}OWNER/NAME/PATH/IN/REPO")
-    try:
-        return hub_download(f"{owner}/{name}", filename, repo_type="dataset")
-    except OSError as e:  # one line, before any output exists
-        raise DataError(f"{url}: download failed ({e}); or download it yourself and pass the local path") from None
-
-
-class Reporter:
-    """Counts skipped records by reason and prints the first few as file:line."""
-
-    def __init__(self, max_reports: int):
-        self.counts: Counter = Counter()
-        self.max_reports = max_reports
-        self.shown = 0
-
-    def bad(self, kind: str, src: Source, line: int, reason: str):
-        self.counts[kind] += 1
-        if self.shown < self.max_reports:
-            print(f"warning: {src.path}:{line}: {reason}; skipped", file=sys.stderr)
-            self.shown += 1
-        elif self.shown == self.max_reports:
-            print("warning: more bad records skipped (counted in the summary)", file=sys.stderr)
-            self.shown += 1
-
-
-def _bad_kind(reason: str) -> str:
-    return "undecodable" if reason.startswith("undecodable") else "malformed"
-
-
-def iter_records(src: Source, cfg: Config, rep: Reporter) -> Iterator[tuple]:
-    """(line, record dict) for every readable record of `src`; unreadable ones and non-objects are reported."""
-    for rec, ln, bad in iter_container(src, cfg):
-        if bad is not None:
-            rep.bad(_bad_kind(bad), src, ln, bad)
-        elif not isinstance(rec, dict):
-            rep.bad("malformed", src, ln, f"expected a JSON object, got {type(rec).__name__}")
-        else:
-            yield ln, rec
-
-
-def iter_documents(src: Source, cfg: Config, rep: Reporter) -> Iterator[str]:
-    for ln, rec in iter_records(src, cfg, rep):
-        try:
-            yield record_text(rec, src.fmt)
-        except BadRecord as e:
-            rep.bad("missing_field", src, ln, f"{src.fmt} record: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -820,7 +311,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     from chatglm_tokenizer.tokenizer import load_tokenizer
 
     # every input checked before any output, and before the tokenizer (which may need a download)
-    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg, "pretrain")]
+    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg.inputs, cfg.manifest, "pretrain")]
     try:
         tok = load_tokenizer(cfg.tokenizer or None)
     except FileNotFoundError as e:
@@ -842,9 +333,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, meta) for split in ("train", "val")}
     rep, counts = Reporter(cfg.max_reports), Counter()
-    seen, near = HashSet(), NearDupIndex(cfg.minhash_bands)
     split_tokens = {"train": 0, "val": 0, "kept": 0}  # tokens per split, documents kept so far
-    encoded = 0  # tokens produced by the workers, duplicates included (the pipeline's throughput)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -856,25 +345,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
                     initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed))
     ok = False
     try:
-        pending: deque = deque()
-        chunks = iter_chunks(sources, cfg, rep, counts)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < max_pending:  # bounded window of tasks, consumed in order
-                nxt = next(chunks, None)
-                if nxt is None:
-                    exhausted = True
-                else:
-                    pending.append((nxt[0], pool.apply_async(encode_chunk, (nxt[1],))))
-            if not pending:
-                break
-            si, res = pending.popleft()
-            hashes, lengths, ids, sigs = res.get()
-            encoded += _place_chunk(hashes, lengths, ids, sigs, sources[si], cfg, writers, seen, near, counts,
-                                    split_tokens)
-            if bar is not None:
-                bar.update(len(lengths))
-                bar.set_postfix_str(f"{encoded / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+        encoded = _encode_all(pool, sources, cfg, writers, rep, counts, split_tokens, max_pending, bar)
         pool.close()
         pool.join()
         paths = writers["train"].finish() + writers["val"].finish()
@@ -886,7 +357,39 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
             pool.terminate()
             for w in writers.values():
                 w.abort()
-    elapsed = time.perf_counter() - t0
+    return _pretrain_summary(out_dir, counts, rep, writers, split_tokens, encoded, paths, time.perf_counter() - t0)
+
+
+def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Reporter, counts: Counter,
+                split_tokens: dict, max_pending: int, bar) -> int:
+    """Sends chunks to the pool (at most max_pending in flight) and places the results in input order, so the
+    output does not depend on the number of workers. Returns the tokens encoded, duplicates included."""
+    seen, near = HashSet(), NearDupIndex(cfg.minhash_bands)
+    encoded, t0 = 0, time.perf_counter()
+    pending: deque = deque()
+    chunks = iter_chunks(sources, cfg, rep, counts)
+    exhausted = False
+    while pending or not exhausted:
+        while not exhausted and len(pending) < max_pending:  # bounded window of tasks, consumed in order
+            nxt = next(chunks, None)
+            if nxt is None:
+                exhausted = True
+            else:
+                pending.append((nxt[0], pool.apply_async(encode_chunk, (nxt[1],))))
+        if not pending:
+            break
+        si, res = pending.popleft()
+        hashes, lengths, ids, sigs = res.get()
+        encoded += _place_chunk(hashes, lengths, ids, sigs, sources[si], cfg, writers, seen, near, counts,
+                                split_tokens)
+        if bar is not None:
+            bar.update(len(lengths))
+            bar.set_postfix_str(f"{encoded / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+    return encoded
+
+
+def _pretrain_summary(out_dir: str, counts: Counter, rep: Reporter, writers: dict, split_tokens: dict, encoded: int,
+                      paths: list[str], elapsed: float) -> dict:
     counts.update({f"bad_{k}": v for k, v in rep.counts.items()})
     total = split_tokens["train"] + split_tokens["val"]
     summary = {"mode": "pretrain", "out_dir": out_dir, "counts": dict(counts),
@@ -943,7 +446,7 @@ def _place_chunk(hashes, lengths, ids, sigs, src: Source, cfg: Config, writers: 
 # SFT: single process (conversation files are small next to pretraining corpora), streaming, same bad-input rules
 
 def run_sft(cfg: Config, out_dir: str) -> dict:
-    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg, "sft")]
+    sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg.inputs, cfg.manifest, "sft")]
     for s in sources:
         if s.fmt in PRETRAIN_ONLY:
             raise DataError(f"{s.path}: format {s.fmt!r} holds no conversations "
@@ -964,23 +467,10 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
     try:
         for src in sources:
             for ln, rec in iter_records(src, cfg, rep):
-                try:
-                    turns, system = record_conversation(rec, src.fmt)
-                except BadRecord as e:
-                    rep.bad("missing_field", src, ln, f"{src.fmt} record: {e}")
+                conv = _conversation(rec, src, ln, cfg, rep, counts)
+                if conv is None:
                     continue
-                counts["read"] += 1
-                for t in turns:
-                    t["content"] = t["content"].strip()
-                system = system.strip()
-                if any(not t["content"] for t in turns if t["role"] == "user") or \
-                        any(len(t["content"]) < max(cfg.sft_min_answer_chars, 1) for t in turns if t["role"] == "assistant"):
-                    counts["empty_or_short"] += 1
-                    continue
-                n_chars = sum(len(t["content"]) for t in turns) + len(system)
-                if n_chars > cfg.sft_max_chars:
-                    counts["too_long"] += 1
-                    continue
+                turns, system, n_chars = conv
                 key = json.dumps([system] + [[t["role"], t["content"]] for t in turns], ensure_ascii=False)
                 h = text_hash(key, cfg.seed)
                 if cfg.dedup and not seen.add_if_new(h, False):
@@ -1000,14 +490,7 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
                 srcs[split][src.name] += 1
         for split, f in files.items():
             f.close()
-            side = {"format": SFT_FORMAT, "split": split, "conversations": stats[split]["conversations"],
-                    "turns": stats[split]["turns"], "characters": stats[split]["chars"], "sources": sorted(srcs[split]),
-                    "conversations_per_source": dict(sorted(srcs[split].items())),
-                    "filters": {"sft_max_chars": cfg.sft_max_chars, "sft_min_answer_chars": cfg.sft_min_answer_chars,
-                                "dedup": cfg.dedup, "val_fraction": cfg.val_fraction,
-                                "val_min_records": cfg.val_min_records, "seed": cfg.seed}}
-            with open(os.path.join(out_dir, f"{split}.json.tmp"), "w", encoding="utf-8") as f:
-                json.dump(side, f, ensure_ascii=False, indent=1)
+            _write_sft_sidecar(os.path.join(out_dir, f"{split}.json.tmp"), split, stats[split], srcs[split], cfg)
         for split in files:
             os.replace(os.path.join(out_dir, f"{split}.json.tmp"), os.path.join(out_dir, f"{split}.json"))
         for split in files:
@@ -1030,6 +513,40 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
           f"undecodable {rep.counts['undecodable']:,} ({elapsed:.1f}s) -> {', '.join(paths)}")
     return {"mode": "sft", "out_dir": out_dir, "counts": dict(counts),
             "conversations": {s: stats[s]["conversations"] for s in stats}, "seconds": round(elapsed, 3), "paths": paths}
+
+
+def _conversation(rec: dict, src: Source, ln: int, cfg: Config, rep: Reporter, counts: Counter):
+    """A record -> (turns, system, characters) with stripped texts, or None when it is skipped (reported) or
+    dropped (counted: empty_or_short, too_long)."""
+    try:
+        turns, system = record_conversation(rec, src.fmt)
+    except BadRecord as e:
+        rep.bad("missing_field", src, ln, f"{src.fmt} record: {e}")
+        return None
+    counts["read"] += 1
+    for t in turns:
+        t["content"] = t["content"].strip()
+    system = system.strip()
+    if any(not t["content"] for t in turns if t["role"] == "user") or \
+            any(len(t["content"]) < max(cfg.sft_min_answer_chars, 1) for t in turns if t["role"] == "assistant"):
+        counts["empty_or_short"] += 1
+        return None
+    n_chars = sum(len(t["content"]) for t in turns) + len(system)
+    if n_chars > cfg.sft_max_chars:
+        counts["too_long"] += 1
+        return None
+    return turns, system, n_chars
+
+
+def _write_sft_sidecar(path: str, split: str, stats: Counter, sources: Counter, cfg: Config) -> None:
+    side = {"format": SFT_FORMAT, "split": split, "conversations": stats["conversations"],
+            "turns": stats["turns"], "characters": stats["chars"], "sources": sorted(sources),
+            "conversations_per_source": dict(sorted(sources.items())),
+            "filters": {"sft_max_chars": cfg.sft_max_chars, "sft_min_answer_chars": cfg.sft_min_answer_chars,
+                        "dedup": cfg.dedup, "val_fraction": cfg.val_fraction,
+                        "val_min_records": cfg.val_min_records, "seed": cfg.seed}}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(side, f, ensure_ascii=False, indent=1)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

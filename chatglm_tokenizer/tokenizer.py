@@ -10,9 +10,7 @@ Where tokenizer.model comes from, first match wins:
   1. an explicit path (`--tokenizer PATH` of every script),
   2. the environment variable BABYLLAMA_TOKENIZER,
   3. chatglm_tokenizer/tokenizer.model beside this file (git-ignored),
-  4. ../shared/chatglm_tokenizer/tokenizer.model beside the repository (a folder a lab or course machine shares
-     between clones; this project's own workplace has one),
-  5. a download of tokenizer.model from the Hugging Face Hub (repo THUDM/chatglm2-6b) into 3.
+  4. a download of tokenizer.model from the Hugging Face Hub (repo THUDM/chatglm2-6b) into 3.
 """
 from __future__ import annotations
 
@@ -24,15 +22,13 @@ from typing import Iterable, List, Optional
 TOKENIZER_ENV = "BABYLLAMA_TOKENIZER"
 HF_REPO, HF_FILE = "THUDM/chatglm2-6b", "tokenizer.model"
 LOCAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.model")
-SHARED_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(LOCAL_PATH))), "shared",
-                           "chatglm_tokenizer", "tokenizer.model")
 VOCAB_SIZE = 64793
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 
 
 def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
     """Returns the path of tokenizer.model by the lookup order above; one-line error if none.
-    download=False skips step 5 (for callers that only want the file's hash when it is at hand)."""
+    download=False skips step 4 (for callers that only want the file's hash when it is at hand)."""
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--tokenizer {path}: no such file")
@@ -42,11 +38,10 @@ def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
         if not os.path.isfile(env):
             raise FileNotFoundError(f"{TOKENIZER_ENV}={env}: no such file")
         return env
-    for local in (LOCAL_PATH, SHARED_PATH):
-        if os.path.isfile(local):
-            return local
+    if os.path.isfile(LOCAL_PATH):
+        return LOCAL_PATH
     if not download:
-        raise FileNotFoundError(f"no tokenizer.model (--tokenizer, ${TOKENIZER_ENV}, {LOCAL_PATH}, {SHARED_PATH})")
+        raise FileNotFoundError(f"no tokenizer.model (--tokenizer, ${TOKENIZER_ENV}, {LOCAL_PATH})")
     try:
         return hub_download(HF_REPO, HF_FILE, local_dir=os.path.dirname(LOCAL_PATH))
     except OSError as e:  # one line naming every way out

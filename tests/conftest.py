@@ -1,8 +1,9 @@
 """Shared test setup: the tokenizer's location and small on-disk datasets.
 
 Tests that need the real ChatGLM2 tokenizer find it as the scripts do (chatglm_tokenizer.find_tokenizer without the
-download: $BABYLLAMA_TOKENIZER, the package's copy, ../shared beside the repository) and skip without it; .ci/run sets
-the variable. Most tests need no tokenizer: they use small synthetic token ids.
+download: $BABYLLAMA_TOKENIZER, then the package's copy) and skip without it. When the variable is unset and a folder
+../shared beside the repository holds a copy (chatglm_tokenizer/tokenizer.model), the tests point the variable at it;
+the scripts themselves never look there. Most tests need no tokenizer: they use small synthetic token ids.
 """
 import json
 import os
@@ -16,8 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from chatglm_tokenizer import find_tokenizer  # noqa: E402 (needs ROOT on sys.path)
 
+SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared"))
 # real corpora for end-to-end tests: $BABYLLAMA_SHARED_DATA (set by .ci/run), else ../shared/data
-SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
+SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.join(SHARED, "data")
+_shared_tokenizer = os.path.join(SHARED, "chatglm_tokenizer", "tokenizer.model")
+if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(_shared_tokenizer):
+    os.environ["BABYLLAMA_TOKENIZER"] = _shared_tokenizer  # also seen by the scripts the tests run
 
 
 def write_shard(path: str, ids, split: str, vocab_size: int, tokenizer_sha256=None) -> None:

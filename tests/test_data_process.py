@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import corpora
 import data_process as dp
 from conftest import ROOT
 
@@ -31,6 +32,10 @@ EXPECTED_DOCS = [
 ]
 
 
+def parse_inputs(c):
+    return corpora.parse_inputs(c.inputs, c.manifest, "pretrain")
+
+
 def cfg(**kw):
     kw.setdefault("progress", False)
     kw.setdefault("num_workers", 1)
@@ -38,7 +43,7 @@ def cfg(**kw):
 
 
 def records(src, c=None):
-    return list(dp.iter_container(src, c or cfg()))
+    return list(corpora.iter_container(src, c or cfg()))
 
 
 def read_docs(out_dir):
@@ -69,16 +74,16 @@ def read_docs(out_dir):
 def test_json_array_stream_tiny_reads(tmp_path):
     p = tmp_path / "a.json"
     p.write_text('[\n 1234567,\n {"text": "长江\\n黄河", "n": [1, 2]},\n  "x" , 89 ]', encoding="utf-8")
-    got = list(dp.iter_json_array(str(p), read_chars=3))  # every element straddles reads
+    got = list(corpora.iter_json_array(str(p), read_chars=3))  # every element straddles reads
     assert got == [(1234567, 2, None), ({"text": "长江\n黄河", "n": [1, 2]}, 3, None), ("x", 4, None), (89, 4, None)]
     p.write_text("[]", encoding="utf-8")
-    assert list(dp.iter_json_array(str(p), read_chars=1)) == []
+    assert list(corpora.iter_json_array(str(p), read_chars=1)) == []
 
 
 def test_json_array_malformed_element_resyncs(tmp_path):
     p = tmp_path / "a.json"
     p.write_text('[\n{"text": "一"},\n{"text": oops},\n{"text": "二"},\n{"text": "三"}\n]', encoding="utf-8")
-    got = list(dp.iter_json_array(str(p), read_chars=4))
+    got = list(corpora.iter_json_array(str(p), read_chars=4))
     assert [(r, ln) for r, ln, bad in got] == [({"text": "一"}, 2), (None, 3), ({"text": "二"}, 4), ({"text": "三"}, 5)]
     assert got[1][2].startswith("malformed JSON array element")
 
@@ -86,7 +91,7 @@ def test_json_array_malformed_element_resyncs(tmp_path):
 def test_json_array_truncated(tmp_path):
     p = tmp_path / "a.json"
     p.write_text('[{"text": "一"}, {"text": "二"}, {"text": "三', encoding="utf-8")
-    got = list(dp.iter_json_array(str(p), read_chars=5))
+    got = list(corpora.iter_json_array(str(p), read_chars=5))
     assert [r for r, _, _ in got] == [{"text": "一"}, {"text": "二"}, None]
     assert "malformed" in got[2][2] or "truncated" in got[2][2]
 
@@ -99,40 +104,40 @@ def test_json_array_truncated(tmp_path):
     ("sft/multiturn.json", "array", "instruction"), ("sft/seed.csv", "csv", "prompt_answer"),
     ("sft/reward.jsonl", "lines", "reward")])
 def test_detect_each_format_and_gzip(tmp_path, name, container, fmt):
-    src = dp.detect(os.path.join(FIX, name), "", cfg())
+    src = corpora.detect(os.path.join(FIX, name), "", cfg())
     assert (src.container, src.fmt) == (container, fmt)
     gz = tmp_path / (os.path.basename(name) + ".gz")
     with open(os.path.join(FIX, name), "rb") as f:
         gz.write_bytes(gzip.compress(f.read()))
-    src_gz = dp.detect(str(gz), "", cfg())
+    src_gz = corpora.detect(str(gz), "", cfg())
     assert (src_gz.container, src_gz.fmt) == (container, fmt)
     assert records(src_gz) == records(src)
 
 
 def test_pretrain_documents_of_each_format():
-    rep = dp.Reporter(0)
+    rep = corpora.Reporter(0)
     docs = []
     for name in PRE_FILES:
-        docs += list(dp.iter_documents(dp.detect(os.path.join(PRE, name), "", cfg()), cfg(), rep))
+        docs += list(corpora.iter_documents(corpora.detect(os.path.join(PRE, name), "", cfg()), cfg(), rep))
     assert docs == [WIKI_A, WIKI_B, "  " + WIKI_A + "\n", "短"] + EXPECTED_DOCS[2:]
     assert rep.counts == Counter({"malformed": 1, "missing_field": 2})
 
 
 def test_instruction_and_sharegpt_as_pretrain_text():
     rec = {"instruction": "问", "input": "补充", "output": "答", "history": [["q1", "a1"]]}
-    assert dp.record_text(rec, "instruction") == "q1\na1\n问\n补充\n答"
+    assert corpora.record_text(rec, "instruction") == "q1\na1\n问\n补充\n答"
     rec = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好"}]}
-    assert dp.record_text(rec, "sharegpt") == "你好\n您好"
+    assert corpora.record_text(rec, "sharegpt") == "你好\n您好"
 
 
 def test_txt_rule(tmp_path):
-    src = dp.detect(os.path.join(PRE, "plain.txt"), "", cfg())
+    src = corpora.detect(os.path.join(PRE, "plain.txt"), "", cfg())
     assert [(r["text"], ln) for r, ln, _ in records(src)] == [(EXPECTED_DOCS[8], 1), (EXPECTED_DOCS[9], 5)]
     one = tmp_path / "one.txt"
     one.write_text("第一行\n第二行\n", encoding="utf-8")
-    assert [r for r, _, _ in records(dp.detect(str(one), "", cfg()))] == [{"text": "第一行\n第二行"}]
+    assert [r for r, _, _ in records(corpora.detect(str(one), "", cfg()))] == [{"text": "第一行\n第二行"}]
     # a document is cut at a line end once it holds txt_max_chars characters
-    assert [r["text"] for r, _, _ in records(dp.detect(str(one), "", cfg()), cfg(txt_max_chars=3))] == ["第一行", "第二行"]
+    assert [r["text"] for r, _, _ in records(corpora.detect(str(one), "", cfg()), cfg(txt_max_chars=3))] == ["第一行", "第二行"]
 
 
 def test_parquet_text_column(tmp_path):
@@ -141,7 +146,7 @@ def test_parquet_text_column(tmp_path):
 
     p = tmp_path / "c4.parquet"
     pq.write_table(pa.table({"text": ["第一篇文章。", "第二篇文章。"], "url": ["a", "b"]}), str(p))
-    src = dp.detect(str(p), "", cfg())
+    src = corpora.detect(str(p), "", cfg())
     assert (src.container, src.fmt) == ("parquet", "text")
     assert [(r, ln) for r, ln, _ in records(src)] == [({"text": "第一篇文章。"}, 1), ({"text": "第二篇文章。"}, 2)]
 
@@ -150,33 +155,33 @@ def test_explicit_format_and_manifest(tmp_path):
     p = tmp_path / "notes.dat"
     p.write_text("一段文字\n\n另一段文字\n", encoding="utf-8")
     with pytest.raises(dp.DataError, match="unknown format"):
-        dp.detect(str(p), "", cfg())
-    assert dp.parse_inputs(cfg(mode="pretrain", inputs=[f"{p}:txt", "x.json"]), "pretrain") == [(str(p), "txt"), ("x.json", "")]
-    src = dp.detect(str(p), "txt", cfg())
+        corpora.detect(str(p), "", cfg())
+    assert parse_inputs(cfg(mode="pretrain", inputs=[f"{p}:txt", "x.json"])) == [(str(p), "txt"), ("x.json", "")]
+    src = corpora.detect(str(p), "txt", cfg())
     assert [r["text"] for r, _, _ in records(src)] == ["一段文字", "另一段文字"]
     m = tmp_path / "list.txt"
     m.write_text(f"# corpora\n{p} txt\nsub/b.jsonl   # relative to the manifest\n", encoding="utf-8")
-    assert dp.parse_inputs(cfg(mode="pretrain", manifest=str(m)), "pretrain") == \
+    assert parse_inputs(cfg(mode="pretrain", manifest=str(m))) == \
         [(str(p), "txt"), (os.path.join(str(tmp_path), "sub/b.jsonl"), "")]
     m.write_text(f"{p} nosuchformat\n", encoding="utf-8")
     with pytest.raises(dp.DataError, match=r"list.txt:1: expected 'path' or 'path format'"):
-        dp.parse_inputs(cfg(mode="pretrain", manifest=str(m)), "pretrain")
+        parse_inputs(cfg(mode="pretrain", manifest=str(m)))
 
 
 def test_explicit_format_key_override(tmp_path):
     p = tmp_path / "mixed.jsonl"
     p.write_text('{"title": "标题", "content": "正文", "text": "文本"}\n', encoding="utf-8")
-    assert dp.detect(str(p), "", cfg()).fmt == "wudao"
-    src = dp.detect(str(p), "text", cfg())
-    assert list(dp.iter_documents(src, cfg(), dp.Reporter(0))) == ["文本"]
+    assert corpora.detect(str(p), "", cfg()).fmt == "wudao"
+    src = corpora.detect(str(p), "text", cfg())
+    assert list(corpora.iter_documents(src, cfg(), corpora.Reporter(0))) == ["文本"]
 
 
 # ---------------------------------------------------------------- bad input
 
 def test_bad_lines_are_counted_and_reported(capsys):
-    src = dp.detect(os.path.join(PRE, "text_bad.jsonl"), "", cfg())
-    rep = dp.Reporter(2)
-    docs = list(dp.iter_documents(src, cfg(), rep))
+    src = corpora.detect(os.path.join(PRE, "text_bad.jsonl"), "", cfg())
+    rep = corpora.Reporter(2)
+    docs = list(corpora.iter_documents(src, cfg(), rep))
     assert len(docs) == 2 and rep.counts == Counter({"malformed": 1, "missing_field": 2})
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"warning: {src.path}:2: malformed JSON line")
@@ -187,17 +192,17 @@ def test_bad_lines_are_counted_and_reported(capsys):
 def test_undecodable_bytes(tmp_path):
     lines = tmp_path / "bad.jsonl"
     lines.write_bytes('{"text": "好的"}\n'.encode() + b'{"text": "\xff\xfe"}\n' + '{"text": "也好"}\n'.encode())
-    got = records(dp.detect(str(lines), "", cfg()))
+    got = records(corpora.detect(str(lines), "", cfg()))
     assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
     assert got[1][2].startswith("undecodable")
     arr = tmp_path / "bad.json"
     arr.write_bytes('[{"text": "好的"},\n'.encode() + b'{"text": "\xff"},\n' + '{"text": "也好"}]'.encode())
-    got = records(dp.detect(str(arr), "", cfg()))
+    got = records(corpora.detect(str(arr), "", cfg()))
     assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
     assert got[1][2].startswith("undecodable")
     txt = tmp_path / "bad.txt"
     txt.write_bytes("第一行\n".encode() + b"\xc3\x28\n" + "第三行\n".encode())
-    got = records(dp.detect(str(txt), "", cfg()))
+    got = records(corpora.detect(str(txt), "", cfg()))
     assert [r for r, _, _ in got] == [None, {"text": "第一行\n第三行"}] and got[0][1] == 2
 
 
@@ -276,7 +281,7 @@ def test_exact_dedup_and_val_split_rules():
     hashes, lengths, ids = fake_chunk(texts)
     writers = {"train": FakeWriter(), "val": FakeWriter()}
     counts, split_tokens = Counter(), {"train": 0, "val": 0, "kept": 0}
-    src = dp.Source("/x/f.json", "array", "text")
+    src = corpora.Source("/x/f.json", "array", "text")
     # val_fraction 0: val is filled only by the min-tokens rule (every 2nd kept document until val has 4 tokens)
     c = cfg(val_fraction=0.0, val_min_tokens=4)
     dp._place_chunk(hashes, lengths, ids, None, src, c, writers, dp.HashSet(), dp.NearDupIndex(8), counts, split_tokens)
@@ -509,30 +514,25 @@ def test_default_run_on_sample_dir(tmp_path, tokenizer_path, monkeypatch):
 
 
 def test_tokenizer_lookup_order_and_offline_error(tmp_path, monkeypatch):
-    """--tokenizer, then $BABYLLAMA_TOKENIZER, then the package's copy, then ../shared beside the repository, then the
-    Hub; offline, the error is one line naming every way out."""
+    """--tokenizer, then $BABYLLAMA_TOKENIZER, then the package's copy, then the Hub; offline, the error is one line
+    naming every way out."""
     import sys
     import types
 
     from chatglm_tokenizer import tokenizer as tk
 
-    assert os.path.normpath(tk.SHARED_PATH) == os.path.normpath(
-        os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model"))
     paths = {}
-    for name in ("arg", "env", "local", "shared"):
+    for name in ("arg", "env", "local"):
         (tmp_path / name).mkdir()
         paths[name] = tmp_path / name / "tokenizer.model"
         paths[name].write_bytes(b"x")
     monkeypatch.setattr(tk, "LOCAL_PATH", str(paths["local"]))
-    monkeypatch.setattr(tk, "SHARED_PATH", str(paths["shared"]))
     monkeypatch.setenv(tk.TOKENIZER_ENV, str(paths["env"]))
     assert tk.find_tokenizer(str(paths["arg"])) == str(paths["arg"])
     assert tk.find_tokenizer() == str(paths["env"])
     monkeypatch.delenv(tk.TOKENIZER_ENV)
     assert tk.find_tokenizer() == str(paths["local"])
     paths["local"].unlink()
-    assert tk.find_tokenizer() == str(paths["shared"])
-    paths["shared"].unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         tk.find_tokenizer(download=False)
 
@@ -570,15 +570,15 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
     url = "hf://datasets/pleisto/wikipedia-cn-20230720-filtered/sub/dir/wikipedia-cn-20230720-filtered.json"
     c = cfg(mode="pretrain", inputs=[url, f"{url}:text"])
-    assert dp.parse_inputs(c, "pretrain") == [(os.path.join(PRE, "wiki_array.json"), ""),
+    assert parse_inputs(c) == [(os.path.join(PRE, "wiki_array.json"), ""),
                                               (os.path.join(PRE, "wiki_array.json"), "text")]
     assert calls == [("pleisto/wikipedia-cn-20230720-filtered", "sub/dir/wikipedia-cn-20230720-filtered.json", "dataset")] * 2
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{url} completion\n", encoding="utf-8")  # not joined to the manifest's folder
-    assert dp.parse_inputs(cfg(mode="pretrain", manifest=str(manifest)), "pretrain") == \
+    assert parse_inputs(cfg(mode="pretrain", manifest=str(manifest))) == \
         [(os.path.join(PRE, "wiki_array.json"), "completion")]
     with pytest.raises(dp.DataError, match=r"^hf://datasets/pleisto: expected hf://datasets/OWNER/NAME/PATH/IN/REPO$"):
-        dp.parse_inputs(cfg(mode="pretrain", inputs=["hf://datasets/pleisto"]), "pretrain")
+        parse_inputs(cfg(mode="pretrain", inputs=["hf://datasets/pleisto"]))
 
     def offline(*args, **kwargs):
         raise OSError("Name or service not known\nmore detail")
