@@ -21,12 +21,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from configurator import check, config_or_exit
+from generate import generate
 from model import ModelArgs, Transformer
-from trainer import DeviceBatches, lr_at, setup_runtime, train_step, TrainConfig, wrap_ddp
+from runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
+from trainer import DeviceBatches, lr_at, train_step, TrainConfig, wrap_ddp
 
 VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
     "fp32_eager": (torch.float32, False, 0),
@@ -91,11 +94,6 @@ class RandomTokens:
     def batch(self, step: int, micro_step: int):
         w = self.batches[step % len(self.batches)]
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak_tflops(device: torch.device) -> float:
@@ -188,10 +186,11 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
 def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
     """Real (non-padding) tokens per second of the SFT step, per batch mode: `sft_variant` on CUDA, fp32 elsewhere."""
     from chatglm_tokenizer import load_tokenizer
-    from dataset_sft import SFTData
+    from dataset_sft import Batching, SFTData, SFTSamples
     args = cfg.model_args()
     tok = load_tokenizer(cfg.tokenizer or None)
-    base = SFTData(cfg.sft_data, tok, args.max_seq_len, cfg.batch_size, seed=0, mode="fixed", pad_multiple=64)
+    base = SFTData(SFTSamples(cfg.sft_data, tok, args.max_seq_len),
+                   Batching(batch_size=cfg.batch_size, seed=0, mode="fixed", pad_multiple=64))
     for mode in cfg.sft_modes.split(","):
         data = base.with_mode(mode)
         real = [int((data.batch(s, 0)[0] != 0).sum()) for s in range(cfg.warmup + cfg.steps)]
@@ -203,8 +202,39 @@ def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
               "variant": cfg.sft_variant, "nonpad_fraction": data.nonpad_fraction(), **r})
 
 
+@torch.no_grad()
+def measure_generation(model, batch_size: int, prompt_len: int, new_tokens: int, use_cache: bool,
+                       device, dtype: str = "auto", seed: int = 0, warmup: bool = True,
+                       compile: Optional[bool] = None) -> dict:
+    """New tokens per second of generate.generate on random prompts, sampling (temperature 1), never stopping early.
+
+    compile: decode steps through torch.compile + CUDA graphs (generate(compile=True)); None = on CUDA
+    with the KV cache. Its compilation happens in the warm-up, which therefore must stay on to time it.
+    Returns {"batch_size", "prompt_len", "new_tokens", "use_cache", "compile", "seconds", "tokens", "tokens_per_s"}."""
+    device = torch.device(device)
+    if compile is None:
+        compile = device.type == "cuda" and use_cache
+    dt = resolve_dtype(dtype, device)
+    vocab = model.args.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, vocab, (batch_size, prompt_len), generator=g).tolist()  # skip pad/bos/eos
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(temperature=1.0, eos_id=-1, use_cache=use_cache, generator=gen, compile=compile)  # eos -1: no stop
+    if warmup:  # first CUDA calls pay for kernels and allocator growth
+        with autocast(device, dt):
+            generate(model, prompts, max_new_tokens=min(8, new_tokens), **kw)
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast(device, dt):
+        outs = generate(model, prompts, max_new_tokens=new_tokens, **kw)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o) for o in outs)
+    return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "use_cache": use_cache,
+            "compile": compile, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
 def bench_gen(cfg: BenchConfig, rt, emit) -> None:
-    from eval import measure_generation
     model = Transformer(cfg.model_args()).to(rt.device).eval()
     if rt.device.type == "cuda":
         model.cast_for_inference(torch.bfloat16)  # as eval.py and chat.py load it

@@ -19,17 +19,17 @@ from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from configurator import check, config_or_exit
-from eval import EvalError, autocast, load_for_inference
+from configurator import DataError, check, config_or_exit
+from generate import Sampling, stream
+from runtime import autocast_context, load_for_inference
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(Sampling):  # + max_new_tokens, top_k (generate.Sampling); sampling by default, unlike eval.py
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest
     temperature: float = 0.7  # 0 = greedy
-    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
     top_p: float = 0.9  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.1  # > 1 discourages repeating tokens already in the conversation
     seed: int = 1337  # seeds sampling
@@ -38,11 +38,7 @@ class ChatConfig:
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
 
     def validate(self):
-        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        super().validate()
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
 
 
@@ -126,9 +122,7 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
     history: List[dict] = []
     budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    knobs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                 top_p=cfg.top_p if cfg.top_p < 1 else None, repetition_penalty=cfg.repetition_penalty,
-                 eos_id=tokenizer.eos_id, generator=gen)
+    knobs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, generator=gen)
     for line in lines:
         question = line.strip()
         if not question:
@@ -145,8 +139,8 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
             ids = tokenizer.encode(question)[-budget:]
         out.write("模型> ")
         out.flush()
-        with torch.no_grad(), autocast(device, dtype):
-            answer = stream_text(model.stream(ids, **knobs), tokenizer, out)
+        with torch.no_grad(), autocast_context(device, dtype):
+            answer = stream_text(stream(model, ids, **knobs), tokenizer, out)
         if not answer:  # an undertrained model often picks <eos> first; say so instead of showing a blank line
             hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 else ""
             out.write(f"(empty answer: the model ended it at once{hint})\n")
@@ -166,7 +160,7 @@ def main() -> None:
             print(f"note: --max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in this model's "
                   f"{max_seq_len}-token context; using {fitted}")
             cfg.max_new_tokens = fitted
-    except EvalError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     kind = ckpt.get("kind", "pretrain")

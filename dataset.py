@@ -24,11 +24,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from configurator import DataError
+
 FORMAT = "baby-llama2-chinese/tokens-v1"
-
-
-class DataError(ValueError):
-    """Training data that does not match the run (missing shards, other vocab or tokenizer)."""
 
 
 def read_sidecar(bin_path: str) -> dict:

@@ -33,7 +33,7 @@ Over-long samples (more than max_seq_len + 1 tokens; max_seq_len is the row leng
      answer can be kept: the sample is dropped and counted (`dropped`), as the seed drops long answers.
   Samples changed by 1-2 are counted as `truncated`.
 
-Batch modes (`SFTData(..., mode=...)`), each a deterministic function of (seed, step, micro_step, rank,
+Batch modes (`Batching(mode=...)`), each a deterministic function of (seed, step, micro_step, rank,
 world_size): the b-th batch of the run is k = (step * grad_accum + micro_step) * world_size + rank, so R
 ranks with A accumulation steps read the same batches as R * A micro-steps on one process.
   "dynamic": per epoch a seeded shuffle, cut into mega-batches of `group` batches, sorted by length inside,
@@ -44,12 +44,10 @@ ranks with A accumulation steps read the same batches as R * A micro-steps on on
              per sample: RoPE scores depend only on the query-key distance, which the mask keeps in-sample.
   "fixed":   the seed's way: shuffled, every row padded to T (kept for the padding comparison).
 x is padded with 0 (pad id), y with -1. A sample's last x token never predicts the next sample's first.
-
-Measure padding on a file (one line per mode; knobs in MeasureConfig below):
-    python dataset_sft.py --data=data/sft/train.jsonl --batch_size=32 --max_seq_len=512 [--tokenizer=PATH]
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -59,15 +57,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from configurator import check, config_or_exit
-from model import segment_mask  # noqa: F401  (packed rows' attention mask; re-exported for callers)
+from configurator import DataError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MODES = ("dynamic", "packed", "fixed")
-
-
-class SFTDataError(ValueError):
-    """A bad conversation: the message is one line naming the file, line and what was expected."""
 
 
 def check_conversation(conversation, system=None) -> Optional[str]:
@@ -112,7 +105,7 @@ def render(tokenizer, conversation, system: Optional[str] = None) -> Tuple[List[
     """A whole conversation -> (ids, supervised); supervised is True on answer tokens and their <eos>."""
     reason = check_conversation(conversation, system)
     if reason:
-        raise SFTDataError(f"render: {reason}")
+        raise DataError(f"render: {reason}")
     pieces = tokenizer.encode_batch(_texts(conversation, system))
     return _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
 
@@ -127,7 +120,7 @@ def render_prompt(tokenizer, history, question: str, system: Optional[str] = Non
     conversation = list(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
     reason = check_conversation(conversation, system)
     if reason:
-        raise SFTDataError(f"render_prompt: {reason}")
+        raise DataError(f"render_prompt: {reason}")
     pieces = tokenizer.encode_batch(_texts(conversation, system))
     n_sys = len(pieces[0]) if system else 0
     turns = pieces[1:] if system else pieces
@@ -203,7 +196,7 @@ def _read_records(path) -> Iterator[Tuple[str, list, Optional[str]]]:
 def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON lines file (also eval.py's reader).
 
-    A line that is not a JSON object stops with a one-line SFTDataError naming file:line and `expected`."""
+    A line that is not a JSON object stops with a one-line DataError naming file:line and `expected`."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -211,44 +204,49 @@ def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{lineno}: not JSON ({e.msg}); expected {expected} per line") from None
+                raise DataError(f"{path}:{lineno}: not JSON ({e.msg}); expected {expected} per line") from None
             if not isinstance(rec, dict):
-                raise SFTDataError(f"{path}:{lineno}: expected {expected}, got {type(rec).__name__}")
+                raise DataError(f"{path}:{lineno}: expected {expected}, got {type(rec).__name__}")
             yield lineno, rec
 
 
-class SFTData:
-    """Tokenized conversations of one split and the trainer's batch source.
+@dataclass
+class Batching:
+    """How an SFTData source cuts its samples into batches (see "Batch modes" above)."""
+    batch_size: int  # rows per micro-batch
+    seed: int = 0  # shuffle seed
+    rank: int = 0  # this process's rank and the number of processes: each reads its share of every step
+    world_size: int = 1
+    mode: str = "dynamic"  # dynamic | packed | fixed
+    grad_accum: int = 1  # micro-steps per optimizer step
+    group: int = 50  # dynamic/packed: batches per mega-batch sorted (or packed) together
+    pad_multiple: int = 1  # dynamic: rows are padded to a multiple of this (few distinct shapes for torch.compile)
 
-    path: a contract jsonl file (or a list of record dicts, for tests). Samples are rendered, truncated and
-    stored as one flat uint16 token array + int64 offsets + a bit-packed supervised mask (~2.1 bytes/token).
-    batch(step, micro_step) -> (x, y) in "dynamic"/"fixed" mode, (x, y, seg) in "packed" mode; CPU int64.
-    """
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if not (self.batch_size >= 1 and self.world_size >= 1 and 0 <= self.rank < self.world_size
+                and self.grad_accum >= 1 and self.group >= 1 and self.pad_multiple >= 1):
+            raise ValueError("Batching: need batch_size, world_size, grad_accum, group, pad_multiple >= 1 "
+                             "and 0 <= rank < world_size")
 
-    def __init__(self, path, tokenizer, max_seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, mode: str = "dynamic", grad_accum_steps: int = 1, group: int = 50,
-                 pad_multiple: int = 1, progress: Optional[bool] = None, num_threads: int = -1):
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-        if not (max_seq_len >= 1 and batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size
-                and grad_accum_steps >= 1 and group >= 1 and pad_multiple >= 1):
-            raise ValueError("SFTData: need max_seq_len, batch_size, world_size, grad_accum_steps, group, "
-                             "pad_multiple >= 1 and 0 <= rank < world_size")
+
+class SFTSamples:
+    """The tokenized conversations of one split, rendered and truncated to max_seq_len + 1 tokens, stored as one
+    flat uint16 token array + int64 offsets + a bit-packed supervised mask (~2.1 bytes/token).
+
+    path: a contract jsonl file (or a list of record dicts, for tests)."""
+
+    def __init__(self, path, tokenizer, max_seq_len: int, *, progress: Optional[bool] = None, num_threads: int = -1):
+        if max_seq_len < 1:
+            raise ValueError(f"SFTSamples: need max_seq_len >= 1, got {max_seq_len}")
         self.name = os.path.basename(path) if isinstance(path, str) else "records"
-        self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum_steps
-        self.mode, self.group, self.pad_multiple = mode, group, pad_multiple
-        self._load(path, tokenizer, progress, num_threads)
-        self._cache: dict = {}  # epoch -> batches, holding the latest epoch only
-        self._epoch_sizes: List[int] = []  # batches in epochs 0, 1, ... (packed epochs differ a little)
-
-    # ---- loading -------------------------------------------------------------------------------
-    def _load(self, path, tokenizer, progress, num_threads) -> None:
+        self.max_seq_len = max_seq_len
         records = []
         for where, conv, system in _read_records(path):
             reason = check_conversation(conv, system)
             if reason:
-                raise SFTDataError(f"{where}: {reason}")
+                raise DataError(f"{where}: {reason}")
             records.append((conv, system))
         if progress is None:
             progress = len(records) >= 5000 and sys.stderr.isatty()
@@ -279,7 +277,7 @@ class SFTData:
         bar.close()
         flat_ids = np.fromiter((i for ids in tok_parts for i in ids), dtype=np.int64, count=sum(lengths))
         if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= 2 ** 16):
-            raise SFTDataError(f"{self.name}: token id {int(flat_ids.max())} does not fit uint16 (wrong tokenizer?)")
+            raise DataError(f"{self.name}: token id {int(flat_ids.max())} does not fit uint16 (wrong tokenizer?)")
         flat_sup = np.fromiter((b for sup in sup_parts for b in sup), dtype=bool, count=sum(lengths))
         self.tokens = flat_ids.astype(np.uint16)
         self.sup_bits = np.packbits(flat_sup, bitorder="little")
@@ -291,8 +289,8 @@ class SFTData:
         counts["supervised"] = int(flat_sup.sum())  # = the number of targets != -1 (a sample never starts supervised)
         self.counts = counts
         if counts["samples"] == 0:
-            raise SFTDataError(f"{self.name}: no samples left ({counts['conversations']} conversations, "
-                               f"{counts['dropped']} dropped as longer than max_seq_len={self.max_seq_len})")
+            raise DataError(f"{self.name}: no samples left ({counts['conversations']} conversations, "
+                            f"{counts['dropped']} dropped as longer than max_seq_len={self.max_seq_len})")
 
     def __len__(self) -> int:
         return self.counts["samples"]
@@ -303,25 +301,43 @@ class SFTData:
         bits = np.unpackbits(self.sup_bits[s // 8:(e + 7) // 8], bitorder="little")
         return self.tokens[s:e].astype(np.int64), bits[s % 8:s % 8 + e - s].astype(bool)
 
-    # ---- batch layout --------------------------------------------------------------------------
+    def targets_per_sample(self) -> np.ndarray:
+        """Targets (supervised tokens) of each sample, (N,) int64, computed once."""
+        if "_targets" not in self.__dict__:
+            flat = np.unpackbits(self.sup_bits, bitorder="little", count=int(self.offsets[-1])).astype(np.int64)
+            self._targets = np.add.reduceat(flat, self.offsets[:-1])
+        return self._targets
+
+
+class SFTData:
+    """The trainer's batch source over SFTSamples: batch(step, micro_step) -> (x, y) in "dynamic"/"fixed" mode,
+    (x, y, seg) in "packed" mode, CPU int64; eval_batches(n) for validation."""
+
+    def __init__(self, samples: SFTSamples, batching: Batching):
+        batching.validate()
+        self.samples, self.batching = samples, batching
+        self.name, self.max_seq_len, self.ex_len = samples.name, samples.max_seq_len, samples.ex_len
+        self.batch_size, self.mode = batching.batch_size, batching.mode
+        self._cache: dict = {}  # epoch -> batches, holding the latest epoch only
+        self._epoch_sizes: List[int] = []  # batches in epochs 0, 1, ... (packed epochs differ a little)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
     def with_mode(self, mode: str, group: Optional[int] = None) -> "SFTData":
         """The same tokenized samples batched another way (shares the arrays)."""
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
-        other = object.__new__(SFTData)
-        other.__dict__.update(self.__dict__)
-        other.mode, other.group = mode, self.group if group is None else group
-        other._cache, other._epoch_sizes = {}, []
-        return other
+        return SFTData(self.samples, dataclasses.replace(self.batching, mode=mode,
+                                                         group=self.batching.group if group is None else group))
 
+    # ---- batch layout --------------------------------------------------------------------------
     def _layout(self, epoch: int) -> list:
         """Epoch's batches: dynamic/fixed: arrays of B sample ids; packed: B rows, each a list of sample ids."""
         if epoch in self._cache:
             return self._cache[epoch]
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.batching.seed, epoch])
         B, n = self.batch_size, len(self)
         perm = rng.permutation(n)
-        mega = self.group * B
+        mega = self.batching.group * B
         if self.mode == "fixed":
             batches = list(perm[:n // B * B].reshape(-1, B))
         elif self.mode == "dynamic":
@@ -361,13 +377,14 @@ class SFTData:
 
     def _members(self, k: int):
         if self.epoch_batches() == 0:
-            raise SFTDataError(f"{self.name}: {len(self)} samples make no full batch of {self.batch_size} in "
+            raise DataError(f"{self.name}: {len(self)} samples make no full batch of {self.batch_size} in "
                                f"{self.mode} mode (lower batch_size or add data)")
         epoch, i = self._locate(k)
         return self._layout(epoch)[i]
 
     def batch_index(self, step: int, micro_step: int) -> int:
-        return (step * self.grad_accum + micro_step) * self.world_size + self.rank
+        b = self.batching
+        return (step * b.grad_accum + micro_step) * b.world_size + b.rank
 
     def epoch_batches(self) -> int:
         """Batches in one epoch over all ranks (epoch 0's count in packed mode; later ones differ by a few)."""
@@ -377,7 +394,7 @@ class SFTData:
         if self.mode != "dynamic":
             return self.max_seq_len
         longest = int(self.ex_len[members].max())
-        return min(self.max_seq_len, -(-longest // self.pad_multiple) * self.pad_multiple)
+        return min(self.max_seq_len, -(-longest // self.batching.pad_multiple) * self.batching.pad_multiple)
 
     # ---- batches -------------------------------------------------------------------------------
     def batch(self, step: int, micro_step: int):
@@ -392,7 +409,7 @@ class SFTData:
         for r, row in enumerate(members):
             at = 0
             for j, i in enumerate(row):
-                xi, yi = make_example(*self.sample(int(i)), T)
+                xi, yi = make_example(*self.samples.sample(int(i)), T)
                 x[r, at:at + len(xi)], y[r, at:at + len(xi)], seg[r, at:at + len(xi)] = xi, yi, j + 1
                 at += len(xi)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)
@@ -401,7 +418,7 @@ class SFTData:
         x = np.full((len(members), width), PAD_ID, dtype=np.int64)
         y = np.full((len(members), width), -1, dtype=np.int64)
         for r, i in enumerate(members):
-            xi, yi = make_example(*self.sample(int(i)), self.max_seq_len)
+            xi, yi = make_example(*self.samples.sample(int(i)), self.max_seq_len)
             x[r, :len(xi)], y[r, :len(yi)] = xi, yi
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -410,12 +427,12 @@ class SFTData:
 
         Every mode evaluates the same way (samples never share a row), so val losses compare across modes."""
         n = min(len(self), max_samples) if max_samples > 0 else len(self)
-        mine = np.arange(self.rank, n, self.world_size)
+        mine = np.arange(self.batching.rank, n, self.batching.world_size)
         mine = mine[np.argsort(-self.ex_len[mine], kind="stable")]  # similar lengths together: less padding
         for s in range(0, len(mine), self.batch_size):
             members = mine[s:s + self.batch_size]
             longest = int(self.ex_len[members].max())
-            yield self._padded(members, min(self.max_seq_len, -(-longest // self.pad_multiple) * self.pad_multiple))
+            yield self._padded(members, min(self.max_seq_len, -(-longest // self.batching.pad_multiple) * self.batching.pad_multiple))
 
     # ---- reporting -----------------------------------------------------------------------------
     def padding_stats(self, n_batches: int = 0) -> dict:
@@ -426,7 +443,7 @@ class SFTData:
         if n_batches == 0:
             return {"batches": 0, "nonpad": float("nan"), "supervised": float("nan"), "cells_per_batch": 0.0}
         cells = tokens = targets = 0
-        sup_per_sample = self._targets_per_sample()
+        sup_per_sample = self.samples.targets_per_sample()
         for k in range(n_batches):
             members = self._members(k)
             ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in members]) if self.mode == "packed" \
@@ -437,26 +454,12 @@ class SFTData:
         return {"batches": n_batches, "nonpad": tokens / cells, "supervised": targets / cells,
                 "cells_per_batch": cells / n_batches}
 
-    def _targets_per_sample(self) -> np.ndarray:
-        """Targets (supervised tokens) of each sample, (N,) int64, computed once and shared by with_mode copies."""
-        if "_targets" not in self.__dict__:
-            flat = np.unpackbits(self.sup_bits, bitorder="little", count=int(self.offsets[-1])).astype(np.int64)
-            self._targets = np.add.reduceat(flat, self.offsets[:-1])
-        return self._targets
-
-    def tokens_in_batch(self, step: int, micro_step: int) -> int:
-        """Real (non-padding) tokens in batch(step, micro_step): for honest tokens/s in the trainer's log."""
-        members = self._members(self.batch_index(step, micro_step))
-        ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in members]) if self.mode == "packed" \
-            else np.asarray(members)
-        return int(self.ex_len[ids].sum())
-
     def nonpad_fraction(self, n_batches: int = 0) -> float:
         """Fraction of the batches' (B, L) cells that hold a real token (see padding_stats)."""
         return self.padding_stats(n_batches)["nonpad"]
 
     def describe(self) -> str:
-        c, per_epoch = self.counts, self.epoch_batches()
+        c, per_epoch = self.samples.counts, self.epoch_batches()
         batching = (f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {per_epoch:,}/epoch" if per_epoch
                     else f"too few for one {self.mode} batch; validation pads its own batches of {self.batch_size}")
         return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
@@ -481,41 +484,3 @@ def _pack_ffd(samples: np.ndarray, ex_len: np.ndarray, capacity: int) -> List[Li
         rows[r].append(int(i))
         room[r] -= need
     return rows
-
-
-@dataclass
-class MeasureConfig:
-    data: str = "data/sft/train.jsonl"  # contract jsonl to measure
-    tokenizer: str = ""  # tokenizer.model path ("" = env BABYLLAMA_TOKENIZER, then the default lookup)
-    batch_size: int = 32  # rows per batch
-    max_seq_len: int = 512  # row length T
-    seed: int = 0  # shuffle seed
-    batches: int = 0  # batches to measure per mode (0 = one epoch)
-
-    def validate(self):
-        check(self.batch_size >= 1 and self.max_seq_len >= 1, "--batch_size and --max_seq_len must be >= 1")
-        check(self.batches >= 0, "--batches must be >= 0")
-
-
-def main() -> None:
-    cfg = config_or_exit(MeasureConfig)
-    from chatglm_tokenizer import load_tokenizer
-
-    try:
-        if not os.path.isfile(cfg.data):
-            raise FileNotFoundError(f"{cfg.data}: no such file; run `python data_process.py sft ...` first")
-        tok = load_tokenizer(cfg.tokenizer or None)
-        data = SFTData(cfg.data, tok, cfg.max_seq_len, cfg.batch_size, seed=cfg.seed, mode="fixed", progress=True)
-    except (OSError, SFTDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(data.describe())
-    print(f"{'mode':<26} {'batches':>8} {'nonpad':>7} {'supervised':>10} {'cells/batch':>11}")
-    for label, src in [("fixed (seed, pad to T)", data), ("dynamic, random batches", data.with_mode("dynamic", 1)),
-                       ("dynamic, length-grouped", data.with_mode("dynamic")), ("packed (FFD)", data.with_mode("packed"))]:
-        st = src.padding_stats(cfg.batches)
-        print(f"{label:<26} {st['batches']:>8} {st['nonpad']:>7.1%} {st['supervised']:>10.1%} {st['cells_per_batch']:>11,.0f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,6 @@
     python eval.py --data=data/eval/medical_qa.jsonl --val_bin=data/pretrain --ppl_windows=200
     python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the seed's prompts
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
-    python eval.py --bench_gen                              # new tokens/s at batch 1 and 32, with and without KV cache
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
 
 Input: JSON lines `{"question": str, "answer": str, ...}` (extra keys such as "department" are kept in the
@@ -38,9 +37,9 @@ import torch
 from tqdm import tqdm
 
 import bleu
-from chatglm_tokenizer import load_tokenizer
-from configurator import check, config_dict, config_or_exit
-from trainer import autocast_context as autocast, resolve_checkpoint, resolve_device, resolve_dtype  # one rule for every script
+from configurator import DataError, check, config_dict, config_or_exit
+from generate import Sampling, generate
+from runtime import autocast_context as autocast, load_for_inference, resolve_dtype, synchronize
 
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", "data/sample/eval/medical_qa.jsonl")
 DEFAULT_VAL = "data/pretrain"
@@ -50,12 +49,8 @@ SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是�
 SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "《小王子》是一本畅销童话书，它讲述了："]
 
 
-class EvalError(ValueError):
-    """Bad input (data file, checkpoint, tokenizer): printed as one line, exit status 2."""
-
-
 @dataclass
-class EvalConfig:
+class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty (generate.Sampling)
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample; "none" = seed prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -63,48 +58,19 @@ class EvalConfig:
     ppl_windows: int = 0  # perplexity over the first N windows in file order (0 = all; pretrain.py validates on eval_windows)
     ppl_seq_len: int = 0  # window length - 1; 0 = the model's max_seq_len (what pretrain.py validates on)
     limit: int = 0  # evaluate the first N questions (0 = all)
-    max_new_tokens: int = 256  # tokens generated per answer at most (stops earlier at <eos>)
     batch_size: int = 32  # prompts generated together (and windows per perplexity batch)
-    temperature: float = 0.0  # 0 = greedy (the reproducible default); > 0 samples
-    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
-    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
     use_cache: bool = True  # KV cache during generation (off only to measure what it buys)
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
-    bench_gen: bool = False  # only measure generation throughput (batch 1 and 32, cache on/off), then exit
 
     def validate(self):
-        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        super().validate()
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-
-
-# ----------------------------------------------------------------------------- devices
-
-
-def setup_cuda_for_decoding(device: torch.device) -> None:
-    """Process-wide CUDA settings for the eval and chat scripts (not for library callers)."""
-    if device.type != "cuda":
-        return
-    # (the attention kernels are chosen by generate.decode_attention_backends around each decode call)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -116,84 +82,38 @@ def resolve_data_path(data: str) -> Optional[str]:
         return None
     if data:
         if not os.path.isfile(data):
-            raise EvalError(f"--data {data}: no such file")
+            raise DataError(f"--data {data}: no such file")
         return data
     return next((p for p in DEFAULT_DATA if os.path.isfile(p)), None)
 
 
 def load_qa(path: str) -> List[dict]:
-    """JSON lines of {"question", "answer"?} -> list of dicts; one-line EvalError naming file:line on bad input.
+    """JSON lines of {"question", "answer"?} -> list of dicts; one-line DataError naming file:line on bad input.
 
     Either every record has a string "answer" (scored) or none has (generate only)."""
-    from dataset_sft import SFTDataError, read_jsonl
+    from dataset_sft import read_jsonl
 
     records, with_answer = [], []
     try:
         rows = list(read_jsonl(path, 'a JSON object with "question" and "answer"'))
     except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: cannot read ({e})") from None
-    except SFTDataError as e:
-        raise EvalError(str(e)) from None
+        raise DataError(f"{path}: cannot read ({e})") from None
     for lineno, rec in rows:
         if not isinstance(rec.get("question"), str) or not rec["question"].strip():
             what = "missing field" if "question" not in rec else "empty or non-string field"
-            raise EvalError(f"{path}:{lineno}: {what} \"question\" (expected a non-empty string)")
+            raise DataError(f"{path}:{lineno}: {what} \"question\" (expected a non-empty string)")
         if "answer" in rec and not isinstance(rec["answer"], str):
-            raise EvalError(f"{path}:{lineno}: field \"answer\" must be a string, got {type(rec['answer']).__name__}")
+            raise DataError(f"{path}:{lineno}: field \"answer\" must be a string, got {type(rec['answer']).__name__}")
         if with_answer and ("answer" in rec) != with_answer[0][1]:
             first_line, first_has = with_answer[0]
             missing_at = lineno if first_has else first_line
-            raise EvalError(f"{path}:{missing_at}: missing field \"answer\" (other lines have one: "
+            raise DataError(f"{path}:{missing_at}: missing field \"answer\" (other lines have one: "
                             f"give every question a reference answer, or none)")
         with_answer.append((lineno, "answer" in rec))
         records.append(rec)
     if not records:
-        raise EvalError(f"{path}: empty; expected JSON lines of {{\"question\", \"answer\"}}")
+        raise DataError(f"{path}: empty; expected JSON lines of {{\"question\", \"answer\"}}")
     return records
-
-
-def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
-    """A checkpoint trained with another vocabulary or tokenizer.model cannot be evaluated with this one."""
-    vocab = ckpt.get("model_args", {}).get("vocab_size")
-    if vocab != tokenizer.vocab_size:
-        raise EvalError(f"{ckpt_path}: model vocab_size {vocab}, but the tokenizer has {tokenizer.vocab_size} "
-                        f"(checkpoint from another vocabulary)")
-    want = ckpt.get("tokenizer_sha256")
-    if want and want != tokenizer.sha256:
-        raise EvalError(f"{ckpt_path}: trained with a tokenizer.model of sha256 {want[:12]}..., but "
-                        f"{getattr(tokenizer, 'path', 'the tokenizer')} has {tokenizer.sha256[:12]}... (another vocabulary)")
-
-
-def checkpoint_file(path: str) -> str:
-    """The file load_model reads for `path` (a run dir prefers best.pt, else last.pt)."""
-    try:
-        return resolve_checkpoint(path, prefer="best.pt")
-    except FileNotFoundError as e:
-        raise EvalError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
-
-
-def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
-    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
-
-    Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is an EvalError."""
-    from model import load_model
-
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
-    setup_cuda_for_decoding(device)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path or None)
-    except FileNotFoundError as e:
-        raise EvalError(str(e)) from None
-    ckpt_path = checkpoint_file(ckpt)
-    try:
-        model, saved = load_model(ckpt_path, device=str(device))
-    except (ValueError, FileNotFoundError) as e:
-        raise EvalError(str(e)) from None
-    check_checkpoint(saved, tokenizer, ckpt_path)
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        model.cast_for_inference(dtype)  # bf16 weights: decoding never re-casts them (see model.cast_for_inference)
-    return model, saved, ckpt_path, tokenizer, device, dtype
 
 
 def build_prompts(tokenizer, questions: Sequence[str], kind: str, max_len: int) -> tuple:
@@ -228,45 +148,13 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: d
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with autocast(device, dtype):
-            outs = model.generate([prompts[i] for i in idx], **gen_kwargs)
+            outs = generate(model, [prompts[i] for i in idx], **gen_kwargs)
         for i, out in zip(idx, outs):
             outputs[i] = list(out)
         bar.update(len(idx))
     synchronize(device)
     bar.close()
     return outputs, time.perf_counter() - t0
-
-
-@torch.no_grad()
-def measure_generation(model, batch_size: int, prompt_len: int, new_tokens: int, use_cache: bool,
-                       device, dtype: str = "auto", seed: int = 0, warmup: bool = True,
-                       compile: Optional[bool] = None) -> dict:
-    """New tokens per second of model.generate on random prompts, sampling (temperature 1), never stopping early.
-
-    compile: decode steps through torch.compile + CUDA graphs (model.generate(compile=True)); None = on CUDA
-    with the KV cache. Its compilation happens in the warm-up, which therefore must stay on to time it.
-    Returns {"batch_size", "prompt_len", "new_tokens", "use_cache", "compile", "seconds", "tokens", "tokens_per_s"}."""
-    device = torch.device(device)
-    if compile is None:
-        compile = device.type == "cuda" and use_cache
-    dt = resolve_dtype(dtype, device)
-    vocab = model.args.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, vocab, (batch_size, prompt_len), generator=g).tolist()  # skip pad/bos/eos
-    gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(temperature=1.0, eos_id=-1, use_cache=use_cache, generator=gen, compile=compile)  # eos -1: no stop
-    if warmup:  # first CUDA calls pay for kernels and allocator growth
-        with autocast(device, dt):
-            model.generate(prompts, max_new_tokens=min(8, new_tokens), **kw)
-    synchronize(device)
-    t0 = time.perf_counter()
-    with autocast(device, dt):
-        outs = model.generate(prompts, max_new_tokens=new_tokens, **kw)
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(o) for o in outs)
-    return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "use_cache": use_cache,
-            "compile": compile, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -287,7 +175,7 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
     try:
         val = PretrainData(data_dir, "val", seq_len, batch_size, vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256)
     except (ValueError, FileNotFoundError) as e:
-        raise EvalError(str(e)) from None
+        raise DataError(str(e)) from None
     was_training = model.training
     model.eval()
     total, rows = 0.0, 0  # float64 sum of row-weighted mean losses
@@ -345,14 +233,8 @@ def score_line(bleu4: Optional[float], sacre: Optional[float], ppl: Optional[flo
 # ----------------------------------------------------------------------------- the run
 
 
-def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
-             dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
-    """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
-    t_start = time.perf_counter()
-    kind = ckpt.get("kind", "pretrain")
-    max_seq_len = ckpt["model_args"]["max_seq_len"]
-    if cfg.max_new_tokens >= max_seq_len:
-        raise EvalError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len {max_seq_len}")
+def load_records(cfg: EvalConfig, kind: str) -> tuple[List[dict], Optional[str]]:
+    """The questions (and answers) to evaluate -> (records, data file or None): --prompts, --data, or the seed's."""
     data_path = None if cfg.prompts else resolve_data_path(cfg.data)
     if cfg.prompts:
         records = [{"question": q} for q in cfg.prompts]
@@ -360,14 +242,70 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         records = [{"question": q} for q in (SEED_QUESTIONS if kind == "sft" else SEED_CONTINUATIONS)]
     else:
         records = load_qa(data_path)
-    if cfg.limit:
-        records = records[:cfg.limit]
+    return (records[:cfg.limit] if cfg.limit else records), data_path
+
+
+def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.device, dtype: torch.dtype) -> tuple:
+    """perplexity() over --val_bin as configured -> (info dict or None when skipped, seconds)."""
+    if not cfg.val_bin or cfg.val_bin.lower() == "none":
+        return None, 0.0
+    if cfg.val_bin == DEFAULT_VAL and not os.path.isdir(DEFAULT_VAL):
+        print(f"perplexity skipped: no {DEFAULT_VAL}/ (run data_process.py, or pass --val_bin=DIR)")
+        return None, 0.0
+    t0 = time.perf_counter()
+    ma = ckpt["model_args"]
+    info = perplexity(model, cfg.val_bin, cfg.ppl_seq_len or ma["max_seq_len"], cfg.batch_size, cfg.ppl_windows,
+                      device, dtype, vocab_size=ma["vocab_size"], tokenizer_sha256=tokenizer.sha256)
+    return info, time.perf_counter() - t0
+
+
+def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: str, data_path: Optional[str],
+                 records: List[dict], answers: List[str], per_sample: List[float], scores: tuple,
+                 ppl_info: Optional[dict], device: torch.device, dtype: torch.dtype, prompt_budget: int, cut: int,
+                 timing: dict) -> dict:
+    """The eval_report.json contents: scores, the protocol that produced them, timings and every answer."""
+    bleu4, sacre, signature = scores
+    gen_s = timing["generation_s"]
+    ppl = ppl_info["ppl"] if ppl_info else None
+    report = {
+        "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
+        "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
+        "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None},
+        "protocol": {
+            "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
+            "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
+                         f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
+            "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
+            "bleu4": bleu.SENTENCE_PROTOCOL,
+            "sacrebleu": signature,
+            "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
+                           f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
+                           f"as pretrain.py validates" if ppl_info else "not computed"),
+        },
+        "timing": dict(timing, new_tokens_per_s=timing["new_tokens"] / gen_s if gen_s > 0 else 0.0),
+        "config": config_dict(cfg),
+        "results": [dict({k: v for k, v in r.items() if k not in ("question", "answer")}, question=r["question"],
+                         reference=r["answer"], answer=a, bleu4=s) for r, a, s in zip(records, answers, per_sample)],
+    }
+    return report
+
+
+def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
+             dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
+    """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
+    t_start = time.perf_counter()
+    kind = ckpt.get("kind", "pretrain")
+    max_seq_len = ckpt["model_args"]["max_seq_len"]
+    if cfg.max_new_tokens >= max_seq_len:
+        raise DataError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len {max_seq_len}")
+    records, data_path = load_records(cfg, kind)
     scored = all("answer" in r for r in records)
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
-    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                      top_p=cfg.top_p if cfg.top_p < 1 else None, repetition_penalty=cfg.repetition_penalty,
-                      eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
+    gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the seed prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
@@ -377,16 +315,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 
-    ppl_info, ppl_s = None, 0.0
-    if cfg.val_bin and cfg.val_bin.lower() != "none":
-        if cfg.val_bin == DEFAULT_VAL and not os.path.isdir(DEFAULT_VAL):
-            print(f"perplexity skipped: no {DEFAULT_VAL}/ (run data_process.py, or pass --val_bin=DIR)")
-        else:
-            t0 = time.perf_counter()
-            ppl_info = perplexity(model, cfg.val_bin, cfg.ppl_seq_len or max_seq_len, cfg.batch_size, cfg.ppl_windows,
-                                  device, dtype, vocab_size=ckpt["model_args"]["vocab_size"],
-                                  tokenizer_sha256=tokenizer.sha256)
-            ppl_s = time.perf_counter() - t0
+    ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype)
     ppl = ppl_info["ppl"] if ppl_info else None
 
     if not scored:  # just generate and print
@@ -401,32 +330,9 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     bleu4 = 100.0 * sum(per_sample) / len(per_sample)
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     total_s = time.perf_counter() - t_start
-    report = {
-        "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
-        "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
-        "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None},
-        "protocol": {
-            "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
-            "decoding": (f"{'greedy' if cfg.temperature == 0 else f'sampling temperature {cfg.temperature}'}, top_k "
-                         f"{cfg.top_k or 'off'}, top_p {cfg.top_p if cfg.top_p < 1 else 'off'}, repetition_penalty "
-                         f"{cfg.repetition_penalty}, max_new_tokens {cfg.max_new_tokens}, stop at <eos>, seed {cfg.seed}, "
-                         f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
-            "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
-            "bleu4": bleu.SENTENCE_PROTOCOL,
-            "sacrebleu": signature,
-            "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
-                           f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
-                           f"as pretrain.py validates" if ppl_info else "not computed"),
-        },
-        "timing": {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s, "new_tokens": new_tokens,
-                   "new_tokens_per_s": new_tokens / gen_s if gen_s > 0 else 0.0},
-        "config": config_dict(cfg),
-        "results": [dict({k: v for k, v in r.items() if k not in ("question", "answer")}, question=r["question"],
-                         reference=r["answer"], answer=a, bleu4=s) for r, a, s in zip(records, answers, per_sample)],
-    }
+    report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
+                          (bleu4, sacre, signature), ppl_info, device, dtype, prompt_budget, cut,
+                          {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s, "new_tokens": new_tokens})
     out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
     os.makedirs(out_dir, exist_ok=True)
     json_path, md_path = os.path.join(out_dir, "eval_report.json"), os.path.join(out_dir, "eval_report.md")
@@ -441,20 +347,6 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     return report
 
 
-def bench_generation(model, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> List[dict]:
-    """New tokens/s at batch 1 and 32, KV cache on and off: 32-token prompts, 256 new tokens (fewer if the context is short)."""
-    prompt_len, new = 32, min(256, max_seq_len - 32)
-    rows = []
-    for bs in (1, 32):
-        for cache in (True, False):
-            r = measure_generation(model, bs, prompt_len, new, cache, device, str(dtype).replace("torch.", ""))
-            print(f"batch {bs:>2} | KV cache {'on ' if cache else 'off'}{' compiled' if r['compile'] else ''} | "
-                  f"{r['tokens']:>6} new tokens in "
-                  f"{r['seconds']:7.2f} s | {r['tokens_per_s']:9.1f} new tokens/s")
-            rows.append(r)
-    return rows
-
-
 def main() -> None:
     cfg = config_or_exit(EvalConfig)
     try:
@@ -466,11 +358,8 @@ def main() -> None:
         ma = ckpt["model_args"]
         print(f"{ckpt_path}: {ckpt.get('kind', '?')} checkpoint, step {ckpt.get('step')}, {model.num_params():,} parameters "
               f"(dim {ma['dim']}, {ma['n_layers']} layers, context {ma['max_seq_len']}) | {device} {str(dtype)[6:]}")
-        if cfg.bench_gen:
-            bench_generation(model, device, dtype, ma["max_seq_len"])
-            return
         evaluate(cfg, model, ckpt, tokenizer, ckpt_path, device, dtype)
-    except EvalError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

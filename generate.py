@@ -1,24 +1,86 @@
-"""Text generation for model.Transformer: KV cache, sampling, and the two decoders behind generate() and stream().
+"""Text generation for model.Transformer: sampling knobs, KV cache, and the two decoders.
 
-Library module, no command line; model.py's Transformer.generate/stream delegate here, so most callers never
-import it. Direct use:
+Library module, no command line (eval.py and chat.py are the scripts):
   import generate
-  generate.compile_decode(model, backend="aot_eager")       # default: inductor + CUDA graphs (mode="reduce-overhead")
-  for step in generate.steps(model, prompts, 32, 0.7, None, 0.9, 1.0, 2, True, None, False, sync_every=16): ...
+  generate.generate(model, [[5, 6, 7], [8, 9]], 32, temperature=0.7, top_p=0.9)   # new tokens per prompt
+  for tok in generate.stream(model, [5, 6, 7], 32): ...                          # one prompt, token by token
+  generate.generate(model, prompts, 256, compile=True)    # GPU: each decode step replays one CUDA graph
+  generate.compile_decode(model, backend="aot_eager")      # choose the compiler (default: inductor + CUDA graphs)
+  knobs = generate.Sampling(temperature=0.7, top_p=0.9)    # the knobs eval.py and chat.py share: knobs.kwargs()
 Two decoders: decode_static (fixed shapes over a max_seq_len cache, one compiled step per token; used whenever
 prompt + new tokens fit max_seq_len) and decode (growing cache, crops the context from the left; the reference).
-Both give the same tokens. This module never imports model at run time (model imports it), so there is no cycle.
+Both give the same tokens. Only the model's public methods are used (hidden, logits, args); the compiled step and
+its caches live here, keyed by the model, never on it.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if TYPE_CHECKING:
-    from model import Transformer
+from configurator import check
+from model import Transformer
+
+
+@dataclass
+class Sampling:
+    """How answers are decoded: the knobs eval.py and chat.py share (their configs extend this class)."""
+    max_new_tokens: int = 256  # tokens generated per answer at most (stops earlier at <eos>)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples
+    top_k: int = 0  # sample from the k most likely tokens only; 0 = off
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
+
+    def validate(self) -> None:
+        check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of generate() and stream() for these knobs (0 / 1.0 = off become None)."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k or None,
+                    top_p=self.top_p if self.top_p < 1 else None, repetition_penalty=self.repetition_penalty)
+
+    def describe(self) -> str:
+        return (f"{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
+                f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "
+                f"{self.repetition_penalty}, max_new_tokens {self.max_new_tokens}")
+
+
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+             eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
+             compile: bool = False) -> list[list[int]]:
+    """New tokens for each prompt (eos excluded; a row stops at eos). See decode for the knobs.
+
+    compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see compile_decode); the
+    tokens are the same as without it. The GPU is asked for tokens only every 16 steps."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      repetition_penalty=repetition_penalty, eos_id=eos_id, use_cache=use_cache,
+                      generator=generator, compile=compile, sync_every=16):
+        for row, tok in enumerate(step):
+            if tok is not None:
+                out[row].append(tok)
+    return out
+
+
+def stream(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+           eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
+           compile: bool = False) -> Iterator[int]:
+    """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
+    for step in steps(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      repetition_penalty=repetition_penalty, eos_id=eos_id, use_cache=use_cache,
+                      generator=generator, compile=compile, sync_every=1):
+        if step[0] is not None:
+            yield step[0]
 
 
 class KVCache:
@@ -82,13 +144,14 @@ def decode_attention_backends():
     """SDPA kernels for decoding: flash, memory-efficient or math, never cuDNN.
 
     Decoding passes an explicit mask; under bf16 SDPA would then pick cuDNN attention, which builds a plan per new
-    shape (about 5 ms of CPU each, torch 2.11 on H100) and made eager decoding 6x slower. Scoped to the decode
+    shape (milliseconds of CPU each) and made eager decoding 6x slower. Scoped to the decode
     calls, so training keeps its kernels.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size) -> None:
+    """One-line ValueError for prompts or knobs generate() cannot use."""
     if not prompts or not all(prompts):
         raise ValueError("generate: need at least one prompt and every prompt needs at least one token")
     bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
@@ -143,20 +206,31 @@ def cumsum_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return (within + before[..., None]).view(B, n)[:, :V]
 
 
-def steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-          use_cache, generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+def steps(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
+          eos_id, use_cache: bool, generator, compile: bool, sync_every: int) -> Iterator[list[Optional[int]]]:
     """Picks the decoder: the static-shape one (decode_static) when the cache is on and prompt + new tokens
     fit max_seq_len (no context crop needed), else the general one (decode), which crops the context."""
     check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= model.args.max_seq_len:
-        return decode_static(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                             generator, compile, sync_every)
-    return decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
-                  generator)
+        return decode_static(model, prompts, max_new_tokens, **knobs, eos_id=eos_id, generator=generator,
+                             compile=compile, sync_every=sync_every)
+    return decode(model, prompts, max_new_tokens, **knobs, eos_id=eos_id, use_cache=use_cache, generator=generator)
+
+
+class _Compiled:
+    """A model's compiled decode step and the static caches its CUDA graphs were recorded with."""
+
+    def __init__(self, step):
+        self.step = step
+        self.caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see static_cache
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Transformer, _Compiled]" = weakref.WeakKeyDictionary()
 
 
 def compile_decode(model: Transformer, **compile_kwargs) -> None:
-    """Makes generate/stream(compile=True) run each decode step as torch.compile(decode_step, **compile_kwargs).
+    """Makes generate/stream(compile=True) on `model` run each decode step as torch.compile(decode_step, ...).
 
     Default: fullgraph=True, dynamic=False, mode="reduce-overhead" (inductor + CUDA graphs: one graph replay
     per token instead of ~150 kernel launches). Pass e.g. backend="aot_eager" for a quick CPU check. One
@@ -166,8 +240,28 @@ def compile_decode(model: Transformer, **compile_kwargs) -> None:
     if "backend" not in compile_kwargs:
         opts["mode"] = "reduce-overhead"
     opts.update(compile_kwargs)
-    model._compiled_step = torch.compile(decode_step, **opts)
-    model._static_caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see decode_static
+    _COMPILED[model] = _Compiled(torch.compile(decode_step, **opts))
+
+
+def static_cache(model: Transformer, shape: tuple, compile: bool) -> KVCache:
+    """The decode state for shape (batch, n_kv, head_dim, dtype, device), allocated (zeros). With compile, the
+    compiled step's own cache of that shape is reused across calls: its graph is specialised to the addresses of
+    static inputs (new buffers = recompile and re-record); one per shape so eval's last, smaller batch does not
+    evict the others, at most 4 (the oldest goes)."""
+    a = model.args
+    if not compile:
+        cache = KVCache(a.n_layers, a.max_seq_len)
+        cache.allocate(shape[0], *shape[1:], static=False, vocab_size=a.vocab_size)
+        return cache
+    caches = _COMPILED[model].caches
+    cache = caches.get(shape)
+    if cache is None or not cache.fits(*shape):
+        if len(caches) >= 4:  # bound the memory: drop the oldest shape
+            caches.pop(next(iter(caches)))
+        cache = KVCache(a.n_layers, a.max_seq_len)
+        cache.allocate(shape[0], *shape[1:], static=True, vocab_size=a.vocab_size)
+        caches[shape] = cache
+    return cache
 
 
 def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty) -> None:
@@ -185,8 +279,8 @@ def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, r
     kj = torch.arange(cache.max_len, device=tok.device)[None, :]  # (1, max_len)
     mask = ((kj >= pad[:, None]) & (kj <= cur))[:, None, None, :]  # (B, 1, 1, max_len)
     pos = (cur - pad)[:, None]  # (B, 1)
-    h = model._hidden(tok, pos, mask, cache, cur)
-    logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
+    h = model.hidden(tok, pos, mask, cache, cur)
+    logits = model.logits(h[:, -1, :]).float()  # (B, vocab_size)
     nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen,
                         cache.noise if temperature != 0.0 else None)  # (B,)
     cur.add_(1)
@@ -194,9 +288,21 @@ def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, r
     cache.out.index_copy_(1, cur.view(1), nxt[:, None])
 
 
+def prompt_positions(pad: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions (B, S) and attention mask (B, 1, S, S) of left-padded prompts, pad (B,) slots per row: each
+    row's positions start at 0 at its first real token; causal, no pad keys; a pad query sees itself only so its
+    softmax stays finite (its output is unused)."""
+    qi = torch.arange(S, device=pad.device)[None, :, None]  # (1, S, 1)
+    kj = torch.arange(S, device=pad.device)[None, None, :]  # (1, 1, S)
+    pad_w = pad[:, None, None]  # (B, 1, 1)
+    mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, S, S)
+    pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, S)
+    return pos, mask
+
+
 @torch.no_grad()
-def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                  generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
+                  eos_id, generator, compile: bool, sync_every: int) -> Iterator[list[Optional[int]]]:
     """decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
 
     The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
@@ -219,21 +325,10 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
     shape = (B, a.kv_heads, a.dim // a.n_heads, dt, device)
     step_fn = decode_step
     if compile:
-        if getattr(model, "_compiled_step", None) is None:
+        if model not in _COMPILED:
             compile_decode(model)
-        step_fn = model._compiled_step
-        # reused across calls: the graph is specialised to the addresses of static inputs (new buffers =
-        # recompile and re-record), one per shape so eval's last, smaller batch does not evict the others
-        cache = model._static_caches.get(shape)
-        if cache is None or not cache.fits(*shape):
-            if len(model._static_caches) >= 4:  # bound the memory: drop the oldest shape
-                model._static_caches.pop(next(iter(model._static_caches)))
-            cache = KVCache(a.n_layers, a.max_seq_len)
-            cache.allocate(B, *shape[1:], static=True, vocab_size=a.vocab_size)
-            model._static_caches[shape] = cache
-    else:
-        cache = KVCache(a.n_layers, a.max_seq_len)
-        cache.allocate(B, *shape[1:], static=False, vocab_size=a.vocab_size)
+        step_fn = _COMPILED[model].step
+    cache = static_cache(model, shape, compile)
     seen = None  # cache.seen (B, vocab_size): ids already in each row, for the repetition penalty
     if repetition_penalty != 1.0:
         ids = torch.zeros(B, a.vocab_size, dtype=torch.bool)
@@ -244,14 +339,8 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
     model.eval()
     try:
         with decode_attention_backends():
-            qi = torch.arange(S, device=device)[None, :, None]  # (1, S, 1)
-            kj = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
-            pad_w = pad[:, None, None]  # (B, 1, 1)
-            # causal, no pad keys; a pad query sees itself only so its softmax stays finite (its output is unused)
-            mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, S, S)
-            pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, S)
-            h = model._hidden(prompt, pos, mask, cache, 0)
-            logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
+            h = model.hidden(prompt, *prompt_positions(pad, S), cache, 0)
+            logits = model.logits(h[:, -1, :]).float()  # (B, vocab_size)
             noise = None if temperature == 0.0 else cache.noise.exponential_(generator=generator)
             nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
         # the decode state, in place (fixed addresses): first new token at slot S, fed next at slot S
@@ -285,8 +374,8 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
 
 
 @torch.inference_mode()
-def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-           use_cache, generator) -> Iterator[list[Optional[int]]]:
+def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty, eos_id,
+           use_cache: bool, generator) -> Iterator[list[Optional[int]]]:
     """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
 
     Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
@@ -333,8 +422,8 @@ def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
             mask = ((kj <= qi) & ((kj >= pad_w) | (kj == qi)))[:, None]  # (B, 1, Tq, Tk)
             pos = (qi[:, :, 0] - pad_w[:, :, 0]).clamp(min=0)  # (B, Tq)
             with decode_attention_backends():
-                h = model._hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
-            logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
+                h = model.hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
+            logits = model.logits(h[:, -1, :]).float()  # (B, vocab_size)
             nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
             seq[:, n] = nxt
             n += 1

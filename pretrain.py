@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
-from configurator import check, config_or_exit
-from dataset import DataError, PretrainData
+from configurator import DataError, check, config_or_exit
+from dataset import PretrainData
 from model import ModelArgs
-from trainer import TrainConfig, cleanup, fail, setup_runtime, train
+from runtime import cleanup, setup_runtime
+from trainer import TrainConfig, fail, train
 
 
 @dataclass

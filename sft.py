@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from configurator import ConfigError, check, config_or_exit
-from dataset_sft import MODES, SFTData, SFTDataError
+from configurator import ConfigError, DataError, check, config_or_exit
+from dataset_sft import MODES, Batching, SFTData, SFTSamples
 from model import ModelArgs
-from trainer import TrainConfig, cleanup, fail, resolve_checkpoint, setup_runtime, train
+from runtime import checkpoint_file, cleanup, load_checkpoint, setup_runtime
+from trainer import TrainConfig, fail, train
 
 
 @dataclass
@@ -53,8 +54,8 @@ def main(argv=None) -> dict:
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         tok = load_tokenizer(cfg.tokenizer or None)
-        init_path = resolve_checkpoint(cfg.init_from, prefer="best.pt")
-        init = torch.load(init_path, map_location="cpu", weights_only=False)
+        init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+        init = load_checkpoint(init_path)
         saved_hash = init.get("tokenizer_sha256")
         if saved_hash and saved_hash != tok.sha256:
             fail(f"{init_path} was trained with another tokenizer.model than {tok.path}")
@@ -71,13 +72,13 @@ def main(argv=None) -> dict:
                 path = os.path.join(cfg.data_dir, f"{name}.jsonl")
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
-                return SFTData(path, tok, margs.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
-                               world_size=rt.world_size, mode=cfg.batch_mode, grad_accum_steps=accum,
-                               pad_multiple=cfg.pad_multiple)
+                batching = Batching(batch_size=cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
+                                    mode=cfg.batch_mode, grad_accum=accum, pad_multiple=cfg.pad_multiple)
+                return SFTData(SFTSamples(path, tok, margs.max_seq_len), batching)
             return split("train", grad_accum), split("val", 1)
 
         return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256, init_state=init["model"])
-    except (FileNotFoundError, SFTDataError, ConfigError) as e:
+    except (FileNotFoundError, DataError, ConfigError) as e:
         fail(str(e))
     finally:
         cleanup(rt)

@@ -7,16 +7,13 @@ accumulation with one gradient sync per optimizer step, validation, logs, atomic
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import math
 import os
 import random
-import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -27,6 +24,7 @@ import torch.distributed as dist
 
 from configurator import check
 from model import ModelArgs, Transformer
+from runtime import CheckpointWriter, Runtime, autocast_context, checkpoint_file, load_checkpoint
 
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
@@ -91,61 +89,10 @@ class TrainConfig:
             check(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs `pip install tensorboard`")
 
 
-@dataclass
-class Runtime:
-    """Where this process runs: device, DDP rank and world, precision."""
-    device: torch.device
-    rank: int
-    local_rank: int
-    world_size: int
-    dtype: torch.dtype
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda > mps > cpu. A bare 'cuda' gets this process's index (cuda:LOCAL_RANK): one process per
-    GPU under torchrun, and torch.cuda.set_device refuses a device without an index."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"  # CUDA_VISIBLE_DEVICES stays the user's business
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 where supported, else float16 on CUDA; float32 on CPU and MPS."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return getattr(torch, dtype)
-
-
-def setup_runtime(device: str, dtype: str) -> Runtime:
-    """Starts DDP when launched by torchrun (NCCL on CUDA, gloo elsewhere); picks device and precision."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, local_rank, world, resolve_dtype(dtype, dev))
-
-
 def compile_mode(mode: str) -> Optional[str]:
     """torch.compile's mode argument. reduce-overhead replays the forward and backward as CUDA graphs (one launch
-    instead of hundreds of kernels), so the GPU never waits for the host: same losses and peak memory (4.24 vs 4.27
-    GiB with the graphs' pool), faster the slower the host: one H100 787K -> 876K tokens/s (bench.py), one H200
-    858-940K -> 941-984K (pretrain.py), 2 x H200 under DDP 1,734K -> 1,817K."""
+    instead of hundreds of kernels), so the GPU never waits for the host: same losses and peak memory, and faster
+    the slower the host (docs/speed.md)."""
     return None if mode == "default" else mode
 
 
@@ -156,10 +103,8 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
 
     A compiled model stays one graph (optimize_ddp off) rather than one per gradient bucket: the all-reduces then
     wait for the whole backward instead of overlapping it, but little could overlap anyway (the tied embedding,
-    57% of the gradient bytes, is complete only after the last backward op) and each graph costs host time:
-    2 x H200 with CUDA graphs, 18.1 -> 17.8 ms/step; without, 18.7 -> 18.3. Tracing the reducer into the compiled
-    backward (optimize_ddp="python_reducer" + compiled autograd) was slower still: 18.3 ms; so was syncing the tied
-    weight's output-layer part under the backward and its lookup rows after it (18.9 vs 18.5, notes/speed.md)."""
+    57% of the gradient bytes, is complete only after the last backward op) and each extra graph costs host time
+    (docs/speed.md has the measurements)."""
     torch._dynamo.config.optimize_ddp = False
     DDP = torch.nn.parallel.DistributedDataParallel
     # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
@@ -167,13 +112,6 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
                       else {"broadcast_buffers": False})
     return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True,
                **no_buffer_sync)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype):
-    """Mixed precision that really uses `dtype` (the seed's autocast ignored its dtype argument)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -208,67 +146,6 @@ def peak_flops(device: torch.device, override_tflops: float) -> Optional[float]:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-class CheckpointWriter:
-    """Writes checkpoints on a background thread, so training only waits for the copy of the state to host memory
-    (about 0.8 GB at the default model: weights + AdamW moments), not for the disk. GPU tensors are copied into
-    pinned buffers kept from one save to the next (fast, asynchronous copies). One write at a time; wait() before
-    exiting. best.pt is a hard link to the same file as last.pt when both are written (no second copy)."""
-
-    def __init__(self):
-        self.thread: Optional[threading.Thread] = None
-        self.error: Optional[BaseException] = None
-        self.pinned: dict = {}  # position in the state -> pinned host tensor
-
-    def save(self, state: dict, last: str, best: Optional[str] = None) -> None:
-        self.wait()  # the previous write has finished with the buffers
-        snapshot = self._snapshot(state, (), {})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies have landed
-        self.thread = threading.Thread(target=self._write, args=(snapshot, last, best))
-        self.thread.start()
-
-    def _snapshot(self, obj, key: tuple, seen: dict):
-        if isinstance(obj, torch.Tensor):
-            # the tied embedding/output matrix appears twice in the state dict: copy (and save) it once
-            alias = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
-            if alias not in seen:
-                if obj.device.type != "cuda":
-                    seen[alias] = obj.detach().clone()  # even on CPU: the live tensors change while the thread writes
-                else:
-                    buf = self.pinned.get(key)
-                    if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                        buf = self.pinned[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-                    seen[alias] = buf.copy_(obj.detach(), non_blocking=True)
-            return seen[alias]
-        if isinstance(obj, dict):
-            return {k: self._snapshot(v, key + (k,), seen) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._snapshot(v, key + (i,), seen) for i, v in enumerate(obj))
-        return obj
-
-    def _write(self, state: dict, last: str, best: Optional[str]) -> None:
-        try:
-            tmp = last + ".tmp"
-            torch.save(state, tmp)  # complete before either name points at it: a crash leaves the old files
-            if best is not None:
-                try:
-                    os.link(tmp, best + ".tmp")
-                except OSError:  # no hard links on this filesystem: a second copy
-                    shutil.copyfile(tmp, best + ".tmp")
-                os.replace(best + ".tmp", best)
-            os.replace(tmp, last)
-        except BaseException as e:  # re-raised in the training thread by wait()
-            self.error = e
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -282,18 +159,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_checkpoint(path: str, prefer: str = "last.pt") -> str:
-    """A run dir or a file -> the checkpoint file (one-line error if none)."""
-    if os.path.isdir(path):
-        for name in (prefer, "best.pt", "last.pt"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f"{path}: no last.pt or best.pt in this run dir")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    return path
 
 
 class Logger:
@@ -474,22 +339,99 @@ def out_of_minutes(max_minutes: float, t_start: float, step: int, log_interval: 
     return bool(flag.item())
 
 
-def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
-          tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
-    """Runs (or resumes) a training run and returns a summary dict.
+class Checkpoints:
+    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
+    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
 
-    make_data(model_args, grad_accum) -> (train_src, val_src) is called once the model is known (a resumed
-    run takes its model args, context length included, from the checkpoint, not from the flags)."""
-    log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
-    ckpt = None
-    if cfg.resume or cfg.resume_from:
-        path = resolve_checkpoint(cfg.resume_from or cfg.out_dir, "last.pt")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model_args = ModelArgs(**ckpt["model_args"])
-        log.print(f"resuming from {path} at step {ckpt['step']} (best val {ckpt['best_val_loss']:.4f})")
-    seq_len = model_args.max_seq_len
-    accum = grad_accum_steps(cfg, seq_len, rt.world_size)
-    train_src, val_src = make_data(model_args, accum)
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, kind: str, tokenizer_sha256: str,
+                 model: torch.nn.Module, optimizer, scaler, samples_per_step: int):
+        self.cfg, self.rt, self.model_args, self.kind, self.tokenizer_sha256 = cfg, rt, model_args, kind, tokenizer_sha256
+        self.model, self.optimizer, self.scaler, self.samples_per_step = model, optimizer, scaler, samples_per_step
+        self.writer = CheckpointWriter()
+
+    def state(self, step: int, val_loss: float, best_val: float) -> dict:
+        rngs = [rng_state()]
+        if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
+            rngs = [None] * self.rt.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
+                "config": dataclasses.asdict(self.cfg), "kind": self.kind, "step": step,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
+                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
+
+    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes."""
+        st = self.state(step, val_loss, best_val)
+        if self.rt.master:
+            out = self.cfg.out_dir
+            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
+
+
+class LossLog:
+    """The losses of recent steps, still on the device until flush() reads them all in the loop's one host sync."""
+
+    def __init__(self, log: "Logger", max_bad_steps: int, out_dir: str):
+        self.log, self.max_bad_steps, self.out_dir = log, max_bad_steps, out_dir
+        self.pending: list = []  # (step, lr, loss, grad norm) as device tensors
+        self.finite: list = []  # finite losses since the last log line
+        self.bad = 0  # non-finite steps in a row
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append((step, lr, loss, grad_norm))
+
+    def flush(self) -> float:
+        """Writes the pending steps' metrics and counts skipped steps; stops the run (exit 3) after max_bad_steps
+        non-finite steps in a row. Returns the last grad norm."""
+        if not self.pending:
+            return float("nan")
+        values = torch.stack([torch.stack([loss, gn]).float() for _, _, loss, gn in self.pending]).tolist()
+        for (done, lr, _, _), (loss, gn) in zip(self.pending, values):
+            if math.isfinite(loss) and math.isfinite(gn):
+                self.bad = 0
+                self.finite.append(loss)
+                self.log.metric(step=done, loss=loss, lr=lr)
+                continue
+            self.bad += 1
+            self.log.print(f"step {done}: non-finite loss {loss} / grad norm {gn}; step skipped "
+                           f"({self.bad}/{self.max_bad_steps} in a row)")
+            if self.bad >= self.max_bad_steps:
+                self.log.print(f"stopping: {self.bad} non-finite steps in a row; last good checkpoint is "
+                               f"{self.out_dir}/last.pt (lower learning_rate or use dtype=bfloat16)")
+                raise SystemExit(3)
+        self.pending.clear()
+        return values[-1][1]
+
+    def mean(self) -> str:
+        """The mean finite loss since the last call, formatted ('n/a' if every step was skipped)."""
+        mean = f"{sum(self.finite) / len(self.finite):.4f}" if self.finite else "n/a"
+        self.finite.clear()
+        return mean
+
+
+class Throughput:
+    """Steps, time and real tokens since the last log line (validation excluded) -> ms/step, tokens/s, MFU."""
+
+    def __init__(self, batches: DeviceBatches, world_size: int, flops_per_token: int, peak: Optional[float]):
+        self.batches, self.world_size, self.flops_per_token, self.peak = batches, world_size, flops_per_token, peak
+        self.restart()
+
+    def restart(self) -> None:
+        self.t, self.steps, self.tokens = time.time(), 0, self.batches.tokens
+
+    def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str) -> str:
+        now = time.time()
+        dt = (now - self.t) / max(1, self.steps)
+        tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
+        self.restart()
+        mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
+        return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
+                f"{tok_s:,.0f} tok/s{mfu} | eta {(max_steps - done) * dt / 60:.1f} min")
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Optional[dict],
+                init_state: Optional[dict]) -> tuple:
+    """-> (raw model, model to run (compiled, DDP), optimizer, scaler, description), restored from ckpt if given."""
     torch.manual_seed(cfg.seed + rt.rank)
     model = Transformer(model_args)
     if ckpt is not None:
@@ -500,135 +442,103 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     model.to(rt.device)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=(rt.dtype == torch.float16))
-    start_step, best_val = 0, float("inf")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
         rngs = ckpt["rng"]
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
-    raw_model, compiled = model, "eager"
+    run, compiled = model, "eager"
     if cfg.compile and rt.device.type == "cuda":
         # SFT rows come in up to max_seq_len / pad_multiple widths, each a graph in train and in eval mode
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, limit, max(getattr(dyn, limit), 64))
         mode = compile_mode(cfg.compile_mode)
-        model, compiled = torch.compile(model, mode=mode), f"compiled ({mode or 'default'})"
+        run, compiled = torch.compile(model, mode=mode), f"compiled ({mode or 'default'})"
     if rt.world_size > 1:
-        model = wrap_ddp(model, rt)
+        run = wrap_ddp(run, rt)
+    return model, run, optimizer, scaler, compiled
 
+
+def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts: Checkpoints, step: int,
+             best_val: float) -> tuple[float, float]:
+    """A validation pass at `step`; saves last.pt (and best.pt when it improved) -> (val loss, best val loss).
+    Step 0 is the starting point (random init, or the pretrained model for SFT): a baseline, not a result."""
+    val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
+    log.metric(step=step, val_loss=val_loss)
+    if step == 0:
+        log.print(f"step 0: val loss {val_loss:.4f} (before training)")
+        return val_loss, best_val
+    improved = val_loss < best_val
+    best_val = min(best_val, val_loss)
+    log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
+    ckpts.save(step, val_loss, best_val, improved)
+    return val_loss, best_val
+
+
+def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
+          tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
+    """Runs (or resumes) a training run and returns a summary dict.
+
+    make_data(model_args, grad_accum) -> (train_src, val_src) is called once the model is known (a resumed
+    run takes its model args, context length included, from the checkpoint, not from the flags)."""
+    log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
+    ckpt, start_step, best_val = None, 0, float("inf")
+    if cfg.resume or cfg.resume_from:
+        path = checkpoint_file(cfg.resume_from or cfg.out_dir, prefer="last.pt")
+        ckpt = load_checkpoint(path)
+        model_args, start_step, best_val = ModelArgs(**ckpt["model_args"]), ckpt["step"], ckpt["best_val_loss"]
+        log.print(f"resuming from {path} at step {start_step} (best val {best_val:.4f})")
+    seq_len = model_args.max_seq_len
+    accum = grad_accum_steps(cfg, seq_len, rt.world_size)
+    train_src, val_src = make_data(model_args, accum)
+    raw_model, model, optimizer, scaler, compiled = build_model(cfg, rt, model_args, ckpt, init_state)
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
-    flops_tok, peak = raw_model.flops_per_token(seq_len), peak_flops(rt.device, cfg.peak_tflops)
-    peak = peak * rt.world_size if peak else None  # the logged tokens/s are all ranks'
-    log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | {str(rt.dtype)[6:]}"
-              f" | {compiled}")
+    log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | "
+              f"{str(rt.dtype)[6:]} | {compiled}")
     log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
               f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps / 1e6:,.1f}M tokens")
     log.print(f"data: {train_src.describe()} | {val_src.describe()}")
-
-    def state(step: int, val_loss: float) -> dict:
-        rngs = [rng_state()]
-        if rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
-            rngs = [None] * rt.world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {"model": raw_model.state_dict(), "model_args": dataclasses.asdict(model_args),
-                "config": dataclasses.asdict(cfg), "kind": kind, "step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "data_position": {"step": step, "seed": cfg.seed, "samples_per_step":
-                tokens_per_step // seq_len}, "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss,
-                "tokenizer_sha256": tokenizer_sha256}
-
-    writer = CheckpointWriter()
-
-    def checkpoint(step: int, val_loss: float, best: bool) -> None:
-        st = state(step, val_loss)
-        if rt.master:
-            writer.save(st, os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt") if best else None)
-
-    def validate(step: int) -> float:
-        nonlocal best_val
-        val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
-        log.metric(step=step, val_loss=val_loss)
-        if step == 0:  # the starting point (random init, or the pretrained model for SFT): a baseline, not a result
-            log.print(f"step 0: val loss {val_loss:.4f} (before training)")
-            return val_loss
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
-        checkpoint(step, val_loss, improved)
-        return val_loss
-
+    ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
+                        tokens_per_step // seq_len)
     t_start = time.time()
-    val_loss = validate(0) if start_step == 0 else ckpt["val_loss"]
+    if start_step == 0:
+        val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val)
+    else:
+        val_loss = ckpt["val_loss"]
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
-    bad, t_last, timed, tok_mark = 0, time.time(), 0, 0
-    pending: list = []  # (step, lr, loss, grad norm) still on the device: read in one sync by flush()
-    logged: list = []  # finite losses since the last log line
-
-    def flush() -> float:
-        """Reads the pending steps' losses (the loop's one host sync), writes their metrics, counts skipped steps;
-        stops the run (exit 3) after max_bad_steps non-finite steps in a row. Returns the last grad norm."""
-        nonlocal bad
-        if not pending:
-            return float("nan")
-        values = torch.stack([torch.stack([loss, gn]).float() for _, _, loss, gn in pending]).tolist()
-        for (done, lr, _, _), (loss, gn) in zip(pending, values):
-            if math.isfinite(loss) and math.isfinite(gn):
-                bad = 0
-                logged.append(loss)
-                log.metric(step=done, loss=loss, lr=lr)
-                continue
-            bad += 1
-            log.print(f"step {done}: non-finite loss {loss} / grad norm {gn}; step skipped ({bad}/{cfg.max_bad_steps} in a row)")
-            if bad >= cfg.max_bad_steps:
-                log.print(f"stopping: {bad} non-finite steps in a row; last good checkpoint is {cfg.out_dir}/last.pt "
-                          f"(lower learning_rate or use dtype=bfloat16)")
-                raise SystemExit(3)
-        pending.clear()
-        return values[-1][1]
-
+    peak = peak_flops(rt.device, cfg.peak_tflops)
+    meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
+    losses = LossLog(log, cfg.max_bad_steps, cfg.out_dir)
     try:
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg)
             loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
             done = step + 1
-            pending.append((done, lr, loss, grad_norm))
-            timed += 1
+            losses.add(done, lr, loss, grad_norm)
+            meter.steps += 1
             out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
             last = done == cfg.max_steps or out_of_time
             if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
-                continue
-            gn = flush()  # before any checkpoint: a run that must stop never saves after its bad steps
+                continue  # the losses stay on the device: no host sync on this step
+            grad_norm = losses.flush()  # before any checkpoint: a run that must stop never saves after its bad steps
             if done % cfg.log_interval == 0 or last:
-                now = time.time()
-                dt = (now - t_last) / max(1, timed)
-                tok_s = (batches.tokens - tok_mark) * rt.world_size / (now - t_last)  # real tokens (SFT: no padding)
-                t_last, timed, tok_mark = now, 0, batches.tokens
-                mfu = f" | mfu {100 * flops_tok * tok_s / peak:.1f}%" if peak else ""
-                mean = f"{sum(logged) / len(logged):.4f}" if logged else "n/a"
-                log.print(f"step {done}/{cfg.max_steps} | loss {mean} | lr {lr:.2e} | grad {gn:.2f} | "
-                          f"{dt * 1000:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | eta {(cfg.max_steps - done) * dt / 60:.1f} min")
-                logged.clear()
+                log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean()))
             if done % cfg.eval_interval == 0 or last:
-                val_loss = validate(done)
-                t_last, timed, tok_mark = time.time(), 0, batches.tokens  # keep validation out of tokens/s
+                val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val)
+                meter.restart()  # keep validation out of tokens/s
             elif done % cfg.ckpt_interval == 0:
-                checkpoint(done, val_loss, False)
+                ckpts.save(done, val_loss, best_val, False)
             if out_of_time:
                 log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
                 break
     finally:
-        writer.wait()  # the last checkpoint is on disk before the run returns or exits
+        ckpts.writer.wait()  # the last checkpoint is on disk before the run returns or exits
     if rt.master:
         png = plot_losses(cfg.out_dir)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"
                   + (f" | curve {png}" if png else ""))
     return {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
-
-
-def cleanup(rt: Runtime) -> None:
-    if rt.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def fail(msg: str) -> None:

@@ -2,7 +2,7 @@
 
     python -m pytest tests/test_bench.py -q
 
-The GPU figures of the README come from the same code paths (notes/speed.md has the commands). The SFT test needs the
+The GPU figures of the README come from the same code paths (docs/speed.md). The SFT test needs the
 real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skips without it.
 """
 import json

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset_sft import SFTData, SFTDataError, make_example, render, render_prompt, segment_mask, truncate
+from configurator import DataError
+from dataset_sft import Batching, SFTData, SFTSamples, make_example, render, render_prompt, truncate
+from model import segment_mask
 
 
 class FakeTokenizer:
@@ -91,9 +93,9 @@ def test_render_prompt_max_len_drops_oldest_turn_first():
 
 
 def test_bad_conversation_is_rejected():
-    with pytest.raises(SFTDataError):
+    with pytest.raises(DataError):
         render(TOK, conv("only a question"))
-    with pytest.raises(SFTDataError):
+    with pytest.raises(DataError):
         render(TOK, [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}])
 
 
@@ -141,9 +143,9 @@ def test_sample_with_no_room_for_its_answer_is_dropped_and_counted():
     assert truncate(ids, sup, max_seq_len=8)[2] == "dropped"  # <bos> + 13 + <eos> > 9
     recs = [{"conversations": conv("q", "a long answer")}, {"conversations": conv("question", "ok")},
             {"conversations": conv("q", "short")}]
-    data = SFTData(recs, TOK, max_seq_len=8, batch_size=1)
-    assert data.counts["dropped"] == 1 and data.counts["truncated"] == 1 and len(data) == 2
-    assert data.counts["conversations"] == 3
+    data = SFTData(SFTSamples(recs, TOK, 8), Batching(batch_size=1))
+    assert data.samples.counts["dropped"] == 1 and data.samples.counts["truncated"] == 1 and len(data) == 2
+    assert data.samples.counts["conversations"] == 3
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -152,14 +154,14 @@ def test_jsonl_loading_counts_and_storage(tmp_path):
     recs = records(20) + [{"conversations": conv("x", "y"), "system": "sys", "source": "f"}]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    data = SFTData(str(path), TOK, max_seq_len=128, batch_size=4)
-    assert len(data) == 21 and data.tokens.dtype == np.uint16
-    ids, sup = data.sample(20)
+    data = SFTData(SFTSamples(str(path), TOK, 128), Batching(batch_size=4))
+    assert len(data) == 21 and data.samples.tokens.dtype == np.uint16
+    ids, sup = data.samples.sample(20)
     want_ids, want_sup = render(TOK, conv("x", "y"), system="sys")
     assert ids.tolist() == want_ids and sup.tolist() == want_sup
     rendered = [render(TOK, r["conversations"], r.get("system")) for r in recs]
-    assert data.counts["tokens"] == sum(len(i) for i, _ in rendered)
-    assert data.counts["supervised"] == sum(sum(s) for _, s in rendered)
+    assert data.samples.counts["tokens"] == sum(len(i) for i, _ in rendered)
+    assert data.samples.counts["supervised"] == sum(sum(s) for _, s in rendered)
     assert "21 samples" in data.describe()
 
 
@@ -167,18 +169,18 @@ def test_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"conversations": conv("q", "a")}) + "\n"
                     + json.dumps({"conversations": conv("q")}) + "\n", encoding="utf-8")
-    with pytest.raises(SFTDataError, match=r"bad.jsonl:2: .*assistant"):
-        SFTData(str(path), TOK, max_seq_len=16, batch_size=1)
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*assistant"):
+        SFTData(SFTSamples(str(path), TOK, 16), Batching(batch_size=1))
 
 
 # ---- batches -------------------------------------------------------------------------------------
 
 def test_dynamic_batches_pad_to_longest_and_group_lengths():
-    data = SFTData(records(64), TOK, max_seq_len=128, batch_size=8, group=8)  # one mega-batch = all samples
+    data = SFTData(SFTSamples(records(64), TOK, 128), Batching(batch_size=8, group=8))  # one mega-batch = all samples
     spans = []
     for step in range(data.epoch_batches()):
         x, y = data.batch(step, 0)
-        lens = [len(make_example(*data.sample(sample_of_row(row)), 128)[0]) for row in x]
+        lens = [len(make_example(*data.samples.sample(sample_of_row(row)), 128)[0]) for row in x]
         assert x.shape[1] == max(lens)  # padded to the longest, no further
         for r, n in enumerate(lens):
             assert (x[r, n:] == 0).all() and (y[r, n:] == -1).all()
@@ -193,17 +195,17 @@ def test_dynamic_batches_pad_to_longest_and_group_lengths():
 
 def test_batches_are_deterministic_and_ranks_disjoint():
     recs = records(48)
-    a = SFTData(recs, TOK, max_seq_len=64, batch_size=4, seed=3, grad_accum_steps=2)
-    b = SFTData(recs, TOK, max_seq_len=64, batch_size=4, seed=3, grad_accum_steps=2)
+    a = SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=4, seed=3, grad_accum=2))
+    b = SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=4, seed=3, grad_accum=2))
     for step, micro in [(0, 0), (0, 1), (5, 1), (2, 0), (40, 1)]:  # any order, past the first epoch too
         for ta, tb in zip(a.batch(step, micro), b.batch(step, micro)):
             assert torch.equal(ta, tb)
     assert not torch.equal(a.batch(0, 0)[0][:, :4], a.batch(0, 1)[0][:, :4])
-    other_seed = SFTData(recs, TOK, max_seq_len=64, batch_size=4, seed=4, grad_accum_steps=2)
+    other_seed = SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=4, seed=4, grad_accum=2))
     assert not torch.equal(a.batch(0, 0)[0][:, :4], other_seed.batch(0, 0)[0][:, :4])
 
     # 2 ranks x 2 accum steps for 3 steps = one epoch of 12 batches: every sample once, no overlap
-    ranks = [SFTData(recs, TOK, max_seq_len=64, batch_size=4, seed=3, rank=r, world_size=2, grad_accum_steps=2)
+    ranks = [SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=4, seed=3, rank=r, world_size=2, grad_accum=2))
              for r in range(2)]
     seen = {0: [], 1: []}
     for step in range(3):
@@ -213,12 +215,12 @@ def test_batches_are_deterministic_and_ranks_disjoint():
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(48))
     # ... and the same batches a single process with 4 accum steps reads
-    single = SFTData(recs, TOK, max_seq_len=64, batch_size=4, seed=3, grad_accum_steps=4)
+    single = SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=4, seed=3, grad_accum=4))
     assert torch.equal(single.batch(1, 3)[0], ranks[1].batch(1, 1)[0])
 
 
 def test_packed_rows_hold_whole_samples_and_mask_blocks_them():
-    data = SFTData(records(60), TOK, max_seq_len=64, batch_size=4, mode="packed")
+    data = SFTData(SFTSamples(records(60), TOK, 64), Batching(batch_size=4, mode="packed"))
     x, y, seg = data.batch(0, 0)
     assert x.shape == y.shape == seg.shape == (4, 64)
     assert (seg.max(dim=1).values >= 2).all()  # rows really hold several samples
@@ -226,7 +228,7 @@ def test_packed_rows_hold_whole_samples_and_mask_blocks_them():
         for j in range(1, int(seg[r].max()) + 1):
             cols = (seg[r] == j).nonzero().flatten()
             assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # contiguous
-            ex_x, ex_y = make_example(*data.sample(sample_of_row(x[r, cols])), 64)
+            ex_x, ex_y = make_example(*data.samples.sample(sample_of_row(x[r, cols])), 64)
             assert x[r, cols].tolist() == ex_x.tolist() and y[r, cols].tolist() == ex_y.tolist()
         pad = seg[r] == 0
         assert (x[r][pad] == 0).all() and (y[r][pad] == -1).all()
@@ -267,7 +269,7 @@ def test_eval_batches_cover_every_sample_once_across_ranks():
     recs = records(10)
     seen = []
     for r in range(2):
-        src = SFTData(recs, TOK, max_seq_len=64, batch_size=3, rank=r, world_size=2, mode="packed")
+        src = SFTData(SFTSamples(recs, TOK, 64), Batching(batch_size=3, rank=r, world_size=2, mode="packed"))
         for x, y in src.eval_batches():
             seen += [sample_of_row(row) for row in x]
     assert sorted(seen) == list(range(10))
@@ -286,16 +288,9 @@ def test_real_tokenizer_two_turns_and_prompt():
     assert tok.decode(ids[len(prompt):-1]) == "多休息，多喝水。"
 
 
-def test_tokens_in_batch_counts_real_tokens():
-    data = SFTData(records(40), TOK, max_seq_len=64, batch_size=4, mode="fixed")
-    x, y = data.batch(2, 0)
-    real = sum(len(make_example(*data.sample(sample_of_row(row)), 64)[0]) for row in x)
-    assert data.tokens_in_batch(2, 0) == real < x.numel()
-
-
 def test_too_few_samples_for_a_batch_fail_only_when_batched():
-    data = SFTData(records(3), TOK, max_seq_len=64, batch_size=4, mode="packed")  # 3 samples fill 1 row < 4 rows
+    data = SFTData(SFTSamples(records(3), TOK, 64), Batching(batch_size=4, mode="packed"))  # 3 samples fill 1 row < 4 rows
     assert "too few for one packed batch" in data.describe()  # a small val split in packed mode must still build (sft.py evaluates it)
     assert sum(x.shape[0] for x, _ in data.eval_batches()) == 3
-    with pytest.raises(SFTDataError, match="no full batch"):
+    with pytest.raises(DataError, match="no full batch"):
         data.batch(0, 0)

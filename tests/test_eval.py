@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import bleu
 import eval as ev
+import generate
+import runtime
 from chat import ChatConfig, chat_loop, fit_history, stream_text
+from configurator import DataError
 from conftest import run_script, write_shard
 from dataset import PretrainData
 from dataset_sft import render_prompt
@@ -150,7 +154,8 @@ def test_perplexity_is_exp_of_mean_loss_computed_by_hand(val_dir):
 
 
 def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
-    from trainer import Runtime, evaluate
+    from runtime import Runtime
+    from trainer import evaluate
 
     model = tiny_model()
     rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
@@ -159,7 +164,7 @@ def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
 
 
 def test_perplexity_rejects_shards_of_another_vocabulary(val_dir):
-    with pytest.raises(ev.EvalError, match="vocab_size 96, the model has 64793"):
+    with pytest.raises(DataError, match="vocab_size 96, the model has 64793"):
         ev.perplexity(tiny_model(), val_dir, 16, 2, 0, "cpu", vocab_size=64793)
 
 
@@ -167,17 +172,17 @@ def test_perplexity_rejects_shards_of_another_vocabulary(val_dir):
 
 def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
     ok = {"question": "头疼怎么办", "answer": "多休息"}
-    with pytest.raises(ev.EvalError, match=r"empty\.jsonl: empty"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty"):
         ev.load_qa(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
-    with pytest.raises(ev.EvalError, match=r"bad\.jsonl:2: not JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not JSON"):
         ev.load_qa(write_jsonl(tmp_path / "bad.jsonl", [ok, '{"question": "x", ']))
-    with pytest.raises(ev.EvalError, match=r'noq\.jsonl:3: missing field "question"'):
+    with pytest.raises(DataError, match=r'noq\.jsonl:3: missing field "question"'):
         ev.load_qa(write_jsonl(tmp_path / "noq.jsonl", [ok, ok, {"answer": "a"}]))
-    with pytest.raises(ev.EvalError, match=r'noa\.jsonl:2: missing field "answer"'):
+    with pytest.raises(DataError, match=r'noa\.jsonl:2: missing field "answer"'):
         ev.load_qa(write_jsonl(tmp_path / "noa.jsonl", [ok, {"question": "q"}]))
-    with pytest.raises(ev.EvalError, match=r'noa2\.jsonl:1: missing field "answer"'):
+    with pytest.raises(DataError, match=r'noa2\.jsonl:1: missing field "answer"'):
         ev.load_qa(write_jsonl(tmp_path / "noa2.jsonl", [{"question": "q"}, ok]))
-    with pytest.raises(ev.EvalError, match=r"list\.jsonl:1: expected a JSON object"):
+    with pytest.raises(DataError, match=r"list\.jsonl:1: expected a JSON object"):
         ev.load_qa(write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"]))
     rows = ev.load_qa(write_jsonl(tmp_path / "good.jsonl", [ok, "", dict(ok, department="内科")]))
     assert [r["answer"] for r in rows] == ["多休息", "多休息"] and rows[1]["department"] == "内科"
@@ -187,11 +192,11 @@ def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
 def test_checkpoint_of_another_vocabulary_is_rejected():
     tok = FakeTokenizer()
     ckpt = tiny_ckpt(tiny_model())
-    ev.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
-    with pytest.raises(ev.EvalError, match="model vocab_size 64793, but the tokenizer has 96"):
-        ev.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64793)), tok, "x.pt")
-    with pytest.raises(ev.EvalError, match="another vocabulary"):
-        ev.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
+    runtime.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
+    with pytest.raises(DataError, match="model vocab_size 64793, but the tokenizer has 96"):
+        runtime.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64793)), tok, "x.pt")
+    with pytest.raises(DataError, match="another vocabulary"):
+        runtime.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
 
 
 def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
@@ -211,29 +216,25 @@ def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path
 
 # ---- generation and reports ------------------------------------------------------------------------
 
-class ReversingModel:
-    """generate() answers each prompt with the prompt reversed, and records batch sizes."""
+def test_generate_all_batches_by_length_and_restores_order(monkeypatch):
+    """A stand-in generate() answers each prompt with the prompt reversed and records the batches' lengths."""
+    batches = []
 
-    def __init__(self):
-        self.batches = []
-
-    def generate(self, prompts, **kw):
-        self.batches.append([len(p) for p in prompts])
+    def reversing(model, prompts, **kw):
+        batches.append([len(p) for p in prompts])
         return [list(reversed(p)) for p in prompts]
 
-
-def test_generate_all_batches_by_length_and_restores_order():
+    monkeypatch.setattr(ev, "generate", reversing)
     prompts = [[5] * n + [n] for n in (7, 2, 9, 1, 4)]
-    model = ReversingModel()
-    outs, seconds = ev.generate_all(model, prompts, 2, {}, torch.device("cpu"), torch.float32, progress=False)
+    outs, seconds = ev.generate_all(None, prompts, 2, {}, torch.device("cpu"), torch.float32, progress=False)
     assert outs == [list(reversed(p)) for p in prompts] and seconds >= 0
-    assert model.batches == [[2, 3], [5, 8], [10]]  # sorted by length, cut into batches of 2
+    assert batches == [[2, 3], [5, 8], [10]]  # sorted by length, cut into batches of 2
 
 
 def test_measure_generation_counts_every_new_token():
-    r = ev.measure_generation(tiny_model(max_seq_len=32), 3, 4, 10, True, "cpu", warmup=False)
+    r = bench.measure_generation(tiny_model(max_seq_len=32), 3, 4, 10, True, "cpu", warmup=False)
     assert r["tokens"] == 30 and r["tokens_per_s"] > 0
-    r = ev.measure_generation(tiny_model(max_seq_len=32), 2, 4, 5, False, "cpu")
+    r = bench.measure_generation(tiny_model(max_seq_len=32), 2, 4, 5, False, "cpu")
     assert r["tokens"] == 10 and not r["use_cache"]
 
 
@@ -259,7 +260,7 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     assert saved["results"][2]["reference"] == "答案2很长" and saved["results"][2]["department"] == "内科"
     # the answers are what the model generates for the SFT prompt of each question, greedily
     prompt = render_prompt(tok, [], rows[1]["question"], max_len=32 - 6)
-    assert saved["results"][1]["answer"] == tok.decode(model.generate([prompt], 6)[0]).strip()
+    assert saved["results"][1]["answer"] == tok.decode(generate.generate(model, [prompt], 6)[0]).strip()
     assert saved["scores"]["ppl"] == pytest.approx(math.exp(manual_loss(model, val_dir, 32)[0]), rel=1e-5)
     assert 0 <= saved["scores"]["bleu4"] <= 100 and saved["timing"]["new_tokens"] > 0
     with open(tmp_path / "run" / "eval_report.md", encoding="utf-8") as f:
@@ -307,28 +308,24 @@ def test_fit_history_keeps_the_latest_turns_within_max_len():
     assert kept == history[-2:] and ids[:5] == tok.encode("你是医生\n")
 
 
-class ScriptedModel:
-    """stream() yields the ids of a fixed answer and records every prompt it got."""
-
-    def __init__(self, tok, answer):
-        self.prompts, self.answer_ids = [], tok.encode(answer)
-
-    def stream(self, prompt, **kw):
-        self.prompts.append(list(prompt))
-        yield from self.answer_ids
-
-
-def test_chat_loop_keeps_history_resets_and_quits():
+def test_chat_loop_keeps_history_resets_and_quits(monkeypatch):
+    """A stand-in stream() yields the ids of a fixed answer and records every prompt it got."""
     tok = FakeTokenizer()
-    model = ScriptedModel(tok, "多喝水")
+    prompts, answer_ids = [], tok.encode("多喝水")
+
+    def scripted(model, prompt, **kw):
+        prompts.append(list(prompt))
+        yield from answer_ids
+
+    monkeypatch.setattr("chat.stream", scripted)
     out = io.StringIO()
     cfg = ChatConfig(max_new_tokens=8)
     lines = ["头疼", "", "还有呢", "/reset", "谢谢", "/quit", "never read"]
-    history = chat_loop(model, tok, "sft", cfg, iter(lines), 64, torch.device("cpu"), torch.float32, out)
-    assert len(model.prompts) == 3 and out.getvalue().count("多喝水") == 3 and "(history cleared)" in out.getvalue()
+    history = chat_loop(None, tok, "sft", cfg, iter(lines), 64, torch.device("cpu"), torch.float32, out)
+    assert len(prompts) == 3 and out.getvalue().count("多喝水") == 3 and "(history cleared)" in out.getvalue()
     first_turn = [{"role": "user", "content": "头疼"}, {"role": "assistant", "content": "多喝水"}]
-    assert model.prompts[1] == render_prompt(tok, first_turn, "还有呢")
-    assert model.prompts[2] == render_prompt(tok, [], "谢谢")
+    assert prompts[1] == render_prompt(tok, first_turn, "还有呢")
+    assert prompts[2] == render_prompt(tok, [], "谢谢")
     assert history == [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "多喝水"}]
 
 

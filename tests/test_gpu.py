@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import generate  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -61,14 +62,15 @@ def test_compiled_decoding_equals_eager_on_the_gpu():
     for compile in (False, True, True):  # the second compiled call replays the recorded graphs
         g = torch.Generator(device="cuda").manual_seed(1)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs.append(model.generate(prompts, 40, temperature=0.8, top_p=0.9, repetition_penalty=1.1, eos_id=-1,
+            outs.append(generate.generate(model, prompts, 40, temperature=0.8, top_p=0.9, repetition_penalty=1.1, eos_id=-1,
                                        generator=g, compile=compile))
     assert outs[0] == outs[1] == outs[2]
     assert all(len(o) == 40 for o in outs[0])
 
 
 def test_non_finite_step_is_skipped_on_the_device():
-    from trainer import DeviceBatches, Runtime, train_step
+    from runtime import Runtime
+    from trainer import DeviceBatches, train_step
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=256, max_seq_len=32)).cuda()
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -89,7 +91,8 @@ def test_cuda_graph_training_with_accumulation_equals_eager():
     """torch.compile(mode="reduce-overhead") (the default under torchrun) with 2 micro-steps per optimizer step: the
     accumulated gradient norm and the loss match eager's. Freed gradients between steps let AccumulateGrad adopt a
     tensor from the CUDA graph's pool that the next micro-step overwrites (pytorch/pytorch#169545)."""
-    from trainer import DeviceBatches, Runtime, train_step
+    from runtime import Runtime
+    from trainer import DeviceBatches, train_step
 
     rt = Runtime(torch.device("cuda"), 0, 0, 1, torch.float32)
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ConfigError  # noqa: E402
 import generate  # noqa: E402
-from model import ModelArgs, Transformer, apply_rope, load_model, rope_tables  # noqa: E402
+from model import ModelArgs, Transformer, apply_rope, rope_tables  # noqa: E402
+from runtime import load_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -88,14 +89,14 @@ def test_padded_rows_never_scored_or_sampled():
     assert logits.shape == (2, 16, 1000)
     loss.backward()
     assert model.tok_embeddings.weight.grad[1000:].abs().sum() == 0
-    before = model.generate([[3, 4, 5]], 8, eos_id=None)
+    before = generate.generate(model, [[3, 4, 5]], 8, eos_id=None)
     with torch.no_grad():  # padded rows so large that they would win every argmax and dominate the softmax
         model.tok_embeddings.weight[1000:] = 50.0 * torch.randn(24, 64)
         logits2, loss2 = model(x, y)
     assert torch.equal(logits, logits2) and loss.item() == loss2.item()
-    assert model.generate([[3, 4, 5]], 8, eos_id=None) == before
+    assert generate.generate(model, [[3, 4, 5]], 8, eos_id=None) == before
     g = torch.Generator().manual_seed(0)
-    sampled = model.generate([[3, 4, 5]] * 4, 16, temperature=5.0, eos_id=None, generator=g)
+    sampled = generate.generate(model, [[3, 4, 5]] * 4, 16, temperature=5.0, eos_id=None, generator=g)
     assert max(max(row) for row in sampled) < 1000
 
 
@@ -151,9 +152,9 @@ def test_rope_is_a_relative_rotation():
 
 def test_kv_cache_equals_no_cache_and_single_prompts():
     model = lively_model()
-    cached = model.generate(PROMPTS, 12, eos_id=None)
-    assert cached == model.generate(PROMPTS, 12, eos_id=None, use_cache=False)
-    alone = [model.generate([p], 12, eos_id=None)[0] for p in PROMPTS]
+    cached = generate.generate(model, PROMPTS, 12, eos_id=None)
+    assert cached == generate.generate(model, PROMPTS, 12, eos_id=None, use_cache=False)
+    alone = [generate.generate(model, [p], 12, eos_id=None)[0] for p in PROMPTS]
     assert cached == alone
     assert [len(r) for r in cached] == [12, 12, 12]
     # the reference everything must match: greedy argmax over the full forward, one token at a time
@@ -167,17 +168,17 @@ def test_kv_cache_equals_no_cache_and_single_prompts():
 def test_kv_cache_equals_no_cache_when_sampling():
     model = lively_model(seed=1)
     knobs = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3, eos_id=None)
-    a = model.generate(PROMPTS, 12, generator=torch.Generator().manual_seed(3), **knobs)
-    b = model.generate(PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
+    a = generate.generate(model, PROMPTS, 12, generator=torch.Generator().manual_seed(3), **knobs)
+    b = generate.generate(model, PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
     assert a == b
-    assert a != model.generate(PROMPTS, 12, eos_id=None)  # sampling really sampled
+    assert a != generate.generate(model, PROMPTS, 12, eos_id=None)  # sampling really sampled
 
 
 def test_context_window_crop():
     model = lively_model(max_seq_len=16)
     prompts = [list(range(10, 30)), [5, 6, 7]]  # the first prompt alone is longer than max_seq_len
-    a = model.generate(prompts, 30, eos_id=None)
-    assert a == model.generate(prompts, 30, eos_id=None, use_cache=False)
+    a = generate.generate(model, prompts, 30, eos_id=None)
+    assert a == generate.generate(model, prompts, 30, eos_id=None, use_cache=False)
     assert [len(r) for r in a] == [30, 30]
 
 
@@ -193,28 +194,28 @@ def test_gqa_equals_mha_with_shared_heads():
     mha.load_state_dict(state)
     x = torch.randint(0, 1000, (2, 12))
     assert torch.allclose(gqa(x, x)[0], mha(x, x)[0], atol=1e-5)
-    out = gqa.generate(PROMPTS, 8, eos_id=None)
-    assert out == gqa.generate(PROMPTS, 8, eos_id=None, use_cache=False)
-    assert out == mha.generate(PROMPTS, 8, eos_id=None)
+    out = generate.generate(gqa, PROMPTS, 8, eos_id=None)
+    assert out == generate.generate(gqa, PROMPTS, 8, eos_id=None, use_cache=False)
+    assert out == generate.generate(mha, PROMPTS, 8, eos_id=None)
 
 
 def test_stops_at_eos_per_row():
     model = lively_model()
-    free = model.generate(PROMPTS, 12, eos_id=None)
+    free = generate.generate(model, PROMPTS, 12, eos_id=None)
     eos = next(t for t in free[1] if free[1].index(t) >= 2)  # a token row 1 first produces after a few steps
-    stopped = model.generate(PROMPTS, 12, eos_id=eos)
+    stopped = generate.generate(model, PROMPTS, 12, eos_id=eos)
     for row, full in zip(stopped, free):
         assert row == (full[: full.index(eos)] if eos in full else full)
     assert 2 <= len(stopped[1]) < 12 and max(len(r) for r in stopped) > len(stopped[1])  # other rows went on
-    assert list(model.stream(PROMPTS[1], 12, eos_id=eos)) == stopped[1]
+    assert list(generate.stream(model, PROMPTS[1], 12, eos_id=eos)) == stopped[1]
 
 
 def test_top_k1_and_tiny_top_p_equal_greedy():
     model = lively_model()
-    greedy = model.generate(PROMPTS, 10, eos_id=None)
+    greedy = generate.generate(model, PROMPTS, 10, eos_id=None)
     g = torch.Generator().manual_seed(0)
-    assert model.generate(PROMPTS, 10, temperature=1.0, top_k=1, eos_id=None, generator=g) == greedy
-    assert model.generate(PROMPTS, 10, temperature=1.0, top_p=1e-6, eos_id=None, generator=g) == greedy
+    assert generate.generate(model, PROMPTS, 10, temperature=1.0, top_k=1, eos_id=None, generator=g) == greedy
+    assert generate.generate(model, PROMPTS, 10, temperature=1.0, top_p=1e-6, eos_id=None, generator=g) == greedy
 
 
 def test_sampling_rules():
@@ -238,15 +239,13 @@ def general_steps(model, prompts, new, eos_id, **knobs):
     """Per-step lists of the general decoder (growing cache, crops), the reference for the static one."""
     k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
     k.update(knobs)
-    return list(generate.decode(model, prompts, new, k["temperature"], k["top_k"], k["top_p"], k["repetition_penalty"],
-                                eos_id, True, k["generator"]))
+    return list(generate.decode(model, prompts, new, eos_id=eos_id, use_cache=True, **k))
 
 
 def static_steps(model, prompts, new, eos_id, sync_every, compile=False, **knobs):
     k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
     k.update(knobs)
-    return list(generate.decode_static(model, prompts, new, k["temperature"], k["top_k"], k["top_p"],
-                                       k["repetition_penalty"], eos_id, k["generator"], compile, sync_every))
+    return list(generate.decode_static(model, prompts, new, eos_id=eos_id, compile=compile, sync_every=sync_every, **k))
 
 
 def test_static_decoder_equals_general_decoder_step_for_step():
@@ -273,49 +272,49 @@ def test_static_path_only_where_the_context_fits(monkeypatch):
     model = lively_model(max_seq_len=16)
     prompts = [list(range(10, 22)), [5, 6, 7]]  # S = 12: 5 new tokens fit exactly (12 + 5 - 1 = 16), 6 need a crop
     for new in (5, 6):
-        assert model.generate(prompts, new, eos_id=None) == model.generate(prompts, new, eos_id=None, use_cache=False)
+        assert generate.generate(model, prompts, new, eos_id=None) == generate.generate(model, prompts, new, eos_id=None, use_cache=False)
     # 6 new tokens must not take the static path (it would fail to run)
     monkeypatch.setattr(generate, "decode_static", None)
-    model.generate(prompts, 6, eos_id=None)
+    generate.generate(model, prompts, 6, eos_id=None)
 
 
 def test_compiled_decode_step_compiles_once_and_matches_eager():
     from torch._dynamo.utils import counters
 
     model = lively_model()
-    eager = model.generate(PROMPTS, 12, eos_id=None)
+    eager = generate.generate(model, PROMPTS, 12, eos_id=None)
     torch._dynamo.reset()
     counters.clear()
     generate.compile_decode(model, backend="aot_eager")  # inductor on CPU takes ~40 s; the graph is the same
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert model.generate(PROMPTS, 12, eos_id=None, compile=True) == eager
+        assert generate.generate(model, PROMPTS, 12, eos_id=None, compile=True) == eager
         # other prompt lengths, other lengths of output, an eos stop: same shapes for the step, no recompile
         shorter = [PROMPTS[1], PROMPTS[0], PROMPTS[2][:5]]
-        assert model.generate(shorter, 20, eos_id=None, compile=True) == model.generate(shorter, 20, eos_id=None)
+        assert generate.generate(model, shorter, 20, eos_id=None, compile=True) == generate.generate(model, shorter, 20, eos_id=None)
         eos = eager[1][4]
-        assert model.generate(PROMPTS, 12, eos_id=eos, compile=True) == model.generate(PROMPTS, 12, eos_id=eos)
+        assert generate.generate(model, PROMPTS, 12, eos_id=eos, compile=True) == generate.generate(model, PROMPTS, 12, eos_id=eos)
     assert counters["stats"]["unique_graphs"] == 1
     # another batch size is another graph (dynamic=False keeps every shape static for CUDA graphs)
-    assert list(model.stream(PROMPTS[1], 12, eos_id=eos, compile=True)) == model.generate([PROMPTS[1]], 12, eos_id=eos)[0]
+    assert list(generate.stream(model, PROMPTS[1], 12, eos_id=eos, compile=True)) == generate.generate(model, [PROMPTS[1]], 12, eos_id=eos)[0]
     assert counters["stats"]["unique_graphs"] == 2
     with torch._dynamo.config.patch(error_on_recompile=True):  # batch 3 again: its graph and cache were kept
-        assert model.generate(PROMPTS, 12, eos_id=None, compile=True) == eager
+        assert generate.generate(model, PROMPTS, 12, eos_id=None, compile=True) == eager
     knobs = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3, eos_id=None)
-    a = model.generate(PROMPTS, 12, generator=torch.Generator().manual_seed(3), compile=True, **knobs)
-    assert a == model.generate(PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
+    a = generate.generate(model, PROMPTS, 12, generator=torch.Generator().manual_seed(3), compile=True, **knobs)
+    assert a == generate.generate(model, PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
     torch._dynamo.reset()
 
 
 def test_generate_keeps_mode_and_checks_input():
     model = tiny_model().train()
-    model.generate([[1, 2]], 2)
+    generate.generate(model, [[1, 2]], 2)
     assert model.training
-    list(model.stream([1, 2], 3))
+    list(generate.stream(model, [1, 2], 3))
     assert model.training
     with pytest.raises(ValueError, match="outside"):
-        model.generate([[1, 1000]], 2)
+        generate.generate(model, [[1, 1000]], 2)
     with pytest.raises(ValueError, match="prompt"):
-        model.generate([[1], []], 2)
+        generate.generate(model, [[1], []], 2)
 
 
 def test_args_validation():
@@ -338,7 +337,6 @@ def test_optimizer_groups_and_flops():
     n = model.num_params()
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 16 * 64
     assert model.flops_per_token(seq_len=8) == 6 * n + 12 * 2 * 4 * 16 * 8
-    assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)
 
 
 def test_load_model_round_trip(tmp_path):
@@ -362,7 +360,7 @@ def test_load_model_round_trip(tmp_path):
     assert not loaded.training and loaded.args == model.args
     assert torch.equal(loaded(x, x)[0], model(x, x)[0])
     assert loaded.output.weight is loaded.tok_embeddings.weight
-    assert loaded.generate(PROMPTS, 6) == model.generate(PROMPTS, 6)
+    assert generate.generate(loaded, PROMPTS, 6) == generate.generate(model, PROMPTS, 6)
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
     torch.save({"weights": {}}, tmp_path / "bad.pt")

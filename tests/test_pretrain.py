@@ -13,8 +13,10 @@ import torch
 from conftest import ROOT, run_script, write_shard
 from model import ModelArgs, Transformer
 from configurator import ConfigError, parse_config
-from dataset import DataError, PretrainData
-from trainer import TrainConfig, autocast_context, grad_accum_steps, lr_at, read_metrics as metrics
+from configurator import DataError
+from dataset import PretrainData
+from runtime import autocast_context
+from trainer import TrainConfig, grad_accum_steps, lr_at, read_metrics as metrics
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
         "--device=cpu", "--compile=false", "--log_interval=1", "--eval_windows=16", "--warmup_steps=2",
@@ -202,7 +204,7 @@ def test_non_finite_losses_skip_then_stop_with_checkpoint_intact(tiny_corpus, tm
 
 def test_bare_cuda_gets_this_process_index(monkeypatch):
     """`--device=cuda` (and auto on a GPU) must name an index: torch.cuda.set_device rejects a bare 'cuda'."""
-    from trainer import resolve_device
+    from runtime import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda:0")
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
@@ -241,7 +243,8 @@ def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync(
     """train_step decides the skip on the device (fused AdamW's found_inf): a NaN loss changes nothing, not even
     AdamW's step count (which sets its bias correction); the next finite step updates as usual."""
     from model import ModelArgs, Transformer
-    from trainer import DeviceBatches, Runtime, train_step
+    from runtime import Runtime
+    from trainer import DeviceBatches, train_step
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
     assert opt.defaults.get("fused"), "the CPU path must take the same on-device skip as CUDA"
@@ -275,7 +278,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync(
 def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
     """The background writer saves the state as it was at save() (training goes on changing the tensors), best.pt
     is the same file as that last.pt, and the next last.pt leaves best.pt alone."""
-    from trainer import CheckpointWriter
+    from runtime import CheckpointWriter
     w = torch.zeros(1000)
     writer = CheckpointWriter()
     last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
@@ -294,7 +297,7 @@ def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
 
 
 def test_checkpoint_keeps_the_tied_matrix_once(tmp_path):
-    from trainer import CheckpointWriter
+    from runtime import CheckpointWriter
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=640, max_seq_len=16))
     writer = CheckpointWriter()
     writer.save({"model": m.state_dict()}, str(tmp_path / "last.pt"))
@@ -320,7 +323,8 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
     name this torch has, and either way DDP does not re-send the rotary tables before each forward."""
     import warnings
     import torch.distributed as dist
-    from trainer import Runtime, wrap_ddp
+    from runtime import Runtime
+    from trainer import wrap_ddp
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings():

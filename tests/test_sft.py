@@ -10,10 +10,12 @@ import json
 import numpy as np
 import torch
 
+import generate
 from conftest import run_script, write_shard
-from dataset_sft import SFTData, render_prompt
+from dataset_sft import Batching, SFTData, SFTSamples, render_prompt
 from model import ModelArgs, Transformer
-from trainer import DeviceBatches, Runtime, train_step
+from runtime import Runtime
+from trainer import DeviceBatches, train_step
 
 # question -> answer; every question and answer is distinct, so a model that only memorised one answer fails
 PAIRS = [
@@ -54,7 +56,7 @@ def fine_tune(steps: int, seed: int = 0):
     torch.manual_seed(seed)
     tok = CharTokenizer([t for pair in PAIRS for t in pair])
     assert tok.vocab_size <= 128
-    data = SFTData(records(PAIRS), tok, max_seq_len=64, batch_size=len(PAIRS), seed=seed, pad_multiple=1)
+    data = SFTData(SFTSamples(records(PAIRS), tok, 64), Batching(batch_size=len(PAIRS), seed=seed, pad_multiple=1))
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, max_seq_len=64))
     rt = Runtime(device=torch.device("cpu"), rank=0, local_rank=0, world_size=1, dtype=torch.float32)
     optimizer = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")
@@ -71,7 +73,7 @@ def fine_tune(steps: int, seed: int = 0):
 def answers(model, tok):
     prompts = [render_prompt(tok, [], q) for q, _ in PAIRS]
     with torch.no_grad():
-        outs = model.generate(prompts, max_new_tokens=24, temperature=0.0, eos_id=tok.eos_id)
+        outs = generate.generate(model, prompts, max_new_tokens=24, temperature=0.0, eos_id=tok.eos_id)
     return [tok.decode(o) for o in outs]
 
 
