@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import bleu
+import quality
 from chatglm_tokenizer import load_tokenizer
 from configurator import check, config_dict, config_or_exit
 from trainer import autocast_context as autocast, resolve_checkpoint, resolve_device, resolve_dtype  # one rule for every script
@@ -69,12 +70,15 @@ class EvalConfig:
     top_k: int = 0  # sample from the k most likely tokens only; 0 = off
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
+    no_repeat_ngram: int = 0  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
     use_cache: bool = True  # KV cache during generation (off only to measure what it buys)
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
+    baselines: bool = False  # also score two answers made without a model (quality.py): retrieval and a fixed sentence
+    baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
     bench_gen: bool = False  # only measure generation throughput (batch 1 and 32, cache on/off), then exit
 
     def validate(self):
@@ -84,6 +88,9 @@ class EvalConfig:
         check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2, f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
+        check(not self.baselines or os.path.isfile(self.baseline_pool),
+              f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
 
@@ -285,7 +292,9 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
     device = torch.device(device)
     dt = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     try:
-        val = PretrainData(data_dir, "val", seq_len, batch_size, vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256)
+        # at most 16 windows a forward: the (rows, seq_len, vocab) logits of a generation-sized batch would not fit
+        val = PretrainData(data_dir, "val", seq_len, min(batch_size, 16), vocab_size=vocab_size,
+                           tokenizer_sha256=tokenizer_sha256)
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
     was_training = model.training
@@ -322,7 +331,12 @@ def markdown_report(report: dict) -> str:
              f"| BLEU-4 (nltk sentence, jieba words, method1) x100 | {fmt(s['bleu4'])} |",
              f"| sacreBLEU corpus (tokenize=zh) | {fmt(s['sacrebleu_zh'])} |",
              f"| perplexity on validation tokens | {fmt(s['ppl'])} |",
-             f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |", "",
+             f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |",
+             f"| degenerate answers (loop or cut at max_new_tokens) | {100 * s['degenerate']:.1f}% |",
+             f"| mean answer length / reference length (characters) | {s['answer_chars']:.0f} / {s['reference_chars']:.0f} |"]
+    lines += [f"| baseline `{k}`: BLEU-4 / sacreBLEU | {b['bleu4']:.2f} / {b['sacrebleu_zh']:.2f} |"
+              for k, b in report.get("baselines", {}).items()]
+    lines += ["",
              "## Protocol", ""]
     lines += [f"- **{k}**: {v}" for k, v in p.items()]
     t = report["timing"]
@@ -367,7 +381,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                       top_p=cfg.top_p if cfg.top_p < 1 else None, repetition_penalty=cfg.repetition_penalty,
-                      eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
+                      eos_id=tokenizer.eos_id, use_cache=cfg.use_cache, no_repeat_ngram=cfg.no_repeat_ngram,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the seed prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
@@ -400,6 +414,9 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     per_sample = [bleu.sentence_bleu4(ref, hyp) for ref, hyp in zip(refs, answers)]
     bleu4 = 100.0 * sum(per_sample) / len(per_sample)
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
+    degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
+    lengths = quality.length_stats(answers, refs)
+    baselines = score_baselines(records, cfg.baseline_pool) if cfg.baselines else {}
     total_s = time.perf_counter() - t_start
     report = {
         "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
@@ -407,15 +424,20 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None},
+        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
+                   **degenerate, "answer_chars": lengths["answer_chars"], "reference_chars": lengths["reference_chars"],
+                   "length_ratio": lengths["ratio"]},
+        "baselines": baselines,
         "protocol": {
             "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{'greedy' if cfg.temperature == 0 else f'sampling temperature {cfg.temperature}'}, top_k "
                          f"{cfg.top_k or 'off'}, top_p {cfg.top_p if cfg.top_p < 1 else 'off'}, repetition_penalty "
-                         f"{cfg.repetition_penalty}, max_new_tokens {cfg.max_new_tokens}, stop at <eos>, seed {cfg.seed}, "
+                         f"{cfg.repetition_penalty}, no_repeat_ngram {cfg.no_repeat_ngram or 'off'}, max_new_tokens {cfg.max_new_tokens}, stop at <eos>, seed {cfg.seed}, "
                          f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
+            "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
+                           f"row) or is cut at max_new_tokens without <eos>"),
             "sacrebleu": signature,
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
@@ -437,8 +459,24 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     # the first sample whose answer is not empty: an early <eos> on sample 0 would show nothing
     shown = next((i for i, a in enumerate(answers) if a.strip()), 0)
     print(f"\n[question {shown + 1}/{len(records)}] {records[shown]['question']}\n[answer] {answers[shown]}\n")
+    for name, b in baselines.items():
+        print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f}")
+    print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
+          f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
     print(score_line(bleu4, sacre, ppl))
     return report
+
+
+def score_baselines(records: List[dict], pool_path: str) -> dict:
+    """BLEU-4 and sacreBLEU of quality.py's two model-free answers, with eval's own protocol."""
+    refs = [r["answer"] for r in records]
+    answers = quality.baseline_answers([r["question"] for r in records], quality.qa_pairs(pool_path))
+    out = {}
+    for name, hyps in answers.items():
+        out[name] = {"bleu4": bleu.mean_sentence_bleu4(refs, hyps), "sacrebleu_zh": bleu.corpus_sacrebleu(refs, hyps)[0],
+                     "answer_chars": quality.length_stats(hyps, refs)["answer_chars"]}
+    out["retrieval"]["pool"] = pool_path
+    return out
 
 
 def bench_generation(model, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> List[dict]:

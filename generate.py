@@ -61,8 +61,9 @@ class KVCache:
         self.out = torch.zeros(batch, self.max_len + 1, dtype=torch.long, device=device)  # + the last, never fed
         self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
         self.noise = torch.ones(batch, vocab_size, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # slot of the first new token (no-repeat n-grams)
         if static:
-            for t in (*self.k, *self.v, self.tok, self.cur, self.pad, self.out, self.seen, self.noise):
+            for t in (*self.k, *self.v, self.tok, self.cur, self.pad, self.out, self.seen, self.noise, self.start):
                 torch._dynamo.mark_static_address(t)
 
     def fits(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> bool:
@@ -88,12 +89,15 @@ def decode_attention_backends():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size) -> None:
+def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size,
+                        no_repeat_ngram: int = 0) -> None:
     if not prompts or not all(prompts):
         raise ValueError("generate: need at least one prompt and every prompt needs at least one token")
     bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"generate: token id {bad[0]} outside [0, {vocab_size})")
+    if no_repeat_ngram < 0 or no_repeat_ngram == 1:
+        raise ValueError(f"generate: no_repeat_ngram must be 0 (off) or >= 2, got {no_repeat_ngram}")
     if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1) \
             or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError("generate: need max_new_tokens >= 0, temperature >= 0, repetition_penalty > 0, "
@@ -101,15 +105,38 @@ def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repe
                          f"{repetition_penalty}, {top_k}, {top_p}")
 
 
+def ngram_ban(out: torch.Tensor, first, last, n: int, vocab_size: int) -> torch.Tensor:
+    """Ids that would repeat an n-gram of the new tokens -> (B, vocab_size) bool.
+
+    out (B, L) holds token ids by slot; the new tokens of every row are in slots [first, last] (ints, or () long
+    tensors inside a compiled step). A token is banned for a row when its last n-1 new tokens already occurred,
+    among the new tokens, followed by it. Fixed shapes and no host sync: capturable in a CUDA graph."""
+    B, L = out.shape
+    win = out.unfold(1, n, 1)  # (B, W, n): window w covers slots w .. w+n-1
+    w = torch.arange(win.size(1), device=out.device)  # (W,)
+    tail_slots = (last - (n - 2) + torch.arange(n - 1, device=out.device)).clamp(min=0)  # (n-1,)
+    tail = out.index_select(1, tail_slots)  # (B, n-1): the last n-1 new tokens
+    # windows made of new tokens whose next token is already known; and at least n-1 new tokens to match
+    usable = (w >= first) & (w + n - 1 <= last) & (last - first >= n - 2)  # (W,)
+    match = (win[:, :, :n - 1] == tail[:, None, :]).all(-1) & usable  # (B, W)
+    nxt = torch.where(match, win[:, :, n - 1], vocab_size)  # (B, W); vocab_size = nothing to ban
+    banned = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=out.device).scatter_(1, nxt, True)
+    return banned[:, :vocab_size]
+
+
 def sample_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
-                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> torch.Tensor:
+                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                  banned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """logits (B, vocab_size) fp32 -> next ids (B,), all on the device (capturable in a CUDA graph).
 
     Repetition penalty (CTRL: positive logits / p, negative * p, over ids with seen (B, vocab) True), then
     temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p, sampled as
     argmax(probs / noise) with noise (B, vocab) i.i.d. Exp(1): the smallest of Exp(1)/p_i is Exp(p_i)-distributed,
     so index i wins with probability p_i, as torch.multinomial would draw, without its host-side checks.
+    banned (B, vocab) True: ids never chosen (no-repeat n-grams, see ngram_ban).
     """
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     if seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -144,15 +171,16 @@ def cumsum_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
 
 
 def steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-          use_cache, generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+          use_cache, generator, compile, sync_every, no_repeat_ngram: int = 0) -> Iterator[list[Optional[int]]]:
     """Picks the decoder: the static-shape one (decode_static) when the cache is on and prompt + new tokens
     fit max_seq_len (no context crop needed), else the general one (decode), which crops the context."""
-    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size)
+    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size,
+                        no_repeat_ngram)
     if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= model.args.max_seq_len:
         return decode_static(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                             generator, compile, sync_every)
+                             generator, compile, sync_every, no_repeat_ngram)
     return decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, use_cache,
-                  generator)
+                  generator, no_repeat_ngram)
 
 
 def compile_decode(model: Transformer, **compile_kwargs) -> None:
@@ -170,7 +198,8 @@ def compile_decode(model: Transformer, **compile_kwargs) -> None:
     model._static_caches: dict = {}  # (batch, n_kv, head_dim, dtype, device) -> KVCache, see decode_static
 
 
-def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty) -> None:
+def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty,
+                no_repeat_ngram: int = 0) -> None:
     """One decode step with the same shapes every step, entirely on the device state of `cache` (see allocate).
 
     Feeds cache.tok (B, 1) at slot cache.cur (the same slot for every row: prompts are left-padded); row r attends
@@ -187,8 +216,9 @@ def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, r
     pos = (cur - pad)[:, None]  # (B, 1)
     h = model._hidden(tok, pos, mask, cache, cur)
     logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
+    banned = ngram_ban(cache.out, cache.start, cur, no_repeat_ngram, logits.size(-1)) if no_repeat_ngram else None
     nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen,
-                        cache.noise if temperature != 0.0 else None)  # (B,)
+                        cache.noise if temperature != 0.0 else None, banned)  # (B,)
     cur.add_(1)
     tok.copy_(nxt[:, None])
     cache.out.index_copy_(1, cur.view(1), nxt[:, None])
@@ -196,7 +226,7 @@ def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, r
 
 @torch.no_grad()
 def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-                  generator, compile, sync_every) -> Iterator[list[Optional[int]]]:
+                  generator, compile, sync_every, no_repeat_ngram: int = 0) -> Iterator[list[Optional[int]]]:
     """decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
 
     The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
@@ -257,6 +287,7 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
         # the decode state, in place (fixed addresses): first new token at slot S, fed next at slot S
         cache.pad.copy_(pad)
         cache.cur.fill_(S)
+        cache.start.fill_(S)
         cache.tok.copy_(nxt[:, None])
         cache.out[:, S] = nxt
         finished, flushed = [False] * B, 0
@@ -279,14 +310,14 @@ def decode_static(model: Transformer, prompts, max_new_tokens, temperature, top_
                 cache.noise.exponential_(generator=generator)
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()
-            step_fn(model, cache, temperature, top_k, top_p, repetition_penalty)
+            step_fn(model, cache, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram)
     finally:
         model.train(was_training)
 
 
 @torch.inference_mode()
 def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
-           use_cache, generator) -> Iterator[list[Optional[int]]]:
+           use_cache, generator, no_repeat_ngram: int = 0) -> Iterator[list[Optional[int]]]:
     """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
 
     Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
@@ -297,11 +328,13 @@ def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
     no-cache path crops identically, so both give the same tokens. Rows of a batch share the crop,
     so after a crop a short row may see less history than it would alone.
     Sampling: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in the row),
-    then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p.
+    then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p;
+    no_repeat_ngram >= 2 never lets a row repeat an n-gram of its new tokens (the prompt may be quoted).
     generator must live on the model's device (torch.Generator(device="cuda") on a GPU).
     """
     a = model.args
-    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size)
+    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size,
+                        no_repeat_ngram)
     device, L, B = model.rope_cos.device, a.max_seq_len, len(prompts)
     S = max(len(p) for p in prompts)
     seq = torch.zeros(B, S + max_new_tokens, dtype=torch.long, device=device)  # (B, total) left-padded
@@ -335,7 +368,8 @@ def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
             with decode_attention_backends():
                 h = model._hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
             logits = model._logits(h[:, -1, :]).float()  # (B, vocab_size)
-            nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+            banned = ngram_ban(seq[:, :n], S, n - 1, no_repeat_ngram, a.vocab_size) if no_repeat_ngram else None
+            nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator, banned)
             seq[:, n] = nxt
             n += 1
             if seen is not None:
@@ -351,7 +385,7 @@ def decode(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
         model.train(was_training)
 
 
-def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator) -> torch.Tensor:
+def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator, banned=None) -> torch.Tensor:
     """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
     noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
-    return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+    return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, banned)

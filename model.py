@@ -296,7 +296,8 @@ class Transformer(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                  eos_id: Optional[int] = 2, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None, compile: bool = False) -> list[list[int]]:
+                 generator: Optional[torch.Generator] = None, compile: bool = False,
+                 no_repeat_ngram: int = 0) -> list[list[int]]:
         """New tokens for each prompt (eos excluded; a row stops at eos). See generate.decode for the knobs.
 
         compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see generate.compile_decode);
@@ -304,7 +305,8 @@ class Transformer(nn.Module):
         """
         out: list[list[int]] = [[] for _ in prompts]
         for step in generate.steps(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   eos_id, use_cache, generator, compile, sync_every=16):
+                                   eos_id, use_cache, generator, compile, sync_every=16,
+                                   no_repeat_ngram=no_repeat_ngram):
             for row, tok in enumerate(step):
                 if tok is not None:
                     out[row].append(tok)
@@ -313,10 +315,12 @@ class Transformer(nn.Module):
     def stream(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
                eos_id: Optional[int] = 2, use_cache: bool = True,
-               generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[int]:
+               generator: Optional[torch.Generator] = None, compile: bool = False,
+               no_repeat_ngram: int = 0) -> Iterator[int]:
         """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
         for step in generate.steps(self, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   eos_id, use_cache, generator, compile, sync_every=1):
+                                   eos_id, use_cache, generator, compile, sync_every=1,
+                                   no_repeat_ngram=no_repeat_ngram):
             if step[0] is not None:
                 yield step[0]
 
