@@ -25,7 +25,7 @@ from runtime import autocast_context, load_for_inference
 
 
 @dataclass
-class ChatConfig(Sampling):  # + max_new_tokens, top_k (generate.Sampling); sampling by default, unlike eval.py
+class ChatConfig(Sampling):  # + top_k, no_repeat_ngram (generate.Sampling); sampling by default, unlike eval.py
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest

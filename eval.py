@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import bleu
+import quality
 from configurator import DataError, check, config_dict, config_or_exit
 from generate import Sampling, generate
 from runtime import autocast_context as autocast, load_for_inference, resolve_dtype, synchronize
@@ -50,7 +51,7 @@ SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", 
 
 
 @dataclass
-class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty (generate.Sampling)
+class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram (generate.Sampling)
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample; "none" = seed prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -65,10 +66,14 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
+    baselines: bool = False  # also score two answers made without a model (quality.py): retrieval and a fixed sentence
+    baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
 
     def validate(self):
         super().validate()
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(not self.baselines or os.path.isfile(self.baseline_pool),
+              f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
 
@@ -173,7 +178,9 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
     device = torch.device(device)
     dt = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     try:
-        val = PretrainData(data_dir, "val", seq_len, batch_size, vocab_size=vocab_size, tokenizer_sha256=tokenizer_sha256)
+        # at most 16 windows a forward: the (rows, seq_len, vocab) logits of a generation-sized batch would not fit
+        val = PretrainData(data_dir, "val", seq_len, min(batch_size, 16), vocab_size=vocab_size,
+                           tokenizer_sha256=tokenizer_sha256)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from None
     was_training = model.training
@@ -210,7 +217,12 @@ def markdown_report(report: dict) -> str:
              f"| BLEU-4 (nltk sentence, jieba words, method1) x100 | {fmt(s['bleu4'])} |",
              f"| sacreBLEU corpus (tokenize=zh) | {fmt(s['sacrebleu_zh'])} |",
              f"| perplexity on validation tokens | {fmt(s['ppl'])} |",
-             f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |", "",
+             f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |",
+             f"| degenerate answers (loop or cut at max_new_tokens) | {100 * s['degenerate']:.1f}% |",
+             f"| mean answer length / reference length (characters) | {s['answer_chars']:.0f} / {s['reference_chars']:.0f} |"]
+    lines += [f"| baseline `{k}`: BLEU-4 / sacreBLEU | {b['bleu4']:.2f} / {b['sacrebleu_zh']:.2f} |"
+              for k, b in report.get("baselines", {}).items()]
+    lines += ["",
              "## Protocol", ""]
     lines += [f"- **{k}**: {v}" for k, v in p.items()]
     t = report["timing"]
@@ -263,8 +275,10 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
                  records: List[dict], answers: List[str], per_sample: List[float], scores: tuple,
                  ppl_info: Optional[dict], device: torch.device, dtype: torch.dtype, prompt_budget: int, cut: int,
                  timing: dict) -> dict:
-    """The eval_report.json contents: scores, the protocol that produced them, timings and every answer."""
-    bleu4, sacre, signature = scores
+    """The eval_report.json contents: scores, the protocol that produced them, timings and every answer.
+
+    scores: (bleu4, sacreBLEU, its signature, quality.degenerate_stats, quality.length_stats, score_baselines)."""
+    bleu4, sacre, signature, degenerate, lengths, baselines = scores
     gen_s = timing["generation_s"]
     ppl = ppl_info["ppl"] if ppl_info else None
     report = {
@@ -273,13 +287,18 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None},
+        "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
+                   **degenerate, "answer_chars": lengths["answer_chars"], "reference_chars": lengths["reference_chars"],
+                   "length_ratio": lengths["ratio"]},
+        "baselines": baselines,
         "protocol": {
             "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
                          f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
+            "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
+                           f"row) or is cut at max_new_tokens without <eos>"),
             "sacrebleu": signature,
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
@@ -329,9 +348,12 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     per_sample = [bleu.sentence_bleu4(ref, hyp) for ref, hyp in zip(refs, answers)]
     bleu4 = 100.0 * sum(per_sample) / len(per_sample)
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
+    degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
+    lengths = quality.length_stats(answers, refs)
+    baselines = score_baselines(records, cfg.baseline_pool) if cfg.baselines else {}
     total_s = time.perf_counter() - t_start
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
-                          (bleu4, sacre, signature), ppl_info, device, dtype, prompt_budget, cut,
+                          (bleu4, sacre, signature, degenerate, lengths, baselines), ppl_info, device, dtype, prompt_budget, cut,
                           {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s, "new_tokens": new_tokens})
     out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
     os.makedirs(out_dir, exist_ok=True)
@@ -343,8 +365,24 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     # the first sample whose answer is not empty: an early <eos> on sample 0 would show nothing
     shown = next((i for i, a in enumerate(answers) if a.strip()), 0)
     print(f"\n[question {shown + 1}/{len(records)}] {records[shown]['question']}\n[answer] {answers[shown]}\n")
+    for name, b in baselines.items():
+        print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f}")
+    print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
+          f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
     print(score_line(bleu4, sacre, ppl))
     return report
+
+
+def score_baselines(records: List[dict], pool_path: str) -> dict:
+    """BLEU-4 and sacreBLEU of quality.py's two model-free answers, with eval's own protocol."""
+    refs = [r["answer"] for r in records]
+    answers = quality.baseline_answers([r["question"] for r in records], quality.qa_pairs(pool_path))
+    out = {}
+    for name, hyps in answers.items():
+        out[name] = {"bleu4": bleu.mean_sentence_bleu4(refs, hyps), "sacrebleu_zh": bleu.corpus_sacrebleu(refs, hyps)[0],
+                     "answer_chars": quality.length_stats(hyps, refs)["answer_chars"]}
+    out["retrieval"]["pool"] = pool_path
+    return out
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ class Sampling:
     top_k: int = 0  # sample from the k most likely tokens only; 0 = off
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
+    no_repeat_ngram: int = 0  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -41,30 +42,34 @@ class Sampling:
         check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2,
+              f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
 
     def kwargs(self) -> dict:
         """The keyword arguments of generate() and stream() for these knobs (0 / 1.0 = off become None)."""
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k or None,
-                    top_p=self.top_p if self.top_p < 1 else None, repetition_penalty=self.repetition_penalty)
+                    top_p=self.top_p if self.top_p < 1 else None, repetition_penalty=self.repetition_penalty,
+                    no_repeat_ngram=self.no_repeat_ngram)
 
     def describe(self) -> str:
         return (f"{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
                 f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "
-                f"{self.repetition_penalty}, max_new_tokens {self.max_new_tokens}")
+                f"{self.repetition_penalty}, no_repeat_ngram {self.no_repeat_ngram or 'off'}, max_new_tokens "
+                f"{self.max_new_tokens}")
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
              eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-             compile: bool = False) -> list[list[int]]:
+             compile: bool = False, no_repeat_ngram: int = 0) -> list[list[int]]:
     """New tokens for each prompt (eos excluded; a row stops at eos). See decode for the knobs.
 
     compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see compile_decode); the
     tokens are the same as without it. The GPU is asked for tokens only every 16 steps."""
     out: list[list[int]] = [[] for _ in prompts]
     for step in steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      repetition_penalty=repetition_penalty, eos_id=eos_id, use_cache=use_cache,
-                      generator=generator, compile=compile, sync_every=16):
+                      repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, eos_id=eos_id,
+                      use_cache=use_cache, generator=generator, compile=compile, sync_every=16):
         for row, tok in enumerate(step):
             if tok is not None:
                 out[row].append(tok)
@@ -74,11 +79,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 def stream(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
            eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-           compile: bool = False) -> Iterator[int]:
+           compile: bool = False, no_repeat_ngram: int = 0) -> Iterator[int]:
     """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
     for step in steps(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      repetition_penalty=repetition_penalty, eos_id=eos_id, use_cache=use_cache,
-                      generator=generator, compile=compile, sync_every=1):
+                      repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, eos_id=eos_id,
+                      use_cache=use_cache, generator=generator, compile=compile, sync_every=1):
         if step[0] is not None:
             yield step[0]
 
@@ -110,7 +115,8 @@ class KVCache:
                  vocab_size: int) -> None:
         """Makes every layer's buffers now (zeros), and the decode state decode_step reads and updates in place:
         tok (B, 1) the token fed next, cur () its slot, pad (B,) each row's first real slot, out (B, max_len + 1)
-        the chosen token of each slot, seen (B, vocab) ids already in each row, noise (B, vocab) Exp(1) draws.
+        the chosen token of each slot, seen (B, vocab) ids already in each row, noise (B, vocab) Exp(1) draws,
+        start () the slot of the first new token.
         static=True marks them all as fixed addresses for torch.compile, so a CUDA graph reads and writes them
         in place: nothing is copied in or out of the graph per token."""
         shape = (batch, n_kv, self.max_len, head_dim)
@@ -123,8 +129,9 @@ class KVCache:
         self.out = torch.zeros(batch, self.max_len + 1, dtype=torch.long, device=device)  # + the last, never fed
         self.seen = torch.zeros(batch, vocab_size, dtype=torch.bool, device=device)
         self.noise = torch.ones(batch, vocab_size, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # slot of the first new token (no-repeat n-grams)
         if static:
-            for t in (*self.k, *self.v, self.tok, self.cur, self.pad, self.out, self.seen, self.noise):
+            for t in (*self.k, *self.v, self.tok, self.cur, self.pad, self.out, self.seen, self.noise, self.start):
                 torch._dynamo.mark_static_address(t)
 
     def fits(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> bool:
@@ -150,13 +157,16 @@ def decode_attention_backends():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size) -> None:
+def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, vocab_size,
+                        no_repeat_ngram: int = 0) -> None:
     """One-line ValueError for prompts or knobs generate() cannot use."""
     if not prompts or not all(prompts):
         raise ValueError("generate: need at least one prompt and every prompt needs at least one token")
     bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"generate: token id {bad[0]} outside [0, {vocab_size})")
+    if no_repeat_ngram < 0 or no_repeat_ngram == 1:
+        raise ValueError(f"generate: no_repeat_ngram must be 0 (off) or >= 2, got {no_repeat_ngram}")
     if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1) \
             or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError("generate: need max_new_tokens >= 0, temperature >= 0, repetition_penalty > 0, "
@@ -164,15 +174,38 @@ def check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repe
                          f"{repetition_penalty}, {top_k}, {top_p}")
 
 
+def ngram_ban(out: torch.Tensor, first, last, n: int, vocab_size: int) -> torch.Tensor:
+    """Ids that would repeat an n-gram of the new tokens -> (B, vocab_size) bool.
+
+    out (B, L) holds token ids by slot; the new tokens of every row are in slots [first, last] (ints, or () long
+    tensors inside a compiled step). A token is banned for a row when its last n-1 new tokens already occurred,
+    among the new tokens, followed by it. Fixed shapes and no host sync: capturable in a CUDA graph."""
+    B, L = out.shape
+    win = out.unfold(1, n, 1)  # (B, W, n): window w covers slots w .. w+n-1
+    w = torch.arange(win.size(1), device=out.device)  # (W,)
+    tail_slots = (last - (n - 2) + torch.arange(n - 1, device=out.device)).clamp(min=0)  # (n-1,)
+    tail = out.index_select(1, tail_slots)  # (B, n-1): the last n-1 new tokens
+    # windows made of new tokens whose next token is already known; and at least n-1 new tokens to match
+    usable = (w >= first) & (w + n - 1 <= last) & (last - first >= n - 2)  # (W,)
+    match = (win[:, :, :n - 1] == tail[:, None, :]).all(-1) & usable  # (B, W)
+    nxt = torch.where(match, win[:, :, n - 1], vocab_size)  # (B, W); vocab_size = nothing to ban
+    banned = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=out.device).scatter_(1, nxt, True)
+    return banned[:, :vocab_size]
+
+
 def sample_tokens(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
-                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> torch.Tensor:
+                  seen: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+                  banned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """logits (B, vocab_size) fp32 -> next ids (B,), all on the device (capturable in a CUDA graph).
 
     Repetition penalty (CTRL: positive logits / p, negative * p, over ids with seen (B, vocab) True), then
     temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p, sampled as
     argmax(probs / noise) with noise (B, vocab) i.i.d. Exp(1): the smallest of Exp(1)/p_i is Exp(p_i)-distributed,
     so index i wins with probability p_i, as torch.multinomial would draw, without its host-side checks.
+    banned (B, vocab) True: ids never chosen (no-repeat n-grams, see ngram_ban).
     """
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     if seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -207,11 +240,14 @@ def cumsum_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
 
 
 def steps(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
-          eos_id, use_cache: bool, generator, compile: bool, sync_every: int) -> Iterator[list[Optional[int]]]:
+          no_repeat_ngram: int, eos_id, use_cache: bool, generator, compile: bool,
+          sync_every: int) -> Iterator[list[Optional[int]]]:
     """Picks the decoder: the static-shape one (decode_static) when the cache is on and prompt + new tokens
     fit max_seq_len (no context crop needed), else the general one (decode), which crops the context."""
-    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size)
-    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size,
+                        no_repeat_ngram)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 no_repeat_ngram=no_repeat_ngram)
     if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= model.args.max_seq_len:
         return decode_static(model, prompts, max_new_tokens, **knobs, eos_id=eos_id, generator=generator,
                              compile=compile, sync_every=sync_every)
@@ -264,7 +300,8 @@ def static_cache(model: Transformer, shape: tuple, compile: bool) -> KVCache:
     return cache
 
 
-def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty) -> None:
+def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, repetition_penalty,
+                no_repeat_ngram: int = 0) -> None:
     """One decode step with the same shapes every step, entirely on the device state of `cache` (see allocate).
 
     Feeds cache.tok (B, 1) at slot cache.cur (the same slot for every row: prompts are left-padded); row r attends
@@ -281,8 +318,9 @@ def decode_step(model: Transformer, cache: KVCache, temperature, top_k, top_p, r
     pos = (cur - pad)[:, None]  # (B, 1)
     h = model.hidden(tok, pos, mask, cache, cur)
     logits = model.logits(h[:, -1, :]).float()  # (B, vocab_size)
+    banned = ngram_ban(cache.out, cache.start, cur, no_repeat_ngram, logits.size(-1)) if no_repeat_ngram else None
     nxt = sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen,
-                        cache.noise if temperature != 0.0 else None)  # (B,)
+                        cache.noise if temperature != 0.0 else None, banned)  # (B,)
     cur.add_(1)
     tok.copy_(nxt[:, None])
     cache.out.index_copy_(1, cur.view(1), nxt[:, None])
@@ -302,7 +340,8 @@ def prompt_positions(pad: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
-                  eos_id, generator, compile: bool, sync_every: int) -> Iterator[list[Optional[int]]]:
+                  no_repeat_ngram: int = 0, eos_id, generator, compile: bool,
+                  sync_every: int) -> Iterator[list[Optional[int]]]:
     """decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
 
     The prompt runs as one eager forward (its own shapes) that fills the cache slots [0, S); then every token
@@ -346,6 +385,7 @@ def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperatu
         # the decode state, in place (fixed addresses): first new token at slot S, fed next at slot S
         cache.pad.copy_(pad)
         cache.cur.fill_(S)
+        cache.start.fill_(S)
         cache.tok.copy_(nxt[:, None])
         cache.out[:, S] = nxt
         finished, flushed = [False] * B, 0
@@ -368,14 +408,14 @@ def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperatu
                 cache.noise.exponential_(generator=generator)
             if compile:
                 torch.compiler.cudagraph_mark_step_begin()
-            step_fn(model, cache, temperature, top_k, top_p, repetition_penalty)
+            step_fn(model, cache, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram)
     finally:
         model.train(was_training)
 
 
 @torch.inference_mode()
-def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty, eos_id,
-           use_cache: bool, generator) -> Iterator[list[Optional[int]]]:
+def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
+           no_repeat_ngram: int = 0, eos_id, use_cache: bool, generator) -> Iterator[list[Optional[int]]]:
     """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
 
     Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
@@ -386,11 +426,13 @@ def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top
     no-cache path crops identically, so both give the same tokens. Rows of a batch share the crop,
     so after a crop a short row may see less history than it would alone.
     Sampling: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in the row),
-    then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p.
+    then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p;
+    no_repeat_ngram >= 2 never lets a row repeat an n-gram of its new tokens (the prompt may be quoted).
     generator must live on the model's device (torch.Generator(device="cuda") on a GPU).
     """
     a = model.args
-    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size)
+    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size,
+                        no_repeat_ngram)
     device, L, B = model.rope_cos.device, a.max_seq_len, len(prompts)
     S = max(len(p) for p in prompts)
     seq = torch.zeros(B, S + max_new_tokens, dtype=torch.long, device=device)  # (B, total) left-padded
@@ -424,7 +466,8 @@ def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top
             with decode_attention_backends():
                 h = model.hidden(seq[:, q0:n], pos, mask, cache if use_cache else None, q0 - ctx)
             logits = model.logits(h[:, -1, :]).float()  # (B, vocab_size)
-            nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+            banned = ngram_ban(seq[:, :n], S, n - 1, no_repeat_ngram, a.vocab_size) if no_repeat_ngram else None
+            nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator, banned)
             seq[:, n] = nxt
             n += 1
             if seen is not None:
@@ -440,7 +483,7 @@ def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top
         model.train(was_training)
 
 
-def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator) -> torch.Tensor:
+def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator, banned=None) -> torch.Tensor:
     """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
     noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
-    return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise)
+    return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, banned)

@@ -13,6 +13,7 @@ import bench
 import bleu
 import eval as ev
 import generate
+import quality
 import runtime
 from chat import ChatConfig, chat_loop, fit_history, stream_text
 from configurator import DataError
@@ -253,7 +254,14 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     for key in ("checkpoint", "step", "kind", "data", "samples", "scores", "protocol", "timing", "results", "config"):
         assert key in saved, key
     assert saved["samples"] == 4 and saved["step"] == 7 and len(saved["results"]) == 4
-    assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss"}
+    assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss", "loop", "hit_limit", "degenerate",
+                                    "answer_chars", "reference_chars", "length_ratio"}
+    answers = [r["answer"] for r in saved["results"]]
+    cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6)[0]) == 6 for r in rows[:4]]
+    assert saved["scores"]["degenerate"] == quality.degenerate_stats(answers, cut)["degenerate"]
+    assert saved["scores"]["length_ratio"] == pytest.approx(
+        quality.length_stats(answers, [r["answer"] for r in rows[:4]])["ratio"])
+    assert saved["baselines"] == {}  # --baselines off
     assert {"prompt", "decoding", "bleu4", "sacrebleu", "perplexity"} <= set(saved["protocol"])
     assert "greedy" in saved["protocol"]["decoding"] and "tok:zh" in saved["protocol"]["sacrebleu"]
     assert [r["question"] for r in saved["results"]] == [r["question"] for r in rows[:4]]

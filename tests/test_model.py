@@ -305,6 +305,46 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     torch._dynamo.reset()
 
 
+def repeats_an_ngram(tokens, n) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_bans_repeats_in_every_decoder():
+    model = tiny_model()  # at init greedy decoding repeats the last prompt token: a loop to break
+    looping = generate.generate(model, PROMPTS, 16, eos_id=None)
+    assert any(repeats_an_ngram(r, 3) for r in looping)
+    for n in (2, 3, 4):
+        static = generate.generate(model, PROMPTS, 16, eos_id=None, no_repeat_ngram=n)
+        assert static == generate.generate(model, PROMPTS, 16, eos_id=None, no_repeat_ngram=n, use_cache=False)
+        assert static == [generate.generate(model, [p], 16, eos_id=None, no_repeat_ngram=n)[0] for p in PROMPTS]
+        assert not any(repeats_an_ngram(r, n) for r in static), (n, static)
+        # the reference: greedy over the full forward, skipping any id that would complete a repeated n-gram
+        for prompt, got in zip(PROMPTS, static):
+            new = []
+            for _ in range(16):
+                logits = model(torch.tensor([prompt + new]))[0][0, -1]
+                for tok in logits.argsort(descending=True).tolist():
+                    if not repeats_an_ngram(new + [tok], n):
+                        break
+                new.append(tok)
+            assert new == got
+    # the prompt does not count: a prompt ending in a repeated pair still lets the answer use that pair once
+    quoted = generate.generate(model, [[7, 7, 7, 7]], 6, eos_id=None, no_repeat_ngram=2)[0]
+    assert not repeats_an_ngram(quoted, 2)
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        generate.generate(model, PROMPTS, 4, no_repeat_ngram=1)
+
+
+def test_no_repeat_ngram_compiled_matches_eager():
+    model = lively_model()
+    eager = generate.generate(model, PROMPTS, 14, eos_id=None, no_repeat_ngram=3)
+    torch._dynamo.reset()
+    generate.compile_decode(model, backend="aot_eager")
+    assert generate.generate(model, PROMPTS, 14, eos_id=None, no_repeat_ngram=3, compile=True) == eager
+    torch._dynamo.reset()
+
+
 def test_generate_keeps_mode_and_checks_input():
     model = tiny_model().train()
     generate.generate(model, [[1, 2]], 2)

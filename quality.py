@@ -1,0 +1,122 @@
+"""Answer quality beyond BLEU: degenerate answers, answer length, and two non-generative baselines.
+
+A BLEU score alone does not say whether a model learned anything: eval.py prints it next to two answers that
+involve no model at all, scored with the same protocol.
+  retrieval  the reference answer of the most similar question in the fine-tuning data: TF-IDF over character
+             1- and 2-grams, cosine similarity (a strong baseline: it answers with a real doctor's words)
+  fixed      one generic sentence a doctor might say to anyone (FIXED_ANSWER), the same for every question
+A model worth using beats both.
+
+Degenerate answers are the failure of small models that BLEU hides: a phrase looped until the token limit.
+    python -c "import quality; print(quality.is_loop('头痛，头痛，头痛，头痛，'))"
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+FIXED_ANSWER = "你好，根据你的情况，建议及时到正规医院就诊，在医生指导下用药治疗，平时注意饮食清淡，多休息，保持良好的心态。"
+LOOP_SPAN, LOOP_REPEATS = 4, 4  # an answer loops when a span of 4+ characters comes 4+ times in a row
+# (.{4,}?) a span of at least LOOP_SPAN characters, \1{3,} the same span again 3+ times right after it
+LOOP_RE = re.compile(r"(.{%d,}?)\1{%d,}" % (LOOP_SPAN, LOOP_REPEATS - 1), re.S)
+
+
+def is_loop(text: str) -> bool:
+    """True when a span of at least 4 characters (whitespace ignored) comes 4 or more times in a row, the way a
+    small model loops (`乙肝病毒携带者，乙肝病毒携带者，乙肝病毒携带者，乙肝病毒携带者，`). A term that merely
+    recurs through an answer (`高血压` in a doctor's answer about hypertension) is not a loop."""
+    return LOOP_RE.search("".join(text.split())) is not None
+
+
+def degenerate_stats(answers: Sequence[str], hit_limit: Sequence[bool]) -> dict:
+    """Share of answers that loop or were cut by max_new_tokens (no <eos>), each and together (0-1)."""
+    if len(answers) != len(hit_limit) or not answers:
+        raise ValueError(f"need one hit_limit flag per answer (>0 answers), got {len(hit_limit)} and {len(answers)}")
+    loops = [is_loop(a) for a in answers]
+    n = len(answers)
+    return {"loop": sum(loops) / n, "hit_limit": sum(map(bool, hit_limit)) / n,
+            "degenerate": sum(lp or bool(h) for lp, h in zip(loops, hit_limit)) / n}
+
+
+def length_stats(answers: Sequence[str], references: Sequence[str]) -> dict:
+    """Mean answer and reference length in characters (whitespace ignored) and their ratio."""
+    count = lambda t: len("".join(t.split()))
+    ans = sum(map(count, answers)) / max(len(answers), 1)
+    ref = sum(map(count, references)) / max(len(references), 1)
+    return {"answer_chars": ans, "reference_chars": ref, "ratio": ans / ref if ref else float("nan")}
+
+
+# ----------------------------------------------------------------------------- retrieval baseline
+
+
+def char_grams(text: str) -> List[str]:
+    """Character 1-grams and 2-grams of the text without whitespace."""
+    s = "".join(text.split())
+    return list(s) + [s[i:i + 2] for i in range(len(s) - 1)]
+
+
+def qa_pairs(conversations_jsonl: str) -> List[Tuple[str, str]]:
+    """Every (user turn, the assistant turn after it) of a data_process.py SFT file (JSON lines of
+    {"conversations": [{"role", "content"}, ...]})."""
+    pairs = []
+    with open(conversations_jsonl, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            turns = json.loads(line)["conversations"]
+            for q, a in zip(turns, turns[1:]):
+                if q["role"] == "user" and a["role"] == "assistant":
+                    pairs.append((q["content"], a["content"]))
+    return pairs
+
+
+def retrieve(queries: Sequence[str], pool_questions: Sequence[str], batch: int = 256) -> List[int]:
+    """Index of the most similar pool question for each query: TF-IDF (raw counts, smoothed idf) over
+    character 1-2-grams, L2-normalised, cosine. Only grams that occur in some query matter to a dot product with
+    a query, so the pool matrix keeps those columns alone: (pool, vocab_q) sparse times (vocab_q, queries) dense."""
+    if not pool_questions:
+        raise ValueError("retrieve: the pool is empty")
+    q_grams = [Counter(char_grams(q)) for q in queries]
+    vocab = {g: i for i, g in enumerate(sorted({g for c in q_grams for g in c}))}
+    p_grams = [Counter(char_grams(p)) for p in pool_questions]
+    df = Counter(g for c in p_grams for g in c)
+    n = len(pool_questions)
+    idf_of = lambda g: math.log((1 + n) / (1 + df.get(g, 0))) + 1.0
+    idf = torch.tensor([idf_of(g) for g in vocab], dtype=torch.float32) if vocab else torch.zeros(0)
+
+    # pool rows: full-vocabulary norms (every gram counts towards the length), but only query-gram columns stored
+    rows, cols, vals, norms = [], [], [], []
+    for r, c in enumerate(p_grams):
+        norms.append(math.sqrt(sum((k * idf_of(g)) ** 2 for g, k in c.items())) or 1.0)
+        for g, k in c.items():
+            j = vocab.get(g)
+            if j is not None:
+                rows.append(r), cols.append(j), vals.append(k * float(idf[j]))
+    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta" on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        pool = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+                                       torch.tensor(vals, dtype=torch.float32), (n, len(vocab))).to_sparse_csr()
+    pool_norm = torch.tensor(norms, dtype=torch.float32)
+    best = []
+    for s in range(0, len(queries), batch):
+        chunk = q_grams[s:s + batch]
+        dense = torch.zeros(len(vocab), len(chunk))  # (vocab_q, B)
+        for b, c in enumerate(chunk):
+            for g, k in c.items():
+                dense[vocab[g], b] = k * idf[vocab[g]]
+        sims = (pool @ dense) / pool_norm[:, None]  # (pool, B); the query's norm does not change its argmax
+        best += sims.argmax(dim=0).tolist()
+    return best
+
+
+def baseline_answers(questions: Sequence[str], pool: Iterable[Tuple[str, str]]) -> Dict[str, List[str]]:
+    """{"retrieval": answers of the nearest pool questions, "fixed": FIXED_ANSWER for each question}."""
+    pool = list(pool)
+    idx = retrieve(questions, [q for q, _ in pool])
+    return {"retrieval": [pool[i][1] for i in idx], "fixed": [FIXED_ANSWER] * len(questions)}
