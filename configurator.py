@@ -5,14 +5,21 @@ Each script declares a dataclass of typed defaults, one comment per knob, and ca
   1. the dataclass defaults,
   2. a JSON config file given as `--config path.json` (keys are field names),
   3. command-line flags `--key=value` or `--key value` (`--flag` alone sets a bool to True).
+`--help` or `-h` anywhere prints the script's docstring and every flag (type, default, the field's comment), exit 0.
 Unknown keys, values that do not parse to the field's type, and failed checks in the
 dataclass's `validate()` method stop the script with a one-line error before any work starts.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import shlex
 import sys
+import textwrap
+import tokenize
 import typing
 from typing import Any, Sequence
 
@@ -122,8 +129,71 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the `# comment` after it in the class source}, for `cls` alone (not its bases); {} without source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (e.g. a class built at run time)
+        return {}
+    comments = {}  # line number -> trailing comment text
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("#").strip())
+    out = {}
+    for node in ast.parse(source).body[0].body:  # the class's own statements
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            # a field spanning several lines keeps its comment on any of them: take the first
+            found = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            out[node.target.id] = found[0] if found else ""
+    return out
+
+
+def _show_default(f: dataclasses.Field) -> str:
+    """A field's default as it would be typed on the command line (shell-quoted)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value))
+    else:
+        text = "none" if value is None else str(value)
+    return shlex.quote(text)
+
+
+def help_text(cls: type) -> str:
+    """The script's docstring (the module that defines `cls`), then one line per field of `cls`:
+    `--name=default  type  meaning`, the meaning being the field's source comment; a subclass field without a
+    comment takes the comment of the field it overrides, so the text cannot drift from the code."""
+    meanings: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # base classes first: a subclass's own comment wins
+        if dataclasses.is_dataclass(klass):
+            meanings.update({k: v for k, v in _field_comments(klass).items() if v or k not in meanings})
+    def type_name(t) -> str:  # the annotation as written (a string under `from __future__ import annotations`)
+        return t if isinstance(t, str) else t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+    rows = [(f"--{f.name}={_show_default(f)}", type_name(f.type), meanings.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+    w_flag = min(max(len(r[0]) for r in rows), 40)
+    w_type = max(len(r[1]) for r in rows)
+    doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip()
+    lines = [doc, ""] if doc else []
+    lines += ["Flags (--key=value or --key value; a bool flag alone means true; -h/--help prints this text).",
+              "--config file.json sets any of them from a JSON object; flags on the command line win.", ""]
+    lines += [f"  {flag:<{w_flag}}  {typ:<{w_type}}  {meaning}".rstrip() for flag, typ, meaning in rows]
+    return "\n".join(lines)
+
+
 def config_or_exit(cls: type, argv: Sequence[str] | None = None):
-    """parse_config for a script's main(): a bad config prints one line and exits with status 2."""
+    """parse_config for a script's main(): --help / -h prints help_text and exits 0; a bad config prints one line and
+    exits with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls))
+        raise SystemExit(0)
     try:
         return parse_config(cls, argv)
     except ConfigError as e:

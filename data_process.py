@@ -551,7 +551,7 @@ def _write_sft_sidecar(path: str, split: str, stats: Counter, sources: Counter, 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("--"):  # `python data_process.py pretrain --inputs ...`
+    if argv and not argv[0].startswith("-"):  # `python data_process.py pretrain --inputs ...` (-h is a flag)
         if argv[0] not in MODES:
             print(f"error: unknown mode {argv[0]!r}: expected one of {', '.join(MODES)}", file=sys.stderr)
             raise SystemExit(2)

@@ -2,7 +2,12 @@
 # Sourced by demo.sh and test.sh (or by you: `source setup.sh`): enters a Python environment with the
 # requirements installed. Uses the active virtual environment if there is one, else creates ./.venv.
 # torch is installed first, pinned, only when it is missing: a bare `torch` requirement on a machine without
-# it would pull whatever build pip picks. Set TORCH_SPEC to choose another (e.g. TORCH_SPEC="torch==2.5.1").
+# it would pull whatever build pip picks. Set TORCH_SPEC to choose another (e.g. TORCH_SPEC="torch==2.5.1") and
+# TORCH_INDEX to take torch (only torch) from another index: on a machine without a GPU, the CPU build, without
+# the CUDA libraries that the default Linux wheel pulls in:
+#   TORCH_INDEX=https://download.pytorch.org/whl/cpu bash demo.sh
+# pip's own PIP_INDEX_URL (replaces PyPI for every install here, e.g. a mirror) and PIP_EXTRA_INDEX_URL (adds an
+# index next to it) are honoured too.
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
@@ -12,8 +17,9 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   source .venv/bin/activate
 fi
 if ! python -c "import torch" 2>/dev/null; then
-  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || { echo "error: could not install torch" >&2; return 1 2>/dev/null || exit 1; }
+  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}${TORCH_INDEX:+ from $TORCH_INDEX}"
+  python -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "${TORCH_SPEC:-torch==2.13.0}" \
+    || { echo "error: could not install ${TORCH_SPEC:-torch==2.13.0}${TORCH_INDEX:+ from $TORCH_INDEX}" >&2; return 1 2>/dev/null || exit 1; }
 fi
 stamp=".venv-requirements.sha"
 want=$(cat requirements.txt "${EXTRA_REQUIREMENTS:-/dev/null}" | sha256sum | cut -d' ' -f1)
