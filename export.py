@@ -1,0 +1,365 @@
+"""Take a trained model out of this repo: a Hugging Face Llama folder, GGUF files for llama.cpp / Ollama, the Hub.
+
+    python export.py --ckpt=out/sft --out_dir=out/hf                 # transformers / vLLM folder (the default format)
+    python export.py --ckpt=out/sft --out_dir=out/hf --format=gguf --llama_cpp=PATH   # + model-f16.gguf, model-q8_0.gguf
+    python export.py --ckpt=out/sft --out_dir=out/hf --push_to_hub=OWNER/NAME         # + upload (huggingface-cli login)
+    python export.py --ckpt=out/pretrain --out_dir=out/hf_base --dtype=bfloat16       # half the size on disk
+
+--format=hf writes into out_dir:
+  config.json             LlamaForCausalLM with model.py's shape: vocab 64,793 (the padded embedding rows dropped),
+                          SwiGLU width, RMSNorm eps, rope theta 10000, tied embeddings; q/k rows permuted from model.py's
+                          interleaved rotary pairs to transformers' rotate_half layout (hf_llama.py), same logits
+  model.safetensors       the weights (--dtype; float32 keeps the checkpoint exact)
+  generation_config.json  eval.py's decoding defaults (greedy, 256 new tokens, stop at </s>)
+  tokenizer.json, tokenizer_config.json, tokenizer.model
+                          the ChatGLM2 SentencePiece model as a plain `tokenizers` BPE (AutoTokenizer, no remote code):
+                          the same ids as chatglm_tokenizer (no <s> added, the dummy-prefix "▁" on every piece of
+                          text); tokenizer_config.json carries a chat template that renders dataset_sft.render's ids
+  README.md               a model card: data, steps, val loss, BLEU from eval_report.json beside the checkpoint
+--format=gguf also runs llama.cpp's own converter (convert_hf_to_gguf.py) on that folder, once per --gguf_types, into
+out_dir/model-<type>.gguf. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
+(a llama.cpp checkout, or llama-cpp-python's unpacked source: `pip download llama-cpp-python --no-binary :all:
+--no-deps` then `tar xzf llama_cpp_python-*.tar.gz`; the script is in vendor/llama.cpp/), $LLAMA_CPP_DIR, ./llama.cpp,
+then convert_hf_to_gguf.py on $PATH.
+The checkpoint is read through eval.py's loader (eval.load_for_inference), the tokenizer as every script finds it.
+Flags are the fields of ExportConfig below (`--key=value`, or --config x.json).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+import hf_llama
+from configurator import check, config_or_exit
+from eval import EvalConfig, EvalError, load_for_inference  # the project's one way to open a checkpoint
+
+FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("float32", "bfloat16", "float16")
+# dataset_sft.render as Jinja: [system + "\n"] q1 <s> a1 </s> q2 <s> ... The tokenizer puts the dummy-prefix "▁" in
+# front of every stretch of text between special tokens, as render encodes every piece on its own; the " " after the
+# system text's "\n" becomes the "▁" that starts the first question's own encoding.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(turns=messages) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] -%}{{ messages[0]['content'] + '\\n ' }}{%- endif -%}"
+    "{%- set ns.turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in ns.turns -%}"
+    "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+    "{{ raise_exception('turns must alternate user/assistant, user first (one optional system message first)') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ message['content'] + bos_token }}"
+    "{%- else -%}{{ message['content'] + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
+    out_dir: str = "out/hf"  # the Hugging Face folder (GGUF files go into it too)
+    format: str = "hf"  # hf: the Hugging Face folder | gguf: that folder plus model-<type>.gguf for llama.cpp / Ollama
+    dtype: str = "float32"  # weights in model.safetensors: float32 (exact) | bfloat16 | float16
+    gguf_types: List[str] = field(default_factory=lambda: ["f16", "q8_0"])  # converter --outtype, one file each
+    llama_cpp: str = ""  # folder holding convert_hf_to_gguf.py (see the docstring); "" = look it up
+    tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    push_to_hub: str = ""  # OWNER/NAME: upload out_dir to this Hugging Face Hub model repo (needs a token)
+    private: bool = False  # create the Hub repo as private
+
+    def validate(self):
+        check(self.format in FORMATS, f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
+        check(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
+        bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
+        check(not bad and self.gguf_types, f"gguf_types must be among {','.join(GGUF_TYPES)}, got {bad or 'none'}")
+        check(not self.push_to_hub or self.push_to_hub.count("/") == 1,
+              f"push_to_hub must be OWNER/NAME, got {self.push_to_hub!r}")
+
+
+class ExportError(ValueError):
+    """Bad input or a missing tool: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def bpe_merges(pieces: List[str], skip: set) -> List[tuple]:
+    """BPE merges of a SentencePiece BPE vocabulary: every split of a piece into two pieces, in piece id order.
+
+    SentencePiece merges the pair whose result has the highest score, and its ids are sorted by score, so the
+    id order is the merge priority (transformers' own converter orders them the same way)."""
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece in pieces:
+        if piece in skip:
+            continue
+        merges += [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                   if piece[:k] in vocab and piece[k:] in vocab and piece[:k] not in skip and piece[k:] not in skip]
+    return merges
+
+
+def build_tokenizer(model_path: str):
+    """A transformers fast tokenizer over the ChatGLM2 SentencePiece model: the same ids as chatglm_tokenizer.
+
+    BPE with byte fallback; the normalizer does SentencePiece's add_dummy_prefix + whitespace escaping. It runs on
+    every stretch of text between special tokens (a pre-tokenizer's "prepend" would skip text that already starts
+    with a space, which SentencePiece does not)."""
+    from sentencepiece import SentencePieceProcessor
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceProcessor(model_file=model_path)
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    special = [i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    skip = {pieces[i] for i in range(sp.vocab_size()) if sp.is_byte(i) or i in special}
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=bpe_merges(pieces, skip), unk_token=pieces[sp.unk_id()],
+                               fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=pieces[sp.unk_id()], bos_token=pieces[sp.bos_id()],
+        eos_token=pieces[sp.eos_id()], pad_token=pieces[sp.unk_id()],  # <unk>=0 is the pad id, as in training
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, padding_side="left")
+
+
+def write_tokenizer(model_path: str, out_dir: str, max_len: int) -> None:
+    """tokenizer.json + tokenizer_config.json (with the chat template) + the original tokenizer.model."""
+    tok = build_tokenizer(model_path)
+    tok.model_max_length = max_len
+    tok.save_pretrained(out_dir)
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    # no <s> in front of encoded text (pretraining never saw one there); llama.cpp's converter reads these two keys,
+    # and its SentencePiece default would add <s>
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+    chat_file = os.path.join(out_dir, "chat_template.jinja")
+    if os.path.isfile(chat_file):  # transformers >= 4.5x saves the template beside; older ones read only the config
+        os.remove(chat_file)
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=1)
+    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))  # llama.cpp's converter reads this one
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def _data_summary(data_dir: str, kind: str) -> str:
+    """One line about the training data, from data_process.py's sidecars when they are still there."""
+    name = os.path.basename(os.path.normpath(data_dir)) or data_dir
+    if kind == "sft":
+        side = os.path.join(data_dir, "train.json")
+        if os.path.isfile(side):
+            with open(side, encoding="utf-8") as f:
+                s = json.load(f)
+            return (f"{s.get('conversations', 0):,} conversations ({s.get('turns', 0):,} turns) from "
+                    f"{', '.join(s.get('sources', [])) or 'unknown sources'}")
+        return f"conversations of `{name}` (its sidecar was not found at export time)"
+    sides = sorted(glob.glob(os.path.join(data_dir, "train_*.json")))
+    if sides:
+        tokens, docs, sources = 0, 0, set()
+        for p in sides:
+            with open(p, encoding="utf-8") as f:
+                s = json.load(f)
+            tokens, docs = tokens + s.get("tokens", 0), docs + s.get("documents", 0)
+            sources.update(s.get("sources", []))
+        return f"{tokens:,} tokens in {docs:,} documents from {', '.join(sorted(sources)) or 'unknown sources'}"
+    return f"tokens of `{name}` (its sidecars were not found at export time)"
+
+
+def _eval_lines(ckpt_path: str, step: Optional[int]) -> List[str]:
+    """Scores of eval_report.json beside the checkpoint, when it was made from this checkpoint's step."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval_report.json")
+    if not os.path.isfile(path):
+        return ["No eval_report.json beside the checkpoint: run `python eval.py` to score it."]
+    with open(path, encoding="utf-8") as f:
+        rep = json.load(f)
+    if rep.get("step") != step:
+        return [f"eval_report.json beside the checkpoint is from step {rep.get('step')}, not {step}: not quoted."]
+    sc = rep.get("scores", {})
+    fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"
+    proto = rep.get("protocol", {})
+    return [f"| samples | BLEU-4 | sacreBLEU (zh) | perplexity |", "|---|---|---|---|",
+            f"| {rep.get('samples')} of `{os.path.basename(rep.get('data') or '?')}` | {fmt(sc.get('bleu4'), 2)} | "
+            f"{fmt(sc.get('sacrebleu_zh'), 2)} | {fmt(sc.get('ppl'), 1)} |", "",
+            f"Decoding: {proto.get('decoding', '?')}. BLEU-4: {proto.get('bleu4', '?')}."]
+
+
+def model_card(model, ckpt: dict, ckpt_path: str, repo_id: str) -> str:
+    a, cfg = model.args, ckpt.get("config", {})
+    kind, step = ckpt.get("kind", "pretrain"), ckpt.get("step")
+    val = ckpt.get("val_loss")
+    name = repo_id or "this folder"
+    usage = ("msgs = [{\"role\": \"user\", \"content\": \"前列腺囊肿的症状是什么？\"}]\n"
+             "ids = tok.apply_chat_template(msgs, return_tensors=\"pt\", return_dict=True)[\"input_ids\"]"
+             if kind == "sft" else "ids = tok(\"床前明月光，\", return_tensors=\"pt\").input_ids")
+    lines = [
+        "---", "language: zh", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [llama, baby-llama2-chinese]", "---", "",
+        f"# baby-llama2-chinese ({'chat, SFT' if kind == 'sft' else 'base, pretrained'})", "",
+        f"A {model.num_params() / 1e6:.1f}M-parameter Llama 2 trained from scratch on Chinese text with "
+        f"baby-llama2-chinese: {a.n_layers} layers, width {a.dim}, {a.n_heads} heads ({a.kv_heads} key/value), "
+        f"SwiGLU {a.hidden_dim}, context {a.max_seq_len} tokens, the ChatGLM2 tokenizer (64,793 ids), tied embeddings.",
+        "", "## Training", "",
+        f"- stage: {kind}, {step} optimizer steps" + (f" from `{cfg.get('init_from')}`" if kind == "sft" else ""),
+        f"- data: {_data_summary(cfg.get('data_dir', '?'), kind)}",
+        f"- validation loss at this checkpoint: {'n/a' if val is None else f'{val:.4f}'}"
+        + (f" (best {ckpt['best_val_loss']:.4f})" if ckpt.get("best_val_loss") is not None else ""),
+        f"- batch {cfg.get('batch_size', '?')} rows x {a.max_seq_len} tokens, peak LR {cfg.get('learning_rate', '?')}",
+        "", "## Evaluation", "", *_eval_lines(ckpt_path, step), "",
+        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"tok = AutoTokenizer.from_pretrained(\"{repo_id or 'PATH'}\")",
+        f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id or 'PATH'}\")", usage,
+        "out = model.generate(ids, max_new_tokens=128)",
+        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
+        "Prompt format (the chat template): `[system + \"\\n\"] question <s> answer </s> question <s> ...`; the model "
+        "answers after `<s>` and stops at `</s>`. The tokenizer adds no `<s>` in front of text, as in training.",
+        f"Greedy decoding is the default of {name}'s generation_config.json (the project's eval.py protocol).", "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_path: str) -> List[str]:
+    """Writes the Hugging Face folder: every file is complete in a temporary folder before it replaces its old
+    version in out_dir. Returns the written paths."""
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, cfg.dtype)
+    a = model.args
+    project = {"kind": ckpt.get("kind"), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+               "multiple_of": a.multiple_of, "tokenizer_sha256": ckpt.get("tokenizer_sha256")}
+    ev = EvalConfig()
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": ev.max_new_tokens,
+           "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty}
+    if ev.temperature > 0:
+        gen.update(temperature=ev.temperature, top_k=ev.top_k or None, top_p=ev.top_p)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix=".export-") as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_llama.hf_config(a, dtype, project), f, indent=1)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=1)
+        save_file(hf_llama.to_hf_state(model, dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_tokenizer(tokenizer_path, tmp, a.max_seq_len)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(model, ckpt, ckpt_path, cfg.push_to_hub))
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes owner-only files; a model folder is shared
+            os.replace(os.path.join(tmp, name), os.path.join(cfg.out_dir, name))
+    return [os.path.join(cfg.out_dir, n) for n in names]
+
+
+def find_converter(llama_cpp: str) -> str:
+    """Path of llama.cpp's convert_hf_to_gguf.py, by the lookup order in the module docstring."""
+    script = "convert_hf_to_gguf.py"
+    roots = [llama_cpp] if llama_cpp else [os.environ.get("LLAMA_CPP_DIR", ""), "llama.cpp"]
+    for root in filter(None, roots):
+        for path in (os.path.join(root, script), os.path.join(root, "vendor", "llama.cpp", script)):
+            if os.path.isfile(path):
+                return os.path.abspath(path)
+    if llama_cpp:
+        raise ExportError(f"--llama_cpp={llama_cpp}: no {script} there or in its vendor/llama.cpp/")
+    on_path = shutil.which(script)
+    if on_path:
+        return on_path
+    raise ExportError(f"no {script}: pass --llama_cpp=PATH (a llama.cpp checkout, or llama-cpp-python's source from "
+                      f"`pip download llama-cpp-python --no-binary :all: --no-deps`, unpacked)")
+
+
+def write_gguf(converter: str, hf_dir: str, types: List[str]) -> List[str]:
+    """Runs llama.cpp's converter on the Hugging Face folder once per type -> model-<type>.gguf paths."""
+    out = []
+    for t in types:
+        path = os.path.join(hf_dir, f"model-{t}.gguf")
+        tmp = path + ".tmp"
+        cmd = [sys.executable, converter, hf_dir, "--outtype", t, "--outfile", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.isfile(tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+            raise ExportError(f"{os.path.basename(converter)} --outtype {t} failed: {lines[-1] if lines else r.returncode}")
+        os.replace(tmp, path)
+        out.append(path)
+    return out
+
+
+def hub_token() -> str:
+    """The Hugging Face token huggingface_hub would use; one-line ExportError when there is none or it is offline."""
+    try:
+        from huggingface_hub import get_token
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+    except ImportError:
+        raise ExportError("--push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    if HF_HUB_OFFLINE:
+        raise ExportError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
+    token = get_token()
+    if not token:
+        raise ExportError("--push_to_hub: no Hugging Face token; run `huggingface-cli login` or set HF_TOKEN")
+    return token
+
+
+def push(out_dir: str, repo_id: str, private: bool, token: str) -> str:
+    """Creates (if needed) and uploads to the Hub model repo -> its URL; any failure -> one-line ExportError."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=out_dir, repo_id=repo_id, commit_message="Upload baby-llama2-chinese export")
+    except Exception as e:  # offline, a bad token, no write access: the first line says which
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"--push_to_hub={repo_id}: {reason[:200]}") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Runs the export -> {"files": {path: bytes}, "url": Hub URL or None}. Raises ExportError on bad input."""
+    token = hub_token() if cfg.push_to_hub else None  # before any work: no token, no half-done upload
+    converter = find_converter(cfg.llama_cpp) if cfg.format == "gguf" else None
+    try:
+        model, ckpt, ckpt_path, tokenizer, _, _ = load_for_inference(cfg.ckpt, cfg.tokenizer, "cpu", "float32")
+    except EvalError as e:
+        raise ExportError(str(e)) from None
+    print(f"export: {ckpt_path} ({ckpt.get('kind')} step {ckpt.get('step')}, {model.num_params():,} parameters) "
+          f"-> {cfg.out_dir}")
+    paths = write_hf(cfg, model, ckpt, ckpt_path, tokenizer.path)
+    if converter:
+        paths += write_gguf(converter, cfg.out_dir, cfg.gguf_types)
+    files = {p: os.path.getsize(p) for p in paths}
+    for p, n in files.items():
+        print(f"  {os.path.basename(p):28s} {n / 1e6:10.2f} MB")
+    url = push(cfg.out_dir, cfg.push_to_hub, cfg.private, token) if cfg.push_to_hub else None
+    if url:
+        print(f"uploaded to {url}")
+    return {"files": files, "url": url}
+
+
+def main(argv=None) -> dict:
+    cfg = config_or_exit(ExportConfig, argv)
+    try:
+        return export(cfg)
+    except (ExportError, hf_llama.HFImportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
