@@ -40,9 +40,13 @@ import torch
 
 import hf_llama
 from configurator import check, config_or_exit
-from eval import EvalConfig, EvalError, load_for_inference  # the project's one way to open a checkpoint
+from eval import (SEED_CONTINUATIONS, SEED_QUESTIONS, EvalConfig, EvalError, build_prompts,  # eval.py's prompts
+                  load_for_inference)  # the project's one way to open a checkpoint
 
 FORMATS = ("hf", "gguf")
+# --check's prompts: eval.py's seed prompts and two more, five in all
+CHECK_PROMPTS = {"sft": SEED_QUESTIONS + ["高血压患者平时应该注意什么？", "请用一句话介绍长城。"],
+                 "pretrain": SEED_CONTINUATIONS + ["中华人民共和国刑法第一条规定，", "感冒的常见症状包括"]}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DTYPES = ("float32", "bfloat16", "float16")
 # dataset_sft.render as Jinja: [system + "\n"] q1 <s> a1 </s> q2 <s> ... The tokenizer puts the dummy-prefix "▁" in
@@ -75,12 +79,15 @@ class ExportConfig:
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     push_to_hub: str = ""  # OWNER/NAME: upload out_dir to this Hugging Face Hub model repo (needs a token)
     private: bool = False  # create the Hub repo as private
+    check: bool = True  # reload the export and compare with the checkpoint: logits and greedy tokens (see check_export)
+    check_tokens: int = 32  # new tokens per prompt in that comparison
 
     def validate(self):
         check(self.format in FORMATS, f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
         check(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
         bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
         check(not bad and self.gguf_types, f"gguf_types must be among {','.join(GGUF_TYPES)}, got {bad or 'none'}")
+        check(self.check_tokens > 0, f"check_tokens must be > 0, got {self.check_tokens}")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1,
               f"push_to_hub must be OWNER/NAME, got {self.push_to_hub!r}")
 
@@ -301,6 +308,53 @@ def write_gguf(converter: str, hf_dir: str, types: List[str]) -> List[str]:
     return out
 
 
+@torch.no_grad()
+def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str], new_tokens: int) -> dict:
+    """Reloads the export as its users will and compares it with the checkpoint on five prompts (eval.py's prompt
+    format): max |logit difference| over prompt + greedy continuation, and whether greedy decoding picks the same
+    tokens. transformers always; llama.cpp for each GGUF file when llama-cpp-python is installed."""
+    from transformers import AutoModelForCausalLM
+
+    prompts, _ = build_prompts(tokenizer, CHECK_PROMPTS[kind], kind, model.args.max_seq_len - new_tokens)
+    want = model.generate(prompts, new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+    rows = [torch.tensor([p + w]) for p, w in zip(prompts, want)]  # (1, T): every position the answers used
+    ours = [model(x, x)[0][0] for x in rows]  # (T, vocab) fp32
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    same = 0
+    for p, w in zip(prompts, want):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False)[0, len(p):].tolist()
+        same += (out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out) == w
+    diff = max((o - hf(x).logits[0]).abs().max().item() for o, x in zip(ours, rows))
+    result = {"transformers": {"max_abs_logit_diff": diff, "greedy_equal": same, "prompts": len(prompts)}}
+    print(f"check: transformers (fp32) max |logit diff| {diff:.2e}; greedy {new_tokens} tokens equal on "
+          f"{same}/{len(prompts)} prompts")
+    try:
+        import llama_cpp
+    except ImportError:
+        if gguf_paths:
+            print("check: llama.cpp skipped (pip install llama-cpp-python to run the GGUF files here)")
+        return result
+    for path in gguf_paths:
+        llm = llama_cpp.Llama(model_path=path, n_ctx=model.args.max_seq_len, logits_all=True, verbose=False)
+        same, diff, first = 0, 0.0, None
+        for p, w, x, o in zip(prompts, want, rows, ours):
+            llm.reset()
+            llm.eval(x[0].tolist())
+            diff = max(diff, (o - torch.from_numpy(llm.scores[: x.shape[1]]).float()).abs().max().item())
+            got = []
+            for t in llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                if t == tokenizer.eos_id or len(got) == new_tokens:
+                    break
+                got.append(t)
+            same += got == w
+            first = first if first is not None else tokenizer.decode(got)
+        name = os.path.basename(path)
+        result[name] = {"max_abs_logit_diff": diff, "greedy_equal": same, "prompts": len(prompts), "answer_0": first}
+        print(f"check: llama.cpp {name} max |logit diff| {diff:.2e}; greedy equal on {same}/{len(prompts)} prompts; "
+              f"{CHECK_PROMPTS[kind][0]!r} -> {first!r}")
+    return result
+
+
 def hub_token() -> str:
     """The Hugging Face token huggingface_hub would use; one-line ExportError when there is none or it is offline."""
     try:
@@ -331,7 +385,8 @@ def push(out_dir: str, repo_id: str, private: bool, token: str) -> str:
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Runs the export -> {"files": {path: bytes}, "url": Hub URL or None}. Raises ExportError on bad input."""
+    """Runs the export -> {"files": {path: bytes}, "check": check_export's dict or None, "url": Hub URL or None}.
+    Raises ExportError on bad input."""
     token = hub_token() if cfg.push_to_hub else None  # before any work: no token, no half-done upload
     converter = find_converter(cfg.llama_cpp) if cfg.format == "gguf" else None
     try:
@@ -346,10 +401,14 @@ def export(cfg: ExportConfig) -> dict:
     files = {p: os.path.getsize(p) for p in paths}
     for p, n in files.items():
         print(f"  {os.path.basename(p):28s} {n / 1e6:10.2f} MB")
+    checked = None
+    if cfg.check:
+        checked = check_export(model, ckpt.get("kind", "pretrain"), tokenizer, cfg.out_dir,
+                               [p for p in paths if p.endswith(".gguf")], cfg.check_tokens)
     url = push(cfg.out_dir, cfg.push_to_hub, cfg.private, token) if cfg.push_to_hub else None
     if url:
         print(f"uploaded to {url}")
-    return {"files": files, "url": url}
+    return {"files": files, "check": checked, "url": url}
 
 
 def main(argv=None) -> dict:
