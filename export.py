@@ -68,6 +68,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# the chat template in Ollama's Go template syntax, for the Modelfile written beside the GGUF files
+OLLAMA_TEMPLATE = ('{{ if .System }}{{ .System }}\n {{ end }}{{ range .Messages }}{{ if eq .Role "user" }}{{ .Content }}<s>'
+                   '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}')
+
+
 @dataclass
 class ExportConfig:
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
@@ -290,8 +295,9 @@ def find_converter(llama_cpp: str) -> str:
                       f"`pip download llama-cpp-python --no-binary :all: --no-deps`, unpacked)")
 
 
-def write_gguf(converter: str, hf_dir: str, types: List[str]) -> List[str]:
-    """Runs llama.cpp's converter on the Hugging Face folder once per type -> model-<type>.gguf paths."""
+def write_gguf(converter: str, hf_dir: str, types: List[str], max_len: int) -> List[str]:
+    """Runs llama.cpp's converter on the Hugging Face folder once per type -> model-<type>.gguf paths, and writes an
+    Ollama Modelfile for the last of them (the chat template, stop at </s>, greedy)."""
     out = []
     for t in types:
         path = os.path.join(hf_dir, f"model-{t}.gguf")
@@ -305,7 +311,11 @@ def write_gguf(converter: str, hf_dir: str, types: List[str]) -> List[str]:
             raise ExportError(f"{os.path.basename(converter)} --outtype {t} failed: {lines[-1] if lines else r.returncode}")
         os.replace(tmp, path)
         out.append(path)
-    return out
+    modelfile = os.path.join(hf_dir, "Modelfile")  # `ollama create NAME -f Modelfile` in that folder
+    with open(modelfile, "w", encoding="utf-8") as f:
+        f.write(f"FROM ./{os.path.basename(out[-1])}\nTEMPLATE \"\"\"{OLLAMA_TEMPLATE}\"\"\"\n"
+                f"PARAMETER stop \"</s>\"\nPARAMETER temperature 0\nPARAMETER num_ctx {max_len}\n")
+    return out + [modelfile]
 
 
 @torch.no_grad()
@@ -314,7 +324,9 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
     format): max |logit difference| over prompt + greedy continuation, and whether greedy decoding picks the same
     tokens. transformers always; llama.cpp for each GGUF file when llama-cpp-python is installed."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per check, not a loading bar
     prompts, _ = build_prompts(tokenizer, CHECK_PROMPTS[kind], kind, model.args.max_seq_len - new_tokens)
     want = model.generate(prompts, new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
     rows = [torch.tensor([p + w]) for p, w in zip(prompts, want)]  # (1, T): every position the answers used
@@ -397,7 +409,7 @@ def export(cfg: ExportConfig) -> dict:
           f"-> {cfg.out_dir}")
     paths = write_hf(cfg, model, ckpt, ckpt_path, tokenizer.path)
     if converter:
-        paths += write_gguf(converter, cfg.out_dir, cfg.gguf_types)
+        paths += write_gguf(converter, cfg.out_dir, cfg.gguf_types, model.args.max_seq_len)
     files = {p: os.path.getsize(p) for p in paths}
     for p, n in files.items():
         print(f"  {os.path.basename(p):28s} {n / 1e6:10.2f} MB")

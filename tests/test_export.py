@@ -237,3 +237,12 @@ def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
                 break
             got.append(t)
         assert got == want and len(want) > 0
+    # a chat through llama.cpp's own use of the chat template stored in the GGUF file
+    assert llm.metadata["tokenizer.chat_template"] == export.CHAT_TEMPLATE
+    assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
+    prompt = render_prompt(tok, CONV[:2], CONV[2]["content"])
+    want = tok.decode(model.generate([prompt], max_new_tokens=16, temperature=0.0)[0])
+    r = llm.create_chat_completion(messages=CONV[:3], temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=16)
+    assert r["usage"]["prompt_tokens"] == len(prompt) and r["choices"][0]["message"]["content"] == want
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf\n") and "{{ .Content }}<s>" in modelfile
