@@ -17,10 +17,12 @@
                           text); tokenizer_config.json carries a chat template that renders dataset_sft.render's ids
   README.md               a model card: data, steps, val loss, BLEU from eval_report.json beside the checkpoint
 --format=gguf also runs llama.cpp's own converter (convert_hf_to_gguf.py) on that folder, once per --gguf_types, into
-out_dir/model-<type>.gguf. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
+out_dir/model-<type>.gguf, plus an Ollama Modelfile. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
 (a llama.cpp checkout, or llama-cpp-python's unpacked source: `pip download llama-cpp-python --no-binary :all:
 --no-deps` then `tar xzf llama_cpp_python-*.tar.gz`; the script is in vendor/llama.cpp/), $LLAMA_CPP_DIR, ./llama.cpp,
 then convert_hf_to_gguf.py on $PATH.
+--check (on by default) loads the export back (transformers; llama-cpp-python for the GGUF files when installed) and
+prints the largest logit difference against the checkpoint and how many of five greedy continuations are the same.
 The checkpoint is read through eval.py's loader (eval.load_for_inference), the tokenizer as every script finds it.
 Flags are the fields of ExportConfig below (`--key=value`, or --config x.json).
 """
