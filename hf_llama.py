@@ -144,7 +144,8 @@ def args_from_config(cfg: dict, where: str) -> ModelArgs:
     inter, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
     need(inter >= base, f"intermediate_size {inter} < int(8 * hidden_size / 3) = {base}")
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
-                     n_kv_heads=cfg.get("num_key_value_heads") or None, vocab_size=cfg["vocab_size"],
+                     n_kv_heads=None if cfg.get("num_key_value_heads", heads) == heads else cfg["num_key_value_heads"],
+                     vocab_size=cfg["vocab_size"],
                      multiple_of=project.get("multiple_of", inter), norm_eps=cfg.get("rms_norm_eps", 1e-6),
                      max_seq_len=cfg.get("max_position_embeddings", 2048))
     need(args.hidden_dim == inter, f"intermediate_size {inter} != model.py's {args.hidden_dim}")
