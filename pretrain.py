@@ -8,6 +8,8 @@ Several nodes: add torchrun's --nnodes/--node_rank/--rdzv_endpoint flags; nothin
 Tiny CPU smoke run (a minute on 2 cores):
     python pretrain.py --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8 --max_steps=100 \
         --eval_interval=50 --out_dir=out/tiny
+Start from the weights of a Hugging Face Llama folder (export.py's, or any of a shape model.py can hold):
+    python pretrain.py --init_from=hf:out/hf    (its config.json sets the model shape; the model flags are ignored)
 Continue a stopped run exactly where it stopped:
     python pretrain.py --resume            (reads out/pretrain/last.pt; same flags as the first run)
 Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `--config my.json`.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
 from configurator import DataError, check, config_or_exit
 from dataset import PretrainData
+from hf_llama import load_init
 from model import ModelArgs
 from runtime import cleanup, setup_runtime
 from trainer import TrainConfig, fail, train
@@ -27,6 +30,7 @@ from trainer import TrainConfig, fail, train
 @dataclass
 class PretrainConfig(TrainConfig):
     data_dir: str = "data/pretrain"  # data_process.py output: train_*.bin and val_*.bin with .json sidecars
+    init_from: str = ""  # "" = random init; hf:PATH = the weights and shape of a local Hugging Face Llama folder
     # model (the seed's defaults: about 58.5M unique parameters)
     dim: int = 512  # width of the residual stream
     n_layers: int = 8  # transformer blocks
@@ -45,6 +49,8 @@ class PretrainConfig(TrainConfig):
         check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
         check(0 < self.vocab_size <= 65536, "vocab_size must be in 1..65536 (token ids are stored as uint16)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        check(not self.init_from or self.init_from.startswith("hf:"),
+              f"init_from must be hf:PATH (a Hugging Face Llama folder), got {self.init_from!r}; --resume continues a run")
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -60,6 +66,15 @@ def main(argv=None) -> dict:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))
         tok_hash = ""  # the tokenizer is only needed to check the data; the sidecar's hash is then trusted
+    margs, init = cfg.model_args(), None
+    if cfg.init_from:
+        try:
+            init = load_init(cfg.init_from)
+        except DataError as e:
+            fail(str(e))
+        if tok_hash and init["tokenizer_sha256"] and init["tokenizer_sha256"] != tok_hash:
+            fail(f"{cfg.init_from} has another tokenizer.model than the one this run uses")
+        margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
     rt = setup_runtime(cfg.device, cfg.dtype)
 
     def make_data(args: ModelArgs, grad_accum: int):
@@ -70,7 +85,8 @@ def main(argv=None) -> dict:
         return split("train", grad_accum), split("val", 1)
 
     try:
-        return train(cfg, rt, cfg.model_args(), make_data, kind="pretrain", tokenizer_sha256=tok_hash)
+        return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
+                     init_state=init and init["model"])
     except (FileNotFoundError, DataError) as e:
         fail(str(e))
     finally:

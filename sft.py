@@ -7,6 +7,8 @@ Several GPUs:
     torchrun --standalone --nproc_per_node=4 sft.py
 Tiny CPU run after the tiny pretrain run in pretrain.py's docstring:
     python sft.py --init_from=out/tiny --out_dir=out/tiny_sft --batch_size=8 --max_steps=50 --eval_interval=25
+From a Hugging Face Llama folder instead (export.py's, or any of a shape model.py can hold):
+    python sft.py --init_from=hf:out/hf_base
 Continue a stopped run: `python sft.py --resume`. Flags are the fields of SFTConfig (`--key=value`, or --config x.json).
 The training loop is trainer.py's, shared with pretrain.py.
 """
@@ -15,11 +17,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 
 from chatglm_tokenizer import load_tokenizer
 from configurator import ConfigError, DataError, check, config_or_exit
 from dataset_sft import MODES, Batching, SFTData, SFTSamples
+from hf_llama import load_init
 from model import ModelArgs
 from runtime import checkpoint_file, cleanup, load_checkpoint, setup_runtime
 from trainer import TrainConfig, fail, train
@@ -28,7 +30,7 @@ from trainer import TrainConfig, fail, train
 @dataclass
 class SFTConfig(TrainConfig):
     out_dir: str = "out/sft"  # where this run's checkpoints go (eval.py and chat.py read it)
-    init_from: str = "out/pretrain"  # pretrained checkpoint file or run dir (its best.pt)
+    init_from: str = "out/pretrain"  # pretrained checkpoint file or run dir (its best.pt); hf:PATH = a Hugging Face Llama folder
     data_dir: str = "data/sft"  # data_process.py sft output: train.jsonl and val.jsonl
     batch_mode: str = "packed"  # packed (whole conversations packed into full rows, 99.7% real tokens) | dynamic | fixed
     max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
@@ -54,8 +56,11 @@ def main(argv=None) -> dict:
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         tok = load_tokenizer(cfg.tokenizer or None)
-        init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
-        init = load_checkpoint(init_path)
+        if cfg.init_from.startswith("hf:"):
+            init_path, init = cfg.init_from, load_init(cfg.init_from)
+        else:
+            init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+            init = load_checkpoint(init_path)
         saved_hash = init.get("tokenizer_sha256")
         if saved_hash and saved_hash != tok.sha256:
             fail(f"{init_path} was trained with another tokenizer.model than {tok.path}")
