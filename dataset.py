@@ -86,6 +86,10 @@ class PretrainData:
         return (f"{self.split}: {len(self.maps)} shard(s), {sum(self.tokens):,} tokens, "
                 f"{self.n_windows:,} windows of {self.seq_len + 1}")
 
+    def epoch_steps(self) -> float:
+        """Optimizer steps in one pass over the split (every window once)."""
+        return self.n_windows / (self.batch_size * self.world_size * self.grad_accum)
+
     def window(self, k: int) -> np.ndarray:
         """Window k of the split in file order: (seq_len + 1,) int64."""
         shard = int(np.searchsorted(self.window_offsets, k, side="right") - 1)

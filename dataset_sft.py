@@ -390,6 +390,10 @@ class SFTData:
         """Batches in one epoch over all ranks (epoch 0's count in packed mode; later ones differ by a few)."""
         return self._epoch_size(0)
 
+    def epoch_steps(self) -> float:
+        """Optimizer steps in one pass over the conversations (each step takes world_size x grad_accum batches)."""
+        return self.epoch_batches() / (self.batching.world_size * self.batching.grad_accum)
+
     def _width(self, members) -> int:
         if self.mode != "dynamic":
             return self.max_seq_len

@@ -15,7 +15,9 @@ only generated and printed; no scores, no report.
 Protocol (also written into the report):
   prompts   SFT checkpoint: dataset_sft.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
-  decoding  greedy by default (temperature 0); batched, sorted by prompt length, KV cache; stops at <eos>.
+  decoding  greedy by default (temperature 0) with no repeated 3-grams of answer tokens (--no_repeat_ngram=3: greedy
+            decoding of a small model loops otherwise, docs/recipe.md); batched, sorted by prompt length, KV cache;
+            stops at <eos>.
   BLEU-4    see bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   ppl       exp(mean token cross-entropy) over the val_*.bin windows of a data_process.py output directory,
             read exactly as pretrain.py's validation reads them (dataset.PretrainData.eval_batches: windows of

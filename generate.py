@@ -34,7 +34,7 @@ class Sampling:
     top_k: int = 0  # sample from the k most likely tokens only; 0 = off
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
-    no_repeat_ngram: int = 0  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
+    no_repeat_ngram: int = 3  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")

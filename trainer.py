@@ -47,7 +47,9 @@ class TrainConfig:
     batch_size: int = 32  # micro-batch rows per process per forward pass
     batch_tokens: int = 0  # tokens per optimizer step over all processes; 0 = batch_size * seq_len * world
     # optimizer and schedule (per optimizer step)
-    max_steps: int = 2000  # optimizer steps in the whole run
+    max_steps: int = 0  # optimizer steps in the whole run; 0 = derived from the data by epochs and tokens_per_param
+    epochs: float = 1.0  # with max_steps=0: passes over the training split
+    tokens_per_param: float = 0.0  # with max_steps=0: also stop at this many tokens per parameter; 0 = no such cap
     max_minutes: float = 0.0  # also stop (validate, checkpoint) after this much training time; 0 = no limit
     learning_rate: float = 3e-4  # peak LR
     min_lr: float = 3e-5  # LR at the end of the decay
@@ -70,12 +72,16 @@ class TrainConfig:
 
     def validate(self):
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        check(self.max_steps >= 0, f"max_steps must be >= 0 (0 = derived from --epochs), got {self.max_steps}")
+        check(math.isfinite(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        check(math.isfinite(self.tokens_per_param) and self.tokens_per_param >= 0,
+              f"tokens_per_param must be >= 0, got {self.tokens_per_param}")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
         check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
-        check(0 <= self.warmup_steps < self.max_steps,
-              f"--warmup_steps={self.warmup_steps} must be >= 0 and below --max_steps={self.max_steps} "
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.max_steps == 0 or self.warmup_steps < self.max_steps,
+              f"--warmup_steps={self.warmup_steps} must be below --max_steps={self.max_steps} "
               f"(a short run: add --warmup_steps={self.max_steps // 10})")
         check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
@@ -414,6 +420,7 @@ class Throughput:
 
     def __init__(self, batches: DeviceBatches, world_size: int, flops_per_token: int, peak: Optional[float]):
         self.batches, self.world_size, self.flops_per_token, self.peak = batches, world_size, flops_per_token, peak
+        self.rates: list[float] = []  # tokens/s of every logged interval (summary.json takes the median)
         self.restart()
 
     def restart(self) -> None:
@@ -423,6 +430,7 @@ class Throughput:
         now = time.time()
         dt = (now - self.t) / max(1, self.steps)
         tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
+        self.rates.append(tok_s)
         self.restart()
         mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
         return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
@@ -476,6 +484,48 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
     return val_loss, best_val
 
 
+def count(n: int) -> str:
+    """1,234 / 56.8M / 1.17B: exact below a million, three digits above."""
+    return f"{n:,}" if n < 1e6 else f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
+
+
+def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_step: int) -> tuple[TrainConfig, str]:
+    """The config with max_steps fixed -> (config, how the length was chosen, for the log).
+
+    max_steps > 0 is taken as given. Otherwise the run is `epochs` passes over the training split (epoch_steps
+    optimizer steps each), cut to `tokens_per_param` tokens per parameter when that is set: a few epochs of a small
+    corpus, but never more tokens than the model can use on a large one. A warmup as long as a short run is cut to
+    a tenth of it."""
+    if cfg.max_steps:
+        return cfg, f"{cfg.max_steps:,} steps (--max_steps)"
+    steps = max(1, math.ceil(cfg.epochs * epoch_steps))
+    why = f"{cfg.epochs:g} epochs of {epoch_steps:,.1f} steps"
+    if cfg.tokens_per_param:
+        cap = max(1, math.ceil(cfg.tokens_per_param * params / tokens_per_step))
+        if cap < steps:
+            steps, why = cap, f"{cfg.tokens_per_param:g} tokens per parameter ({cfg.epochs:g} epochs would be {steps:,})"
+        else:
+            why += f" (under the cap of {cfg.tokens_per_param:g} tokens per parameter: {cap:,} steps)"
+    warmup = cfg.warmup_steps
+    if warmup >= steps:
+        warmup = steps // 10
+        why += f"; warmup cut to {warmup} steps"
+    return dataclasses.replace(cfg, max_steps=steps, warmup_steps=warmup), f"{steps:,} steps = {why}"
+
+
+def write_summary(cfg: TrainConfig, kind: str, params: int, tokens_per_step: int, epoch_steps: float,
+                  steps: int, meter: "Throughput", result: dict) -> None:
+    """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, time)."""
+    rates = sorted(meter.rates)
+    summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
+                   tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
+                   tokens_per_s=rates[len(rates) // 2] if rates else None, **result)
+    path = os.path.join(cfg.out_dir, "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
           tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
     """Runs (or resumes) a training run and returns a summary dict.
@@ -494,10 +544,11 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     train_src, val_src = make_data(model_args, accum)
     raw_model, model, optimizer, scaler, compiled = build_model(cfg, rt, model_args, ckpt, init_state)
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
+    cfg, length = run_length(cfg, train_src.epoch_steps(), raw_model.num_params(), tokens_per_step)
     log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | "
               f"{str(rt.dtype)[6:]} | {compiled}")
     log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
-              f"{tokens_per_step:,} tokens/step | {cfg.max_steps} steps = {tokens_per_step * cfg.max_steps / 1e6:,.1f}M tokens")
+              f"{tokens_per_step:,} tokens/step | {length} = {count(tokens_per_step * cfg.max_steps)} tokens")
     log.print(f"data: {train_src.describe()} | {val_src.describe()}")
     ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
                         tokens_per_step // seq_len)
@@ -510,6 +561,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     peak = peak_flops(rt.device, cfg.peak_tflops)
     meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
     losses = LossLog(log, cfg.max_bad_steps, cfg.out_dir)
+    done = start_step
     try:
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -538,7 +590,10 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         png = plot_losses(cfg.out_dir)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"
                   + (f" | curve {png}" if png else ""))
-    return {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
+    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
+    if rt.master:
+        write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
+    return result
 
 
 def fail(msg: str) -> None:

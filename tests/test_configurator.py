@@ -78,7 +78,7 @@ def test_help_shows_inherited_comments():
     rows = help_rows(out)
     # SFTConfig overrides min_lr without a comment: the meaning comes from TrainConfig's field
     assert "min_lr" in vars(sft.SFTConfig)["__annotations__"]
-    assert rows["min_lr"]["meaning"] == "LR at the end of the decay" and rows["min_lr"]["default"] == "1e-05"
+    assert rows["min_lr"]["meaning"] == "LR at the end of the decay" and rows["min_lr"]["default"] == repr(sft.SFTConfig.min_lr)
     # inherited without override; and an override with its own comment wins over the base's
     assert rows["grad_clip"]["meaning"] == "clip the global grad norm; 0 = off"
     assert rows["out_dir"]["meaning"].startswith("where this run's checkpoints go") and rows["out_dir"]["default"] == "out/sft"

@@ -257,7 +257,8 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss", "loop", "hit_limit", "degenerate",
                                     "answer_chars", "reference_chars", "length_ratio"}
     answers = [r["answer"] for r in saved["results"]]
-    cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6)[0]) == 6 for r in rows[:4]]
+    cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6,
+                                 no_repeat_ngram=cfg.no_repeat_ngram)[0]) == 6 for r in rows[:4]]
     assert saved["scores"]["degenerate"] == quality.degenerate_stats(answers, cut)["degenerate"]
     assert saved["scores"]["length_ratio"] == pytest.approx(
         quality.length_stats(answers, [r["answer"] for r in rows[:4]])["ratio"])
@@ -268,7 +269,7 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     assert saved["results"][2]["reference"] == "答案2很长" and saved["results"][2]["department"] == "内科"
     # the answers are what the model generates for the SFT prompt of each question, greedily
     prompt = render_prompt(tok, [], rows[1]["question"], max_len=32 - 6)
-    assert saved["results"][1]["answer"] == tok.decode(generate.generate(model, [prompt], 6)[0]).strip()
+    assert saved["results"][1]["answer"] == tok.decode(generate.generate(model, [prompt], 6, no_repeat_ngram=cfg.no_repeat_ngram)[0]).strip()
     assert saved["scores"]["ppl"] == pytest.approx(math.exp(manual_loss(model, val_dir, 32)[0]), rel=1e-5)
     assert 0 <= saved["scores"]["bleu4"] <= 100 and saved["timing"]["new_tokens"] > 0
     with open(tmp_path / "run" / "eval_report.md", encoding="utf-8") as f:

@@ -99,6 +99,24 @@ def test_global_batch_is_fixed_in_tokens():
         grad_accum_steps(cfg, 32, 3)
 
 
+def test_run_length_from_epochs_and_the_token_cap():
+    from trainer import run_length
+    cfg = TrainConfig(epochs=6.0, warmup_steps=100)
+    out, why = run_length(cfg, epoch_steps=852.2, params=58_479_616, tokens_per_step=16_384)
+    assert out.max_steps == 5114 and out.warmup_steps == 100 and "6 epochs of 852.2 steps" in why  # ceil(6 x 852.2)
+    # a large corpus: 20 tokens per parameter (1.17B tokens) ends the run long before 6 epochs
+    out, why = run_length(TrainConfig(epochs=6.0, tokens_per_param=20.0), 100_000, 58_479_616, 16_384)
+    assert out.max_steps == math.ceil(20 * 58_479_616 / 16_384) == 71_387 and "20 tokens per parameter" in why
+    # a tiny corpus: the warmup longer than the run is cut to a tenth of it, and said
+    out, why = run_length(TrainConfig(epochs=2.0, warmup_steps=100), 17.0, 1000, 1024)
+    assert (out.max_steps, out.warmup_steps) == (34, 3) and "warmup cut to 3" in why
+    # max_steps given: taken as it is, whatever the data
+    out, why = run_length(TrainConfig(max_steps=40, epochs=9.0, warmup_steps=4), 17.0, 1000, 1024)
+    assert out.max_steps == 40 and why == "40 steps (--max_steps)"
+    with pytest.raises(ConfigError, match="epochs must be > 0"):
+        parse_config(TrainConfig, ["--epochs=0"])
+
+
 def test_config_errors_are_one_line(tmp_path):
     from pretrain import PretrainConfig
     with pytest.raises(ConfigError, match="unknown flag --lr"):
@@ -107,7 +125,7 @@ def test_config_errors_are_one_line(tmp_path):
         parse_config(PretrainConfig, ["--batch_size=big"])
     with pytest.raises(ConfigError, match="dim 500 is not a multiple of n_heads 8"):
         parse_config(PretrainConfig, ["--dim=500"])
-    with pytest.raises(ConfigError, match=r"--warmup_steps=100 must be >= 0 and below --max_steps=20 \(a short run: "
+    with pytest.raises(ConfigError, match=r"--warmup_steps=100 must be below --max_steps=20 \(a short run: "
                                           r"add --warmup_steps=2\)"):
         parse_config(PretrainConfig, ["--max_steps=20"])
     cfg_file = tmp_path / "c.json"

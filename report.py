@@ -1,0 +1,249 @@
+"""The report card of a run: one Markdown page with the numbers that say whether the model is any good.
+
+    python report.py --run=out                 # what speedrun.sh calls last
+    python report.py --run=out/speedrun-tiny
+
+Reads the run folder that speedrun.sh fills: pretrain/ and sft/ (summary.json, metrics.jsonl of each training
+stage), sft/eval_report.json (default decoding, with baselines), eval_original/eval_report.json (the original
+project's sampling protocol) and speedrun.jsonl (each stage's command and wall time). Writes, beside them:
+  report.md     held-out loss and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
+                length, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
+  report.json   every number on the page (report.md is rendered from it and nothing else)
+  curves.png    train and validation loss of both stages
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+from configurator import check, config_or_exit
+
+SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
+
+
+@dataclass
+class ReportConfig:
+    run: str = "out"  # the run folder speedrun.sh writes (pretrain/, sft/, eval_original/, speedrun.jsonl)
+    samples: int = 10  # sample answers shown beside their references, spread evenly over the eval set
+
+    def validate(self):
+        check(os.path.isdir(self.run), f"--run {self.run}: no such folder (run speedrun.sh first)")
+        check(self.samples >= 0, "samples must be >= 0")
+
+
+def read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curves(run_dir: str) -> dict:
+    """{"train": [[step, loss], ...], "val": [[step, val_loss], ...]} of a training run (the last row of a step wins)."""
+    train, val = {}, {}
+    for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+        if "loss" in row:
+            train[row["step"]] = row["loss"]
+        if "val_loss" in row:
+            val[row["step"]] = row["val_loss"]
+    return {"train": sorted(train.items()), "val": sorted(val.items())}
+
+
+def stage_info(run: str, name: str, times: dict) -> Optional[dict]:
+    """One training stage: its summary.json, validation curve facts and the stage's wall time from speedrun.jsonl."""
+    summary = read_json(os.path.join(run, name, "summary.json"))
+    if summary is None:
+        return None
+    val = [v for _, v in curves(os.path.join(run, name))["val"]]
+    info = dict(summary, wall_s=times.get(name, {}).get("seconds"))
+    info["val_first"], info["val_min"], info["val_end"] = (val[0], min(val), val[-1]) if val else (None, None, None)
+    return info
+
+
+def pick_samples(results: List[dict], n: int) -> List[dict]:
+    """n results spread evenly over the set (always the same ones for the same set)."""
+    if n <= 0 or not results:
+        return []
+    step = max(len(results) / n, 1)
+    return [results[int(i * step)] for i in range(min(n, len(results)))]
+
+
+def eval_block(rep: Optional[dict]) -> Optional[dict]:
+    if rep is None:
+        return None
+    keep = ("bleu4", "sacrebleu_zh", "ppl", "val_loss", "degenerate", "loop", "hit_limit", "answer_chars",
+            "reference_chars", "length_ratio")
+    return {"scores": {k: rep["scores"].get(k) for k in keep}, "baselines": rep.get("baselines", {}),
+            "decoding": rep["protocol"]["decoding"], "samples": rep["samples"], "data": rep["data"],
+            "checkpoint": rep["checkpoint"], "step": rep["step"], "generation_s": rep["timing"]["generation_s"],
+            "new_tokens_per_s": rep["timing"]["new_tokens_per_s"]}
+
+
+def hardware() -> dict:
+    import torch
+
+    hw = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
+          "platform": platform.platform(), "gpus": []}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
+def build(cfg: ReportConfig) -> dict:
+    times = {r["stage"]: r for r in read_jsonl(os.path.join(cfg.run, "speedrun.jsonl"))}
+    main = read_json(os.path.join(cfg.run, "sft", "eval_report.json"))
+    check(main is not None, f"{cfg.run}/sft/eval_report.json: missing (run eval.py on the SFT checkpoint first)")
+    return {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "run": os.path.abspath(cfg.run),
+        "pretrain": stage_info(cfg.run, "pretrain", times),
+        "sft": stage_info(cfg.run, "sft", times),
+        "eval": eval_block(main),
+        "eval_original": eval_block(read_json(os.path.join(cfg.run, "eval_original", "eval_report.json"))),
+        "samples": [{k: r.get(k) for k in ("question", "reference", "answer", "bleu4")}
+                    for r in pick_samples(main["results"], cfg.samples)],
+        "stages": list(times.values()),
+        "total_s": round(sum(r["seconds"] for r in times.values()), 1),
+        "hardware": hardware(),
+    }
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def num(v, d: int = 2) -> str:
+    return "n/a" if v is None else f"{v:,.{d}f}"
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def answers_table(r: dict) -> List[str]:
+    e, o = r["eval"], r["eval_original"]
+    rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | loops | cut at limit | length vs reference |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    s = e["scores"]
+    rows.append(f"| **the model**, {e['decoding'].split(',')[0]} (default decoding) | {num(s['bleu4'])} | "
+                f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
+                f"{num(s['length_ratio'])}x |")
+    if o:
+        s = o["scores"]
+        rows.append(f"| the model, original protocol (temperature 1.0, top-k 100) | {num(s['bleu4'])} | "
+                    f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
+                    f"{num(s['length_ratio'])}x |")
+    ref = e["scores"]["reference_chars"]
+    for name, b in e["baselines"].items():
+        what = "retrieval: the answer of the most similar SFT question" if name == "retrieval" else \
+            "fixed: one generic sentence for every question"
+        rows.append(f"| baseline, {what} | {num(b['bleu4'])} | {num(b['sacrebleu_zh'])} | | | | "
+                    f"{num(b['answer_chars'] / ref if ref else None)}x |")
+    return rows
+
+
+def training_table(r: dict) -> List[str]:
+    rows = ["| stage | steps | tokens | tokens/s (training) | wall time | val loss first -> min -> end |",
+            "|---|---:|---:|---:|---:|---|"]
+    for name in ("pretrain", "sft"):
+        s = r[name]
+        if s:
+            rows.append(f"| {name} | {s['steps']:,} | {s['tokens']:,} | {s['tokens_per_s']:,.0f} | "
+                        f"{num(s['wall_s'], 1)} s | {num(s['val_first'], 4)} -> {num(s['val_min'], 4)} -> "
+                        f"{num(s['val_end'], 4)} |")
+    for st in r["stages"]:
+        if st["stage"] not in ("pretrain", "sft"):
+            rows.append(f"| {st['stage']} | | | | {num(st['seconds'], 1)} s | |")
+    return rows
+
+
+def markdown(r: dict) -> str:
+    e, p = r["eval"], r["pretrain"]
+    s = e["scores"]
+    gpus = r["hardware"]["gpus"]
+    card = f"{len(gpus)} x {gpus[0]}" if gpus else f"CPU ({r['hardware']['cpu_cores']} cores)"
+    lines = [f"# Report card: `{r['run']}`", "", f"{r['created']} · {card} · total {num(r['total_s'], 1)} s", "",
+             "## Summary", "", "| what | value |", "|---|---:|",
+             f"| held-out loss of pretraining, end (min) | {num(p['val_end'] if p else None, 4)} "
+             f"({num(p['val_min'] if p else None, 4)}) |",
+             f"| perplexity on held-out pretraining text (SFT model) | {num(s['ppl'])} |",
+             f"| BLEU-4 / sacreBLEU, the model | {num(s['bleu4'])} / {num(s['sacrebleu_zh'])} |"]
+    for name, b in e["baselines"].items():
+        lines.append(f"| BLEU-4 / sacreBLEU, baseline {name} | {num(b['bleu4'])} / {num(b['sacrebleu_zh'])} |")
+    lines += [f"| degenerate answers | {pct(s['degenerate'])} |",
+              f"| mean answer / reference length (characters) | {num(s['answer_chars'], 0)} / "
+              f"{num(s['reference_chars'], 0)} |", "",
+              "## Answers", "", f"{e['samples']} questions from `{e['data']}`; decoding: {e['decoding']}.", ""]
+    lines += answers_table(r)
+    lines += ["", "A degenerate answer loops (a span of 4+ characters 4+ times in a row) or is cut at max_new_tokens.",
+              "", "## Training", ""] + training_table(r)
+    lines += ["", "## Curves", "", "![train and validation loss](curves.png)", "", "## Samples", ""]
+    quote = lambda t: "\n".join("> " + ln for ln in ((t or "").splitlines() or [""]))
+    for i, smp in enumerate(r["samples"], 1):
+        lines += [f"### {i}", "", quote(smp["question"]), "", "**Reference**", "", quote(smp["reference"]), "",
+                  f"**Answer** (BLEU-4 {100 * smp['bleu4']:.2f})", "", quote(smp["answer"]), ""]
+    hw = r["hardware"]
+    lines += ["## Hardware", "", f"- GPUs: {', '.join(gpus) or 'none'}", f"- CPU cores: {hw['cpu_cores']}",
+              f"- torch {hw['torch']}, Python {hw['python']}, {hw['platform']}", "", "## Commands", "", "```bash"]
+    lines += [st["command"] for st in r["stages"]] + ["```", ""]
+    return "\n".join(lines)
+
+
+def plot(r: dict, run: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, ("pretrain", "sft")):
+        c = curves(os.path.join(run, name))
+        if c["train"]:
+            ax.plot(*zip(*c["train"]), lw=0.8, alpha=0.7, label="train")
+        if c["val"]:
+            ax.plot(*zip(*c["val"]), "o-", ms=3, label="validation")
+        ax.set_title(f"{name}: loss (nats per token)")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    cfg = config_or_exit(ReportConfig, argv)
+    try:
+        r = build(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    plot(r, cfg.run, os.path.join(cfg.run, "curves.png"))
+    write_atomic(os.path.join(cfg.run, "report.json"), json.dumps(r, ensure_ascii=False, indent=1))
+    write_atomic(os.path.join(cfg.run, "report.md"), markdown(r))
+    s = r["eval"]["scores"]
+    print(f"wrote {cfg.run}/report.md, report.json, curves.png | BLEU-4 {num(s['bleu4'])} | sacreBLEU "
+          f"{num(s['sacrebleu_zh'])} | degenerate {pct(s['degenerate'])} | " +
+          " | ".join(f"{k} {num(b['bleu4'])}/{num(b['sacrebleu_zh'])}" for k, b in r["eval"]["baselines"].items()))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The whole pipeline in one command on one GPU: tokenize -> pretrain -> SFT -> eval -> report card.
+#
+#   bash speedrun.sh --corpora=DIR              # one GPU; DIR holds pretrain/, sft/ and eval/ (README: "Get the data")
+#   NPROC=8 bash speedrun.sh --corpora=DIR      # torchrun on 8 GPUs of one node (the same global batch in tokens)
+#   bash speedrun.sh --tiny                     # a tiny model on the embedded sample (data/sample/): a CPU check in minutes
+#
+# DIR/pretrain/*: corpora in any format data_process.py reads; DIR/sft/*: instruction data; DIR/eval/*.jsonl: held-out
+# {"question", "answer"} lines (the first file is used). Writes data under --data (default data/speedrun), runs under
+# --out (default out): out/pretrain, out/sft, out/eval_original, and the report card out/report.md with report.json
+# and curves.png beside it. Other flags: --skip_setup (use the current Python environment as it is).
+# Each stage keeps its own defaults (pretrain.py, sft.py, eval.py): this script adds no hyperparameters of its own,
+# so what it measures is what a user gets from the plain commands it prints.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1
+for arg in "$@"; do
+  case "$arg" in
+    --corpora=*) CORPORA="${arg#*=}" ;;
+    --data=*) DATA="${arg#*=}" ;;
+    --out=*) OUT="${arg#*=}" ;;
+    --tiny) TINY=1 ;;
+    --skip_setup) SETUP=0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
+  esac
+done
+if [ $TINY = 1 ]; then
+  CORPORA="${CORPORA:-data/sample}"; DATA="${DATA:-data/speedrun-tiny}"; OUT="${OUT:-out/speedrun-tiny}"
+  # a 4M-parameter model, short runs, a short eval: the pipeline and the report, not a good model
+  MODEL="--dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8"
+  PRE_X="$MODEL --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=10 --eval_interval=20 --eval_windows=32 --log_interval=10"
+  SFT_X="--batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=5 --eval_interval=20 --log_interval=10"
+  EVAL_X="--max_new_tokens=48 --ppl_windows=32 --limit=12"
+  ORIG_NEW=48
+else
+  DATA="${DATA:-data/speedrun}"; OUT="${OUT:-out}"
+  PRE_X=""; SFT_X=""; EVAL_X="--batch_size=256"  # all 500 questions of a dev set in two generation batches
+  ORIG_NEW=100
+fi
+[ -n "$CORPORA" ] || { echo "error: give --corpora=DIR (a folder with pretrain/, sft/ and eval/; see README) or --tiny" >&2; exit 2; }
+for sub in pretrain sft eval; do
+  [ -d "$CORPORA/$sub" ] || { echo "error: $CORPORA/$sub: no such folder (expected $CORPORA/{pretrain,sft,eval})" >&2; exit 2; }
+done
+files() { find "$1" -maxdepth 1 -type f ! -name '.*' ! -name '*.md' | sort | paste -sd, -; }
+PRE_IN=$(files "$CORPORA/pretrain"); SFT_IN=$(files "$CORPORA/sft")
+EVAL_FILE=$(find "$CORPORA/eval" -maxdepth 1 -name '*.jsonl' | sort | head -n 1)
+[ -n "$PRE_IN" ] && [ -n "$SFT_IN" ] && [ -n "$EVAL_FILE" ] || {
+  echo "error: $CORPORA needs files in pretrain/ and sft/ and a .jsonl in eval/" >&2; exit 2; }
+
+[ $SETUP = 1 ] && source ./setup.sh
+NPROC="${NPROC:-1}"
+if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
+mkdir -p "$OUT"
+LOG="$OUT/speedrun.jsonl"; : > "$LOG"
+T0=$(date +%s)
+
+# stage NAME COMMAND...: runs it, prints it first, appends {"stage","command","seconds"} to speedrun.jsonl
+stage() {
+  local name=$1; shift
+  echo; echo "== [$(( $(date +%s) - T0 ))s] $name: $*"
+  local t=$(date +%s.%N)
+  "$@"
+  python - "$LOG" "$name" "$t" "$*" <<'PY'
+import json, sys, time
+log, name, start, cmd = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+with open(log, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"stage": name, "command": cmd, "seconds": round(time.time() - start, 1)}, ensure_ascii=False) + "\n")
+PY
+}
+
+stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain"
+stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft"
+stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $PRE_X
+stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $SFT_X
+stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
+    --baseline_pool="$DATA/sft/train.jsonl" $EVAL_X
+# the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
+stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --temperature=1.0 --top_k=100 \
+    --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $EVAL_X
+stage report python report.py --run="$OUT"
+echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"

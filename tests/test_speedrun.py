@@ -1,0 +1,79 @@
+"""speedrun.sh end to end at a tiny size on the embedded sample (CPU), and the report card it writes."""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+import report
+from chatglm_tokenizer import find_tokenizer
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    try:
+        tokenizer_path = find_tokenizer(download=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the ChatGLM2 tokenizer.model: {e}")
+    base = tmp_path_factory.mktemp("speedrun")
+    out, data = str(base / "out"), str(base / "data")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", BABYLLAMA_TOKENIZER=tokenizer_path)
+    r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return out, r.stdout
+
+
+def test_speedrun_writes_every_stage_and_the_report(tiny_run):
+    out, stdout = tiny_run
+    stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "speedrun.jsonl"), encoding="utf-8")]
+    assert stages == ["tokenize-pretrain", "tokenize-sft", "pretrain", "sft", "eval", "eval-original", "report"]
+    # the card lists the stages before its own (report.py is still running when it writes them)
+    assert [st["stage"] for st in json.load(open(os.path.join(out, "report.json")))["stages"]] == stages[:-1]
+    for f in ("report.md", "report.json", "curves.png", "pretrain/summary.json", "sft/summary.json",
+              "sft/eval_report.json", "eval_original/eval_report.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    for name in ("tokenize-pretrain", "pretrain", "sft", "eval", "report"):
+        assert f"] {name}: " in stdout  # progress on the console: each stage announced with its command
+
+
+def test_report_has_every_section_and_the_numbers_of_its_json(tiny_run):
+    out, _ = tiny_run
+    md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    r = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings == report.SECTIONS
+    s = r["eval"]["scores"]
+    row = re.search(r"^\| BLEU-4 / sacreBLEU, the model \| ([\d.]+) / ([\d.]+) \|$", md, flags=re.M)
+    assert row and float(row[1]) == round(s["bleu4"], 2) and float(row[2]) == round(s["sacrebleu_zh"], 2)
+    for name in ("retrieval", "fixed"):
+        b = r["eval"]["baselines"][name]
+        row = re.search(rf"^\| BLEU-4 / sacreBLEU, baseline {name} \| ([\d.]+) / ([\d.]+) \|$", md, flags=re.M)
+        assert row and float(row[1]) == round(b["bleu4"], 2) and float(row[2]) == round(b["sacrebleu_zh"], 2)
+    row = re.search(r"^\| degenerate answers \| ([\d.]+)% \|$", md, flags=re.M)
+    assert row and float(row[1]) == round(100 * s["degenerate"], 1)
+    p = r["pretrain"]
+    row = re.search(r"^\| held-out loss of pretraining, end \(min\) \| ([\d.]+) \(([\d.]+)\) \|$", md, flags=re.M)
+    assert row and float(row[1]) == round(p["val_end"], 4) and float(row[2]) == round(p["val_min"], 4)
+    assert p["val_min"] <= p["val_end"] and p["steps"] > 0 and p["tokens"] == p["steps"] * p["tokens_per_step"]
+    row = re.search(r"^\| perplexity on held-out pretraining text \(SFT model\) \| ([\d.,]+) \|$", md, flags=re.M)
+    assert row and float(row[1].replace(",", "")) == round(s["ppl"], 2)
+    # the original protocol is reported too, and every command that ran is on the page
+    o = r["eval_original"]["scores"]
+    assert f"| {o['bleu4']:,.2f} | {o['sacrebleu_zh']:,.2f} |" in md and "temperature 1.0" in r["eval_original"]["decoding"]
+    for st in r["stages"]:
+        assert st["command"] in md
+    assert len(r["samples"]) == 10 and md.count("**Reference**") == 10
+    assert all(smp["answer"] is not None and smp["reference"] for smp in r["samples"])
+
+
+def test_speedrun_rejects_a_corpora_folder_without_its_parts(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    r = subprocess.run(["bash", "speedrun.sh", f"--corpora={tmp_path}", "--skip_setup", f"--out={tmp_path}/o"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}/sft: no such folder (expected {tmp_path}/{{pretrain,sft,eval}})"
+    assert not os.path.exists(tmp_path / "o")
+    r = subprocess.run(["bash", "speedrun.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "bash speedrun.sh --corpora=DIR" in r.stdout
