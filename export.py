@@ -239,7 +239,8 @@ def model_card(model, ckpt: dict, ckpt_path: str, repo_id: str) -> str:
         "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
         "Prompt format (the chat template): `[system + \"\\n\"] question <s> answer </s> question <s> ...`; the model "
         "answers after `<s>` and stops at `</s>`. The tokenizer adds no `<s>` in front of text, as in training.",
-        f"Greedy decoding is the default of {name}'s generation_config.json (the project's eval.py protocol).", "",
+        f"{name}'s generation_config.json decodes greedily without repeating a 3-gram (`no_repeat_ngram_size=3`), "
+        "close to the project's eval.py protocol; plain greedy decoding of a model this small loops.", "",
     ]
     return "\n".join(lines)
 
@@ -258,7 +259,9 @@ def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_pat
                "multiple_of": a.multiple_of, "tokenizer_sha256": ckpt.get("tokenizer_sha256")}
     ev = EvalConfig()
     gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": ev.max_new_tokens,
-           "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty}
+           "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty,
+           # transformers' rule also counts the prompt's n-grams, eval.py's only the answer's: close, not equal
+           "no_repeat_ngram_size": ev.no_repeat_ngram}
     if ev.temperature > 0:
         gen.update(temperature=ev.temperature, top_k=ev.top_k or None, top_p=ev.top_p)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -297,7 +300,8 @@ def find_converter(llama_cpp: str) -> str:
 
 def write_gguf(converter: str, hf_dir: str, types: List[str], max_len: int) -> List[str]:
     """Runs llama.cpp's converter on the Hugging Face folder once per type -> model-<type>.gguf paths, and writes an
-    Ollama Modelfile for the last of them (the chat template, stop at </s>, greedy)."""
+    Ollama Modelfile for the last of them (the chat template, stop at </s>, chat.py's sampling: llama.cpp has no
+    n-gram ban, and greedy answers of a small model loop)."""
     out = []
     for t in types:
         path = os.path.join(hf_dir, f"model-{t}.gguf")
@@ -314,7 +318,8 @@ def write_gguf(converter: str, hf_dir: str, types: List[str], max_len: int) -> L
     modelfile = os.path.join(hf_dir, "Modelfile")  # `ollama create NAME -f Modelfile` in that folder
     with open(modelfile, "w", encoding="utf-8") as f:
         f.write(f"FROM ./{os.path.basename(out[-1])}\nTEMPLATE \"\"\"{OLLAMA_TEMPLATE}\"\"\"\n"
-                f"PARAMETER stop \"</s>\"\nPARAMETER temperature 0\nPARAMETER num_ctx {max_len}\n")
+                f"PARAMETER stop \"</s>\"\nPARAMETER temperature 0.7\nPARAMETER top_p 0.9\n"
+                f"PARAMETER repeat_penalty 1.1\nPARAMETER num_ctx {max_len}\n")
     return out + [modelfile]
 
 
@@ -334,7 +339,8 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     same = 0
     for p, w in zip(prompts, want):
-        out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False)[0, len(p):].tolist()
+        out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+                          no_repeat_ngram_size=0)[0, len(p):].tolist()  # plain greedy on both sides
         same += (out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out) == w
     diff = max((o - hf(x).logits[0]).abs().max().item() for o, x in zip(ours, rows))
     result = {"transformers": {"max_abs_logit_diff": diff, "greedy_equal": same, "prompts": len(prompts)}}

@@ -107,7 +107,7 @@ def build(cfg: ReportConfig) -> dict:
     check(main is not None, f"{cfg.run}/sft/eval_report.json: missing (run eval.py on the SFT checkpoint first)")
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "run": os.path.abspath(cfg.run),
+        "run": cfg.run,
         "pretrain": stage_info(cfg.run, "pretrain", times),
         "sft": stage_info(cfg.run, "sft", times),
         "eval": eval_block(main),

@@ -75,6 +75,7 @@ def test_config_files_and_card(hf_dir, ckpt_dir):
 
     gen = GenerationConfig.from_pretrained(hf_dir)
     assert (gen.do_sample, gen.max_new_tokens, gen.eos_token_id, gen.pad_token_id) == (False, 256, 2, 0)
+    assert gen.no_repeat_ngram_size == export.EvalConfig().no_repeat_ngram == 3  # eval.py's default decoding
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 0)
     card = open(os.path.join(hf_dir, "README.md"), encoding="utf-8").read()
@@ -106,7 +107,8 @@ def test_transformers_logits_and_greedy_equal_model(hf_dir, ckpt_dir, tok):
         ids = tok.encode(p)
         want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                              no_repeat_ngram_size=0)[0, len(ids):].tolist()
         if 2 in out:  # transformers keeps the eos; model.generate stops before it
             out = out[: out.index(2)]
         assert out == want and len(want) > 0
@@ -249,3 +251,4 @@ def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
     assert r["usage"]["prompt_tokens"] == len(prompt) and r["choices"][0]["message"]["content"] == want
     modelfile = (tmp_path / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-f16.gguf\n") and "{{ .Content }}<s>" in modelfile
+    assert "PARAMETER temperature 0.7\n" in modelfile and "PARAMETER repeat_penalty 1.1\n" in modelfile
