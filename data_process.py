@@ -24,7 +24,6 @@ one-line error (exit 2) before anything is written. Outputs are written under *.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -33,6 +32,8 @@ import os
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,6 +42,7 @@ import numpy as np
 from configurator import DataError, check, config_or_exit
 from corpora import (PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records,
                      parse_inputs, record_conversation)
+from output_dir import OutputFolder
 
 TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
 SFT_FORMAT = "baby-llama2-chinese/sft-v1"
@@ -69,6 +71,7 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
     val_min_records: int = 10  # sft: until val holds this many conversations, every second kept one goes to val
     sft_max_chars: int = 8192  # sft: drop conversations longer than this (characters of all turns and the system text)
     sft_min_answer_chars: int = 1  # sft: drop conversations with an assistant turn shorter than this
+    overwrite: bool = False  # replace an out_dir holding files this script did not write (they are deleted)
     max_reports: int = 5  # bad records reported individually (file:line) per run; all are counted
     progress: bool = True  # tqdm progress bar (docs/s, tokens/s) on stderr
     seed: int = 0  # salt of the hash that chooses the validation split
@@ -225,24 +228,24 @@ def encode_chunk(texts: list[str]) -> tuple:
 
 
 class ShardWriter:
-    """Writes one split as <split>_NNNNN.bin.tmp (+ .json.tmp sidecars); finish() renames them; abort() deletes them."""
+    """Writes one split as <split>_NNNNN.bin (+ .json sidecars) into the new output folder (OutputFolder.path)."""
 
-    def __init__(self, out_dir: str, split: str, shard_tokens: int, meta: dict):
-        self.out_dir, self.split, self.shard_tokens, self.meta = out_dir, split, shard_tokens, meta
-        self.done: list[str] = []  # final paths of closed shards
+    def __init__(self, out: OutputFolder, split: str, shard_tokens: int, meta: dict):
+        self.out, self.split, self.shard_tokens, self.meta = out, split, shard_tokens, meta
+        self.done: list[str] = []  # names of closed shards (.bin)
         self.f = None
         self.tokens = self.documents = 0
         self.total_tokens = self.total_documents = 0
         self.sources: Counter = Counter()
 
-    def _path(self, index: int, ext: str) -> str:
-        return os.path.join(self.out_dir, f"{self.split}_{index:05d}{ext}")
+    def _name(self, index: int, ext: str) -> str:
+        return f"{self.split}_{index:05d}{ext}"
 
     def write(self, ids: np.ndarray, documents: int, source: str):
         if documents == 0:
             return
         if self.f is None:
-            self.f = open(self._path(len(self.done), ".bin.tmp"), "wb")
+            self.f = open(self.out.path(self._name(len(self.done), ".bin")), "wb")
         self.f.write(ids.tobytes())
         self.tokens += ids.size
         self.documents += documents
@@ -256,37 +259,24 @@ class ShardWriter:
         index = len(self.done)
         side = dict(self.meta, split=self.split, tokens=self.tokens, documents=self.documents, shard=index,
                     sources=sorted(self.sources), documents_per_source=dict(sorted(self.sources.items())))
-        with open(self._path(index, ".json.tmp"), "w", encoding="utf-8") as f:
+        with open(self.out.path(self._name(index, ".json")), "w", encoding="utf-8") as f:
             json.dump(side, f, ensure_ascii=False, indent=1)
-        self.done.append(self._path(index, ".bin"))
+        self.done.append(self._name(index, ".bin"))
         self.total_tokens += self.tokens
         self.total_documents += self.documents
         self.tokens = self.documents = 0
         self.sources = Counter()
 
     def finish(self) -> list[str]:
-        """Closes the last shard, removes shards of an earlier run, renames sidecars then .bin files into place."""
+        """Closes the last shard -> names of the .bin files (each with its .json sidecar)."""
         if self.f is not None:
             self._close_shard()
-        stale = set(glob.glob(os.path.join(self.out_dir, f"{self.split}_*.bin")) +
-                    glob.glob(os.path.join(self.out_dir, f"{self.split}_*.json"))) - set(self.done) - \
-            {p[:-4] + ".json" for p in self.done}
-        for p in sorted(stale):
-            os.remove(p)
-        for p in self.done:
-            os.replace(p[:-4] + ".json.tmp", p[:-4] + ".json")
-        for p in self.done:
-            os.replace(p + ".tmp", p)
-        for p in glob.glob(os.path.join(self.out_dir, f"{self.split}_*.tmp")):  # left by a killed earlier run
-            os.remove(p)
         return self.done
 
-    def abort(self):
+    def close(self):
         if self.f is not None:
             self.f.close()
             self.f = None
-        for p in glob.glob(os.path.join(self.out_dir, f"{self.split}_*.tmp")):
-            os.remove(p)
 
 
 def iter_chunks(sources: list[Source], cfg: Config, rep: Reporter, counts: Counter):
@@ -330,8 +320,8 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
           f"<= {max_pending} tasks in flight, shards of >= {cfg.shard_tokens:,} tokens")
     for s in sources:
         print(f"  {s.path}: {s.container} of {s.fmt}")
-    os.makedirs(out_dir, exist_ok=True)
-    writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, meta) for split in ("train", "val")}
+    out = OutputFolder(out_dir, "pretrain", [s.path for s in sources], cfg.overwrite, not (cfg.inputs or cfg.manifest))
+    writers = {split: ShardWriter(out, split, cfg.shard_tokens, meta) for split in ("train", "val")}
     rep, counts = Reporter(cfg.max_reports), Counter()
     split_tokens = {"train": 0, "val": 0, "kept": 0}  # tokens per split, documents kept so far
     bar = None
@@ -341,23 +331,40 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
         bar = tqdm(unit=" docs", desc="pretrain", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
     t0 = time.perf_counter()
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_worker_init,
-                    initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed))
+    # concurrent.futures, not mp.Pool: a worker that dies (killed, out of memory) fails its task at once
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed))
     ok = False
     try:
-        encoded = _encode_all(pool, sources, cfg, writers, rep, counts, split_tokens, max_pending, bar)
-        pool.close()
-        pool.join()
-        paths = writers["train"].finish() + writers["val"].finish()
+        try:
+            encoded = _encode_all(pool, sources, cfg, writers, rep, counts, split_tokens, max_pending, bar)
+        except BrokenProcessPool:
+            raise DataError("a tokenizer worker died (killed, or out of memory: lower --chunk_chars, --max_pending "
+                            f"or --num_workers); nothing was written to {out_dir}") from None
+        except MemoryError:
+            raise DataError("out of memory while tokenizing (lower --chunk_chars, --max_pending or --num_workers); "
+                            f"nothing was written to {out_dir}") from None
+        pool.shutdown()
+        names = writers["train"].finish() + writers["val"].finish()
+        paths = out.commit(names + [n[:-4] + ".json" for n in names])[:len(names)]
         ok = True
     finally:
         if bar is not None:
             bar.close()
         if not ok:
-            pool.terminate()
+            _stop_pool(pool)
             for w in writers.values():
-                w.abort()
+                w.close()
+            out.abort()
     return _pretrain_summary(out_dir, counts, rep, writers, split_tokens, encoded, paths, time.perf_counter() - t0)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Ends the workers now (an error or Ctrl-C must not wait for the tasks in flight)."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        if p.is_alive():
+            p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Reporter, counts: Counter,
@@ -375,11 +382,11 @@ def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Re
             if nxt is None:
                 exhausted = True
             else:
-                pending.append((nxt[0], pool.apply_async(encode_chunk, (nxt[1],))))
+                pending.append((nxt[0], pool.submit(encode_chunk, nxt[1])))
         if not pending:
             break
         si, res = pending.popleft()
-        hashes, lengths, ids, sigs = res.get()
+        hashes, lengths, ids, sigs = res.result()
         encoded += _place_chunk(hashes, lengths, ids, sigs, sources[si], cfg, writers, seen, near, counts,
                                 split_tokens)
         if bar is not None:
@@ -455,13 +462,12 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
           f"val fraction {cfg.val_fraction}, at least {cfg.val_min_records} val conversations")
     for s in sources:
         print(f"  {s.path}: {s.container} of {s.fmt}")
-    os.makedirs(out_dir, exist_ok=True)
+    folder = OutputFolder(out_dir, "sft", [s.path for s in sources], cfg.overwrite, not (cfg.inputs or cfg.manifest))
     rep, counts = Reporter(cfg.max_reports), Counter()
     seen = HashSet()
     stats = {split: Counter() for split in ("train", "val")}
     srcs = {split: Counter() for split in ("train", "val")}
-    tmp = {split: os.path.join(out_dir, f"{split}.jsonl.tmp") for split in ("train", "val")}
-    files = {split: open(p, "w", encoding="utf-8") for split, p in tmp.items()}
+    files = {split: open(folder.path(f"{split}.jsonl"), "w", encoding="utf-8") for split in ("train", "val")}
     t0 = time.perf_counter()
     ok = False
     try:
@@ -490,21 +496,15 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
                 srcs[split][src.name] += 1
         for split, f in files.items():
             f.close()
-            _write_sft_sidecar(os.path.join(out_dir, f"{split}.json.tmp"), split, stats[split], srcs[split], cfg)
-        for split in files:
-            os.replace(os.path.join(out_dir, f"{split}.json.tmp"), os.path.join(out_dir, f"{split}.json"))
-        for split in files:
-            os.replace(tmp[split], os.path.join(out_dir, f"{split}.jsonl"))
+            _write_sft_sidecar(folder.path(f"{split}.json"), split, stats[split], srcs[split], cfg)
+        paths = folder.commit(["train.jsonl", "val.jsonl", "train.json", "val.json"])[:2]
         ok = True
     finally:
         if not ok:
-            for split, f in files.items():
+            for f in files.values():
                 f.close()
-                for p in (tmp[split], os.path.join(out_dir, f"{split}.json.tmp")):
-                    if os.path.exists(p):
-                        os.remove(p)
+            folder.abort()
     elapsed = time.perf_counter() - t0
-    paths = [os.path.join(out_dir, f"{s}.jsonl") for s in ("train", "val")]
     counts.update({f"bad_{k}": v for k, v in rep.counts.items()})
     print(f"sft: read {counts['read']:,} conversations; kept train {stats['train']['conversations']:,}, "
           f"val {stats['val']['conversations']:,}; dropped: empty_or_short {counts['empty_or_short']:,}, "

@@ -32,6 +32,11 @@ EXPECTED_DOCS = [
 ]
 
 
+def no_temp_left(folder) -> bool:
+    """Nothing of an unfinished run next to the output: no .new/.old folder, no .tmp file."""
+    return not [n for n in os.listdir(folder) if n.endswith((".new", ".old", ".tmp"))]
+
+
 def parse_inputs(c):
     return corpora.parse_inputs(c.inputs, c.manifest, "pretrain")
 
@@ -233,7 +238,8 @@ def test_truncated_gzip_is_a_one_line_error(tmp_path, capsys):
         dp.main(["sft", f"--inputs={bad}:prompt_answer", f"--out_dir={out}", "--max_reports=0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith(f"error: {bad}: cannot read (EOFError")
-    assert os.listdir(out) == []  # detection passed (the head is readable), the stream broke mid-file
+    # detection passed (the head is readable), the stream broke mid-file: no output folder, no temp folder
+    assert not out.exists() and no_temp_left(tmp_path)
     bad.write_bytes(gz[:100])
     with pytest.raises(SystemExit):
         dp.main(["sft", f"--inputs={bad}", f"--out_dir={tmp_path / 'out2'}"])
@@ -356,7 +362,7 @@ def test_sft_each_format(tmp_path):
     side = json.load(open(out / "val.json"))
     assert side["format"] == dp.SFT_FORMAT and side["conversations"] == 2 and side["turns"] == 6
     assert json.load(open(out / "train.json"))["conversations"] == 7
-    assert sorted(os.listdir(out)) == ["train.json", "train.jsonl", "val.json", "val.jsonl"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "train.json", "train.jsonl", "val.json", "val.jsonl"]
 
 
 def test_sft_interrupted_leaves_no_output(tmp_path, monkeypatch):
@@ -368,7 +374,7 @@ def test_sft_interrupted_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(dp, "record_conversation", boom)
     with pytest.raises(KeyboardInterrupt):
         dp.main(["sft", f"--inputs={os.path.join(SFT, 'reward.jsonl')}", f"--out_dir={out}"])
-    assert os.listdir(out) == []
+    assert not out.exists() and no_temp_left(tmp_path)
 
 
 # ---------------------------------------------------------------- pretrain end to end (real tokenizer)
@@ -400,7 +406,8 @@ def test_pretrain_end_to_end_exact(tmp_path, tokenizer_path):
     assert side["tokens"] == os.path.getsize(out / "train_00000.bin") // 2 == sum(len(d) + 1 for d in docs["train"])
     assert side["sources"] == sorted(PRE_FILES) and side["filters"]["dedup"] is True and side["filters"]["min_chars"] == 10
     assert sides["val_00000.bin"]["sources"] == ["wiki_array.json"]
-    assert sorted(os.listdir(out)) == ["train_00000.bin", "train_00000.json", "val_00000.bin", "val_00000.json"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "train_00000.bin", "train_00000.json", "val_00000.bin",
+                                       "val_00000.json"]
 
 
 def test_pretrain_shards_no_dedup_and_deterministic(tmp_path, tokenizer_path):
@@ -452,12 +459,12 @@ def test_pretrain_interrupted_leaves_no_bin(tmp_path, tokenizer_path, monkeypatc
         run_pretrain(out, "--chunk_chars=1", "--dedup=false", "--min_chars=0")
     assert len(calls) == 2
     # no temp files left, and the earlier complete output is untouched (no half-written .bin took its place)
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before and no_temp_left(tmp_path)
     fresh = tmp_path / "fresh"
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(fresh, "--chunk_chars=1")
-    assert os.listdir(fresh) == []
+    assert not fresh.exists() and no_temp_left(tmp_path)
 
 
 class FakeTokenizer:
