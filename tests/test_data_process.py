@@ -5,6 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 
 import corpora
 import data_process as dp
+import output_dir
 from conftest import ROOT
 
 FIX = os.path.join(ROOT, "tests", "fixtures_data")
@@ -597,3 +602,126 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and not out.exists()
     assert capsys.readouterr().err == (f"error: {url}: download failed (Name or service not known); or download it "
                                        "yourself and pass the local path\n")
+
+
+# ---------------------------------------------------------------- hardening: dead workers, output folders
+
+def _dies(texts):  # a pool task whose worker is killed (as by the OOM killer or kill -9)
+    if any("第3篇" in t for t in texts):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dp.encode_chunk(texts)
+
+
+def _no_memory(texts):  # a pool task whose worker runs out of memory (std::bad_alloc -> MemoryError)
+    raise MemoryError
+
+
+@pytest.mark.parametrize("task,message", [(_dies, "a tokenizer worker died"), (_no_memory, "out of memory")])
+def test_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_path, monkeypatch, capsys, task, message):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"第{i}篇文章，内容足够长。"}, ensure_ascii=False) + "\n"
+                              for i in range(50)), encoding="utf-8")
+    out = tmp_path / "out"
+    monkeypatch.setattr(dp, "encode_chunk", task)  # the fork start method carries the patch into the workers
+
+    def hang(signum, frame):
+        raise TimeoutError("data_process.py hangs on a dead worker")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        t0 = time.time()
+        with pytest.raises(SystemExit) as e:
+            dp.main(["pretrain", f"--inputs={corpus}", f"--out_dir={out}", "--num_workers=2", "--chunk_chars=20",
+                     "--progress=false"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert e.value.code == 2 and time.time() - t0 < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not out.exists() and no_temp_left(tmp_path)
+
+
+def test_rerun_replaces_only_its_own_output(tmp_path, tokenizer_path, capsys):
+    out = tmp_path / "pre"
+    run_pretrain(out)
+    first = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    manifest = json.loads(first["manifest.json"])
+    assert manifest["mode"] == "pretrain" and sorted(manifest["files"]) == sorted(set(first) - {"manifest.json"})
+    run_pretrain(out, "--shard_tokens=30")  # our own earlier output is replaced as a whole: no stale shard stays
+    names = set(os.listdir(out))
+    assert len(names) > len(first) and names == set(json.loads((out / "manifest.json").read_text())["files"]) | {
+        "manifest.json"} and no_temp_left(tmp_path)
+    for planted in ("train_notes.json", "train_00099.bin"):  # a file it did not write: refused, nothing touched
+        (out / planted).write_text("mine")
+        before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_pretrain(out)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and planted in err[0] and "--overwrite" in err[0]
+        assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+        (out / planted).unlink()
+    (out / "train_00099.bin").write_text("old shard of another corpus")
+    run_pretrain(out, "--overwrite")
+    assert sorted(os.listdir(out)) == sorted(first)
+    with pytest.raises(SystemExit):  # an SFT run does not replace pretraining output
+        dp.main(["sft", f"--inputs={os.path.join(SFT, 'reward.jsonl')}", f"--out_dir={out}"])
+    assert "did not write for sft output" in capsys.readouterr().err
+
+
+def _run_killed_between_renames(out, corpus):
+    """Runs data_process.py in a child that is killed (SIGKILL) after the old folder is moved aside."""
+    code = ("import os, signal, sys, output_dir, data_process\n"
+            "output_dir._between_renames = lambda: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "data_process.main(sys.argv[1:])\n")
+    return subprocess.run([sys.executable, "-c", code, "pretrain", f"--inputs={corpus}", f"--out_dir={out}",
+                           "--progress=false", "--num_workers=1", "--val_fraction=0", "--val_min_tokens=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_kill_between_renames_leaves_complete_old_or_new(tmp_path, tokenizer_path):
+    out, ref = tmp_path / "pre", tmp_path / "ref"
+    run_pretrain(out, files=PRE_FILES[:1])  # the old output
+    old = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    run_pretrain(ref)  # what the new output must be
+    new = {n: (ref / n).read_bytes() for n in os.listdir(ref)}
+    corpus = ",".join(os.path.join(PRE, f) for f in PRE_FILES)
+    r = _run_killed_between_renames(out, corpus)
+    assert r.returncode == -signal.SIGKILL and not out.exists()  # killed with the old folder moved aside
+    side = sorted(os.listdir(tmp_path))
+    assert ".pre.old" in side and ".pre.new" in side
+    # the next run into the folder finishes the swap (the new folder was complete), then writes its own output
+    dp.main(["pretrain", f"--inputs={corpus}", f"--out_dir={out}", "--progress=false", "--val_fraction=0",
+             "--val_min_tokens=1", "--shard_tokens=1000000000"])
+    got = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert {k: v for k, v in got.items() if k != "manifest.json"} == {k: v for k, v in new.items() if k != "manifest.json"}
+    assert no_temp_left(tmp_path) and got != old
+    # the recovery itself: complete .new -> takes the place; no .new manifest -> the .old folder goes back
+    r = _run_killed_between_renames(out, os.path.join(PRE, PRE_FILES[0]))
+    output_dir.recover(str(out), str(tmp_path / ".pre.new"), str(tmp_path / ".pre.old"))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n != "manifest.json"} == {
+        k: v for k, v in old.items() if k != "manifest.json"}
+    r = _run_killed_between_renames(out, corpus)
+    (tmp_path / ".pre.new" / "manifest.json").unlink()  # as if killed before the new folder was complete
+    output_dir.recover(str(out), str(tmp_path / ".pre.new"), str(tmp_path / ".pre.old"))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n != "manifest.json"} == {
+        k: v for k, v in old.items() if k != "manifest.json"} and no_temp_left(tmp_path)
+
+
+def test_default_run_does_not_replace_other_output(tmp_path, tokenizer_path, monkeypatch, capsys):
+    d = tmp_path / "data" / "sample" / "pretrain"
+    d.mkdir(parents=True)
+    shutil.copy(os.path.join(FIX, "pretrain", "plain.txt"), d / "plain.txt")
+    monkeypatch.chdir(tmp_path)
+    dp.main(["pretrain", "--num_workers=1", "--progress=false"])  # the sample into data/pretrain, then again: fine
+    dp.main(["pretrain", "--num_workers=1", "--progress=false"])
+    real = tmp_path / "data" / "pretrain"
+    dp.main(["pretrain", f"--inputs={os.path.join(PRE, 'baike.jsonl')}", f"--out_dir={real}", "--progress=false"])
+    before = {n: (real / n).read_bytes() for n in os.listdir(real)}
+    with pytest.raises(SystemExit) as e:
+        dp.main(["pretrain", "--num_workers=1", "--progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "embedded sample would replace" in err[0] and "--overwrite" in err[0]
+    assert {n: (real / n).read_bytes() for n in os.listdir(real)} == before
