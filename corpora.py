@@ -83,8 +83,27 @@ def _join(*parts: str) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def record_conversation(rec: dict, fmt: str) -> tuple[list[dict], str]:
-    """A chat-like record -> (turns [{"role","content"}...] starting with user, alternating, ending with assistant, system)."""
+def normalize_turns(turns: list[dict], stats: Counter) -> list[dict]:
+    """Turns that can train: consecutive turns of one role merged (one text, lines joined), assistant turns before
+    the first user turn and an unanswered last user turn dropped; each change counted in `stats`."""
+    out: list[dict] = []
+    for t in turns:
+        if out and out[-1]["role"] == t["role"]:
+            out[-1] = {"role": t["role"], "content": _join(out[-1]["content"], t["content"])}
+            stats["merged_turns"] += 1
+        elif not out and t["role"] == "assistant":
+            stats["dropped_first_assistant"] += 1
+        else:
+            out.append(t)
+    if out and out[-1]["role"] == "user":  # a trailing unanswered question carries no supervision
+        out.pop()
+        stats["dropped_last_user"] += 1
+    return out
+
+
+def record_conversation(rec: dict, fmt: str, stats: Optional[Counter] = None) -> tuple[list[dict], str]:
+    """A chat-like record -> (turns [{"role","content"}...] starting with user, alternating, ending with assistant, system);
+    ShareGPT turns are normalized (normalize_turns, counted in `stats`)."""
     system = ""
     if fmt == "sharegpt":
         convs = rec.get("conversations")
@@ -105,10 +124,9 @@ def record_conversation(rec: dict, fmt: str) -> tuple[list[dict], str]:
                 turns.append({"role": role, "content": content})
         if isinstance(rec.get("system"), str):
             system = _join(rec["system"], system)
-        if turns and turns[-1]["role"] == "user":  # a trailing unanswered question carries no supervision
-            turns.pop()
-        if not turns or any(t["role"] != ("user" if i % 2 == 0 else "assistant") for i, t in enumerate(turns)):
-            raise BadRecord("expected turns alternating user/assistant, starting with user")
+        turns = normalize_turns(turns, Counter() if stats is None else stats)
+        if not turns:
+            raise BadRecord("expected a user turn followed by an assistant turn")
         return turns, system
     if fmt == "instruction":
         turns = []

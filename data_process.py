@@ -511,6 +511,9 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
           f"too_long {counts['too_long']:,}, duplicate {counts['duplicate']:,}; skipped records: "
           f"malformed {rep.counts['malformed']:,}, missing_field {rep.counts['missing_field']:,}, "
           f"undecodable {rep.counts['undecodable']:,} ({elapsed:.1f}s) -> {', '.join(paths)}")
+    print(f"sft: turns normalized: merged {counts['merged_turns']:,} (consecutive turns of one role), dropped "
+          f"{counts['dropped_last_user']:,} unanswered last user turns and {counts['dropped_first_assistant']:,} "
+          "assistant turns before the first user turn")
     return {"mode": "sft", "out_dir": out_dir, "counts": dict(counts),
             "conversations": {s: stats[s]["conversations"] for s in stats}, "seconds": round(elapsed, 3), "paths": paths}
 
@@ -519,7 +522,7 @@ def _conversation(rec: dict, src: Source, ln: int, cfg: Config, rep: Reporter, c
     """A record -> (turns, system, characters) with stripped texts, or None when it is skipped (reported) or
     dropped (counted: empty_or_short, too_long)."""
     try:
-        turns, system = record_conversation(rec, src.fmt)
+        turns, system = record_conversation(rec, src.fmt, counts)
     except BadRecord as e:
         rep.bad("missing_field", src, ln, f"{src.fmt} record: {e}")
         return None

@@ -343,7 +343,9 @@ def test_sft_each_format(tmp_path):
     out = tmp_path / "sft"
     s = dp.main(["sft", "--inputs=" + ",".join(os.path.join(SFT, f) for f in SFT_FILES), f"--out_dir={out}",
                  "--val_fraction=0", "--val_min_records=2"])[0]
-    assert s["counts"] == {"read": 11, "duplicate": 1, "empty_or_short": 1, "bad_missing_field": 1}
+    # sharegpt.jsonl: [gpt, human] loses both turns (skipped as missing_field), [human, gpt, human] its last turn
+    assert s["counts"] == {"read": 11, "duplicate": 1, "empty_or_short": 1, "bad_missing_field": 1,
+                           "dropped_first_assistant": 1, "dropped_last_user": 2}
     rows = {split: [json.loads(l) for l in open(out / f"{split}.jsonl", encoding="utf-8")] for split in ("train", "val")}
     assert len(rows["train"]) == 7 and len(rows["val"]) == 2
     u, a = "user", "assistant"
@@ -373,7 +375,7 @@ def test_sft_each_format(tmp_path):
 def test_sft_interrupted_leaves_no_output(tmp_path, monkeypatch):
     out = tmp_path / "sft"
 
-    def boom(rec, fmt):
+    def boom(rec, fmt, stats=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dp, "record_conversation", boom)
@@ -606,10 +608,13 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- hardening: dead workers, output folders
 
+_ENCODE_CHUNK = dp.encode_chunk
+
+
 def _dies(texts):  # a pool task whose worker is killed (as by the OOM killer or kill -9)
     if any("第3篇" in t for t in texts):
         os.kill(os.getpid(), signal.SIGKILL)
-    return dp.encode_chunk(texts)
+    return _ENCODE_CHUNK(texts)
 
 
 def _no_memory(texts):  # a pool task whose worker runs out of memory (std::bad_alloc -> MemoryError)
@@ -725,3 +730,29 @@ def test_default_run_does_not_replace_other_output(tmp_path, tokenizer_path, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "embedded sample would replace" in err[0] and "--overwrite" in err[0]
     assert {n: (real / n).read_bytes() for n in os.listdir(real)} == before
+
+
+def test_sharegpt_turns_normalized_so_every_conversation_trains(tmp_path, capsys, tokenizer_path):
+    from chatglm_tokenizer.tokenizer import ChatGLMTokenizer
+    from dataset_sft import SFTSamples
+
+    u, a = {"from": "human"}, {"from": "gpt"}
+    recs = [[dict(u, value="问一"), dict(a, value="答一"), dict(u, value="问二"), dict(u, value="问三")],  # two user turns at the end
+            [dict(u, value="问"), dict(u, value="补充"), dict(a, value="答"), dict(a, value="再答")],  # same role twice
+            [dict(a, value="开场白"), dict(u, value="你好"), dict(a, value="您好")],  # an assistant turn first
+            [dict(u, value="只有问题"), dict(u, value="还是问题")]]  # nothing answered: skipped
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in recs), encoding="utf-8")
+    out = tmp_path / "sft"
+    s = dp.main(["sft", f"--inputs={src}", f"--out_dir={out}", "--val_fraction=0", "--val_min_records=0"])[0]
+    assert {k: s["counts"].get(k) for k in ("read", "merged_turns", "dropped_last_user", "dropped_first_assistant",
+                                            "bad_missing_field")} == {
+        "read": 3, "merged_turns": 4, "dropped_last_user": 2, "dropped_first_assistant": 1, "bad_missing_field": 1}
+    assert "merged 4 (consecutive turns of one role), dropped 2 unanswered" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(out / "train.jsonl", encoding="utf-8")]
+    assert [[(t["role"], t["content"]) for t in r["conversations"]] for r in rows] == [
+        [("user", "问一"), ("assistant", "答一")],
+        [("user", "问\n补充"), ("assistant", "答\n再答")],
+        [("user", "你好"), ("assistant", "您好")]]
+    samples = SFTSamples(str(out / "train.jsonl"), ChatGLMTokenizer(tokenizer_path), 64)  # what sft.py reads: every conversation trains
+    assert len(samples) == 3
