@@ -231,7 +231,8 @@ def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int 
     """
     raw_decode = json.JSONDecoder().raw_decode
     with open_bytes(path) as fb:
-        w = _TextWindow(io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape"), read_chars)
+        # utf-8-sig: a leading byte-order mark (as Windows tools write) is not part of the array
+        w = _TextWindow(io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape"), read_chars)
         state = "start"  # start -> first -> (value -> sep)*
         while True:
             w.pos = _WS.match(w.buf, w.pos).end()
@@ -410,6 +411,8 @@ def match_format(keys) -> Optional[str]:
 
 def detect(path: str, explicit: str, opts: ReadOptions) -> Source:
     """Container from the bytes (and .txt/.csv extension), record format from the first record's keys or `explicit`."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder; name its files (--inputs=a.jsonl,b.jsonl or one per line in --manifest)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -455,6 +458,9 @@ def detect(path: str, explicit: str, opts: ReadOptions) -> Source:
                 break
             if ln > 1000:
                 break
+        if first_keys is None and "not UTF-8" in first_bad:
+            raise DataError(f"{path}:{first_bad.split(':')[0]}: not UTF-8 (GB18030 or GBK text?); convert it first, "
+                            f"e.g. iconv -f GB18030 -t UTF-8 {path} > utf8{_base_ext(path)}")
         if first_keys is None:
             raise DataError(f"{path}:{first_bad}: no readable record at the start of the file" if first_bad
                             else f"{path}: empty input (no records)")

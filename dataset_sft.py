@@ -197,8 +197,13 @@ def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON lines file (also eval.py's reader).
 
     A line that is not a JSON object stops with a one-line DataError naming file:line and `expected`."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: GB18030 or GBK text?); convert the "
+                                "file to UTF-8, e.g. with iconv -f GB18030 -t UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -756,3 +756,37 @@ def test_sharegpt_turns_normalized_so_every_conversation_trains(tmp_path, capsys
         [("user", "你好"), ("assistant", "您好")]]
     samples = SFTSamples(str(out / "train.jsonl"), ChatGLMTokenizer(tokenizer_path), 64)  # what sft.py reads: every conversation trains
     assert len(samples) == 3
+
+
+def test_bom_array_folder_and_gb18030_inputs(tmp_path, capsys):
+    rec = [{"text": "长江是中国第一长河，全长六千三百公里。"}, {"text": "黄河是中国第二长河，被称为母亲河。"}]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec, ensure_ascii=False).encode("utf-8"))  # as Windows tools write
+    src = corpora.detect(str(bom), "", cfg())
+    assert (src.container, src.fmt) == ("array", "text") and [r for r, _, _ in records(src)] == rec
+    out = tmp_path / "out"
+    gb_lines = tmp_path / "gb.jsonl"
+    gb_lines.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rec).encode("gb18030"))
+    gb_txt = tmp_path / "gb.txt"
+    gb_txt.write_bytes("长江是中国第一长河。\n".encode("gb18030"))
+    gb_array = tmp_path / "gb.json"
+    gb_array.write_bytes(json.dumps(rec, ensure_ascii=False).encode("gb18030"))
+    for bad, message in ((tmp_path, "is a folder; name its files"), (gb_lines, ":1: not UTF-8 (GB18030"),
+                         (gb_txt, ":1: not UTF-8 (GB18030"), (gb_array, ":1: not UTF-8 (GB18030")):
+        with pytest.raises(SystemExit) as e:
+            dp.main(["pretrain", f"--inputs={bad}", f"--out_dir={out}", "--progress=false"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}") and message in err[0]
+        assert not out.exists()
+
+
+def test_sft_reader_gb18030_is_a_one_line_error(tmp_path):
+    from dataset_sft import read_jsonl
+
+    conv = {"conversations": [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "休息。"}]}
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (json.dumps(conv, ensure_ascii=False) + "\n").encode("utf-8"))
+    assert [r for _, r in read_jsonl(str(p), "a conversation")] == [conv]  # a byte-order mark is fine
+    p.write_bytes((json.dumps(conv) + "\n" + json.dumps(conv, ensure_ascii=False) + "\n").encode("gb18030"))
+    with pytest.raises(dp.DataError, match=r"train.jsonl:2: not UTF-8 \(byte \d+: GB18030 or GBK text\?\)"):
+        list(read_jsonl(str(p), "a conversation"))
