@@ -18,6 +18,7 @@ a file that cannot be read at all, an unknown format or an empty input is a one-
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -42,7 +43,9 @@ HF_SCHEME = "hf://datasets/"  # an input naming a file of a Hugging Face dataset
 class ReadOptions:
     """Limits of the readers (data_process.Config extends this, so its flags set them)."""
     txt_max_chars: int = 1 << 20  # plain text: a document is cut at the next line end after this many characters
-    max_record_chars: int = 64 << 20  # JSON array: an element longer than this is treated as malformed (bounds memory)
+    # (a longer line is cut too); memory stays bounded whatever the line lengths
+    max_record_chars: int = 16 << 20  # a JSON array element of more characters, or a JSON line of more bytes, is
+    # skipped and counted as too_long (bounds memory)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +233,7 @@ def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int 
     skips to the next `}, {` boundary and is reported once.
     """
     raw_decode = json.JSONDecoder().raw_decode
+    too_long = f"too long: an array element of more than {max_record_chars:,} characters (--max_record_chars)"
     with open_bytes(path) as fb:
         # utf-8-sig: a leading byte-order mark (as Windows tools write) is not part of the array
         w = _TextWindow(io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape"), read_chars)
@@ -270,16 +274,19 @@ def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int 
                 except json.JSONDecodeError as e:
                     incomplete = e.pos >= len(w.buf) - 1 or e.msg.startswith("Unterminated string")
                     if incomplete and not w.eof and len(w.buf) - w.pos < max_record_chars:
-                        w.extend(len(w.buf) - w.pos)  # doubles the buffer, so a long element costs O(n log n)
+                        w.extend(min(len(w.buf) - w.pos, max_record_chars))  # doubles the buffer: O(n log n)
                         continue
-                    yield None, w.line_at(w.pos), f"malformed JSON array element ({e.msg})"
+                    yield None, w.line_at(w.pos), too_long if incomplete and not w.eof else \
+                        f"malformed JSON array element ({e.msg})"
                     w.pos, state = w.pos + 1, "resync"
                     continue
                 if end >= len(w.buf) and not w.eof:  # a number at the end of the buffer may continue
                     w.extend()
                     continue
                 ln = w.line_at(w.pos)
-                if w.dirty and _SURROGATE.search(w.buf, w.pos, end):
+                if end - w.pos > max_record_chars:  # read whole by the last doubling of the buffer
+                    yield None, ln, too_long
+                elif w.dirty and _SURROGATE.search(w.buf, w.pos, end):
                     yield None, ln, "undecodable bytes (not UTF-8)"
                 else:
                     yield obj, ln, None
@@ -288,21 +295,49 @@ def iter_json_array(path: str, read_chars: int = 1 << 20, max_record_chars: int 
             yield None, w.line_at(w.pos), "truncated JSON array (no closing ']')"
 
 
-def utf8_lines(path: str):
+def bounded_lines(fb, max_bytes: int):
+    """(line number, bytes, part) for each line of a binary stream, never reading more than max_bytes at once:
+    part 0 = a whole line; a longer line comes as consecutive pieces, part 1 for each but the last, 2 for the last."""
+    ln, raw = 0, fb.readline(max_bytes)
+    while raw:
+        ln += 1
+        part = 0
+        while not raw.endswith(b"\n") and len(raw) == max_bytes:  # the line may go on
+            more = fb.readline(max_bytes)
+            if not more:
+                break
+            yield ln, raw, 1
+            raw, part = more, 2
+        yield ln, raw, part
+        raw = fb.readline(max_bytes)
+
+
+def utf8_lines(path: str, max_bytes: int, pieces: bool = False):
     """(line number, text, None) for each line of a (possibly gzipped) file, or (line number, None, reason) for a
-    line that is not UTF-8; a leading byte-order mark is dropped."""
+    line that is not UTF-8; a leading byte-order mark is dropped. A line longer than max_bytes is skipped as too
+    long, or with `pieces` comes as several texts (decoded incrementally, so memory stays about max_bytes)."""
     with open_bytes(path) as fb:
-        for ln, raw in enumerate(fb, 1):
+        skip, dec, dec_ln = 0, None, 0
+        for ln, raw, part in bounded_lines(fb, max_bytes):
+            if ln == skip:
+                continue
+            if part and not pieces:
+                skip = ln
+                yield ln, None, f"too long: a line of more than {max_bytes:,} bytes (--max_record_chars)"
+                continue
+            if dec_ln != ln:
+                dec, dec_ln = codecs.getincrementaldecoder("utf-8")(), ln
             try:
-                text = raw.decode("utf-8")
+                text = dec.decode(raw, final=part != 1)
             except UnicodeDecodeError as e:
+                skip = ln
                 yield ln, None, f"undecodable bytes (not UTF-8) at byte {e.start}"
                 continue
             yield ln, text.lstrip("\ufeff") if ln == 1 else text, None
 
 
-def iter_json_lines(path: str):
-    for ln, text, err in utf8_lines(path):
+def iter_json_lines(path: str, max_bytes: int):
+    for ln, text, err in utf8_lines(path, max_bytes):
         if err:
             yield None, ln, err
             continue
@@ -317,9 +352,10 @@ def iter_json_lines(path: str):
 
 
 def iter_txt(path: str, max_chars: int):
-    """Plain text: a blank line ends a document; a document longer than max_chars is cut at a line end."""
+    """Plain text: a blank line ends a document; a document longer than max_chars is cut at a line end (a line
+    longer than max_chars bytes is cut too)."""
     lines, size, start = [], 0, 1
-    for ln, text, err in utf8_lines(path):
+    for ln, text, err in utf8_lines(path, max_chars, pieces=True):
         if err:
             yield None, ln, f"{err}; line dropped"
             continue
@@ -381,7 +417,7 @@ def iter_container(src: Source, opts: ReadOptions):
         if src.container == "array":
             yield from iter_json_array(src.path, max_record_chars=opts.max_record_chars)
         elif src.container == "lines":
-            yield from iter_json_lines(src.path)
+            yield from iter_json_lines(src.path, opts.max_record_chars)
         elif src.container == "txt":
             yield from iter_txt(src.path, opts.txt_max_chars)
         elif src.container == "csv":
@@ -547,7 +583,8 @@ class Reporter:
 
 
 def _bad_kind(reason: str) -> str:
-    return "undecodable" if reason.startswith("undecodable") else "malformed"
+    return "undecodable" if reason.startswith("undecodable") else "too_long" if reason.startswith("too long") \
+        else "malformed"
 
 
 def iter_records(src: Source, opts: ReadOptions, rep: Reporter) -> Iterator[tuple]:
@@ -568,6 +605,3 @@ def iter_documents(src: Source, opts: ReadOptions, rep: Reporter) -> Iterator[st
         except BadRecord as e:
             rep.bad("missing_field", src, ln, f"{src.fmt} record: {e}")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# hashing, dedup, validation split

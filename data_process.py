@@ -62,6 +62,8 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
     max_pending: int = 0  # tasks in flight at once (bounds memory); 0 = 2 * num_workers + 2
     shard_tokens: int = 100_000_000  # a shard is closed once it holds at least this many tokens (documents are never split)
     min_chars: int = 10  # pretrain: drop documents with fewer characters (after stripping)
+    max_doc_chars: int = 1 << 20  # pretrain: a longer document is cut into pieces of at most this many characters
+    # (at a line end where one is near), each its own document: bounds the tokenizer's memory
     dedup: bool = True  # drop exact duplicates (64-bit hash of whitespace-normalized text)
     minhash: bool = False  # pretrain: also drop near-duplicates (MinHash over character 5-grams, LSH)
     minhash_perms: int = 64  # MinHash permutations (signature length)
@@ -86,6 +88,7 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
         check(self.max_pending >= 0, "--max_pending must be >= 0")
         check(self.shard_tokens >= 1, "--shard_tokens must be >= 1")
         check(self.min_chars >= 0 and self.txt_max_chars >= 1, "--min_chars must be >= 0, --txt_max_chars >= 1")
+        check(self.max_doc_chars >= 1024, "--max_doc_chars must be >= 1024")
         check(0.0 <= self.val_fraction < 1.0, "--val_fraction must be in [0, 1)")
         check(self.val_min_tokens >= 0 and self.val_min_records >= 0, "--val_min_tokens/--val_min_records must be >= 0")
         check(self.minhash_perms >= 1 and self.minhash_bands >= 1 and self.minhash_perms % self.minhash_bands == 0,
@@ -279,20 +282,35 @@ class ShardWriter:
             self.f = None
 
 
+def cut_document(text: str, max_chars: int) -> list[str]:
+    """Pieces of at most max_chars characters, each cut after the last line end of its second half if it has one."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        nl = text.rfind("\n", start + max_chars // 2, start + max_chars)
+        end = nl + 1 if nl >= 0 else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    return pieces + [text[start:]] if pieces else [text]
+
+
 def iter_chunks(sources: list[Source], cfg: Config, rep: Reporter, counts: Counter):
-    """(source index, [texts]) of about cfg.chunk_chars characters; short documents are dropped here (cheap)."""
+    """(source index, [texts]) of about cfg.chunk_chars characters; short documents are dropped here (cheap), long
+    ones cut (cut_document)."""
     for si, src in enumerate(sources):
         texts, size = [], 0
-        for text in iter_documents(src, cfg, rep):
+        for doc in iter_documents(src, cfg, rep):
             counts["read"] += 1
-            if len(text.strip()) < cfg.min_chars:
-                counts["too_short"] += 1
-                continue
-            texts.append(text)
-            size += len(text)
-            if size >= cfg.chunk_chars:
-                yield si, texts
-                texts, size = [], 0
+            if len(doc) > cfg.max_doc_chars:
+                counts["cut_long"] += 1
+            for text in cut_document(doc, cfg.max_doc_chars):
+                if len(text.strip()) < cfg.min_chars:
+                    counts["too_short"] += 1
+                    continue
+                texts.append(text)
+                size += len(text)
+                if size >= cfg.chunk_chars:
+                    yield si, texts
+                    texts, size = [], 0
         if texts:
             yield si, texts
 
@@ -408,7 +426,8 @@ def _pretrain_summary(out_dir: str, counts: Counter, rep: Reporter, writers: dic
           f"dropped: too_short {counts['too_short']:,}, duplicate {counts['duplicate']:,}, "
           f"near_duplicate {counts['near_duplicate']:,}, unencodable {counts['unencodable']:,}; skipped records: "
           f"malformed {rep.counts['malformed']:,}, missing_field {rep.counts['missing_field']:,}, "
-          f"undecodable {rep.counts['undecodable']:,}")
+          f"undecodable {rep.counts['undecodable']:,}, too_long {rep.counts['too_long']:,}; long documents cut "
+          f"into pieces: {counts['cut_long']:,}")
     print(f"pretrain: {total:,} tokens kept; {encoded:,} tokens encoded (duplicates included) in {elapsed:.1f}s = "
           f"{encoded / max(elapsed, 1e-9) / 1e6:.2f}M tokens/s -> {len(paths)} shards: "
           f"{', '.join(os.path.basename(p) for p in paths)} in {out_dir}")
@@ -510,7 +529,8 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
           f"val {stats['val']['conversations']:,}; dropped: empty_or_short {counts['empty_or_short']:,}, "
           f"too_long {counts['too_long']:,}, duplicate {counts['duplicate']:,}; skipped records: "
           f"malformed {rep.counts['malformed']:,}, missing_field {rep.counts['missing_field']:,}, "
-          f"undecodable {rep.counts['undecodable']:,} ({elapsed:.1f}s) -> {', '.join(paths)}")
+          f"undecodable {rep.counts['undecodable']:,}, too_long {rep.counts['too_long']:,} ({elapsed:.1f}s) -> "
+          f"{', '.join(paths)}")
     print(f"sft: turns normalized: merged {counts['merged_turns']:,} (consecutive turns of one role), dropped "
           f"{counts['dropped_last_user']:,} unanswered last user turns and {counts['dropped_first_assistant']:,} "
           "assistant turns before the first user turn")

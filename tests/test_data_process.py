@@ -790,3 +790,74 @@ def test_sft_reader_gb18030_is_a_one_line_error(tmp_path):
     p.write_bytes((json.dumps(conv) + "\n" + json.dumps(conv, ensure_ascii=False) + "\n").encode("gb18030"))
     with pytest.raises(dp.DataError, match=r"train.jsonl:2: not UTF-8 \(byte \d+: GB18030 or GBK text\?\)"):
         list(read_jsonl(str(p), "a conversation"))
+
+
+# ---------------------------------------------------------------- hardening: memory bounded for any line length
+
+def test_bounded_lines_never_read_more_than_the_limit():
+    import io
+
+    data = b"short\n" + "长江".encode() * 10 + b"\n" + b"x" * 7 + b"\nend"
+    got = list(corpora.bounded_lines(io.BytesIO(data), 8))
+    assert all(len(raw) <= 8 for _, raw, _ in got)
+    assert [(ln, part) for ln, _, part in got] == [(1, 0), (2, 1), (2, 1), (2, 1), (2, 1), (2, 1), (2, 1), (2, 1),
+                                                  (2, 2), (3, 0), (4, 0)]
+    assert b"".join(raw for ln, raw, _ in got if ln == 2) == "长江".encode() * 10 + b"\n"
+
+
+def test_long_records_are_skipped_and_long_documents_cut(tmp_path, capsys):
+    long_text = "长江是中国第一长河。\n" * 300  # 3300 characters, 9900 bytes
+    lines = tmp_path / "long.jsonl"
+    lines.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ("短文档一，足够长了。", long_text,
+                                                                                       "短文档二，也足够长了。")),
+                     encoding="utf-8")
+    c = cfg(max_record_chars=4096)
+    got = records(corpora.detect(str(lines), "", c), c)
+    assert [(r and r["text"], ln, bad and bad.split(":")[0]) for r, ln, bad in got] == [
+        ("短文档一，足够长了。", 1, None), (None, 2, "too long"), ("短文档二，也足够长了。", 3, None)]
+    array = tmp_path / "long.json"
+    array.write_text(json.dumps([{"text": "短文档一，足够长了。"}, {"text": long_text}, {"text": "短文档二，也足够长了。"}],
+                                ensure_ascii=False), encoding="utf-8")
+    got = list(corpora.iter_json_array(str(array), read_chars=512, max_record_chars=2048))
+    assert [r and r["text"] for r, _, _ in got] == ["短文档一，足够长了。", None, "短文档二，也足够长了。"]
+    assert got[1][2].startswith("too long: an array element of more than 2,048 characters")
+    txt = tmp_path / "one_line.txt"
+    txt.write_text("长" * 5000 + "\n", encoding="utf-8")  # one 15000-byte line: cut into documents, none lost
+    docs = [r["text"] for r, _, _ in records(corpora.detect(str(txt), "", cfg()), cfg(txt_max_chars=1024))]
+    assert "".join(docs) == "长" * 5000 and max(len(d) for d in docs) <= 2048
+    assert dp.cut_document("一二\n三四五\n六", 4) == ["一二\n", "三四五\n", "六"] and dp.cut_document("一" * 9, 4) == [
+        "一" * 4, "一" * 4, "一"]
+    s = dp.main(["sft", f"--inputs={lines}:prompt_answer", f"--out_dir={tmp_path / 'o'}", "--max_record_chars=4096"])
+    assert s[0]["counts"]["bad_too_long"] == 1 and "long.jsonl:2: too long" in capsys.readouterr().err
+
+
+# peak RSS of the largest process of the run: VmHWM of this one (ru_maxrss would count the pytest process it was
+# started from), ru_maxrss of its pool workers
+MEASURE = ("import resource, sys, data_process\n"
+           "data_process.main(sys.argv[1:])\n"
+           "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+           "print('peak_kb', max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
+
+
+@pytest.mark.parametrize("container", ["lines", "array", "txt"])
+def test_peak_memory_bounded_for_a_40mb_record(tmp_path, tokenizer_path, container):
+    """A 40 MB line (or array element, or plain-text line) is skipped or cut with the default limits: the peak
+    memory of the run (largest process) stays far below what holding and tokenizing it would take (~1.5 GB)."""
+    para = "长江是中国第一长河，全长约六千三百公里，流经青海、西藏、四川、云南、重庆、湖北、湖南、江西、安徽、江苏、上海。"
+    big = para * (40_000_000 // len(para.encode()))
+    small = [{"text": "短文档一，内容足够长。"}, {"text": "短文档二，内容也足够长。"}]
+    path = tmp_path / {"lines": "big.jsonl", "array": "big.json", "txt": "big.txt"}[container]
+    with open(path, "w", encoding="utf-8") as f:
+        if container == "lines":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in (small[0], {"text": big}, small[1]))
+        elif container == "array":
+            json.dump([small[0], {"text": big + big}, small[1]], f, ensure_ascii=False)  # 27M characters
+        else:
+            f.write(f"{small[0]['text']}\n\n{big}\n\n{small[1]['text']}\n")
+    r = subprocess.run([sys.executable, "-c", MEASURE, "pretrain", f"--inputs={path}", f"--out_dir={tmp_path / 'o'}",
+                        "--num_workers=1", "--progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak_mb = int(r.stdout.split("peak_kb")[-1]) / 1024
+    assert peak_mb < 400, f"peak {peak_mb:.0f} MB: {r.stdout} {r.stderr}"
+    if container != "txt":
+        assert f"{path.name}:2: too long" in r.stderr or f"{path.name}:1: too long" in r.stderr
