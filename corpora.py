@@ -144,15 +144,10 @@ def record_conversation(rec: dict, fmt: str, stats: Optional[Counter] = None) ->
         turns += [{"role": "user", "content": question}, {"role": "assistant", "content": _field(rec, "output")}]
         system = _field(rec, "system", required=False)
         return turns, system
-    if fmt == "reward":
-        return [{"role": "user", "content": _field(rec, "question")},
-                {"role": "assistant", "content": _field(rec, "response_chosen")}], ""
-    if fmt == "qa":
-        return [{"role": "user", "content": _field(rec, "question")},
-                {"role": "assistant", "content": _field(rec, "answer")}], ""
-    if fmt == "prompt_answer":
-        return [{"role": "user", "content": _field(rec, "prompt")},
-                {"role": "assistant", "content": _field(rec, "answer")}], ""
+    if fmt in ("reward", "qa", "prompt_answer"):  # one question, one answer: the format's two keys
+        question, answer = RECORD_FORMATS[fmt]
+        return [{"role": "user", "content": _field(rec, question)},
+                {"role": "assistant", "content": _field(rec, answer)}], ""
     raise DataError(f"format {fmt!r} holds no conversations (SFT needs one of: sharegpt, instruction, reward, qa, prompt_answer)")
 
 
@@ -300,8 +295,7 @@ def bounded_lines(fb, max_bytes: int):
     part 0 = a whole line; a longer line comes as consecutive pieces, part 1 for each but the last, 2 for the last."""
     ln, raw = 0, fb.readline(max_bytes)
     while raw:
-        ln += 1
-        part = 0
+        ln, part = ln + 1, 0
         while not raw.endswith(b"\n") and len(raw) == max_bytes:  # the line may go on
             more = fb.readline(max_bytes)
             if not more:
@@ -364,8 +358,7 @@ def iter_txt(path: str, max_chars: int):
                 yield {"text": "".join(lines).strip()}, start, None
             lines, size = [], 0
             continue
-        if not lines:
-            start = ln
+        start = start if lines else ln
         lines.append(text)
         size += len(text)
         if size >= max_chars:
@@ -392,11 +385,9 @@ def iter_csv(path: str):
 def iter_parquet(path: str, columns: list[str]):
     import pyarrow.parquet as pq
 
-    ln = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
-        for row in batch.to_pylist():
-            ln += 1
-            yield row, ln, None
+    batches = pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns)
+    for ln, row in enumerate((row for batch in batches for row in batch.to_pylist()), 1):
+        yield row, ln, None
 
 
 @dataclass
