@@ -20,7 +20,9 @@ qa, prompt_answer, wudao, completion, text; plain text `txt`); `path:format` ove
 
 Bad input: malformed JSON lines / array elements, records without the expected string field and undecodable bytes are
 skipped and counted (the first few reported as file:line); an unknown format or an input without records stops with a
-one-line error (exit 2) before anything is written. Outputs are written under *.tmp names and renamed only at the end.
+one-line error (exit 2) before anything is written; so is a dead tokenizer worker. Memory is bounded for any line
+length (--max_record_chars, --max_doc_chars). The output is written into <parent>/.<name>.new, then swapped in with
+its manifest.json (output_dir.py); a folder holding files this script did not write is refused without --overwrite.
 """
 from __future__ import annotations
 
