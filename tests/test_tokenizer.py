@@ -13,7 +13,7 @@ import pytest
 
 import train_tokenizer as tt
 from chatglm_tokenizer import MODEL_FILE, TOKENIZER_ENV, ChatGLMTokenizer, bits_per_byte, find_tokenizer, load_tokenizer
-from conftest import ROOT, run_script
+from conftest import ROOT, SHARED_DATA, run_script
 from configurator import ConfigError, DataError, parse_config
 from corpora import ReadOptions, Reporter, detect, iter_documents
 
@@ -85,10 +85,45 @@ def test_round_trip_ids_and_specials(trained):
     assert tok.encode_batch(docs[:5], num_threads=1) == [tok.encode(d) for d in docs[:5]]
 
 
-def test_chatglm2_vocabulary_unchanged(tokenizer_path):
+def shared_corpus(name: str) -> str:
+    path = os.path.join(SHARED_DATA, "pretrain", name)
+    if not os.path.isfile(path):
+        pytest.skip(f"needs the shared corpora in {SHARED_DATA}")
+    return path
+
+
+def c4_documents() -> list[str]:
+    with open(shared_corpus("c4-style-csl-abstracts.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def test_chatglm2_vocabulary_and_ids_unchanged(tokenizer_path):
+    """ChatGLM2 keeps its design vocab, its specials and its ids: the ids of a real corpus hash as they always did."""
     tok = ChatGLMTokenizer(tokenizer_path)
     assert (tok.n_pieces, tok.vocab_size) == (64789, 64793)
     assert tok.special_ids == {"[MASK]": 64789, "[gMASK]": 64790, "[sMASK]": 64791, "sop": 64792, "eop": 64793}
+    ids = np.concatenate([np.array(tok.encode(d, bos=True, eos=True), dtype=np.uint16) for d in c4_documents()])
+    assert ids.size == 266029
+    assert hashlib.sha256(ids.tobytes()).hexdigest() == "3f37477381ce2e246a11587fbceb931d94a813aa711b2cd7dc5f198abb3d1f87"
+
+
+def test_trained_on_real_corpora_round_trips_held_out_text(tmp_path):
+    """Every shared pretraining corpus but one (gzip, plain text, JSON arrays and lines, named by a manifest), 3M
+    characters, 8K pieces; the held-out corpus decodes back exactly and its tokens hold more than 2.5 bytes each."""
+    held_out = c4_documents()
+    manifest = tmp_path / "corpora.txt"
+    names = sorted(n for n in os.listdir(os.path.dirname(shared_corpus("fever-textbook.txt")))
+                   if not n.startswith("c4-style"))
+    manifest.write_text("".join(os.path.join(SHARED_DATA, "pretrain", n) + "\n" for n in names))
+    meta = tt.main([f"--manifest={manifest}", "--vocab_size=8192", "--max_chars=3000000", f"--out_dir={tmp_path / 'tok'}",
+                    "--progress=false"])
+    assert meta["characters"] == 3_000_000 and len(meta["sources"]) == len(names) >= 5
+    assert all(s["documents"] > 0 for s in meta["sources"])
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    encoded = tok.encode_batch(held_out, num_threads=1)
+    assert all(tok.decode(ids) == text for ids, text in zip(encoded, held_out))
+    n_bytes, n_tokens = sum(len(t.encode("utf-8")) for t in held_out), sum(map(len, encoded))
+    assert 2.5 < n_bytes / n_tokens < 4.2  # ChatGLM2's 64,793 pieces: 4.21 bytes per token on this corpus
 
 
 def test_file_or_folder_lookup(trained, tmp_path, monkeypatch):
@@ -190,3 +225,11 @@ def test_data_process_with_own_tokenizer(trained, tmp_path):
         texts += [tok.decode(d) for d in np.split(ids, ends + 1)[:-1]]
     pretrain_docs = set(sample_documents("pretrain"))
     assert len(texts) >= 300 and all(t in pretrain_docs for t in texts)
+
+
+def test_help_lists_every_flag():
+    from test_configurator import check_help
+
+    r = run_script("train_tokenizer.py", ["--help"])
+    assert r.returncode == 0 and r.stdout.startswith("Train a tokenizer of our own")
+    check_help(tt.Config, r.stdout)
