@@ -14,11 +14,11 @@ character budget (--max_chars) is spent: memory holds the budget's text, never a
 lines (a line longer than --max_sentence_chars into pieces), since SentencePiece trains on sentences.
 
 The model (what the rest of the project expects of a tokenizer.model):
-  BPE; <unk>=0 (also the pad id, as in ChatGLM2: no separate pad piece), <s>=1, </s>=2; byte fallback (a character
-  the vocabulary lacks becomes its UTF-8 bytes, so decode(encode(text)) == text for any text and <unk> never
-  appears); digits split one per token; whitespace kept as it is (no normalization, no dummy prefix, no merging of
-  spaces); at most 65,535 pieces, so every id fits the uint16 shards; every id is a piece (the model's vocab_size is
-  the piece count).
+  BPE; <unk>=0 (also the pad id, as in ChatGLM2: no separate pad piece), <s>=1, </s>=2; byte fallback (a character the
+  vocabulary lacks becomes its UTF-8 bytes, so decode(encode(text)) == text and <unk> never appears; only
+  SentencePiece's space mark "▁" (U+2581) in a text comes back as a space, as with ChatGLM2); digits split one per
+  token; whitespace kept as it is (no normalization, no dummy prefix, no merging of spaces); at most 65,535 pieces, so
+  every id fits the uint16 shards; every id is a piece (the model's vocab_size is the piece count).
 
 Output (out_dir): tokenizer.model and tokenizer_meta.json (format baby-llama2-chinese/tokenizer-v1: sha256 of
 tokenizer.model, vocab size, special ids, settings, sources with documents and characters read from each). Both are
