@@ -1,6 +1,6 @@
 """Train a tokenizer of our own: a SentencePiece BPE model on the corpora data_process.py reads.
 
-  python train_tokenizer.py --vocab_size=4096                       # the embedded sample data/sample/pretrain/* -> data/tokenizer
+  python train_tokenizer.py --vocab_size=4096   # the embedded sample data/sample/pretrain/* -> data/tokenizer
   python train_tokenizer.py --inputs=wiki.json.gz,baike.jsonl --vocab_size=16384 --out_dir=data/tok16k
   python train_tokenizer.py --manifest=corpora.txt --vocab_size=32768 --max_chars=200000000 --out_dir=data/tok32k
   python train_tokenizer.py --inputs=hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json
