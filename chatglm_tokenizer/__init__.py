@@ -1,4 +1,6 @@
-"""The ChatGLM2 SentencePiece tokenizer, as baby-llama2-chinese uses it (see tokenizer.py)."""
-from .tokenizer import TOKENIZER_ENV, ChatGLMTokenizer, find_tokenizer, load_tokenizer, tokenizer_sha256
+"""The SentencePiece tokenizer of baby-llama2-chinese: ChatGLM2's or one of train_tokenizer.py's (see tokenizer.py)."""
+from .tokenizer import (MODEL_FILE, TOKENIZER_ENV, ChatGLMTokenizer, bits_per_byte, find_tokenizer, load_tokenizer,
+                        tokenizer_sha256)
 
-__all__ = ["TOKENIZER_ENV", "ChatGLMTokenizer", "find_tokenizer", "load_tokenizer", "tokenizer_sha256"]
+__all__ = ["MODEL_FILE", "TOKENIZER_ENV", "ChatGLMTokenizer", "bits_per_byte", "find_tokenizer", "load_tokenizer",
+           "tokenizer_sha256"]

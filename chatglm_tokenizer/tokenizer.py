@@ -1,12 +1,15 @@
-"""ChatGLM2 tokenizer over sentencepiece, with the ids the baby-llama2-chinese design uses.
+"""The SentencePiece tokenizer of baby-llama2-chinese: ChatGLM2's, or one trained by train_tokenizer.py.
 
 ids: <unk>=0 (also the pad id), <s>=1 (<bos>, the separator between prompt and answer in SFT),
-</s>=2 (<eos>, closes every document and every answer). The SentencePiece model has 64,789
-pieces; ChatGLM2 appends five specials after them ([MASK], [gMASK], [sMASK], sop, eop =
-64789..64793). The model's design vocab is 64,793 (the seed's number): our data never contains
-the specials, and data_process.py checks that every id is < VOCAB_SIZE, so all ids fit uint16.
+</s>=2 (<eos>, closes every document and every answer). Any tokenizer.model with these three ids works.
 
-Where tokenizer.model comes from, first match wins:
+The vocab size follows the model file. ChatGLM2's SentencePiece model has 64,789 pieces; ChatGLM2 appends five
+specials after them ([MASK], [gMASK], [sMASK], sop, eop = 64789..64793), and its design vocab is 64,793 (the seed's
+number): our data never contains the specials. A tokenizer of our own (train_tokenizer.py) has no specials beyond
+its pieces: its vocab size is its piece count (at most 65,535). data_process.py checks that every id is
+< vocab_size, so all ids fit uint16.
+
+Where tokenizer.model comes from, first match wins (each path may be the file or a folder holding tokenizer.model):
   1. an explicit path (`--tokenizer PATH` of every script),
   2. the environment variable BABYLLAMA_TOKENIZER,
   3. chatglm_tokenizer/tokenizer.model beside this file (git-ignored),
@@ -15,29 +18,42 @@ Where tokenizer.model comes from, first match wins:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from functools import lru_cache
 from typing import Iterable, List, Optional
 
+from configurator import DataError
+
 TOKENIZER_ENV = "BABYLLAMA_TOKENIZER"
 HF_REPO, HF_FILE = "THUDM/chatglm2-6b", "tokenizer.model"
 LOCAL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.model")
-VOCAB_SIZE = 64793
+MODEL_FILE = "tokenizer.model"  # the file's name inside a tokenizer folder (train_tokenizer.py writes one)
+VOCAB_SIZE = 64793  # ChatGLM2's design vocab
+CHATGLM_PIECES = 64789  # pieces of ChatGLM2's SentencePiece model: such a model gets VOCAB_SIZE and SPECIAL_TOKENS
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+
+
+def _model_file(path: str, what: str) -> str:
+    """`path` if it is a file, `path`/tokenizer.model if it is a folder holding one; one-line error otherwise."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, MODEL_FILE)
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"{what}: folder without a {MODEL_FILE} (train one with train_tokenizer.py)")
+        return inner
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file or folder")
+    return path
 
 
 def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
     """Returns the path of tokenizer.model by the lookup order above; one-line error if none.
     download=False skips step 4 (for callers that only want the file's hash when it is at hand)."""
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--tokenizer {path}: no such file")
-        return path
+        return _model_file(path, f"--tokenizer {path}")
     env = os.environ.get(TOKENIZER_ENV)
     if env:
-        if not os.path.isfile(env):
-            raise FileNotFoundError(f"{TOKENIZER_ENV}={env}: no such file")
-        return env
+        return _model_file(env, f"{TOKENIZER_ENV}={env}")
     if os.path.isfile(LOCAL_PATH):
         return LOCAL_PATH
     if not download:
@@ -61,11 +77,16 @@ def hub_download(repo_id: str, filename: str, repo_type: Optional[str] = None, l
 
         return hf_hub_download(repo_id, filename, repo_type=repo_type, local_dir=local_dir)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if len(reason) > 160:  # the Hub's messages run long: keep whole sentences
             end = reason.rfind(". ", 0, 160)
             reason = reason[:end + 1] if end > 0 else reason[:160] + "..."
         raise OSError(reason) from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @lru_cache(maxsize=8)
@@ -75,17 +96,27 @@ def tokenizer_sha256(path: str) -> str:
 
 
 class ChatGLMTokenizer:
+    """ChatGLM2's tokenizer.model or one of train_tokenizer.py's (a file, or a folder holding tokenizer.model)."""
     pad_id, bos_id, eos_id = 0, 1, 2
-    vocab_size = VOCAB_SIZE
 
     def __init__(self, model_path: str):
         from sentencepiece import SentencePieceProcessor
 
-        self.path = model_path
-        self.sp = SentencePieceProcessor(model_file=model_path)
+        self.path = _model_file(model_path, model_path)
+        try:
+            self.sp = SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:  # not a SentencePiece model: one line, as for other bad input
+            raise DataError(f"{self.path}: not a SentencePiece tokenizer.model ({first_line(e)})") from None
         self.n_pieces = self.sp.vocab_size()
-        assert (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) == (0, 1, 2), "not a ChatGLM2 model"
-        self.special_ids = {tok: self.n_pieces + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        ids = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if ids != (0, 1, 2):
+            raise DataError(f"{self.path}: expected <unk>=0 <s>=1 </s>=2, got ids {ids} (train_tokenizer.py sets them)")
+        if self.n_pieces == CHATGLM_PIECES:  # ChatGLM2: five specials after the pieces, the design vocab 64,793
+            self.vocab_size = VOCAB_SIZE
+            self.special_ids = {tok: self.n_pieces + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        else:  # our own: every id is a piece
+            self.vocab_size = self.n_pieces
+            self.special_ids = {}
 
     @property
     def sha256(self) -> str:
@@ -103,9 +134,22 @@ class ChatGLMTokenizer:
         # ids past the SentencePiece pieces (ChatGLM specials, padded embedding rows) have no text
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.n_pieces])
 
+    def count_bytes(self, ids: Iterable[int]) -> int:
+        """UTF-8 bytes of the text `ids` decode to: the denominator of bits_per_byte."""
+        return len(self.decode(ids).encode("utf-8"))
+
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
 
 
 def load_tokenizer(path: Optional[str] = None) -> ChatGLMTokenizer:
     return ChatGLMTokenizer(find_tokenizer(path))
+
+
+def bits_per_byte(total_nats: float, n_bytes: int) -> float:
+    """Loss that compares across tokenizers: total cross-entropy in nats (summed over the predicted tokens, not
+    averaged) over the UTF-8 bytes of the text those tokens decode to, in bits: total_nats / ln 2 / n_bytes.
+    A loss per token depends on how much text a token holds; per byte it does not."""
+    if n_bytes <= 0:
+        raise ValueError(f"bits per byte needs a positive byte count, got {n_bytes}")
+    return total_nats / math.log(2) / n_bytes
