@@ -46,6 +46,22 @@ def find_shards(data_dir: str, split: str) -> List[str]:
     return shards
 
 
+def data_tokenizer(data_dir: str) -> Optional[str]:
+    """The tokenizer_sha256 that every train_*/val_* sidecar in data_dir names (None: synthetic ids, no hash).
+    Shards that disagree (two tokenizers, or two vocabulary sizes) are a DataError naming both files."""
+    seen = {}  # (tokenizer_sha256, vocab_size) -> first shard with it
+    for path in find_shards(data_dir, "train") + find_shards(data_dir, "val"):
+        meta = read_sidecar(path)
+        seen.setdefault((meta.get("tokenizer_sha256"), meta.get("vocab_size")), path)
+        if len(seen) > 1:
+            (sha_a, voc_a), (sha_b, voc_b) = list(seen)[:2]
+            a, b = list(seen.values())[:2]
+            raise DataError(f"{b}: tokenizer sha256 {str(sha_b)[:12]}, vocab_size {voc_b}, but {a} has "
+                            f"{str(sha_a)[:12]}, vocab_size {voc_a}: shards of one run come from one tokenizer "
+                            f"(rerun data_process.py into an empty folder)")
+    return next(iter(seen))[0]
+
+
 class PretrainData:
     """Random windows over every shard of one split; `batch(step, micro_step)` is the trainer's interface."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
 from configurator import DataError, check, config_or_exit
-from dataset import PretrainData
+from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
 from runtime import cleanup, setup_runtime
@@ -49,9 +49,8 @@ class PretrainConfig(TrainConfig):
 
     def validate(self):
         super().validate()
-        check(self.dim % self.n_heads == 0, f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
-        kv = self.n_kv_heads or self.n_heads
-        check(self.n_heads % kv == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {kv}")
+        check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
+        self.model_args().validate()  # positive sizes, dim / n_heads even, n_heads / n_kv_heads, dropout in [0, 1)
         check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
         check(0 < self.vocab_size <= 65536, "vocab_size must be in 1..65536 (token ids are stored as uint16)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -71,7 +70,11 @@ def main(argv=None) -> dict:
     except FileNotFoundError as e:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))
-        tok_hash = ""  # the tokenizer is only needed to check the data; the sidecar's hash is then trusted
+        tok_hash = ""  # the tokenizer only checks the data: without it, the shards' common hash is the run's
+    try:  # every shard, train and val, from one tokenizer (the one found, when there is one)
+        tok_hash = tok_hash or data_tokenizer(cfg.data_dir) or ""
+    except DataError as e:
+        fail(str(e))
     margs, init = cfg.model_args(), None
     if cfg.init_from:
         try:
@@ -83,9 +86,9 @@ def main(argv=None) -> dict:
         margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
     rt = setup_runtime(cfg.device, cfg.dtype)
 
-    def make_data(args: ModelArgs, grad_accum: int):
+    def make_data(run: PretrainConfig, args: ModelArgs, grad_accum: int):
         def split(name: str, accum: int) -> PretrainData:
-            return PretrainData(cfg.data_dir, name, args.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
+            return PretrainData(run.data_dir, name, args.max_seq_len, run.batch_size, seed=run.seed, rank=rt.rank,
                                 world_size=rt.world_size, grad_accum=accum, vocab_size=args.vocab_size,
                                 tokenizer_sha256=tok_hash or None)
         return split("train", grad_accum), split("val", 1)

@@ -72,13 +72,13 @@ def main(argv=None) -> dict:
                   f"pretrained model's {args.max_seq_len}")
             args.max_seq_len = cfg.max_seq_len
 
-        def make_data(margs: ModelArgs, grad_accum: int):
+        def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
             def split(name: str, accum: int) -> SFTData:
-                path = os.path.join(cfg.data_dir, f"{name}.jsonl")
+                path = os.path.join(run.data_dir, f"{name}.jsonl")
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
-                batching = Batching(batch_size=cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
-                                    mode=cfg.batch_mode, grad_accum=accum, pad_multiple=cfg.pad_multiple)
+                batching = Batching(batch_size=run.batch_size, seed=run.seed, rank=rt.rank, world_size=rt.world_size,
+                                    mode=run.batch_mode, grad_accum=accum, pad_multiple=run.pad_multiple)
                 return SFTData(SFTSamples(path, tok, margs.max_seq_len), batching)
             return split("train", grad_accum), split("val", 1)
 
