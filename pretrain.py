@@ -11,7 +11,9 @@ Tiny CPU smoke run (a minute on 2 cores):
 Start from the weights of a Hugging Face Llama folder (export.py's, or any of a shape model.py can hold):
     python pretrain.py --init_from=hf:out/hf    (its config.json sets the model shape; the model flags are ignored)
 Continue a stopped run exactly where it stopped:
-    python pretrain.py --resume            (reads out/pretrain/last.pt; same flags as the first run)
+    python pretrain.py --resume            (reads out/pretrain/last.pt and its config; --max_steps may change)
+A fresh run into a folder that holds a checkpoint needs --overwrite; one run writes to a folder at a time.
+Ctrl-C or SIGTERM: the step finishes, last.pt is written, exit 130 (then --resume).
 Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `--config my.json`.
 """
 from __future__ import annotations

@@ -198,8 +198,9 @@ class Checkpoints:
         if math.isfinite(peak) and peak < EXPLODED_WEIGHT:
             return
         self.writer.wait()
-        self.log.print(f"stopping at step {step}: the weights {'are not finite' if not math.isfinite(peak) else f'exploded (max |w| {peak:.3g})'}"
-                       f", not saved; {self.last_good()} (lower learning_rate or use dtype=bfloat16)")
+        what = "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})"
+        self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
+                       f"(lower learning_rate or use dtype=bfloat16)")
         raise SystemExit(3)
 
     def state(self, step: int, val_loss: float, best_val: float) -> dict:

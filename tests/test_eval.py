@@ -368,6 +368,6 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
                                "--val_bin=none", f"--tokenizer={tokenizer_path}"], timeout=120)
-    assert r.stdout.strip().splitlines()[-1].startswith("BLEU-4 (nltk, jieba, method1): ")
+    assert r.stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk, jieba, method1): ")  # scores, then the report paths
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["samples"] == 3
