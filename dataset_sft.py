@@ -197,10 +197,15 @@ def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON lines file (also eval.py's reader).
 
     A line that is not a JSON object stops with a one-line DataError naming file:line and `expected`."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # bad bytes reach the check below
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text; expected UTF-8 JSON lines (convert the file, "
+                                f"e.g. iconv -f GB18030 -t UTF-8)") from None
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:

@@ -73,10 +73,11 @@ def main(argv=None) -> dict:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))
         tok_hash = ""  # the tokenizer only checks the data: without it, the shards' common hash is the run's
-    try:  # every shard, train and val, from one tokenizer (the one found, when there is one)
-        tok_hash = tok_hash or data_tokenizer(cfg.data_dir) or ""
-    except DataError as e:
-        fail(str(e))
+    if not (tok_hash or cfg.resume or cfg.resume_from):  # a resumed run keeps its checkpoint's hash (trainer.py)
+        try:  # every shard, train and val, from one tokenizer: its hash is the run's
+            tok_hash = data_tokenizer(cfg.data_dir) or ""
+        except DataError as e:
+            fail(str(e))
     margs, init = cfg.model_args(), None
     if cfg.init_from:
         try:

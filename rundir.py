@@ -147,6 +147,18 @@ def stop_requested(signals: StopSignals, step: int, log_interval: int, rt: Runti
     return bool(flag.item())
 
 
+def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
+    """The run's tokenizer hash (the tokenizer's, else the resumed checkpoint's, else the data's) -> it, once every
+    source that names one (pretraining shards) agrees with it: a missing tokenizer does not switch the check off."""
+    for src in sources:
+        data_sha = getattr(src, "tokenizer_sha256", None)
+        if data_sha and run_sha and data_sha != run_sha:
+            raise DataError(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards were tokenized with "
+                            f"sha256 {data_sha[:12]}..., this run's tokenizer is {run_sha[:12]}... (another vocabulary)")
+        run_sha = run_sha or data_sha
+    return run_sha or ""
+
+
 def open_run(cfg, rt: Runtime, model_args: ModelArgs, tokenizer_sha256: str) -> tuple:
     """Claims out_dir (claim_run_dir; rank 0) and, on a resume, loads the checkpoint and takes its config ->
     (config, model args, checkpoint or None, its path, notes to log, lock fd or None, step of a good last.pt or None)."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from configurator import DataError, check
 from model import ModelArgs, Transformer
-from rundir import Checkpoints, StopSignals, open_run, stop_requested
+from rundir import Checkpoints, StopSignals, check_data_tokenizer, open_run, stop_requested
 from runtime import Runtime, autocast_context, device_problem, set_rng_state
 
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
@@ -519,6 +519,8 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     seq_len = model_args.max_seq_len
     accum = grad_accum_steps(cfg, seq_len, rt.world_size)
     train_src, val_src = make_data(cfg, model_args, accum)
+    saved_sha = (ckpt or {}).get("tokenizer_sha256")  # a resumed run without the tokenizer keeps its hash
+    tokenizer_sha256 = check_data_tokenizer(cfg, (train_src, val_src), tokenizer_sha256 or saved_sha)
     raw_model, model, optimizer, scaler, compiled = build_model(cfg, rt, model_args, ckpt, init_state)
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
     given = cfg

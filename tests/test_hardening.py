@@ -213,6 +213,10 @@ def test_shards_of_two_tokenizers_are_refused_even_without_a_tokenizer(tiny_corp
     with pytest.raises(DataError, match="train_00001.bin: tokenizer sha256 bbbbbbbbbbbb.*but .*train_00000.bin"):
         data_tokenizer(str(mixed))
 
+    from dataset import PretrainData
+    with pytest.raises(DataError, match="train_00001.bin: tokenizer sha256 bbbbbbbbbbbb, other train shards have another"):
+        PretrainData(str(mixed), "train", 8, 2)
+
     def no_tokenizer(*a, **k):
         raise FileNotFoundError("no tokenizer.model")
     monkeypatch.setattr(pretrain, "find_tokenizer", no_tokenizer)
@@ -298,3 +302,11 @@ def test_chat_and_eval_accept_any_bytes(monkeypatch, capsys):
     assert capsys.readouterr().err.count("not UTF-8 were replaced") == 1
     cfg = parse_config(ev.EvalConfig, ["--prompts=" + b"\xc4\xe3\xba\xc3".decode("utf-8", "surrogateescape") + ",好"])
     assert cfg.prompts == ["\ufffd\ufffd\ufffd", "好"] and "not UTF-8 replaced" in capsys.readouterr().err
+
+
+def test_sft_jsonl_that_is_not_utf8_is_one_line(tmp_path):
+    from dataset_sft import read_jsonl
+    path = tmp_path / "train.jsonl"
+    path.write_bytes('{"conversations": []}\n'.encode() + '{"conversations": [{"role": "user", "content": "你好"}]}\n'.encode("gb18030"))
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8 text; expected UTF-8 JSON lines"):
+        list(read_jsonl(str(path), "a JSON object"))
