@@ -168,6 +168,13 @@ def open_exclusive(path: str):
     return os.fdopen(fd, "wb")
 
 
+def _free_bytes(path: str) -> int:
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return 1 << 62
+
+
 def save_checkpoint(state: dict, path: str, best: Optional[str] = None) -> None:
     """Writes `state` (tensors and plain values) with its checksum to path.tmp, then renames it to `path` (and
     hard-links it as `best`): a failure (a full disk) leaves the previous files as they were, and is one
@@ -193,10 +200,12 @@ def save_checkpoint(state: dict, path: str, best: Optional[str] = None) -> None:
             os.replace(best + ".tmp", best)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        # torch reports a short write as "unexpected pos": a folder left with no room was a full disk
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _free_bytes(path) < (1 << 20)
         for name in made:
             with contextlib.suppress(OSError):
                 os.unlink(name)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             why = "no space left on device"
         else:
             why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -244,7 +253,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # an object other than tensors and plain values: refused, never built
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path}: refused: holds Python objects that are not tensors or plain values{what}; "
                               f"a checkpoint written by an older version of this project must be retrained") from None
