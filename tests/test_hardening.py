@@ -310,3 +310,25 @@ def test_sft_jsonl_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes('{"conversations": []}\n'.encode() + '{"conversations": [{"role": "user", "content": "你好"}]}\n'.encode("gb18030"))
     with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8 text; expected UTF-8 JSON lines"):
         list(read_jsonl(str(path), "a JSON object"))
+
+
+def test_nan_guard_names_the_last_checkpoint_that_is_truly_good(tiny_corpus, tmp_path, monkeypatch):
+    import model as model_mod
+    real_forward = model_mod.Transformer.forward
+    calls = {"n": 0}
+
+    def exploding(self, idx, targets=None, *a):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # weights blow up during step 5; the loss stays finite
+                with torch.no_grad():
+                    self.layers[0].feed_forward.w1.weight.mul_(1e8)
+        return real_forward(self, idx, targets, *a)
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", exploding)
+    out = tmp_path / "blowup"
+    assert tiny_run(tiny_corpus, out, "--max_steps=10", "--eval_interval=2") == 3
+    last = (out / "log.txt").read_text().strip().splitlines()[-1]
+    assert last.startswith("stopping at step 6: the weights exploded") and f"{out}/last.pt (step 4)" in last, last
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["step"] == 4 and max(v.abs().max().item() for v in ckpt["model"].values()) < 1e4
