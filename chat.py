@@ -19,9 +19,9 @@ from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from configurator import DataError, check, config_or_exit
+from configurator import DataError, check, config_or_exit, repair_text
 from generate import Sampling, stream
-from runtime import autocast_context, load_for_inference
+from runtime import autocast_context, device_problem, load_for_inference
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram (generate.Sampling); sam
     def validate(self):
         super().validate()
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        check(device_problem(self.device) is None, device_problem(self.device) or "")
 
 
 def fit_history(tokenizer, history: List[dict], question: str, system: Optional[str], max_len: int,
@@ -96,6 +97,9 @@ def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
             import readline  # noqa: F401
         except ImportError:  # Windows has no readline; input() still works
             pass
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach repair_text instead of raising
+        sys.stdin.reconfigure(errors="surrogateescape")
+    warned = False
     while True:
         try:
             line = input(prompt) if interactive else sys.stdin.readline()
@@ -107,6 +111,10 @@ def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
             if not interactive:
                 return
             continue
+        line, replaced = repair_text(line)
+        if replaced and not warned:
+            print("note: input bytes that are not UTF-8 were replaced with \ufffd", file=sys.stderr)
+            warned = True
         if not interactive:
             if not line:
                 return

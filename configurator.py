@@ -61,12 +61,28 @@ def _parse_value(name: str, text: Any, typ: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
     if typ is str:
-        return str(text)
+        text, changed = repair_text(str(text))
+        if changed:
+            print(f"note: --{name}: bytes that are not UTF-8 replaced with \ufffd", file=sys.stderr)
+        return text
     if origin in (list, tuple):  # comma-separated on the command line, a list in JSON
         items = text if isinstance(text, (list, tuple)) else [t for t in str(text).split(",") if t]
         (inner,) = set(typing.get_args(typ)) - {Ellipsis} or {str}
         return [_parse_value(name, t, inner) for t in items]
     raise ConfigError(f"--{name}: unsupported field type {typ}")
+
+
+def repair_text(text: str) -> tuple[str, bool]:
+    """Text read with errors="surrogateescape" (command-line flags, a terminal's stdin) -> (valid text, whether
+    anything was replaced): bytes that are not UTF-8 become U+FFFD instead of failing later in the tokenizer."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        # escaped bytes back to bytes (other lone surrogates become "?"), then decoded with U+FFFD for bad ones
+        raw = b"".join(ch.encode("utf-8", "surrogateescape") if "\udc80" <= ch <= "\udcff" else
+                       ch.encode("utf-8", "replace") for ch in text)
+        return raw.decode("utf-8", "replace"), True
 
 
 def _split_argv(argv: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -118,6 +134,7 @@ def parse_config(cls: type, argv: Sequence[str] | None = None):
             raise ConfigError(f"--{key} needs a value")
         values[key] = True if value is None else _parse_value(key, value, fields[key])
     cfg = cls(**values)
+    object.__setattr__(cfg, "_explicit", frozenset(values))  # what the user set (a resumed run checks these)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

@@ -46,6 +46,22 @@ def find_shards(data_dir: str, split: str) -> List[str]:
     return shards
 
 
+def data_tokenizer(data_dir: str) -> Optional[str]:
+    """The tokenizer_sha256 that every train_*/val_* sidecar in data_dir names (None: synthetic ids, no hash).
+    Shards that disagree (two tokenizers, or two vocabulary sizes) are a DataError naming both files."""
+    seen = {}  # (tokenizer_sha256, vocab_size) -> first shard with it
+    for path in find_shards(data_dir, "train") + find_shards(data_dir, "val"):
+        meta = read_sidecar(path)
+        seen.setdefault((meta.get("tokenizer_sha256"), meta.get("vocab_size")), path)
+        if len(seen) > 1:
+            (sha_a, voc_a), (sha_b, voc_b) = list(seen)[:2]
+            a, b = list(seen.values())[:2]
+            raise DataError(f"{b}: tokenizer sha256 {str(sha_b)[:12]}, vocab_size {voc_b}, but {a} has "
+                            f"{str(sha_a)[:12]}, vocab_size {voc_a}: shards of one run come from one tokenizer "
+                            f"(rerun data_process.py into an empty folder)")
+    return next(iter(seen))[0]
+
+
 class PretrainData:
     """Random windows over every shard of one split; `batch(step, micro_step)` is the trainer's interface."""
 
@@ -55,10 +71,14 @@ class PretrainData:
         self.data_dir, self.split, self.seq_len, self.batch_size = data_dir, split, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
         self.shards, self.tokens = find_shards(data_dir, split), []
-        self.maps, counts = [], []
+        self.maps, counts, hashes = [], [], set()
         for path in self.shards:
             meta = read_sidecar(path)
+            hashes.add(meta.get("tokenizer_sha256"))
             problems = []
+            if len(hashes) > 1:
+                problems.append(f"tokenizer sha256 {str(meta.get('tokenizer_sha256'))[:12]}, other {split} shards "
+                                f"have another (shards of one run come from one tokenizer)")
             if meta.get("dtype") != "uint16":
                 problems.append(f"dtype {meta.get('dtype')!r}, expected 'uint16'")
             if vocab_size is not None and meta.get("vocab_size") != vocab_size:
@@ -78,6 +98,7 @@ class PretrainData:
         if not counts:
             raise DataError(f"{data_dir}: {split} split has fewer than {seq_len + 1} tokens in every shard; "
                              f"lower max_seq_len or add data")
+        self.tokenizer_sha256 = hashes.pop()  # the shards' common tokenizer hash (None: synthetic ids)
         self.window_offsets = np.cumsum([0] + counts)  # window k of the split lives in shard searchsorted(k)
         self.n_windows = int(self.window_offsets[-1])
         self._perm_epoch, self._perm = -1, None

@@ -27,6 +27,7 @@ Writes eval_report.json and eval_report.md into the checkpoint's folder and prin
 from __future__ import annotations
 
 import datetime
+import contextlib
 import json
 import math
 import os
@@ -42,7 +43,8 @@ import bleu
 import quality
 from configurator import DataError, check, config_dict, config_or_exit
 from generate import Sampling, generate
-from runtime import autocast_context as autocast, load_for_inference, resolve_dtype, synchronize
+from runtime import (autocast_context as autocast, device_problem, load_for_inference, open_exclusive, resolve_dtype,
+                     synchronize)
 
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", "data/sample/eval/medical_qa.jsonl")
 DEFAULT_VAL = "data/pretrain"
@@ -78,6 +80,8 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
               f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        check(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}")
+        check(device_problem(self.device) is None, device_problem(self.device) or "")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -205,9 +209,14 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
 
 def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open_exclusive(tmp) as f:  # a file of its own, never through a planted link
+            f.write(text.encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def markdown_report(report: dict) -> str:
@@ -357,13 +366,6 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
                           (bleu4, sacre, signature, degenerate, lengths, baselines), ppl_info, device, dtype, prompt_budget, cut,
                           {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s, "new_tokens": new_tokens})
-    out_dir = cfg.out_dir or os.path.dirname(os.path.abspath(ckpt_path))
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, md_path = os.path.join(out_dir, "eval_report.json"), os.path.join(out_dir, "eval_report.md")
-    write_atomic(json_path, json.dumps(report, ensure_ascii=False, indent=1))
-    write_atomic(md_path, markdown_report(report))
-    print(f"\nwrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
-          f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
     # the first sample whose answer is not empty: an early <eos> on sample 0 would show nothing
     shown = next((i for i, a in enumerate(answers) if a.strip()), 0)
     print(f"\n[question {shown + 1}/{len(records)}] {records[shown]['question']}\n[answer] {answers[shown]}\n")
@@ -371,8 +373,26 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f}")
     print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
           f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
-    print(score_line(bleu4, sacre, ppl))
+    print(score_line(bleu4, sacre, ppl))  # the scores come first: a report that cannot be written loses nothing
+    json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
+    print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
+          f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
     return report
+
+
+def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
+    """eval_report.json and .md into out_dir ("" = the checkpoint's folder) -> their paths; a folder that cannot
+    be written (read-only, full) is a DataError saying where to write instead."""
+    folder = out_dir or os.path.dirname(os.path.abspath(ckpt_path))
+    json_path, md_path = os.path.join(folder, "eval_report.json"), os.path.join(folder, "eval_report.md")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_atomic(json_path, json.dumps(report, ensure_ascii=False, indent=1))
+        write_atomic(md_path, markdown_report(report))
+    except OSError as err:
+        hint = "pass another --out_dir" if out_dir else "pass --out_dir=DIR to write the report elsewhere"
+        raise DataError(f"{folder}: cannot write eval_report.json ({err.strerror}); the scores are above; {hint}") from None
+    return json_path, md_path
 
 
 def score_baselines(records: List[dict], pool_path: str) -> dict:

@@ -11,7 +11,9 @@ Tiny CPU smoke run (a minute on 2 cores):
 Start from the weights of a Hugging Face Llama folder (export.py's, or any of a shape model.py can hold):
     python pretrain.py --init_from=hf:out/hf    (its config.json sets the model shape; the model flags are ignored)
 Continue a stopped run exactly where it stopped:
-    python pretrain.py --resume            (reads out/pretrain/last.pt; same flags as the first run)
+    python pretrain.py --resume            (reads out/pretrain/last.pt and its config; --max_steps may change)
+A fresh run into a folder that holds a checkpoint needs --overwrite; one run writes to a folder at a time.
+Ctrl-C or SIGTERM: the step finishes, last.pt is written, exit 130 (then --resume).
 Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `--config my.json`.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
 from configurator import DataError, check, config_or_exit
-from dataset import PretrainData
+from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
 from runtime import cleanup, setup_runtime
@@ -49,9 +51,8 @@ class PretrainConfig(TrainConfig):
 
     def validate(self):
         super().validate()
-        check(self.dim % self.n_heads == 0, f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
-        kv = self.n_kv_heads or self.n_heads
-        check(self.n_heads % kv == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {kv}")
+        check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
+        self.model_args().validate()  # positive sizes, dim / n_heads even, n_heads / n_kv_heads, dropout in [0, 1)
         check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
         check(0 < self.vocab_size <= 65536, "vocab_size must be in 1..65536 (token ids are stored as uint16)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -71,7 +72,12 @@ def main(argv=None) -> dict:
     except FileNotFoundError as e:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))
-        tok_hash = ""  # the tokenizer is only needed to check the data; the sidecar's hash is then trusted
+        tok_hash = ""  # the tokenizer only checks the data: without it, the shards' common hash is the run's
+    if not (tok_hash or cfg.resume or cfg.resume_from):  # a resumed run keeps its checkpoint's hash (trainer.py)
+        try:  # every shard, train and val, from one tokenizer: its hash is the run's
+            tok_hash = data_tokenizer(cfg.data_dir) or ""
+        except DataError as e:
+            fail(str(e))
     margs, init = cfg.model_args(), None
     if cfg.init_from:
         try:
@@ -83,9 +89,9 @@ def main(argv=None) -> dict:
         margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
     rt = setup_runtime(cfg.device, cfg.dtype)
 
-    def make_data(args: ModelArgs, grad_accum: int):
+    def make_data(run: PretrainConfig, args: ModelArgs, grad_accum: int):
         def split(name: str, accum: int) -> PretrainData:
-            return PretrainData(cfg.data_dir, name, args.max_seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
+            return PretrainData(run.data_dir, name, args.max_seq_len, run.batch_size, seed=run.seed, rank=rt.rank,
                                 world_size=rt.world_size, grad_accum=accum, vocab_size=args.vocab_size,
                                 tokenizer_sha256=tok_hash or None)
         return split("train", grad_accum), split("val", 1)

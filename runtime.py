@@ -5,14 +5,20 @@ never imports the training loop:
   rt = setup_runtime("auto", "auto")                # cuda > mps > cpu; bf16 where supported; DDP under torchrun
   with autocast_context(rt.device, rt.dtype): ...   # mixed precision in rt.dtype (nothing for float32)
   checkpoint_file("out/sft")                        # a run folder -> out/sft/best.pt (else last.pt)
-  CheckpointWriter().save(state, "out/x/last.pt")   # atomic, written on a background thread
+  CheckpointWriter().save(state, "out/x/last.pt")   # atomic, with a checksum, written on a background thread
+  save_checkpoint(state, "x.pt"); load_checkpoint("x.pt")  # the one writer and reader (weights_only, verified)
   model, ckpt = load_model("out/sft", device="cuda")
   model, ckpt, path, tokenizer, device, dtype = load_for_inference("out/sft", "", "auto", "auto")
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import pickle
+import random
+import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -20,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+import numpy as np
 
 from configurator import DataError
 from model import ModelArgs, Transformer
@@ -47,6 +55,22 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cuda":
         device = f"cuda:{local_rank}"  # CUDA_VISIBLE_DEVICES stays the user's business
     return torch.device(device)
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why --device=`name` cannot run here (one line), or None: checked with the config, before any work."""
+    m = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        return f"device must be auto, cpu, mps, cuda or cuda:N, got {name!r}"
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"--device={name}: {why}; use --device=auto or --device=cpu"
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            return f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) visible"
+    if m.group(1) == "mps" and not torch.backends.mps.is_available():
+        return f"--device={name}: Apple MPS is not available here; use --device=auto or --device=cpu"
+    return None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -101,6 +125,114 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+class CheckpointError(DataError):
+    """A checkpoint that cannot be read, verified or written: one line naming the file, exit 2."""
+
+
+def _digest(obj, h) -> None:
+    """Feeds a checkpoint's structure and values to hash `h`: dict keys and order, types, tensor dtype/shape/bytes."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _digest(k, h)
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)};".encode())
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        text = repr(obj)
+        h.update(f"{type(obj).__name__}{len(text)}:{text}".encode())
+    else:
+        raise TypeError(f"a checkpoint holds tensors and plain values only, not {type(obj).__name__}")
+
+
+def content_sha256(state: dict) -> str:
+    """sha256 over everything in a checkpoint dict (written with it as "checksum", checked by load_checkpoint)."""
+    h = hashlib.sha256()
+    _digest(state, h)
+    return h.hexdigest()
+
+
+def open_exclusive(path: str):
+    """A new file at `path` for writing, created by this call (O_CREAT|O_EXCL): a leftover or a planted symlink
+    there is removed first (unlink never follows a link), and the open itself never follows one."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return 1 << 62
+
+
+def save_checkpoint(state: dict, path: str, best: Optional[str] = None) -> None:
+    """Writes `state` (tensors and plain values) with its checksum to path.tmp, then renames it to `path` (and
+    hard-links it as `best`): a failure (a full disk) leaves the previous files as they were, and is one
+    CheckpointError line."""
+    state = {k: v for k, v in state.items() if k != "checksum"}
+    state["checksum"] = content_sha256(state)
+    tmp, made = path + ".tmp", []
+    try:
+        made.append(tmp)
+        with open_exclusive(tmp) as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if best is not None:
+            made.append(best + ".tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(best + ".tmp")
+            try:
+                os.link(tmp, best + ".tmp")
+            except OSError:  # no hard links on this filesystem: a second copy
+                with open(tmp, "rb") as src, open_exclusive(best + ".tmp") as dst:
+                    shutil.copyfileobj(src, dst)
+            os.replace(best + ".tmp", best)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch reports a short write as "unexpected pos": a folder left with no room was a full disk
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _free_bytes(path) < (1 << 20)
+        for name in made:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        if full:
+            why = "no space left on device"
+        else:
+            why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: checkpoint not written ({why}); the previous checkpoint is unchanged") from None
+
+
+def rng_state() -> dict:
+    """This process's random generators as tensors and plain values (a checkpoint loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def checkpoint_file(path: str, prefer: str = "best.pt") -> str:
     """The one rule from a run folder to a checkpoint: folder/`prefer` if it exists, else the other of best.pt and
     last.pt; a file is itself. Inference and fine-tuning prefer best.pt; resuming a run prefers last.pt."""
@@ -115,9 +247,29 @@ def checkpoint_file(path: str, prefer: str = "best.pt") -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint dict, read to CPU (optimizer state never takes GPU memory). weights_only=False: our
-    checkpoints also hold numpy/python RNG states; only load files you trust."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint dict, read to CPU (optimizer state never takes GPU memory) and checked: torch.load with
+    weights_only=True (tensors and plain values only: a file cannot run code while it loads), the keys of this
+    project, and the content checksum written with it. Anything else is a CheckpointError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # an object other than tensors and plain values: refused, never built
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: holds Python objects that are not tensors or plain values{what}; "
+                              f"a checkpoint written by an older version of this project must be retrained") from None
+    except Exception as e:  # truncated, not a torch file, unreadable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted? {first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (expected a dict with keys 'model' and "
+                              f"'model_args', got {type(ckpt).__name__})")
+    if "checksum" not in ckpt:
+        raise CheckpointError(f"{path}: no checksum (written by an older version of this project): retrain it")
+    want = ckpt.pop("checksum")
+    if content_sha256(ckpt) != want:
+        raise CheckpointError(f"{path}: content does not match its checksum: the file is corrupted "
+                              f"(copy it again, or use another checkpoint)")
+    return ckpt
 
 
 def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
@@ -127,8 +279,6 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
     to `device`."""
     path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint of this project (expected keys 'model' and 'model_args')")
     try:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
@@ -182,15 +332,7 @@ class CheckpointWriter:
 
     def _write(self, state: dict, last: str, best: Optional[str]) -> None:
         try:
-            tmp = last + ".tmp"
-            torch.save(state, tmp)  # complete before either name points at it: a crash leaves the old files
-            if best is not None:
-                try:
-                    os.link(tmp, best + ".tmp")
-                except OSError:  # no hard links on this filesystem: a second copy
-                    shutil.copyfile(tmp, best + ".tmp")
-                os.replace(best + ".tmp", best)
-            os.replace(tmp, last)
+            save_checkpoint(state, last, best)
         except BaseException as e:  # re-raised in the training thread by wait()
             self.error = e
 
@@ -234,7 +376,7 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
         raise DataError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
     try:
         model, saved = load_model(ckpt_path, device=str(device))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)
     if device.type == "cuda" and dtype == torch.bfloat16:

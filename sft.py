@@ -9,7 +9,7 @@ Tiny CPU run after the tiny pretrain run in pretrain.py's docstring:
     python sft.py --init_from=out/tiny --out_dir=out/tiny_sft --batch_size=8 --epochs=1 --warmup_steps=5 --eval_interval=25
 From a Hugging Face Llama folder instead (export.py's, or any of a shape model.py can hold):
     python sft.py --init_from=hf:out/hf_base
-Continue a stopped run: `python sft.py --resume`. Flags are the fields of SFTConfig (`--key=value`, or --config x.json).
+Continue a stopped run: `python sft.py --resume` (the saved config; Ctrl-C / SIGTERM save last.pt first, exit 130). Flags are the fields of SFTConfig (`--key=value`, or --config x.json).
 The training loop is trainer.py's, shared with pretrain.py.
 """
 from __future__ import annotations
@@ -51,38 +51,48 @@ class SFTConfig(TrainConfig):
         check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
 
 
+def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
+    """The pretrained model SFT starts from -> (its checkpoint dict, model args with this run's context length)."""
+    if cfg.init_from.startswith("hf:"):
+        init_path, init = cfg.init_from, load_init(cfg.init_from)
+    else:
+        init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+        init = load_checkpoint(init_path)
+    saved_hash = init.get("tokenizer_sha256")
+    if saved_hash and saved_hash != tok.sha256:
+        raise DataError(f"{init_path} was trained with another tokenizer.model than {tok.path}")
+    if master:
+        print(f"sft: starting from {init_path} ({init.get('kind', '?')} step {init.get('step')}, "
+              f"val loss {init.get('val_loss', float('nan')):.4f})")
+    args = ModelArgs(**init["model_args"])
+    if cfg.max_seq_len:
+        check(cfg.max_seq_len <= args.max_seq_len, f"max_seq_len {cfg.max_seq_len} is longer than the "
+              f"pretrained model's {args.max_seq_len}")
+        args.max_seq_len = cfg.max_seq_len
+    return init, args
+
+
 def main(argv=None) -> dict:
     cfg = config_or_exit(SFTConfig, argv)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         tok = load_tokenizer(cfg.tokenizer or None)
-        if cfg.init_from.startswith("hf:"):
-            init_path, init = cfg.init_from, load_init(cfg.init_from)
-        else:
-            init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
-            init = load_checkpoint(init_path)
-        saved_hash = init.get("tokenizer_sha256")
-        if saved_hash and saved_hash != tok.sha256:
-            fail(f"{init_path} was trained with another tokenizer.model than {tok.path}")
-        if rt.master:
-            print(f"sft: starting from {init_path} ({init['kind']} step {init['step']}, val loss {init['val_loss']:.4f})")
-        args = ModelArgs(**init["model_args"])
-        if cfg.max_seq_len:
-            check(cfg.max_seq_len <= args.max_seq_len, f"max_seq_len {cfg.max_seq_len} is longer than the "
-                  f"pretrained model's {args.max_seq_len}")
-            args.max_seq_len = cfg.max_seq_len
+        init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
+        if not (cfg.resume or cfg.resume_from):
+            init, args = start_point(cfg, tok, rt.master)
 
-        def make_data(margs: ModelArgs, grad_accum: int):
+        def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
             def split(name: str, accum: int) -> SFTData:
-                path = os.path.join(cfg.data_dir, f"{name}.jsonl")
+                path = os.path.join(run.data_dir, f"{name}.jsonl")
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
-                batching = Batching(batch_size=cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
-                                    mode=cfg.batch_mode, grad_accum=accum, pad_multiple=cfg.pad_multiple)
+                batching = Batching(batch_size=run.batch_size, seed=run.seed, rank=rt.rank, world_size=rt.world_size,
+                                    mode=run.batch_mode, grad_accum=accum, pad_multiple=run.pad_multiple)
                 return SFTData(SFTSamples(path, tok, margs.max_seq_len), batching)
             return split("train", grad_accum), split("val", 1)
 
-        return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256, init_state=init["model"])
+        return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256,
+                     init_state=init and init["model"])
     except (FileNotFoundError, DataError, ConfigError) as e:
         fail(str(e))
     finally:

@@ -12,19 +12,18 @@ import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import check
+from configurator import DataError, check
 from model import ModelArgs, Transformer
-from runtime import CheckpointWriter, Runtime, autocast_context, checkpoint_file, load_checkpoint
+from rundir import Checkpoints, StopSignals, check_data_tokenizer, open_run, stop_requested
+from runtime import Runtime, autocast_context, device_problem, set_rng_state
 
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
@@ -37,6 +36,7 @@ class TrainConfig:
     out_dir: str = "out/pretrain"  # checkpoints, log.txt, metrics.jsonl, loss.png go here
     resume: bool = False  # continue from out_dir/last.pt exactly where it stopped
     resume_from: str = ""  # or from this checkpoint file / run dir instead of out_dir
+    overwrite: bool = False  # a fresh run may replace the checkpoints and logs of an earlier run in out_dir
     seed: int = 1337  # seeds weights, data order and dropout
     device: str = "auto"  # auto = cuda > mps > cpu; or cuda, cuda:1, cpu, mps
     dtype: str = "auto"  # auto = bfloat16 where supported, else float16 (+grad scaler) on cuda, float32 on cpu
@@ -71,6 +71,16 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
 
     def validate(self):
+        for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "epochs",
+                     "tokens_per_param", "max_minutes", "decay_frac", "peak_tflops"):
+            check(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1, beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        check(self.grad_clip >= 0 and self.peak_tflops >= 0, "grad_clip and peak_tflops must be >= 0")
+        check(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}")
+        check(self.max_bad_steps > 0 and self.eval_windows >= 0, "max_bad_steps must be > 0, eval_windows >= 0")
+        check(device_problem(self.device) is None, device_problem(self.device) or "")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(self.max_steps >= 0, f"max_steps must be >= 0 (0 = derived from --epochs), got {self.max_steps}")
         check(math.isfinite(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -80,7 +90,8 @@ class TrainConfig:
         check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
         check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(self.max_steps == 0 or self.warmup_steps < self.max_steps,
+        # a resumed run's warmup is the saved run's (rundir.resumed_config), not the flag's default
+        check(self.max_steps == 0 or self.warmup_steps < self.max_steps or self.resume or bool(self.resume_from),
               f"--warmup_steps={self.warmup_steps} must be below --max_steps={self.max_steps} "
               f"(a short run: add --warmup_steps={self.max_steps // 10})")
         check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
@@ -150,21 +161,6 @@ def peak_flops(device: torch.device, override_tflops: float) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Logger:
@@ -345,40 +341,11 @@ def out_of_minutes(max_minutes: float, t_start: float, step: int, log_interval: 
     return bool(flag.item())
 
 
-class Checkpoints:
-    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
-    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, kind: str, tokenizer_sha256: str,
-                 model: torch.nn.Module, optimizer, scaler, samples_per_step: int):
-        self.cfg, self.rt, self.model_args, self.kind, self.tokenizer_sha256 = cfg, rt, model_args, kind, tokenizer_sha256
-        self.model, self.optimizer, self.scaler, self.samples_per_step = model, optimizer, scaler, samples_per_step
-        self.writer = CheckpointWriter()
-
-    def state(self, step: int, val_loss: float, best_val: float) -> dict:
-        rngs = [rng_state()]
-        if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
-            rngs = [None] * self.rt.world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
-                "config": dataclasses.asdict(self.cfg), "kind": self.kind, "step": step,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
-                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
-
-    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
-        """Every rank calls this (the RNG gather is collective); rank 0 writes."""
-        st = self.state(step, val_loss, best_val)
-        if self.rt.master:
-            out = self.cfg.out_dir
-            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
-
-
 class LossLog:
     """The losses of recent steps, still on the device until flush() reads them all in the loop's one host sync."""
 
-    def __init__(self, log: "Logger", max_bad_steps: int, out_dir: str):
-        self.log, self.max_bad_steps, self.out_dir = log, max_bad_steps, out_dir
+    def __init__(self, log: "Logger", max_bad_steps: int, ckpts: "Checkpoints"):
+        self.log, self.max_bad_steps, self.ckpts = log, max_bad_steps, ckpts
         self.pending: list = []  # (step, lr, loss, grad norm) as device tensors
         self.finite: list = []  # finite losses since the last log line
         self.bad = 0  # non-finite steps in a row
@@ -402,8 +369,9 @@ class LossLog:
             self.log.print(f"step {done}: non-finite loss {loss} / grad norm {gn}; step skipped "
                            f"({self.bad}/{self.max_bad_steps} in a row)")
             if self.bad >= self.max_bad_steps:
-                self.log.print(f"stopping: {self.bad} non-finite steps in a row; last good checkpoint is "
-                               f"{self.out_dir}/last.pt (lower learning_rate or use dtype=bfloat16)")
+                self.ckpts.writer.wait()
+                self.log.print(f"stopping: {self.bad} non-finite steps in a row; {self.ckpts.last_good()} "
+                               f"(lower learning_rate or use dtype=bfloat16)")
                 raise SystemExit(3)
         self.pending.clear()
         return values[-1][1]
@@ -479,8 +447,8 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
         return val_loss, best_val
     improved = val_loss < best_val
     best_val = min(best_val, val_loss)
+    ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
     log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
-    ckpts.save(step, val_loss, best_val, improved)
     return val_loss, best_val
 
 
@@ -530,20 +498,32 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
           tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
     """Runs (or resumes) a training run and returns a summary dict.
 
-    make_data(model_args, grad_accum) -> (train_src, val_src) is called once the model is known (a resumed
-    run takes its model args, context length included, from the checkpoint, not from the flags)."""
+    make_data(cfg, model_args, grad_accum) -> (train_src, val_src) is called once the run's config and model are
+    known (a resumed run takes both, context length included, from the checkpoint, not from the flags)."""
+    cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
+    try:
+        return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good))
+    finally:
+        if lock is not None:
+            os.close(lock)  # the folder is free again (the OS also frees it when the process dies)
+
+
+def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, kind: str,
+                 tokenizer_sha256: str, init_state: Optional[dict], resume: tuple) -> dict:
+    """train()'s body, once the run folder is claimed; `resume` = (checkpoint or None, its path, notes, good step)."""
+    ckpt, path, notes, good = resume
     log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
-    ckpt, start_step, best_val = None, 0, float("inf")
-    if cfg.resume or cfg.resume_from:
-        path = checkpoint_file(cfg.resume_from or cfg.out_dir, prefer="last.pt")
-        ckpt = load_checkpoint(path)
-        model_args, start_step, best_val = ModelArgs(**ckpt["model_args"]), ckpt["step"], ckpt["best_val_loss"]
-        log.print(f"resuming from {path} at step {start_step} (best val {best_val:.4f})")
+    start_step, best_val = (ckpt["step"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
+    for line in notes + ([f"resuming from {path} at step {start_step} (best val {best_val:.4f})"] if ckpt else []):
+        log.print(line)
     seq_len = model_args.max_seq_len
     accum = grad_accum_steps(cfg, seq_len, rt.world_size)
-    train_src, val_src = make_data(model_args, accum)
+    train_src, val_src = make_data(cfg, model_args, accum)
+    saved_sha = (ckpt or {}).get("tokenizer_sha256")  # a resumed run without the tokenizer keeps its hash
+    tokenizer_sha256 = check_data_tokenizer(cfg, (train_src, val_src), tokenizer_sha256 or saved_sha)
     raw_model, model, optimizer, scaler, compiled = build_model(cfg, rt, model_args, ckpt, init_state)
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
+    given = cfg
     cfg, length = run_length(cfg, train_src.epoch_steps(), raw_model.num_params(), tokens_per_step)
     log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | "
               f"{str(rt.dtype)[6:]} | {compiled}")
@@ -551,7 +531,7 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
               f"{tokens_per_step:,} tokens/step | {length} = {count(tokens_per_step * cfg.max_steps)} tokens")
     log.print(f"data: {train_src.describe()} | {val_src.describe()}")
     ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
-                        tokens_per_step // seq_len)
+                        tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
     if start_step == 0:
         val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val)
@@ -560,32 +540,40 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
     meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
-    losses = LossLog(log, cfg.max_bad_steps, cfg.out_dir)
+    losses = LossLog(log, cfg.max_bad_steps, ckpts)
     done = start_step
     try:
-        for step in range(start_step, cfg.max_steps):
-            lr = lr_at(step, cfg)
-            loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
-            done = step + 1
-            losses.add(done, lr, loss, grad_norm)
-            meter.steps += 1
-            out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
-            last = done == cfg.max_steps or out_of_time
-            if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
-                continue  # the losses stay on the device: no host sync on this step
-            grad_norm = losses.flush()  # before any checkpoint: a run that must stop never saves after its bad steps
-            if done % cfg.log_interval == 0 or last:
-                log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean()))
-            if done % cfg.eval_interval == 0 or last:
-                val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val)
-                meter.restart()  # keep validation out of tokens/s
-            elif done % cfg.ckpt_interval == 0:
-                ckpts.save(done, val_loss, best_val, False)
-            if out_of_time:
-                log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
-                break
+        with StopSignals() as signals:
+            for step in range(start_step, cfg.max_steps):
+                lr = lr_at(step, cfg)
+                loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
+                done = step + 1
+                losses.add(done, lr, loss, grad_norm)
+                meter.steps += 1
+                out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
+                stop = stop_requested(signals, done, cfg.log_interval, rt)
+                last = done == cfg.max_steps or out_of_time or stop
+                if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
+                    continue  # the losses stay on the device: no host sync on this step
+                grad_norm = losses.flush()  # before any checkpoint: a run that must stop never saves after its bad steps
+                if done % cfg.log_interval == 0 or last:
+                    log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean()))
+                if (done % cfg.eval_interval == 0 or last) and not stop:
+                    val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val)
+                    meter.restart()  # keep validation out of tokens/s
+                elif done % cfg.ckpt_interval == 0 or stop:
+                    ckpts.save(done, val_loss, best_val, False)
+                if out_of_time:
+                    log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
+                if out_of_time or stop:
+                    break
     finally:
         ckpts.writer.wait()  # the last checkpoint is on disk before the run returns or exits
+    if signals.requested:
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else f"{kind}.py"
+        log.print(f"{signals.requested} at step {done}: saved {cfg.out_dir}/last.pt; continue with "
+                  f"`python {script} --resume --out_dir={cfg.out_dir}`")
+        raise SystemExit(130)
     if rt.master:
         png = plot_losses(cfg.out_dir)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"

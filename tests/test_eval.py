@@ -208,7 +208,7 @@ def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
 
 
 def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path):
-    torch.save(tiny_ckpt(tiny_model()), tmp_path / "best.pt")  # vocab 96, not the tokenizer's 64793
+    runtime.save_checkpoint(tiny_ckpt(tiny_model()), str(tmp_path / "best.pt"))  # vocab 96, not the tokenizer's 64793
     r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], check=False,
                    timeout=120)
     assert r.returncode == 2, r.stderr
@@ -239,7 +239,7 @@ def test_measure_generation_counts_every_new_token():
     assert r["tokens"] == 10 and not r["use_cache"]
 
 
-def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsys):
+def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
     tok = FakeTokenizer()
     model = tiny_model(max_seq_len=32)
     ckpt_path = str(tmp_path / "run" / "best.pt")
@@ -277,7 +277,9 @@ def test_evaluate_writes_reports_and_prints_scores_last(tmp_path, val_dir, capsy
     assert all(r["question"] in md and r["answer"] in md for r in rows[:4]) and "## Protocol" in md
     assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]
     out = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"BLEU-4 \(nltk, jieba, method1\): \d+\.\d\d \| sacreBLEU \(zh\): \d+\.\d\d \| ppl: \d+\.\d", out[-1])
+    # the scores come before the report is written (a folder that cannot be written loses nothing), then its paths
+    assert re.fullmatch(r"BLEU-4 \(nltk, jieba, method1\): \d+\.\d\d \| sacreBLEU \(zh\): \d+\.\d\d \| ppl: \d+\.\d", out[-2])
+    assert out[-1].startswith("wrote ") and "eval_report.json" in out[-1]
     shown = next((i for i, r in enumerate(saved["results"]) if r["answer"].strip()), 0)  # first non-empty answer
     assert any(line == f"[question {shown + 1}/4] {rows[shown]['question']}" for line in out[-6:]), out[-6:]
 
@@ -352,7 +354,7 @@ def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
     model = tiny_model(max_seq_len=64, vocab_size=64793)
-    torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
+    runtime.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}"],
                    stdin="你好\n感冒了怎么办？\n/quit\n", timeout=120)
     assert "你> 你好" in r.stdout and "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
@@ -362,10 +364,10 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
     model = tiny_model(max_seq_len=64, vocab_size=64793)
-    torch.save(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), tmp_path / "best.pt")
+    runtime.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
                                "--val_bin=none", f"--tokenizer={tokenizer_path}"], timeout=120)
-    assert r.stdout.strip().splitlines()[-1].startswith("BLEU-4 (nltk, jieba, method1): ")
+    assert r.stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk, jieba, method1): ")  # scores, then the report paths
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["samples"] == 3

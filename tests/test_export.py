@@ -22,7 +22,7 @@ from chatglm_tokenizer import load_tokenizer
 from configurator import DataError
 from dataset_sft import render, render_prompt
 from model import ModelArgs, Transformer
-from runtime import load_model
+from runtime import load_model, save_checkpoint
 
 PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "前列腺囊肿的症状是什么？",
            "请问，世界上最大的动物是什么？", "Hypertension 高血压患者 should 注意什么 123"]
@@ -51,10 +51,10 @@ def ckpt_dir(tmp_path_factory, tok):
             if p.dim() == 1:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("ckpt")
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(args), "kind": "sft", "step": 7,
+    save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(args), "kind": "sft", "step": 7,
                 "val_loss": 1.2345, "best_val_loss": 1.2345, "tokenizer_sha256": tok.sha256,
                 "config": {"data_dir": "data/sft", "batch_size": 8, "learning_rate": 1e-4, "init_from": "out/pretrain"}},
-               d / "best.pt")
+               str(d / "best.pt"))
     return str(d)
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ConfigError  # noqa: E402
 import generate  # noqa: E402
 from model import ModelArgs, Transformer, apply_rope, rope_tables  # noqa: E402
-from runtime import load_model  # noqa: E402
+from runtime import load_model, save_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -389,7 +389,7 @@ def test_load_model_round_trip(tmp_path):
         ckpt = {"model": {prefix + k: v for k, v in m.state_dict().items()}, "model_args": vars(m.args).copy(),
                 "config": {}, "kind": "pretrain", "step": 7, "optimizer": {}, "scaler": None, "data_position": 0,
                 "rng": {}, "best_val_loss": 3.0, "val_loss": 3.0, "tokenizer_sha256": "x"}
-        torch.save(ckpt, path)
+        save_checkpoint(ckpt, str(path))
 
     save(other, run / "last.pt", "module._orig_mod.")
     x = torch.randint(0, 1000, (2, 9))

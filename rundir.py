@@ -1,0 +1,239 @@
+"""A run folder belongs to one run: its lock, a fresh start or a resume, and a clean stop on Ctrl-C / SIGTERM.
+
+Library module for trainer.py, no command line:
+  lock = claim_run_dir("out/x", fresh=True, overwrite=False)  # one writer; no silent overwrite of a finished run
+  cfg, notes = resumed_config(cfg, saved_config, explicit)    # the saved run's config + the few allowed changes
+  with StopSignals() as stop: ... stop.requested ...          # the step in flight finishes, then last.pt, exit 130
+  Checkpoints(...).save(step, val_loss, best_val, best)       # the whole training state, never diverged weights
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from configurator import DataError
+from model import ModelArgs
+from runtime import CheckpointWriter, Runtime, checkpoint_file, load_checkpoint, rng_state
+
+# may differ on --resume (each change is printed): how long and how often, not what is computed
+RESUME_MAY_CHANGE = ("max_steps", "max_minutes", "eval_interval", "eval_windows", "log_interval", "ckpt_interval",
+                     "max_bad_steps", "data_dir")
+# where and how the run executes, not what it computes: always taken from the flags
+RUNTIME_FIELDS = ("out_dir", "resume", "resume_from", "overwrite", "device", "compile", "compile_mode", "tensorboard",
+                  "peak_tflops", "tokenizer", "init_from")
+# weights beyond this magnitude have diverged (a trained model's stay within a few units): never saved as "good"
+EXPLODED_WEIGHT = 1e4
+# what a fresh run (--overwrite) replaces: the files a run writes into its folder
+RUN_FILES = ("last.pt", "best.pt", "log.txt", "metrics.jsonl", "summary.json", "loss.png")
+
+
+class RunDirError(DataError):
+    """A run folder used by another run, or holding a run that a fresh start would overwrite: one line, exit 2."""
+
+
+def claim_run_dir(out_dir: str, fresh: bool, overwrite: bool) -> int:
+    """Locks out_dir/run.lock for this process (flock: released by the OS however the process ends) -> its fd.
+
+    A second run into the same folder is refused. A fresh run into a folder holding a checkpoint is refused unless
+    `overwrite`; a fresh run removes the earlier run's files (RUN_FILES), so its logs start afresh."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "run.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot create the run lock ({e.strerror})") from None
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): the folder is not locked
+        pass
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(f"{out_dir}: another run (pid {pid}) is writing to this folder; wait for it to end "
+                          f"or pick another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    if fresh:
+        held = [n for n in ("last.pt", "best.pt") if os.path.lexists(os.path.join(out_dir, n))]
+        if held and not overwrite:
+            os.close(fd)
+            raise RunDirError(f"{out_dir}: holds {held[0]} of an earlier run; --resume continues it, --overwrite "
+                              f"starts afresh (replacing its checkpoints and logs), or pick another --out_dir")
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out_dir, name))
+    return fd
+
+
+def explicit_fields(cfg) -> set:
+    """The fields the user set (configurator.parse_config records them), else those differing from the defaults."""
+    given = getattr(cfg, "_explicit", None)
+    if given is not None:
+        return set(given)
+    defaults = type(cfg)()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def resumed_config(cfg, saved: dict, given: dict, explicit: set) -> tuple:
+    """The config of a resumed run -> (config, notes): the saved run's values (`saved`: as it ran, max_steps
+    derived), the flags' RUNTIME_FIELDS, and the RESUME_MAY_CHANGE fields the user set (one note each). Any other
+    flag set to another value than the saved run was given (`given`: its config before the run length was derived)
+    is a RunDirError naming it: a resumed run is the same run."""
+    values, notes, refused = {}, [], []
+    for f in dataclasses.fields(cfg):
+        name, mine = f.name, getattr(cfg, f.name)
+        if name in RUNTIME_FIELDS or name not in saved:
+            continue
+        was = given.get(name, saved[name])
+        if name in explicit and mine != was and not (name in RESUME_MAY_CHANGE and mine == saved[name]):
+            if name in RESUME_MAY_CHANGE:
+                notes.append(f"note: --{name}={mine} on resume (the run had {saved[name]})")
+                continue
+            refused.append(f"--{name}={mine} (the run has {was})")
+        values[name] = saved[name]
+    if refused:
+        raise RunDirError(f"--resume continues the saved run with its config, but {', '.join(refused)} differs; drop "
+                          f"the flag, or start a new run in another --out_dir (may change: "
+                          f"{', '.join(RESUME_MAY_CHANGE)})")
+    return dataclasses.replace(cfg, **values), notes
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM during training set `requested` (the signal's name): the loop finishes the step
+    in flight, writes last.pt and exits 130. A second signal stops at once (KeyboardInterrupt). Handlers are only
+    installed on the main thread (Python's rule), and the previous ones come back on exit."""
+
+    def __init__(self):
+        self.requested = ""
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step and saving last.pt (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(signals: StopSignals, step: int, log_interval: int, rt: Runtime) -> bool:
+    """A Ctrl-C / SIGTERM arrived. Under torchrun every rank gets it, maybe at different steps: the ranks agree
+    (any rank's signal counts) at log steps, as out_of_minutes does."""
+    if rt.world_size == 1:
+        return bool(signals.requested)
+    if step % log_interval:
+        return False
+    flag = torch.tensor(float(bool(signals.requested)), device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
+    """The run's tokenizer hash (the tokenizer's, else the resumed checkpoint's, else the data's) -> it, once every
+    source that names one (pretraining shards) agrees with it: a missing tokenizer does not switch the check off."""
+    for src in sources:
+        data_sha = getattr(src, "tokenizer_sha256", None)
+        if data_sha and run_sha and data_sha != run_sha:
+            raise DataError(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards were tokenized with "
+                            f"sha256 {data_sha[:12]}..., this run's tokenizer is {run_sha[:12]}... (another vocabulary)")
+        run_sha = run_sha or data_sha
+    return run_sha or ""
+
+
+def open_run(cfg, rt: Runtime, model_args: ModelArgs, tokenizer_sha256: str) -> tuple:
+    """Claims out_dir (claim_run_dir; rank 0) and, on a resume, loads the checkpoint and takes its config ->
+    (config, model args, checkpoint or None, its path, notes to log, lock fd or None, step of a good last.pt or None)."""
+    explicit, resume = explicit_fields(cfg), cfg.resume or cfg.resume_from
+    path = checkpoint_file(cfg.resume_from or cfg.out_dir, prefer="last.pt") if resume else ""
+    # a run continued from another folder's checkpoint starts this folder afresh
+    own = bool(path) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.out_dir)
+    lock = claim_run_dir(cfg.out_dir, not own, cfg.overwrite) if rt.master else None
+    ckpt, notes, good = None, [], None
+    try:
+        if resume:
+            ckpt = load_checkpoint(path)
+            cfg, notes = resumed_config(cfg, ckpt.get("config", {}), ckpt.get("given_config", {}), explicit)
+            saved_sha = ckpt.get("tokenizer_sha256")
+            if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
+                raise DataError(f"{path}: trained with a tokenizer of sha256 {saved_sha[:12]}..., but this run's is "
+                                f"{tokenizer_sha256[:12]}... (another vocabulary)")
+            model_args = ModelArgs(**ckpt["model_args"])
+            if os.path.abspath(path) == os.path.abspath(os.path.join(cfg.out_dir, "last.pt")):
+                good = ckpt["step"]
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return cfg, model_args, ckpt, path, notes, lock, good
+
+
+class Checkpoints:
+    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
+    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
+
+    def __init__(self, cfg, rt: Runtime, model_args: ModelArgs, kind: str, tokenizer_sha256: str,
+                 model: torch.nn.Module, optimizer, scaler, samples_per_step: int, log,
+                 good_step: Optional[int], given_cfg):
+        self.cfg, self.rt, self.model_args, self.kind, self.tokenizer_sha256 = cfg, rt, model_args, kind, tokenizer_sha256
+        self.model, self.optimizer, self.scaler, self.samples_per_step = model, optimizer, scaler, samples_per_step
+        self.log, self.good_step = log, good_step  # the step of out_dir/last.pt, None before this run saved one
+        self.given = dataclasses.asdict(given_cfg)  # the config before the run length was derived (resume checks it)
+        self.writer = CheckpointWriter()
+
+    def last_good(self) -> str:
+        if self.good_step is None:
+            return "no checkpoint of this run was saved (none is good)"
+        return f"last good checkpoint: {self.cfg.out_dir}/last.pt (step {self.good_step})"
+
+    def check_weights(self, step: int) -> None:
+        """Stops the run (exit 3) instead of saving weights that are non-finite or have exploded."""
+        peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()]).max().item()
+        if math.isfinite(peak) and peak < EXPLODED_WEIGHT:
+            return
+        self.writer.wait()
+        what = "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})"
+        self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
+                       f"(lower learning_rate or use dtype=bfloat16)")
+        raise SystemExit(3)
+
+    def state(self, step: int, val_loss: float, best_val: float) -> dict:
+        rngs = [rng_state()]
+        if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
+            rngs = [None] * self.rt.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
+                "config": dataclasses.asdict(self.cfg), "given_config": self.given, "kind": self.kind, "step": step,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
+                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
+
+    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes. A best checkpoint is on disk when
+        this returns (the log may then call it best); others are written in the background."""
+        self.check_weights(step)
+        st = self.state(step, val_loss, best_val)
+        if self.rt.master:
+            out = self.cfg.out_dir
+            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
+            if best:
+                self.writer.wait()
+        self.good_step = step
