@@ -8,13 +8,14 @@
 # DIR/pretrain/*: corpora in any format data_process.py reads; DIR/sft/*: instruction data; DIR/eval/*.jsonl: held-out
 # {"question", "answer"} lines (the first file is used). Writes data under --data (default data/speedrun), runs under
 # --out (default out): out/pretrain, out/sft, out/eval_original, and the report card out/report.md with report.json
-# and curves.png beside it. Other flags: --skip_setup (use the current Python environment as it is).
+# and curves.png beside it. Other flags: --overwrite (replace the data and runs of an earlier speedrun in the same
+# folders; without it a second run stops where it would replace a finished run), --skip_setup (use the current Python as it is).
 # Each stage keeps its own defaults (pretrain.py, sft.py, eval.py): this script adds no hyperparameters of its own,
 # so what it measures is what a user gets from the plain commands it prints.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE=""
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -22,7 +23,8 @@ for arg in "$@"; do
     --out=*) OUT="${arg#*=}" ;;
     --tiny) TINY=1 ;;
     --skip_setup) SETUP=0 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --overwrite) OVERWRITE=--overwrite ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,10 +72,10 @@ with open(log, "a", encoding="utf-8") as f:
 PY
 }
 
-stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain"
-stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft"
-stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $PRE_X
-stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $SFT_X
+stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $OVERWRITE
+stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" $OVERWRITE
+stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $PRE_X $OVERWRITE
+stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $SFT_X $OVERWRITE
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
     --baseline_pool="$DATA/sft/train.jsonl" $EVAL_X
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens

@@ -39,6 +39,16 @@ def test_speedrun_writes_every_stage_and_the_report(tiny_run):
         assert f"] {name}: " in stdout  # progress on the console: each stage announced with its command
 
 
+def test_a_second_speedrun_into_the_same_folders_needs_overwrite(tiny_run):
+    out, _ = tiny_run
+    data = os.path.join(os.path.dirname(out), "data")
+    args = ["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]  # the rest is progress bars
+    assert r.returncode == 2 and len(errors) == 1 and "--overwrite" in errors[0] and "Traceback" not in r.stderr
+    assert os.path.isfile(os.path.join(out, "report.md"))  # the earlier run is untouched
+
+
 def test_report_has_every_section_and_the_numbers_of_its_json(tiny_run):
     out, _ = tiny_run
     md = open(os.path.join(out, "report.md"), encoding="utf-8").read()
