@@ -39,7 +39,7 @@ from typing import Iterator, Optional
 
 from chatglm_tokenizer import MODEL_FILE
 from chatglm_tokenizer.tokenizer import first_line
-from configurator import DataError, check, config_or_exit
+from configurator import DataError, check, config_dict, config_or_exit
 from corpora import ReadOptions, Reporter, Source, detect, iter_documents, parse_inputs
 
 TOKENIZER_FORMAT = "baby-llama2-chinese/tokenizer-v1"
@@ -202,7 +202,7 @@ def run(cfg: Config) -> dict:
     sample = sentences[: 1000]  # how much text a token holds on the training text (a first look, not held out)
     n_tokens = sum(len(ids) for ids in sp.encode(sample))
     n_bytes = sum(len(s.encode("utf-8")) for s in sample)
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("inputs", "manifest", "out_dir", "progress", "verbose")}
+    settings = {k: v for k, v in config_dict(cfg).items() if k not in ("inputs", "manifest", "out_dir", "progress", "verbose")}
     meta = {"format": TOKENIZER_FORMAT, "tokenizer_sha256": hashlib.sha256(model).hexdigest(),
             "vocab_size": sp.vocab_size(), "model_type": "bpe", "special_ids": SPECIAL_IDS,
             "byte_fallback": True, "split_digits": True, "normalization": "identity", "add_dummy_prefix": False,
