@@ -155,11 +155,9 @@ def main() -> None:
         model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
                                                                               cfg.dtype)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
-        if cfg.max_new_tokens >= max_seq_len:  # e.g. the default 256 on a small demo model: answers get half the context
-            fitted = max(1, max_seq_len // 2)
-            print(f"note: --max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in this model's "
-                  f"{max_seq_len}-token context; using {fitted}")
-            cfg.max_new_tokens = fitted
+        note = cfg.fit_context(max_seq_len)  # e.g. the default 256 on a small demo model: answers get half the context
+        if note:
+            print(note)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -139,5 +139,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                          chunk: int) -> torch.Tensor:
     """Mean cross-entropy of h @ weight[:vocab_size].T against targets (-1 ignored), as F.cross_entropy of the
-    full logits would give, without the (N, vocab) tensor. h (N, dim), weight (padded_vocab, dim), targets (N,)."""
+    full logits would give, without the (N, vocab) tensor. h (N, dim), weight (padded_vocab, dim), targets (N,).
+    Under torch.no_grad (validation, eval.py's perplexity) only the loss is computed, with no gradient terms."""
+    if not torch.is_grad_enabled():
+        return _cross_entropy_chunked(h, weight, targets, vocab_size, chunk)
     return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk)
+
+
+def _cross_entropy_chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                           chunk: int) -> torch.Tensor:
+    """The forward of linear_cross_entropy alone: one (chunk, vocab) block of logits at a time, fp32 loss."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        logits = F.linear(h[s:s + chunk], weight)[:, :vocab_size].float()  # (c, vocab)
+        total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)

@@ -369,3 +369,42 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     assert r.stdout.strip().splitlines()[-1].startswith("BLEU-4 (nltk, jieba, method1): ")
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["samples"] == 3
+
+
+# ---- a small machine ---------------------------------------------------------------------------------
+
+def test_perplexity_never_builds_the_full_logits_and_shows_progress(val_dir, capsys, monkeypatch):
+    """The loss comes chunk by chunk (fused_ce): the (rows x seq_len, vocab) logits never exist, same value."""
+    model = tiny_model()
+    want, _ = manual_loss(model, val_dir, 16)
+    monkeypatch.setattr(ev, "PPL_CHUNK", 5)  # several chunks per batch of 3 windows x 16 tokens
+    monkeypatch.setattr(model, "logits", lambda h: pytest.fail("full logits built"))
+    got = ev.perplexity(model, val_dir, 16, 3, 0, "cpu")
+    assert got["loss"] == pytest.approx(want, rel=1e-5) and model.ce_chunk == 0
+    err = capsys.readouterr().err
+    assert "perplexity" in err and "8/8" in err
+
+
+def test_default_max_new_tokens_adapts_to_a_short_context_with_a_note(tmp_path, capsys):
+    tok = FakeTokenizer()
+    model = tiny_model(max_seq_len=16)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "你好", "answer": "好"}])
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none")  # max_new_tokens 256 > 16
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
+                         torch.float32, progress=False)
+    out = capsys.readouterr().out
+    assert "note: --max_new_tokens 256 leaves no room for a prompt in this model's 16-token context; using 8" in out
+    assert report["config"]["max_new_tokens"] == 8 and "max_new_tokens 8," in report["protocol"]["decoding"]
+
+
+def test_the_embedded_sample_fallback_is_said_on_the_console_and_in_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/sample/eval")
+    write_jsonl(ev.SAMPLE_DATA, [{"question": "你好", "answer": "好"}])
+    tok, model = FakeTokenizer(), tiny_model(max_seq_len=32)
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), val_bin="none", max_new_tokens=4)
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
+                         torch.float32, progress=False)
+    assert f"note: no data/eval/medical_qa.jsonl: scoring the embedded sample {ev.SAMPLE_DATA}" in capsys.readouterr().out
+    assert report["protocol"]["data"] == ev.SAMPLE_NOTE
+    assert ev.SAMPLE_NOTE in open(tmp_path / "eval_report.md", encoding="utf-8").read()
