@@ -154,7 +154,7 @@ def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
         batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
         r = time_steps(run, opt, scaler, batches, rt, cfg.steps, cfg.warmup)
         tok_s = cfg.batch_size * args.max_seq_len * rt.world_size * cfg.steps / r["seconds"]
-        mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else 0
+        mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else None
         emit({"bench": "train", "variant": name, "gpus": rt.world_size, "batch_size": cfg.batch_size,
               "tokens_per_s": tok_s, "mfu": mfu, **r, "params": model.num_params()})
         del model, run, opt, scaler, batches
@@ -271,7 +271,7 @@ def main() -> None:
     peak = matmul_peak_tflops(rt.device)
     if rt.master:
         print(f"bench: {cfg.model_args()} | micro-batch {cfg.batch_size} | {rt.world_size} process(es) | "
-              f"measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+              f"measured bf16 matmul peak {f'{peak:.0f} TFLOP/s' if peak else 'n/a (no GPU: no MFU)'}", flush=True)
     whats = cfg.what.split(",")
     if "train" in whats:
         bench_train(cfg, rt, peak, emit)
@@ -292,8 +292,8 @@ def main() -> None:
         for r in rows:
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
-            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}"
-                  f"{100 * r.get('mfu', 0):>6.1f}%")
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}{mfu:>7}")
     if rt.world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -65,21 +65,24 @@ def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
     """Writes the text of `tokens` to `out` as it grows; returns the whole text.
 
     Decoding the growing id list (not token by token) keeps multi-byte characters whole: a partial character
-    decodes to U+FFFD, so nothing is written until it completes."""
+    (byte-fallback tokens of an unfinished UTF-8 sequence) decodes to U+FFFD, so the text from there on is held
+    back until it completes. Bytes that never make a character (an answer cut mid-character) are left out."""
     ids: List[int] = []
     shown = ""
     try:
         for tok in tokens:
             ids.append(tok)
             text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
+            if not text.startswith(shown):
                 continue
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
+            new = text[len(shown):].split("\ufffd")[0]  # up to the first unfinished character
+            if new:
+                out.write(new)
+                out.flush()
+                shown += new
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
         out.write(" [stopped]")
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids).replace("\ufffd", "")
     if text.startswith(shown) and len(text) > len(shown):
         out.write(text[len(shown):])
     out.write("\n")

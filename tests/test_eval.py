@@ -348,6 +348,20 @@ def test_stream_text_writes_only_complete_text():
     assert out.getvalue() == "好啊\n" and "\ufffd" not in out.getvalue()
 
 
+def test_stream_text_holds_back_unfinished_bytes_and_drops_a_cut_character():
+    class Bytes:  # byte-fallback tokens: one id per UTF-8 byte
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    writes = []
+    out = io.StringIO()
+    out.write = lambda t: writes.append(t) or len(t)
+    ids = list("你好".encode()) + list("吗".encode())[:2]  # the answer stops inside its third character
+    assert stream_text(iter(ids), Bytes(), out) == "你好"
+    assert "".join(writes) == "你好\n" and not any("\ufffd" in w for w in writes)
+    assert writes[:2] == ["你", "好"]  # each character written as soon as its last byte arrives
+
+
 def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
