@@ -1,6 +1,6 @@
 """Speed benchmarks: the real training step (trainer.train_step), SFT, generation and data processing.
 
-On one GPU, the seed's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793, micro-batch 32):
+On one GPU, the original project's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793, micro-batch 32):
     python bench.py                                   # train variants + generation
     python bench.py --what=parity --data_dir=data/pretrain --steps=300   # fast path vs eager fp32 losses
     python bench.py --what=sft --sft_data=data/sft/train.jsonl
@@ -33,9 +33,9 @@ from trainer import DeviceBatches, lr_at, train_step, TrainConfig, wrap_ddp
 
 VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
     "fp32_eager": (torch.float32, False, 0),
-    "fp16_eager": (torch.float16, False, 0),  # the seed as shipped: fp16 autocast + grad scaler, no compile
+    "fp16_eager": (torch.float16, False, 0),  # the original project as shipped: fp16 autocast + grad scaler, no compile
     "bf16_eager": (torch.bfloat16, False, 0),
-    "bf16_compile": (torch.bfloat16, True, 0),  # plain compile, plain loss (the seed's best, on our model)
+    "bf16_compile": (torch.bfloat16, True, 0),  # plain compile, plain loss (the original project's best, on our model)
     "bf16_compile_ce4k": (torch.bfloat16, True, 4096),  # + fused chunked output layer and loss
     "bf16_compile_ce8k": (torch.bfloat16, True, 8192),
     "bf16_compile_ce4k_cg": (torch.bfloat16, "reduce-overhead", 4096),  # + CUDA graphs: pretrain.py's default on a GPU
@@ -45,8 +45,8 @@ VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), 
 @dataclass
 class BenchConfig:
     what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data
-    variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the seed's recipe, then our default
-    dim: int = 512  # model: the seed's config
+    variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the original project's recipe, then our default
+    dim: int = 512  # model: the original project's config
     n_layers: int = 8
     n_heads: int = 8
     max_seq_len: int = 512

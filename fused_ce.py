@@ -5,7 +5,7 @@ Library module, no command line; model.Transformer uses it when the trainer sets
   loss = linear_cross_entropy(h, weight, targets, vocab_size=64793, chunk=4096)   # h (N, dim), targets (N,), -1 ignored
 Check against the plain path on CPU:  python -m pytest tests/test_model.py -k fused
 
-Why: the (N, vocab) logits are the largest tensor of training (16384 x 64832 at the seed's batch: 2 GiB in bf16,
+Why: the (N, vocab) logits are the largest tensor of training (16384 x 64832 at the original project's batch: 2 GiB in bf16,
 4 GiB once upcast for the loss), and the softmax around them is pure memory traffic. Here one (chunk, vocab) block
 exists at a time; for it we compute the loss terms and dlogits = (softmax - onehot) / n_targets, which give at
 once grad_h (chunk, dim) and a (vocab, dim) contribution to grad_weight. backward() only scales the stored

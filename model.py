@@ -223,7 +223,7 @@ class Transformer(nn.Module):
     def num_params(self, unique: bool = True) -> int:
         """Parameters over the real vocabulary (padded embedding rows are not counted).
 
-        unique=True counts the tied embedding/output matrix once; False counts it twice (the seed's "92M").
+        unique=True counts the tied embedding/output matrix once; False counts it twice (the original project's "92M").
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         n -= (self.args.padded_vocab_size - self.args.vocab_size) * self.args.dim

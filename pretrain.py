@@ -37,7 +37,7 @@ class PretrainConfig(TrainConfig):
     learning_rate: float = 1.5e-3  # peak LR: held-out loss 2.99 after 6 epochs, against 3.28 at 3e-4 after 4
     min_lr: float = 1.5e-4  # LR at the end of the cosine decay
     init_from: str = ""  # "" = random init; hf:PATH = the weights and shape of a local Hugging Face Llama folder
-    # model (the seed's defaults: about 58.5M unique parameters)
+    # model (the original project's defaults: about 58.5M unique parameters)
     dim: int = 512  # width of the residual stream
     n_layers: int = 8  # transformer blocks
     n_heads: int = 8  # query heads (head size = dim / n_heads)
