@@ -61,3 +61,26 @@ def test_loss_curve_is_titled_with_the_stage_and_run_folder(tmp_path, monkeypatc
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "lr": 0.1}\n{"step": 1, "val_loss": 5.1}\n')
     assert plot_losses(str(tmp_path), "sft") == os.path.join(str(tmp_path), "loss.png")
     assert titles == [f"sft: {tmp_path}"]
+
+
+def test_offline_tokenizer_lookup_fails_in_seconds_with_one_line(monkeypatch, tmp_path):
+    """No network and no copy anywhere: one line naming every way out, without the Hub client's retries."""
+    import socket
+    import time
+
+    from chatglm_tokenizer import tokenizer as tk
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", tk.TOKENIZER_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hub cache
+    monkeypatch.setattr(tk, "LOCAL_PATH", str(tmp_path / "tokenizer.model"))
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError) as e:
+        tk.find_tokenizer()
+    assert time.time() - t0 < 5
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot reach huggingface.co (offline?)" in msg and "--tokenizer PATH" in msg
