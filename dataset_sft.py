@@ -467,8 +467,17 @@ class SFTData:
         batching = (f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {per_epoch:,}/epoch" if per_epoch
                     else f"too few for one {self.mode} batch; validation pads its own batches of {self.batch_size}")
         return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
-                f"dropped, {c['truncated']:,} truncated) | {c['tokens']:,} tokens, {c['supervised']:,} supervised | "
-                f"{batching}")
+                f"dropped, {c['truncated']:,} truncated{cut_hint(c, self.max_seq_len)}) | {c['tokens']:,} tokens, "
+                f"{c['supervised']:,} supervised | {batching}")
+
+
+def cut_hint(counts: dict, max_seq_len: int) -> str:
+    """When 5% or more of the conversations do not fit max_seq_len whole: the shares and what keeps them."""
+    n = max(1, counts["conversations"])
+    if counts["dropped"] + counts["truncated"] < 0.05 * n:
+        return ""
+    return (f": {counts['dropped'] / n:.0%} and {counts['truncated'] / n:.0%} of the conversations do not fit "
+            f"{max_seq_len} tokens; a longer context (--max_seq_len of pretrain.py, then of sft.py) keeps them")
 
 
 def _pack_ffd(samples: np.ndarray, ex_len: np.ndarray, capacity: int) -> List[List[int]]:
