@@ -94,6 +94,15 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
 # ----------------------------------------------------------------------------------------------------------------
 # hashing, dedup, validation split
 
+
+CONTAINER_NAMES = {"array": "a JSON array", "lines": "JSON lines", "csv": "CSV", "parquet": "Parquet"}
+
+
+def describe_source(src: Source) -> str:
+    """How an input was read, for the console: 'JSON lines of baike records (gzip)', 'plain text'."""
+    what = "plain text" if src.container == "txt" else f"{CONTAINER_NAMES.get(src.container, src.container)} of {src.fmt} records"
+    return what + (" (gzip)" if src.path.endswith(".gz") else "")
+
 def text_hash(text: str, seed: int = 0) -> int:
     """64-bit hash of the whitespace-normalized text (exact dedup key; its low bits pick the validation split)."""
     norm = " ".join(text.split())
@@ -329,7 +338,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     print(f"pretrain: {len(sources)} inputs -> {out_dir} | {workers} workers, {cfg.chunk_chars:,} chars/task, "
           f"<= {max_pending} tasks in flight, shards of >= {cfg.shard_tokens:,} tokens")
     for s in sources:
-        print(f"  {s.path}: {s.container} of {s.fmt}")
+        print(f"  {s.path}: {describe_source(s)}")
     os.makedirs(out_dir, exist_ok=True)
     writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, meta) for split in ("train", "val")}
     rep, counts = Reporter(cfg.max_reports), Counter()
@@ -454,7 +463,7 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
     print(f"sft: {len(sources)} inputs -> {out_dir} | max {cfg.sft_max_chars:,} chars per conversation, "
           f"val fraction {cfg.val_fraction}, at least {cfg.val_min_records} val conversations")
     for s in sources:
-        print(f"  {s.path}: {s.container} of {s.fmt}")
+        print(f"  {s.path}: {describe_source(s)}")
     os.makedirs(out_dir, exist_ok=True)
     rep, counts = Reporter(cfg.max_reports), Counter()
     seen = HashSet()

@@ -590,3 +590,10 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and not out.exists()
     assert capsys.readouterr().err == (f"error: {url}: download failed (Name or service not known); or download it "
                                        "yourself and pass the local path\n")
+
+
+def test_inputs_are_described_in_words():
+    from corpora import Source
+    assert dp.describe_source(Source("notes.txt", "txt", "text")) == "plain text"
+    assert dp.describe_source(Source("baike.jsonl.gz", "lines", "baike")) == "JSON lines of baike records (gzip)"
+    assert dp.describe_source(Source("wiki.json", "array", "completion")) == "a JSON array of completion records"
