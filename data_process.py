@@ -6,7 +6,7 @@
   python data_process.py pretrain --inputs=notes.txt:txt,dump.parquet               # path:format names the format
   python data_process.py pretrain --inputs=hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json
   python data_process.py sft --inputs=alpaca.json,belle.jsonl,sharegpt.jsonl,seed.csv --out_dir=data/sft
-  python data_process.py pretrain --inputs=tests/fixtures_data/pretrain/wiki_array.json --out_dir=/tmp/tiny --num_workers=1
+  python data_process.py pretrain --inputs=tests/fixtures_data/pretrain/wiki_array.json --out_dir=data/tiny --num_workers=1
 
 Pretrain output (out_dir): train_00000.bin, ..., val_00000.bin, ...: raw uint16 token ids (np.memmap(path, np.uint16, "r")),
 every document followed by <eos>=2, each with a sidecar <stem>.json (format baby-llama2-chinese/tokens-v1: tokenizer sha256,
