@@ -308,7 +308,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
                    "length_ratio": lengths["ratio"]},
         "baselines": baselines,
         "protocol": {
-            "data": SAMPLE_NOTE if data_path == SAMPLE_DATA else f"{data_path}",
+            "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
                          f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
@@ -344,7 +344,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    if data_path == SAMPLE_DATA:
+    fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
+    if fallback:
         print(f"note: {SAMPLE_NOTE}")
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
