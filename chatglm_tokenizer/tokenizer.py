@@ -61,7 +61,8 @@ def hub_download(repo_id: str, filename: str, repo_type: Optional[str] = None, l
         from huggingface_hub import hf_hub_download
 
         offline = not hub_reachable()  # the Hub's client retries for about 25 s before it gives up
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, local_dir=local_dir, local_files_only=offline)
+        cache_only = {"local_files_only": True} if offline else {}
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, local_dir=local_dir, **cache_only)
     except Exception as e:
         if offline and "local" in str(e).lower():
             e = OSError(f"cannot reach {hub_host()} (offline?) and no copy in the Hugging Face cache")
