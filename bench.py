@@ -1,6 +1,6 @@
 """Speed benchmarks: the real training step (trainer.train_step), SFT, generation and data processing.
 
-On one GPU, the seed's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793, micro-batch 32):
+On one GPU, the original project's config (dim 512, 8 layers, 8 heads, seq 512, vocab 64,793, micro-batch 32):
     python bench.py                                   # train variants + generation
     python bench.py --what=parity --data_dir=data/pretrain --steps=300   # fast path vs eager fp32 losses
     python bench.py --what=sft --sft_data=data/sft/train.jsonl
@@ -33,9 +33,9 @@ from trainer import DeviceBatches, lr_at, train_step, TrainConfig, wrap_ddp
 
 VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
     "fp32_eager": (torch.float32, False, 0),
-    "fp16_eager": (torch.float16, False, 0),  # the seed as shipped: fp16 autocast + grad scaler, no compile
+    "fp16_eager": (torch.float16, False, 0),  # the original project as shipped: fp16 autocast + grad scaler, no compile
     "bf16_eager": (torch.bfloat16, False, 0),
-    "bf16_compile": (torch.bfloat16, True, 0),  # plain compile, plain loss (the seed's best, on our model)
+    "bf16_compile": (torch.bfloat16, True, 0),  # plain compile, plain loss (the original project's best, on our model)
     "bf16_compile_ce4k": (torch.bfloat16, True, 4096),  # + fused chunked output layer and loss
     "bf16_compile_ce8k": (torch.bfloat16, True, 8192),
     "bf16_compile_ce4k_cg": (torch.bfloat16, "reduce-overhead", 4096),  # + CUDA graphs: pretrain.py's default on a GPU
@@ -45,8 +45,8 @@ VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), 
 @dataclass
 class BenchConfig:
     what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data
-    variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the seed's recipe, then our default
-    dim: int = 512  # model: the seed's config
+    variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the original project's recipe, then our default
+    dim: int = 512  # model: the original project's config
     n_layers: int = 8
     n_heads: int = 8
     max_seq_len: int = 512
@@ -154,7 +154,7 @@ def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
         batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
         r = time_steps(run, opt, scaler, batches, rt, cfg.steps, cfg.warmup)
         tok_s = cfg.batch_size * args.max_seq_len * rt.world_size * cfg.steps / r["seconds"]
-        mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else 0
+        mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else None
         emit({"bench": "train", "variant": name, "gpus": rt.world_size, "batch_size": cfg.batch_size,
               "tokens_per_s": tok_s, "mfu": mfu, **r, "params": model.num_params()})
         del model, run, opt, scaler, batches
@@ -271,7 +271,7 @@ def main() -> None:
     peak = matmul_peak_tflops(rt.device)
     if rt.master:
         print(f"bench: {cfg.model_args()} | micro-batch {cfg.batch_size} | {rt.world_size} process(es) | "
-              f"measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+              f"measured bf16 matmul peak {f'{peak:.0f} TFLOP/s' if peak else 'n/a (no GPU: no MFU)'}", flush=True)
     whats = cfg.what.split(",")
     if "train" in whats:
         bench_train(cfg, rt, peak, emit)
@@ -292,8 +292,8 @@ def main() -> None:
         for r in rows:
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
-            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}"
-                  f"{100 * r.get('mfu', 0):>6.1f}%")
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}{mfu:>7}")
     if rt.world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -1,10 +1,10 @@
 """BLEU for Chinese answers, with the protocol spelled out (small-model scores depend on it more than on the model).
 
-Sentence BLEU-4 (the seed's intended protocol): nltk `sentence_bleu([reference_words], hypothesis_words)`,
+Sentence BLEU-4 (the original project's intended protocol): nltk `sentence_bleu([reference_words], hypothesis_words)`,
 uniform weights (0.25, 0.25, 0.25, 0.25), smoothing `SmoothingFunction().method1` (epsilon 0.1 added to
 zero n-gram counts), words from `jieba.lcut` of the lower-cased text (default dictionary, HMM on),
 whitespace-only tokens dropped; averaged over samples and reported as 0-100. The reference goes first:
-the seed passed reference and hypothesis swapped, which changes the brevity penalty and every precision.
+the original project passed reference and hypothesis swapped, which changes the brevity penalty and every precision.
 
 Corpus BLEU: sacrebleu `BLEU(tokenize="zh")` (every CJK character a token), one reference per sample.
 

@@ -66,21 +66,24 @@ def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
     """Writes the text of `tokens` to `out` as it grows; returns the whole text.
 
     Decoding the growing id list (not token by token) keeps multi-byte characters whole: a partial character
-    decodes to U+FFFD, so nothing is written until it completes."""
+    (byte-fallback tokens of an unfinished UTF-8 sequence) decodes to U+FFFD, so the text from there on is held
+    back until it completes. Bytes that never make a character (an answer cut mid-character) are left out."""
     ids: List[int] = []
     shown = ""
     try:
         for tok in tokens:
             ids.append(tok)
             text = tokenizer.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
+            if not text.startswith(shown):
                 continue
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
+            new = text[len(shown):].split("\ufffd")[0]  # up to the first unfinished character
+            if new:
+                out.write(new)
+                out.flush()
+                shown += new
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
         out.write(" [stopped]")
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids).replace("\ufffd", "")
     if text.startswith(shown) and len(text) > len(shown):
         out.write(text[len(shown):])
     out.write("\n")
@@ -163,11 +166,9 @@ def main() -> None:
         model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
                                                                               cfg.dtype)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
-        if cfg.max_new_tokens >= max_seq_len:  # e.g. the default 256 on a small demo model: answers get half the context
-            fitted = max(1, max_seq_len // 2)
-            print(f"note: --max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in this model's "
-                  f"{max_seq_len}-token context; using {fitted}")
-            cfg.max_new_tokens = fitted
+        note = cfg.fit_context(max_seq_len)  # e.g. the default 256 on a small demo model: answers get half the context
+        if note:
+            print(note)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

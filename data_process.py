@@ -6,7 +6,7 @@
   python data_process.py pretrain --inputs=notes.txt:txt,dump.parquet               # path:format names the format
   python data_process.py pretrain --inputs=hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json
   python data_process.py sft --inputs=alpaca.json,belle.jsonl,sharegpt.jsonl,seed.csv --out_dir=data/sft
-  python data_process.py pretrain --inputs=tests/fixtures_data/pretrain/wiki_array.json --out_dir=/tmp/tiny --num_workers=1
+  python data_process.py pretrain --inputs=tests/fixtures_data/pretrain/wiki_array.json --out_dir=data/tiny --num_workers=1
 
 Pretrain output (out_dir): train_00000.bin, ..., val_00000.bin, ...: raw uint16 token ids (np.memmap(path, np.uint16, "r")),
 every document followed by <eos>=2, each with a sidecar <stem>.json (format baby-llama2-chinese/tokens-v1: tokenizer sha256,
@@ -101,6 +101,15 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
 
 # ----------------------------------------------------------------------------------------------------------------
 # hashing, dedup, validation split
+
+
+CONTAINER_NAMES = {"array": "a JSON array", "lines": "JSON lines", "csv": "CSV", "parquet": "Parquet"}
+
+
+def describe_source(src: Source) -> str:
+    """How an input was read, for the console: 'JSON lines of baike records (gzip)', 'plain text'."""
+    what = "plain text" if src.container == "txt" else f"{CONTAINER_NAMES.get(src.container, src.container)} of {src.fmt} records"
+    return what + (" (gzip)" if src.path.endswith(".gz") else "")
 
 def text_hash(text: str, seed: int = 0) -> int:
     """64-bit hash of the whitespace-normalized text (exact dedup key; its low bits pick the validation split)."""
@@ -339,7 +348,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     print(f"pretrain: {len(sources)} inputs -> {out_dir} | {workers} workers, {cfg.chunk_chars:,} chars/task, "
           f"<= {max_pending} tasks in flight, shards of >= {cfg.shard_tokens:,} tokens")
     for s in sources:
-        print(f"  {s.path}: {s.container} of {s.fmt}")
+        print(f"  {s.path}: {describe_source(s)}")
     out = OutputFolder(out_dir, "pretrain", [s.path for s in sources], cfg.overwrite, not (cfg.inputs or cfg.manifest))
     writers = {split: ShardWriter(out, split, cfg.shard_tokens, meta) for split in ("train", "val")}
     rep, counts = Reporter(cfg.max_reports), Counter()
@@ -482,7 +491,7 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
     print(f"sft: {len(sources)} inputs -> {out_dir} | max {cfg.sft_max_chars:,} chars per conversation, "
           f"val fraction {cfg.val_fraction}, at least {cfg.val_min_records} val conversations")
     for s in sources:
-        print(f"  {s.path}: {s.container} of {s.fmt}")
+        print(f"  {s.path}: {describe_source(s)}")
     folder = OutputFolder(out_dir, "sft", [s.path for s in sources], cfg.overwrite, not (cfg.inputs or cfg.manifest))
     rep, counts = Reporter(cfg.max_reports), Counter()
     seen = HashSet()

@@ -4,7 +4,7 @@ Input: data_process.py's `data/sft/train.jsonl` / `val.jsonl`, one conversation 
   {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...],
    "system": "optional", "source": "file name"}      (turns alternate user/assistant, user first, assistant last)
 
-Template (the seed's `prompt <bos> answer <eos>`, continued turn after turn; `render` is the only
+Template (the original project's `prompt <bos> answer <eos>`, continued turn after turn; `render` is the only
 implementation, and sft.py, eval.py and chat.py all go through it):
 
     [encode(system + "\\n")]  encode(q1) <bos> encode(a1) <eos>  encode(q2) <bos> encode(a2) <eos> ...
@@ -30,7 +30,7 @@ Over-long samples (more than max_seq_len + 1 tokens; max_seq_len is the row leng
   2. then the start of what is left is cut: the system text, then the beginning of the last question
      (the end of the question, nearest the answer, is kept; the <bos> always is);
   3. if the last answer with its <bos> and <eos> is still longer than max_seq_len + 1, no complete
-     answer can be kept: the sample is dropped and counted (`dropped`), as the seed drops long answers.
+     answer can be kept: the sample is dropped and counted (`dropped`), as the original project drops long answers.
   Samples changed by 1-2 are counted as `truncated`.
 
 Batch modes (`Batching(mode=...)`), each a deterministic function of (seed, step, micro_step, rank,
@@ -42,7 +42,7 @@ ranks with A accumulation steps read the same batches as R * A micro-steps on on
              batch() also returns seg (B, T) int64 segment ids (1, 2, ... per sample, 0 on padding) and
              the model must attend only within a segment: `segment_mask(seg)`. Positions need not restart
              per sample: RoPE scores depend only on the query-key distance, which the mask keeps in-sample.
-  "fixed":   the seed's way: shuffled, every row padded to T (kept for the padding comparison).
+  "fixed":   the original project's way: shuffled, every row padded to T (kept for the padding comparison).
 x is padded with 0 (pad id), y with -1. A sample's last x token never predicts the next sample's first.
 """
 from __future__ import annotations
@@ -472,8 +472,17 @@ class SFTData:
         batching = (f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {per_epoch:,}/epoch" if per_epoch
                     else f"too few for one {self.mode} batch; validation pads its own batches of {self.batch_size}")
         return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
-                f"dropped, {c['truncated']:,} truncated) | {c['tokens']:,} tokens, {c['supervised']:,} supervised | "
-                f"{batching}")
+                f"dropped, {c['truncated']:,} truncated{cut_hint(c, self.max_seq_len)}) | {c['tokens']:,} tokens, "
+                f"{c['supervised']:,} supervised | {batching}")
+
+
+def cut_hint(counts: dict, max_seq_len: int) -> str:
+    """When 5% or more of the conversations do not fit max_seq_len whole: the shares and what keeps them."""
+    n = max(1, counts["conversations"])
+    if counts["dropped"] + counts["truncated"] < 0.05 * n:
+        return ""
+    return (f": {counts['dropped'] / n:.0%} and {counts['truncated'] / n:.0%} of the conversations do not fit "
+            f"{max_seq_len} tokens; a longer context (--max_seq_len of pretrain.py, then of sft.py) keeps them")
 
 
 def _pack_ffd(samples: np.ndarray, ex_len: np.ndarray, capacity: int) -> List[List[int]]:

@@ -3,7 +3,7 @@
     python eval.py                                          # out/sft on the medical QA set, greedy, one GPU or CPU
     python eval.py --ckpt=out/sft/best.pt --limit=100 --batch_size=64
     python eval.py --data=data/eval/medical_qa.jsonl --val_bin=data/pretrain --ppl_windows=200
-    python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the seed's prompts
+    python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the original project's prompts
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
 
@@ -46,9 +46,13 @@ from generate import Sampling, generate
 from runtime import (autocast_context as autocast, device_problem, load_for_inference, open_exclusive, resolve_dtype,
                      synchronize)
 
-DEFAULT_DATA = ("data/eval/medical_qa.jsonl", "data/sample/eval/medical_qa.jsonl")
+SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
+DEFAULT_DATA = ("data/eval/medical_qa.jsonl", SAMPLE_DATA)
+SAMPLE_NOTE = (f"no data/eval/medical_qa.jsonl: scoring the embedded sample {SAMPLE_DATA} (30 questions, a smoke "
+               f"test, not a benchmark); get the dev set (README) or pass --data=FILE")
+PPL_CHUNK = 4096  # rows of logits at a time in perplexity: memory independent of vocab x batch
 DEFAULT_VAL = "data/pretrain"
-# the seed's own prompts: questions for an SFT model, openings to continue for a pretrain model
+# the original project's own prompts: questions for an SFT model, openings to continue for a pretrain model
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？", "前列腺囊肿的症状是什么？",
                   "请问，世界上最大的动物是什么？"]
 SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "《小王子》是一本畅销童话书，它讲述了："]
@@ -57,7 +61,7 @@ SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram (generate.Sampling)
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
-    data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample; "none" = seed prompts
+    data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
     val_bin: str = DEFAULT_VAL  # data_process.py output dir whose val_*.bin shards give perplexity; "" or "none" = skip
     ppl_windows: int = 0  # perplexity over the first N windows in file order (0 = all; pretrain.py validates on eval_windows)
@@ -88,7 +92,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
 
 
 def resolve_data_path(data: str) -> Optional[str]:
-    """--data -> the file to read, or None for the seed's built-in prompts."""
+    """--data -> the file to read, or None for the original project's built-in prompts."""
     if data.lower() == "none":
         return None
     if data:
@@ -173,7 +177,7 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: d
 
 @torch.no_grad()
 def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows: int, device, dtype: str = "auto",
-               vocab_size: Optional[int] = None, tokenizer_sha256: Optional[str] = None) -> dict:
+               vocab_size: Optional[int] = None, tokenizer_sha256: Optional[str] = None, progress: bool = True) -> dict:
     """exp(mean cross-entropy) over the val_*.bin windows of `data_dir`, read as pretrain.py's validation reads them.
 
     Windows come from dataset.PretrainData(split="val").eval_batches(max_windows) (0 = all): (B, seq_len) inputs,
@@ -184,21 +188,29 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
     device = torch.device(device)
     dt = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     try:
-        # at most 16 windows a forward: the (rows, seq_len, vocab) logits of a generation-sized batch would not fit
+        # at most 16 windows a forward: activations grow with rows x seq_len (the logits do not: PPL_CHUNK)
         val = PretrainData(data_dir, "val", seq_len, min(batch_size, 16), vocab_size=vocab_size,
                            tokenizer_sha256=tokenizer_sha256)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from None
-    was_training = model.training
+    was_training, ce_chunk = model.training, model.ce_chunk
     model.eval()
+    model.ce_chunk = PPL_CHUNK  # the loss chunk by chunk (fused_ce): never the (rows x seq_len, vocab) logits
+    n = min(val.n_windows, max_windows) if max_windows > 0 else val.n_windows
+    bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress, file=sys.stderr)
     total, rows = 0.0, 0  # float64 sum of row-weighted mean losses
-    for x, y in val.eval_batches(max_windows):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, dt):
-            _, loss = model(x, y)
-        total += loss.item() * x.shape[0]
-        rows += x.shape[0]
-    model.train(was_training)
+    try:
+        for x, y in val.eval_batches(max_windows):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dt):
+                _, loss = model(x, y)
+            total += loss.item() * x.shape[0]
+            rows += x.shape[0]
+            bar.update(x.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+        model.ce_chunk = ce_chunk
     mean = total / rows
     return {"loss": mean, "ppl": math.exp(mean), "windows": rows, "tokens": rows * seq_len, "seq_len": seq_len,
             "data": data_dir}
@@ -257,7 +269,8 @@ def score_line(bleu4: Optional[float], sacre: Optional[float], ppl: Optional[flo
 
 
 def load_records(cfg: EvalConfig, kind: str) -> tuple[List[dict], Optional[str]]:
-    """The questions (and answers) to evaluate -> (records, data file or None): --prompts, --data, or the seed's."""
+    """The questions (and answers) to evaluate -> (records, data file or None): --prompts, --data, or the original
+    project's prompts."""
     data_path = None if cfg.prompts else resolve_data_path(cfg.data)
     if cfg.prompts:
         records = [{"question": q} for q in cfg.prompts]
@@ -268,7 +281,8 @@ def load_records(cfg: EvalConfig, kind: str) -> tuple[List[dict], Optional[str]]
     return (records[:cfg.limit] if cfg.limit else records), data_path
 
 
-def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.device, dtype: torch.dtype) -> tuple:
+def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.device, dtype: torch.dtype,
+                   progress: bool = True) -> tuple:
     """perplexity() over --val_bin as configured -> (info dict or None when skipped, seconds)."""
     if not cfg.val_bin or cfg.val_bin.lower() == "none":
         return None, 0.0
@@ -278,7 +292,7 @@ def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.
     t0 = time.perf_counter()
     ma = ckpt["model_args"]
     info = perplexity(model, cfg.val_bin, cfg.ppl_seq_len or ma["max_seq_len"], cfg.batch_size, cfg.ppl_windows,
-                      device, dtype, vocab_size=ma["vocab_size"], tokenizer_sha256=tokenizer.sha256)
+                      device, dtype, vocab_size=ma["vocab_size"], tokenizer_sha256=tokenizer.sha256, progress=progress)
     return info, time.perf_counter() - t0
 
 
@@ -303,6 +317,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
                    "length_ratio": lengths["ratio"]},
         "baselines": baselines,
         "protocol": {
+            "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
                          f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
@@ -329,15 +344,19 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     t_start = time.perf_counter()
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
-    if cfg.max_new_tokens >= max_seq_len:
-        raise DataError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len {max_seq_len}")
+    note = cfg.fit_context(max_seq_len)  # as chat.py: the default 256 on a 128-token model answers in 64
+    if note:
+        print(note)
     records, data_path = load_records(cfg, kind)
     scored = all("answer" in r for r in records)
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the seed prompts')} | "
+    fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
+    if fallback:
+        print(f"note: {SAMPLE_NOTE}")
+    print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
           f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}, "
           f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'}, KV cache {'on' if cfg.use_cache else 'off'}")
@@ -345,7 +364,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 
-    ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype)
+    ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress)
     ppl = ppl_info["ppl"] if ppl_info else None
 
     if not scored:  # just generate and print

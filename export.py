@@ -48,7 +48,7 @@ from generate import generate
 from runtime import load_for_inference  # the project's one way to open a checkpoint
 
 FORMATS = ("hf", "gguf")
-# --check's prompts: eval.py's seed prompts and two more, five in all
+# --check's prompts: eval.py's original-project prompts and two more, five in all
 CHECK_PROMPTS = {"sft": SEED_QUESTIONS + ["高血压患者平时应该注意什么？", "请用一句话介绍长城。"],
                  "pretrain": SEED_CONTINUATIONS + ["中华人民共和国刑法第一条规定，", "感冒的常见症状包括"]}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -5,7 +5,7 @@ Library module, no command line; model.Transformer uses it when the trainer sets
   loss = linear_cross_entropy(h, weight, targets, vocab_size=64793, chunk=4096)   # h (N, dim), targets (N,), -1 ignored
 Check against the plain path on CPU:  python -m pytest tests/test_model.py -k fused
 
-Why: the (N, vocab) logits are the largest tensor of training (16384 x 64832 at the seed's batch: 2 GiB in bf16,
+Why: the (N, vocab) logits are the largest tensor of training (16384 x 64832 at the original project's batch: 2 GiB in bf16,
 4 GiB once upcast for the loss), and the softmax around them is pure memory traffic. Here one (chunk, vocab) block
 exists at a time; for it we compute the loss terms and dlogits = (softmax - onehot) / n_targets, which give at
 once grad_h (chunk, dim) and a (vocab, dim) contribution to grad_weight. backward() only scales the stored
@@ -32,16 +32,22 @@ def _softmax_grad_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_size:
 
     dlogits = (softmax(logits[:, :vocab_size]) - onehot(target)) * scale for rows whose target is not -1, else 0;
     padded columns get probability 0 and gradient 0."""
+    # In place on x (the logits themselves when they are fp32: a temporary of linear_ce_grads): on a CPU the block
+    # is 1024 x 64832 floats at the demo's batch, and logsumexp plus exp(x - lse) would allocate and fill four more.
     x = logits.float()
     x[:, vocab_size:] = float("-inf")
     valid = targets != -1
     tgt = torch.where(valid, targets, 0)
-    lse = torch.logsumexp(x, dim=-1)  # (c,)
-    total = ((lse - x.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-    p = torch.exp(x - lse[:, None])
-    p[torch.arange(len(tgt), device=tgt.device), tgt] -= 1.0
-    p *= (valid * scale)[:, None]
-    return total, p.to(logits.dtype)
+    target_logit = x.gather(1, tgt[:, None])[:, 0]  # (c,), read before x is overwritten
+    row_max = x.amax(dim=-1, keepdim=True)  # (c, 1)
+    x.sub_(row_max).exp_()  # exp(x - max); padded columns become 0
+    sum_exp = x.sum(dim=-1, keepdim=True)  # (c, 1)
+    lse = row_max[:, 0] + torch.log(sum_exp[:, 0])
+    total = ((lse - target_logit) * valid).sum()
+    row_scale = (valid * scale)[:, None]  # (c, 1): 0 for ignored rows
+    x.mul_(row_scale / sum_exp)  # softmax * scale
+    x[torch.arange(len(tgt), device=tgt.device), tgt] -= row_scale[:, 0]
+    return total, x.to(logits.dtype)
 
 
 if triton is not None:
@@ -139,5 +145,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                          chunk: int) -> torch.Tensor:
     """Mean cross-entropy of h @ weight[:vocab_size].T against targets (-1 ignored), as F.cross_entropy of the
-    full logits would give, without the (N, vocab) tensor. h (N, dim), weight (padded_vocab, dim), targets (N,)."""
+    full logits would give, without the (N, vocab) tensor. h (N, dim), weight (padded_vocab, dim), targets (N,).
+    Under torch.no_grad (validation, eval.py's perplexity) only the loss is computed, with no gradient terms."""
+    if not torch.is_grad_enabled():
+        return _cross_entropy_chunked(h, weight, targets, vocab_size, chunk)
     return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk)
+
+
+def _cross_entropy_chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                           chunk: int) -> torch.Tensor:
+    """The forward of linear_cross_entropy alone: one (chunk, vocab) block of logits at a time, fp32 loss."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        logits = F.linear(h[s:s + chunk], weight)[:, :vocab_size].float()  # (c, vocab)
+        total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)

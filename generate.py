@@ -45,6 +45,17 @@ class Sampling:
         check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2,
               f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
 
+    def fit_context(self, max_seq_len: int) -> str:
+        """Cuts max_new_tokens to half a context it would fill (the default 256 on a 128-token model) -> a note
+        for the user, or "" when it fits."""
+        if self.max_new_tokens < max_seq_len:
+            return ""
+        fitted = max(1, max_seq_len // 2)
+        note = (f"note: --max_new_tokens {self.max_new_tokens} leaves no room for a prompt in this model's "
+                f"{max_seq_len}-token context; using {fitted}")
+        self.max_new_tokens = fitted
+        return note
+
     def kwargs(self) -> dict:
         """The keyword arguments of generate() and stream() for these knobs (0 / 1.0 = off become None)."""
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k or None,

@@ -223,7 +223,7 @@ class Transformer(nn.Module):
     def num_params(self, unique: bool = True) -> int:
         """Parameters over the real vocabulary (padded embedding rows are not counted).
 
-        unique=True counts the tied embedding/output matrix once; False counts it twice (the seed's "92M").
+        unique=True counts the tied embedding/output matrix once; False counts it twice (the original project's "92M").
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         n -= (self.args.padded_vocab_size - self.args.vocab_size) * self.args.dim
@@ -255,13 +255,14 @@ class Transformer(nn.Module):
         With targets (B, T) (-1 = ignore): logits (B, T, vocab_size), loss = mean CE over targets != -1.
         Without: logits (B, 1, vocab_size) for the last position only (sampling needs no more), loss None.
         seg (B, T) segment ids of packed SFT rows: attention stays inside each segment (segment_mask).
-        With `self.ce_chunk` > 0 (set by the trainer) training never materialises the (B, T, vocab) logits:
-        the loss comes from fused_ce.linear_cross_entropy and the returned logits are None.
+        With `self.ce_chunk` > 0 (set by the trainer, and by eval.py for perplexity) training and any loss under
+        torch.no_grad never materialise the (B, T, vocab) logits: the loss comes from fused_ce.linear_cross_entropy
+        and the returned logits are None.
         """
         h = self.hidden(idx, mask=None if seg is None else segment_mask(seg))
         if targets is None:
             return self.logits(h[:, -1:, :]), None
-        if self.ce_chunk and self.training:
+        if self.ce_chunk and (self.training or not torch.is_grad_enabled()):
             loss = fused_ce.linear_cross_entropy(h.reshape(-1, h.size(-1)), self.output.weight, targets.reshape(-1),
                                                  self.args.vocab_size, self.ce_chunk)
             return None, loss

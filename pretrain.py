@@ -5,9 +5,9 @@ One GPU (or CPU / Apple MPS; the device is picked for you):
 Several GPUs on one node (the global batch in tokens stays the same; accumulation shrinks):
     torchrun --standalone --nproc_per_node=4 pretrain.py
 Several nodes: add torchrun's --nnodes/--node_rank/--rdzv_endpoint flags; nothing else changes.
-Tiny CPU smoke run (a minute on 2 cores):
-    python pretrain.py --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8 --max_steps=100 --warmup_steps=10 \
-        --eval_interval=50 --out_dir=out/tiny
+Tiny CPU smoke run on the embedded sample (`python data_process.py` first; about a minute on 2 CPU cores):
+    python pretrain.py --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8 --max_steps=30 --warmup_steps=3 \
+        --eval_interval=15 --eval_windows=16 --log_interval=5 --out_dir=out/tiny
 Start from the weights of a Hugging Face Llama folder (export.py's, or any of a shape model.py can hold):
     python pretrain.py --init_from=hf:out/hf    (its config.json sets the model shape; the model flags are ignored)
 Continue a stopped run exactly where it stopped:
@@ -39,7 +39,7 @@ class PretrainConfig(TrainConfig):
     learning_rate: float = 1.5e-3  # peak LR: held-out loss 2.99 after 6 epochs, against 3.28 at 3e-4 after 4
     min_lr: float = 1.5e-4  # LR at the end of the cosine decay
     init_from: str = ""  # "" = random init; hf:PATH = the weights and shape of a local Hugging Face Llama folder
-    # model (the seed's defaults: about 58.5M unique parameters)
+    # model (the original project's defaults: about 58.5M unique parameters)
     dim: int = 512  # width of the residual stream
     n_layers: int = 8  # transformer blocks
     n_heads: int = 8  # query heads (head size = dim / n_heads)

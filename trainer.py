@@ -205,8 +205,8 @@ def read_metrics(out_dir: str) -> tuple:
     return train, val
 
 
-def plot_losses(out_dir: str) -> Optional[str]:
-    """loss.png (train and val curves) from metrics.jsonl."""
+def plot_losses(out_dir: str, kind: str = "") -> Optional[str]:
+    """loss.png (train and val curves) from metrics.jsonl, titled with the stage and the run folder."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -217,6 +217,7 @@ def plot_losses(out_dir: str) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", linewidth=1)
     ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
+    ax.set_title(f"{kind}: {out_dir}" if kind else out_dir)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
     ax.legend()
@@ -394,7 +395,8 @@ class Throughput:
     def restart(self) -> None:
         self.t, self.steps, self.tokens = time.time(), 0, self.batches.tokens
 
-    def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str) -> str:
+    def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str, left_s: Optional[float]) -> str:
+        """left_s: the seconds --max_minutes leaves (None = no limit); the ETA is the sooner of it and the steps'."""
         now = time.time()
         dt = (now - self.t) / max(1, self.steps)
         tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
@@ -402,7 +404,31 @@ class Throughput:
         self.restart()
         mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
         return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
-                f"{tok_s:,.0f} tok/s{mfu} | eta {(max_steps - done) * dt / 60:.1f} min")
+                f"{tok_s:,.0f} tok/s{mfu} | {eta(max_steps - done, dt, left_s)}")
+
+
+def eta(steps_left: int, step_s: float, left_s: Optional[float]) -> str:
+    """'eta 12.3 min', or the --max_minutes stop when that comes first."""
+    steps_s = steps_left * step_s
+    if left_s is not None and left_s < steps_s:
+        return f"eta {max(0.0, left_s) / 60:.1f} min (max_minutes; {steps_s / 60:.1f} min for every step)"
+    return f"eta {steps_s / 60:.1f} min"
+
+
+def first_step_line(step_s: float, steps_left: int, left_s: Optional[float]) -> str:
+    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)}"
+
+
+def start_val_loss(out_dir: str) -> float:
+    """Step 0's val loss from a resumed run's metrics.jsonl (inf when it is not there)."""
+    try:
+        return read_metrics(out_dir)[1].get(0, math.inf)
+    except OSError:
+        return math.inf
+
+
+def minutes_left(max_minutes: float, t_start: float) -> Optional[float]:
+    return 60 * max_minutes - (time.time() - t_start) if max_minutes > 0 else None
 
 
 def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Optional[dict],
@@ -437,9 +463,11 @@ def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Opti
 
 
 def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts: Checkpoints, step: int,
-             best_val: float) -> tuple[float, float]:
+             best_val: float, start_loss: float = math.inf) -> tuple[float, float]:
     """A validation pass at `step`; saves last.pt (and best.pt when it improved) -> (val loss, best val loss).
-    Step 0 is the starting point (random init, or the pretrained model for SFT): a baseline, not a result."""
+    Step 0 is the starting point (random init, or the pretrained model for SFT): a baseline, not a result. best.pt
+    is the best trained step; a loss not below step 0's (start_loss) is said so on its line (an SFT run that made
+    the model worse)."""
     val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
     log.metric(step=step, val_loss=val_loss)
     if step == 0:
@@ -447,8 +475,9 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
         return val_loss, best_val
     improved = val_loss < best_val
     best_val = min(best_val, val_loss)
+    worse = f" (above step 0's {start_loss:.4f}: no better than the starting point)" if val_loss >= start_loss else ""
     ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
-    log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}")
+    log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}{worse}")
     return val_loss, best_val
 
 
@@ -533,10 +562,14 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
+    if rt.device.type != "cuda":  # slow devices: say what the first minutes are spent on
+        log.print(f"{rt.device.type}: {'step 0 validation, then ' if start_step == 0 else ''}the first step; "
+                  f"seconds per step and the time left follow it")
     if start_step == 0:
         val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val)
     else:
         val_loss = ckpt["val_loss"]
+    start_loss = start_val_loss(cfg.out_dir) if start_step else val_loss
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
     meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
@@ -545,9 +578,12 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     try:
         with StopSignals() as signals:
             for step in range(start_step, cfg.max_steps):
-                lr = lr_at(step, cfg)
+                lr, t_step = lr_at(step, cfg), time.time()
                 loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
                 done = step + 1
+                if done == start_step + 1 and rt.device.type != "cuda" and done % cfg.log_interval:
+                    log.print(first_step_line(time.time() - t_step, cfg.max_steps - done,
+                                              minutes_left(cfg.max_minutes, t_start)))
                 losses.add(done, lr, loss, grad_norm)
                 meter.steps += 1
                 out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
@@ -557,9 +593,10 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     continue  # the losses stay on the device: no host sync on this step
                 grad_norm = losses.flush()  # before any checkpoint: a run that must stop never saves after its bad steps
                 if done % cfg.log_interval == 0 or last:
-                    log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean()))
+                    log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean(),
+                                         minutes_left(cfg.max_minutes, t_start)))
                 if (done % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val)
+                    val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val, start_loss)
                     meter.restart()  # keep validation out of tokens/s
                 elif done % cfg.ckpt_interval == 0 or stop:
                     ckpts.save(done, val_loss, best_val, False)
@@ -575,9 +612,12 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                   f"`python {script} --resume --out_dir={cfg.out_dir}`")
         raise SystemExit(130)
     if rt.master:
-        png = plot_losses(cfg.out_dir)
+        png = plot_losses(cfg.out_dir, kind)
         log.print(f"done: best val loss {best_val:.4f} | checkpoints in {cfg.out_dir}/ (best.pt, last.pt)"
                   + (f" | curve {png}" if png else ""))
+        if best_val >= start_loss:
+            log.print(f"note: no step beat step 0's val loss {start_loss:.4f}; best.pt is the least bad trained step "
+                      f"(try a lower --learning_rate or fewer steps)")
     result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
     if rt.master:
         write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)

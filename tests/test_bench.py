@@ -36,6 +36,9 @@ def test_train_rows_follow_from_the_timed_steps(tmp_path):
     assert report["config"]["variants"] == "fp32_eager"
     table = stdout.splitlines()[-1].split()
     assert table[:2] == ["train", "fp32_eager"] and table[2].replace(",", "") == str(round(row["tokens_per_s"]))
+    # no GPU, no peak to measure: MFU is n/a, never a 0 TFLOP/s peak and 0%
+    assert row["mfu"] is None and table[-1] == "n/a" and report["matmul_peak_tflops"] == 0.0
+    assert "matmul peak n/a (no GPU: no MFU)" in stdout and "0 TFLOP/s" not in stdout and "0.0%" not in stdout
 
 
 def test_parity_harness_gives_zero_gaps_for_the_same_path(tmp_path, tiny_corpus):

@@ -271,3 +271,10 @@ def test_peak_memory_bounded_for_a_40mb_record(tmp_path, tokenizer_path, contain
     assert peak_mb < 400, f"peak {peak_mb:.0f} MB: {r.stdout} {r.stderr}"
     if container != "txt":
         assert f"{path.name}:2: too long" in r.stderr or f"{path.name}:1: too long" in r.stderr
+
+
+def test_inputs_are_described_in_words():
+    from corpora import Source
+    assert dp.describe_source(Source("notes.txt", "txt", "text")) == "plain text"
+    assert dp.describe_source(Source("baike.jsonl.gz", "lines", "baike")) == "JSON lines of baike records (gzip)"
+    assert dp.describe_source(Source("wiki.json", "array", "completion")) == "a JSON array of completion records"

@@ -574,6 +574,7 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
         return os.path.join(PRE, "wiki_array.json")
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
+    monkeypatch.setattr("chatglm_tokenizer.tokenizer.hub_reachable", lambda: True)  # the stand-in is the Hub
     url = "hf://datasets/pleisto/wikipedia-cn-20230720-filtered/sub/dir/wikipedia-cn-20230720-filtered.json"
     c = cfg(mode="pretrain", inputs=[url, f"{url}:text"])
     assert parse_inputs(c) == [(os.path.join(PRE, "wiki_array.json"), ""),

@@ -4,7 +4,6 @@ Most tests use FakeTokenizer (one id per character), so they need no tokenizer.m
     python -m pytest tests/test_dataset_sft.py -q
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -275,11 +274,10 @@ def test_eval_batches_cover_every_sample_once_across_ranks():
     assert sorted(seen) == list(range(10))
 
 
-@pytest.mark.skipif(not os.environ.get("BABYLLAMA_TOKENIZER"), reason="BABYLLAMA_TOKENIZER not set")
-def test_real_tokenizer_two_turns_and_prompt():
+def test_real_tokenizer_two_turns_and_prompt(tokenizer_path):
     from chatglm_tokenizer import load_tokenizer
 
-    tok = load_tokenizer(os.environ["BABYLLAMA_TOKENIZER"])
+    tok = load_tokenizer(tokenizer_path)
     c = conv("你好", "您好", "头疼怎么办", "多休息，多喝水。")
     ids, sup = render(tok, c, system="你是医生")
     assert [t for t, s in zip(ids, sup) if s] == tok.encode("您好") + [2] + tok.encode("多休息，多喝水。") + [2]
@@ -294,3 +292,15 @@ def test_too_few_samples_for_a_batch_fail_only_when_batched():
     assert sum(x.shape[0] for x, _ in data.eval_batches()) == 3
     with pytest.raises(DataError, match="no full batch"):
         data.batch(0, 0)
+
+
+def test_conversations_cut_at_a_short_context_are_counted_with_a_hint():
+    short = SFTData(SFTSamples(records(20), TOK, 12), Batching(batch_size=2))
+    c = short.samples.counts
+    assert c["dropped"] + c["truncated"] >= 1, c
+    n = c["conversations"]
+    assert (f"{c['dropped']:,} dropped, {c['truncated']:,} truncated: {c['dropped'] / n:.0%} and "
+            f"{c['truncated'] / n:.0%} of the conversations do not fit 12 tokens; a longer context") in short.describe()
+    roomy = SFTData(SFTSamples(records(20), TOK, 128), Batching(batch_size=2))
+    assert roomy.samples.counts["dropped"] + roomy.samples.counts["truncated"] == 0
+    assert "do not fit" not in roomy.describe()

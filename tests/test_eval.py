@@ -350,6 +350,20 @@ def test_stream_text_writes_only_complete_text():
     assert out.getvalue() == "好啊\n" and "\ufffd" not in out.getvalue()
 
 
+def test_stream_text_holds_back_unfinished_bytes_and_drops_a_cut_character():
+    class Bytes:  # byte-fallback tokens: one id per UTF-8 byte
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    writes = []
+    out = io.StringIO()
+    out.write = lambda t: writes.append(t) or len(t)
+    ids = list("你好".encode()) + list("吗".encode())[:2]  # the answer stops inside its third character
+    assert stream_text(iter(ids), Bytes(), out) == "你好"
+    assert "".join(writes) == "你好\n" and not any("\ufffd" in w for w in writes)
+    assert writes[:2] == ["你", "好"]  # each character written as soon as its last byte arrives
+
+
 def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
@@ -371,3 +385,46 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     assert r.stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk, jieba, method1): ")  # scores, then the report paths
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["samples"] == 3
+
+
+# ---- a small machine ---------------------------------------------------------------------------------
+
+def test_perplexity_never_builds_the_full_logits_and_shows_progress(val_dir, capsys, monkeypatch):
+    """The loss comes chunk by chunk (fused_ce): the (rows x seq_len, vocab) logits never exist, same value."""
+    model = tiny_model()
+    want, _ = manual_loss(model, val_dir, 16)
+    monkeypatch.setattr(ev, "PPL_CHUNK", 5)  # several chunks per batch of 3 windows x 16 tokens
+    monkeypatch.setattr(model, "logits", lambda h: pytest.fail("full logits built"))
+    got = ev.perplexity(model, val_dir, 16, 3, 0, "cpu")
+    assert got["loss"] == pytest.approx(want, rel=1e-5) and model.ce_chunk == 0
+    err = capsys.readouterr().err
+    assert "perplexity" in err and "8/8" in err
+
+
+def test_default_max_new_tokens_adapts_to_a_short_context_with_a_note(tmp_path, capsys):
+    tok = FakeTokenizer()
+    model = tiny_model(max_seq_len=16)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "你好", "answer": "好"}])
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none")  # max_new_tokens 256 > 16
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
+                         torch.float32, progress=False)
+    out = capsys.readouterr().out
+    assert "note: --max_new_tokens 256 leaves no room for a prompt in this model's 16-token context; using 8" in out
+    assert report["config"]["max_new_tokens"] == 8 and "max_new_tokens 8," in report["protocol"]["decoding"]
+
+
+def test_the_embedded_sample_fallback_is_said_on_the_console_and_in_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/sample/eval")
+    write_jsonl(ev.SAMPLE_DATA, [{"question": "你好", "answer": "好"}])
+    tok, model = FakeTokenizer(), tiny_model(max_seq_len=32)
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), val_bin="none", max_new_tokens=4)
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
+                         torch.float32, progress=False)
+    assert f"note: no data/eval/medical_qa.jsonl: scoring the embedded sample {ev.SAMPLE_DATA}" in capsys.readouterr().out
+    assert report["protocol"]["data"] == ev.SAMPLE_NOTE
+    assert ev.SAMPLE_NOTE in open(tmp_path / "eval_report.md", encoding="utf-8").read()
+    cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=ev.SAMPLE_DATA, val_bin="none", max_new_tokens=4)
+    report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
+                         torch.float32, progress=False)  # asked for by name: no note
+    assert "note:" not in capsys.readouterr().out and report["protocol"]["data"] == ev.SAMPLE_DATA

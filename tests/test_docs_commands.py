@@ -1,0 +1,117 @@
+"""Every command in the scripts' docstrings and in README.md runs as written.
+
+Each command's flags are parsed and validated by its script's config (an unknown or renamed flag, a bad value, a
+--warmup_steps longer than --max_steps fail here). The tiny CPU commands really run, in order, in a scratch copy
+of the repository: data_process.py on the embedded sample, the tiny pretrain and SFT runs, eval, chat, export.
+"""
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from configurator import parse_config
+
+SCRIPTS = {"data_process.py": "Config", "pretrain.py": "PretrainConfig", "sft.py": "SFTConfig",
+           "eval.py": "EvalConfig", "chat.py": "ChatConfig", "export.py": "ExportConfig"}
+COMMAND = re.compile(r"^(?:printf .*\| )?(?:python|torchrun .*?) (" + "|".join(map(re.escape, SCRIPTS)) + r")\b")
+
+
+def commands_in(text: str) -> list:
+    """Commands of SCRIPTS in `text`: whole lines (continued with a backslash) or `backticked` spans."""
+    text = text.replace("\\\n", " ")
+    found = [m for m in re.findall(r"`([^`\n]+)`", text) if COMMAND.match(m)]
+    for line in text.splitlines():
+        line = re.sub(r"\s{2,}\(.*\)\s*$", "", line.strip())  # a trailing "(note)" after the command
+        if COMMAND.match(line):
+            found.append(line)
+    return found
+
+
+def docstring_commands() -> list:
+    out = []
+    for script in SCRIPTS:
+        with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+            docstring = f.read().split('"""')[1]  # as written in the file: printf's \n stays two characters
+        out += [(script, c) for c in commands_in(docstring)]
+    return out
+
+
+def readme_commands() -> list:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", f.read(), flags=re.S)
+    return [("README.md", c) for block in blocks for c in commands_in(block)]
+
+
+def script_argv(command: str) -> tuple:
+    """'printf .. | python x.py --a=1  # note' -> ('x.py', ['--a=1'])."""
+    words = shlex.split(command.split("| ", 1)[-1] if command.startswith("printf") else command, comments=True)
+    i = next(i for i, w in enumerate(words) if w in SCRIPTS)
+    argv = words[i + 1:]
+    if words[i] == "data_process.py" and argv and not argv[0].startswith("-"):
+        argv = ["--mode", argv[0], *argv[1:]]  # the mode word, as data_process.main takes it
+    return words[i], argv
+
+
+def test_every_script_has_commands_and_they_are_found():
+    found = {s for s, _ in docstring_commands()}
+    assert found == set(SCRIPTS), set(SCRIPTS) - found
+    assert len(readme_commands()) >= 10
+
+
+@pytest.mark.parametrize("where,command", docstring_commands() + readme_commands())
+def test_command_flags_parse_and_validate(where, command):
+    script, argv = script_argv(command)
+    module = importlib.import_module(script[:-3])
+    parse_config(getattr(module, SCRIPTS[script]), argv)  # raises ConfigError on an unknown flag or a bad value
+
+
+def find(commands, script: str, *parts: str) -> str:
+    hits = [c for s, c in commands if s == script and all(p in c for p in parts)]
+    assert hits, f"{script}: no docstring command with {parts}"
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """The repository's files in a scratch folder (symlinks), with empty data/ (but the sample) and out/."""
+    box = tmp_path_factory.mktemp("repo")
+    for name in os.listdir(ROOT):
+        if name not in ("data", "out") and not name.startswith("."):
+            os.symlink(os.path.join(ROOT, name), box / name)
+    (box / "data").mkdir()
+    os.symlink(os.path.join(ROOT, "data", "sample"), box / "data" / "sample")
+    (box / "out").mkdir()
+    return box
+
+
+def run(box, command: str, timeout: int = 600) -> str:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="2")
+    r = subprocess.run(["bash", "-c", command], cwd=box, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{command}\n--- stdout\n{r.stdout[-2000:]}\n--- stderr\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_tiny_docstring_commands_run_as_written(sandbox, tokenizer_path):
+    cmds = docstring_commands()
+    run(sandbox, find(cmds, "data_process.py", "python data_process.py  "))  # the bare command: the embedded sample
+    assert os.path.isfile(sandbox / "data" / "pretrain" / "val_00000.bin")
+    out = run(sandbox, find(cmds, "data_process.py", "tests/fixtures_data"))
+    assert "a JSON array of completion records" in out and os.path.isfile(sandbox / "data" / "tiny" / "train_00000.bin")
+    out = run(sandbox, find(cmds, "pretrain.py", "--out_dir=out/tiny"))
+    assert "first step:" in out and "done: best val loss" in out
+    out = run(sandbox, find(cmds, "sft.py", "--init_from=out/tiny "))
+    assert os.path.isfile(sandbox / "out" / "tiny_sft" / "last.pt") and "done: best val loss" in out
+    out = run(sandbox, find(cmds, "eval.py", "--ckpt=out/tiny "))
+    assert "BLEU-4" in out.splitlines()[-1] and "ppl:" in out
+    shutil.copytree(sandbox / "out" / "tiny_sft", sandbox / "out" / "sft")  # chat.py and export.py read out/sft
+    out = run(sandbox, find(cmds, "chat.py", "printf"))
+    assert "\ufffd" not in out and "sft model" in out
+    pytest.importorskip("transformers")
+    out = run(sandbox, find(cmds, "export.py", "--out_dir=out/hf "))
+    assert os.path.isfile(sandbox / "out" / "hf" / "config.json")
