@@ -13,16 +13,10 @@ every document followed by <eos>=2, each with a sidecar <stem>.json (format baby
 vocab size, dtype, eos id, token/document counts, sources, filters). SFT output: train.jsonl / val.jsonl, one
 {"conversations": [{"role": "user"|"assistant", "content"}...], "system"?, "source"} per line, sidecars train.json / val.json.
 
-Inputs are read by corpora.py: the container is detected from the bytes (gzip, parquet, a JSON array, JSON lines;
-.txt / .csv by extension), the record format from the keys of the first record (sharegpt, baike, instruction, reward,
-qa, prompt_answer, wudao, completion, text; plain text `txt`); `path:format` overrides the record format. An input
-`hf://datasets/OWNER/NAME/FILE` is that file of a Hugging Face dataset repo, downloaded once into the Hub's cache.
-
-Bad input: malformed JSON lines / array elements, records without the expected string field and undecodable bytes are
-skipped and counted (the first few reported as file:line); an unknown format or an input without records stops with a
-one-line error (exit 2) before anything is written; so is a dead tokenizer worker. Memory is bounded for any line
-length (--max_record_chars, --max_doc_chars). The output is written into <parent>/.<name>.new, then swapped in with
-its manifest.json (output_dir.py); a folder holding files this script did not write is refused without --overwrite.
+Inputs are read by corpora.py (container and record format detected; `path:format` overrides; hf:// files fetched).
+Bad records are skipped and counted (the first few reported as file:line); an unknown format, an empty input or a dead
+tokenizer worker is a one-line error (exit 2) before anything is written. Memory is bounded for any line length. The
+output is swapped in whole with its manifest.json (output_dir.py); files this script did not write need --overwrite.
 """
 from __future__ import annotations
 
@@ -103,13 +97,12 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
 # hashing, dedup, validation split
 
 
-CONTAINER_NAMES = {"array": "a JSON array", "lines": "JSON lines", "csv": "CSV", "parquet": "Parquet"}
-
-
 def describe_source(src: Source) -> str:
     """How an input was read, for the console: 'JSON lines of baike records (gzip)', 'plain text'."""
-    what = "plain text" if src.container == "txt" else f"{CONTAINER_NAMES.get(src.container, src.container)} of {src.fmt} records"
+    names = {"array": "a JSON array", "lines": "JSON lines", "csv": "CSV", "parquet": "Parquet"}
+    what = "plain text" if src.container == "txt" else f"{names.get(src.container, src.container)} of {src.fmt} records"
     return what + (" (gzip)" if src.path.endswith(".gz") else "")
+
 
 def text_hash(text: str, seed: int = 0) -> int:
     """64-bit hash of the whitespace-normalized text (exact dedup key; its low bits pick the validation split)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import os
 import sys
@@ -20,8 +19,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from configurator import DataError, check
+from configurator import check
 from model import ModelArgs, Transformer
+from runlog import (Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss,
+                    write_summary)
 from rundir import Checkpoints, StopSignals, check_data_tokenizer, open_run, stop_requested
 from runtime import Runtime, autocast_context, device_problem, set_rng_state
 
@@ -161,72 +162,6 @@ def peak_flops(device: torch.device, override_tflops: float) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-class Logger:
-    """Console + out_dir/log.txt + out_dir/metrics.jsonl (+ TensorBoard), on the master process only."""
-
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
-        self.enabled, self.out_dir, self.tb = enabled, out_dir, None
-        if enabled:
-            os.makedirs(out_dir, exist_ok=True)
-            self.log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
-            self.metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def print(self, msg: str) -> None:
-        if self.enabled:
-            print(msg, flush=True)
-            self.log_file.write(msg + "\n")
-            self.log_file.flush()
-
-    def metric(self, **row) -> None:
-        if self.enabled:
-            self.metrics_file.write(json.dumps(row) + "\n")
-            self.metrics_file.flush()
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        self.tb.add_scalar(k, v, row["step"])
-
-
-def read_metrics(out_dir: str) -> tuple:
-    """({step: train loss}, {step: val loss}) from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
-    train, val = {}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if "loss" in row:
-                train[row["step"]] = row["loss"]
-            if "val_loss" in row:
-                val[row["step"]] = row["val_loss"]
-    return train, val
-
-
-def plot_losses(out_dir: str, kind: str = "") -> Optional[str]:
-    """loss.png (train and val curves) from metrics.jsonl, titled with the stage and the run folder."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    train, val = read_metrics(out_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", linewidth=1)
-    ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
-    ax.set_title(f"{kind}: {out_dir}" if kind else out_dir)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
 
 
 class DeviceBatches:
@@ -384,53 +319,6 @@ class LossLog:
         return mean
 
 
-class Throughput:
-    """Steps, time and real tokens since the last log line (validation excluded) -> ms/step, tokens/s, MFU."""
-
-    def __init__(self, batches: DeviceBatches, world_size: int, flops_per_token: int, peak: Optional[float]):
-        self.batches, self.world_size, self.flops_per_token, self.peak = batches, world_size, flops_per_token, peak
-        self.rates: list[float] = []  # tokens/s of every logged interval (summary.json takes the median)
-        self.restart()
-
-    def restart(self) -> None:
-        self.t, self.steps, self.tokens = time.time(), 0, self.batches.tokens
-
-    def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str, left_s: Optional[float]) -> str:
-        """left_s: the seconds --max_minutes leaves (None = no limit); the ETA is the sooner of it and the steps'."""
-        now = time.time()
-        dt = (now - self.t) / max(1, self.steps)
-        tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
-        self.rates.append(tok_s)
-        self.restart()
-        mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
-        return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
-                f"{tok_s:,.0f} tok/s{mfu} | {eta(max_steps - done, dt, left_s)}")
-
-
-def eta(steps_left: int, step_s: float, left_s: Optional[float]) -> str:
-    """'eta 12.3 min', or the --max_minutes stop when that comes first."""
-    steps_s = steps_left * step_s
-    if left_s is not None and left_s < steps_s:
-        return f"eta {max(0.0, left_s) / 60:.1f} min (max_minutes; {steps_s / 60:.1f} min for every step)"
-    return f"eta {steps_s / 60:.1f} min"
-
-
-def first_step_line(step_s: float, steps_left: int, left_s: Optional[float]) -> str:
-    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)}"
-
-
-def start_val_loss(out_dir: str) -> float:
-    """Step 0's val loss from a resumed run's metrics.jsonl (inf when it is not there)."""
-    try:
-        return read_metrics(out_dir)[1].get(0, math.inf)
-    except OSError:
-        return math.inf
-
-
-def minutes_left(max_minutes: float, t_start: float) -> Optional[float]:
-    return 60 * max_minutes - (time.time() - t_start) if max_minutes > 0 else None
-
-
 def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Optional[dict],
                 init_state: Optional[dict]) -> tuple:
     """-> (raw model, model to run (compiled, DDP), optimizer, scaler, description), restored from ckpt if given."""
@@ -481,11 +369,6 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
     return val_loss, best_val
 
 
-def count(n: int) -> str:
-    """1,234 / 56.8M / 1.17B: exact below a million, three digits above."""
-    return f"{n:,}" if n < 1e6 else f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
-
-
 def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_step: int) -> tuple[TrainConfig, str]:
     """The config with max_steps fixed -> (config, how the length was chosen, for the log).
 
@@ -510,19 +393,6 @@ def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_ste
     return dataclasses.replace(cfg, max_steps=steps, warmup_steps=warmup), f"{steps:,} steps = {why}"
 
 
-def write_summary(cfg: TrainConfig, kind: str, params: int, tokens_per_step: int, epoch_steps: float,
-                  steps: int, meter: "Throughput", result: dict) -> None:
-    """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, time)."""
-    rates = sorted(meter.rates)
-    summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
-                   tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
-                   tokens_per_s=rates[len(rates) // 2] if rates else None, **result)
-    path = os.path.join(cfg.out_dir, "summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
           tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
     """Runs (or resumes) a training run and returns a summary dict.
@@ -535,6 +405,20 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
     finally:
         if lock is not None:
             os.close(lock)  # the folder is free again (the OS also frees it when the process dies)
+
+
+def describe_run(log: Logger, cfg: TrainConfig, rt: Runtime, what: str, compiled: str, accum: int,
+                 tokens_per_step: int, length: str, sources: tuple, start_step: int) -> None:
+    """The run's first lines: model and device, the batch and the run length, the data of both splits; on a slow
+    device, what the first minutes are spent on."""
+    seq_len = tokens_per_step // (cfg.batch_size * rt.world_size * accum)
+    log.print(f"{what} | device {rt.device} x{rt.world_size} | {str(rt.dtype)[6:]} | {compiled}")
+    log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
+              f"{tokens_per_step:,} tokens/step | {length} = {count(tokens_per_step * cfg.max_steps)} tokens")
+    log.print("data: " + " | ".join(src.describe() for src in sources))
+    if rt.device.type != "cuda":
+        log.print(f"{rt.device.type}: {'step 0 validation, then ' if start_step == 0 else ''}the first step; "
+                  "seconds per step and the time left follow it")
 
 
 def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, kind: str,
@@ -554,17 +438,11 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
     given = cfg
     cfg, length = run_length(cfg, train_src.epoch_steps(), raw_model.num_params(), tokens_per_step)
-    log.print(f"{kind}: {raw_model.num_params():,} unique parameters | device {rt.device} x{rt.world_size} | "
-              f"{str(rt.dtype)[6:]} | {compiled}")
-    log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
-              f"{tokens_per_step:,} tokens/step | {length} = {count(tokens_per_step * cfg.max_steps)} tokens")
-    log.print(f"data: {train_src.describe()} | {val_src.describe()}")
+    describe_run(log, cfg, rt, f"{kind}: {raw_model.num_params():,} unique parameters", compiled, accum,
+                 tokens_per_step, length, (train_src, val_src), start_step)
     ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
-    if rt.device.type != "cuda":  # slow devices: say what the first minutes are spent on
-        log.print(f"{rt.device.type}: {'step 0 validation, then ' if start_step == 0 else ''}the first step; "
-                  f"seconds per step and the time left follow it")
     if start_step == 0:
         val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val)
     else:

@@ -5,9 +5,11 @@ import types
 
 import pytest
 
+import runlog
 import trainer
 from conftest import run_script
-from trainer import TrainConfig, eta, plot_losses
+from runlog import eta, plot_losses
+from trainer import TrainConfig
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
         "--device=cpu", "--compile=false", "--eval_windows=8", "--warmup_steps=2"]
@@ -39,7 +41,7 @@ def test_a_val_loss_above_step_0_is_said_so(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer, "evaluate", lambda model, batches, rt: next(losses))
     saved = []
     ckpts = types.SimpleNamespace(save=lambda step, val, best_val, best: saved.append((step, best)))
-    log = trainer.Logger(str(tmp_path), True, False)
+    log = runlog.Logger(str(tmp_path), True, False)
     src = types.SimpleNamespace(eval_batches=lambda n: [])
     cfg = TrainConfig(out_dir=str(tmp_path))
     start, best = trainer.validate(None, src, cfg, None, log, ckpts, 0, float("inf"))

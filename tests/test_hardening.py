@@ -22,7 +22,7 @@ from conftest import ROOT, run_script, write_shard
 from dataset import data_tokenizer
 from rundir import claim_run_dir
 from runtime import CheckpointError, load_checkpoint, save_checkpoint
-from trainer import read_metrics as metrics
+from runlog import read_metrics as metrics
 from test_pretrain import TINY
 
 torch.set_num_threads(1)

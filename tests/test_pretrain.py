@@ -16,7 +16,8 @@ from configurator import ConfigError, parse_config
 from configurator import DataError
 from dataset import PretrainData
 from runtime import autocast_context
-from trainer import TrainConfig, grad_accum_steps, lr_at, read_metrics as metrics
+from runlog import read_metrics as metrics
+from trainer import TrainConfig, grad_accum_steps, lr_at
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
         "--device=cpu", "--compile=false", "--log_interval=1", "--eval_windows=16", "--warmup_steps=2",

@@ -1,0 +1,142 @@
+"""What a training run tells its user: the console and log.txt, metrics.jsonl, loss.png, tokens/s and ETA lines,
+and summary.json at the end (which report.py reads). trainer.py calls these; nothing here touches the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+
+class Logger:
+    """Console + out_dir/log.txt + out_dir/metrics.jsonl (+ TensorBoard), on the master process only."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled, self.out_dir, self.tb = enabled, out_dir, None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            self.log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
+            self.metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
+
+    def metric(self, **row) -> None:
+        if self.enabled:
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, row["step"])
+
+
+def read_metrics(out_dir: str) -> tuple:
+    """({step: train loss}, {step: val loss}) from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
+    train, val = {}, {}
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                train[row["step"]] = row["loss"]
+            if "val_loss" in row:
+                val[row["step"]] = row["val_loss"]
+    return train, val
+
+
+def plot_losses(out_dir: str, kind: str = "") -> Optional[str]:
+    """loss.png (train and val curves) from metrics.jsonl, titled with the stage and the run folder."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = read_metrics(out_dir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train", linewidth=1)
+    ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
+    ax.set_title(f"{kind}: {out_dir}" if kind else out_dir)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+class Throughput:
+    """Steps, time and real tokens since the last log line (validation excluded) -> ms/step, tokens/s, MFU."""
+
+    def __init__(self, batches, world_size: int, flops_per_token: int, peak: Optional[float]):
+        # batches: trainer.DeviceBatches, whose .tokens counts the real (non-padding) tokens fed so far
+        self.batches, self.world_size, self.flops_per_token, self.peak = batches, world_size, flops_per_token, peak
+        self.rates: list[float] = []  # tokens/s of every logged interval (summary.json takes the median)
+        self.restart()
+
+    def restart(self) -> None:
+        self.t, self.steps, self.tokens = time.time(), 0, self.batches.tokens
+
+    def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str, left_s: Optional[float]) -> str:
+        """left_s: the seconds --max_minutes leaves (None = no limit); the ETA is the sooner of it and the steps'."""
+        now = time.time()
+        dt = (now - self.t) / max(1, self.steps)
+        tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
+        self.rates.append(tok_s)
+        self.restart()
+        mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
+        return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
+                f"{tok_s:,.0f} tok/s{mfu} | {eta(max_steps - done, dt, left_s)}")
+
+
+def eta(steps_left: int, step_s: float, left_s: Optional[float]) -> str:
+    """'eta 12.3 min', or the --max_minutes stop when that comes first."""
+    steps_s = steps_left * step_s
+    if left_s is not None and left_s < steps_s:
+        return f"eta {max(0.0, left_s) / 60:.1f} min (max_minutes; {steps_s / 60:.1f} min for every step)"
+    return f"eta {steps_s / 60:.1f} min"
+
+
+def first_step_line(step_s: float, steps_left: int, left_s: Optional[float]) -> str:
+    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)}"
+
+
+def start_val_loss(out_dir: str) -> float:
+    """Step 0's val loss from a resumed run's metrics.jsonl (inf when it is not there)."""
+    try:
+        return read_metrics(out_dir)[1].get(0, math.inf)
+    except OSError:
+        return math.inf
+
+
+def minutes_left(max_minutes: float, t_start: float) -> Optional[float]:
+    return 60 * max_minutes - (time.time() - t_start) if max_minutes > 0 else None
+
+
+def count(n: int) -> str:
+    """1,234 / 56.8M / 1.17B: exact below a million, three digits above."""
+    return f"{n:,}" if n < 1e6 else f"{n / 1e6:,.1f}M" if n < 1e9 else f"{n / 1e9:,.2f}B"
+
+
+def write_summary(cfg, kind: str, params: int, tokens_per_step: int, epoch_steps: float,
+                  steps: int, meter: "Throughput", result: dict) -> None:
+    """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, time)."""
+    rates = sorted(meter.rates)
+    summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
+                   tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
+                   tokens_per_s=rates[len(rates) // 2] if rates else None, **result)
+    path = os.path.join(cfg.out_dir, "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
