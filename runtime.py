@@ -111,7 +111,7 @@ def cleanup(rt: Runtime) -> None:
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
-    """Mixed precision that really uses `dtype` (the seed's autocast ignored its dtype argument)."""
+    """Mixed precision that really uses `dtype` (the original project's autocast ignored its dtype argument)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

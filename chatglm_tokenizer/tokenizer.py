@@ -4,8 +4,8 @@ ids: <unk>=0 (also the pad id), <s>=1 (<bos>, the separator between prompt and a
 </s>=2 (<eos>, closes every document and every answer). Any tokenizer.model with these three ids works.
 
 The vocab size follows the model file. ChatGLM2's SentencePiece model has 64,789 pieces; ChatGLM2 appends five
-specials after them ([MASK], [gMASK], [sMASK], sop, eop = 64789..64793), and its design vocab is 64,793 (the seed's
-number): our data never contains the specials. A tokenizer of our own (train_tokenizer.py) has no specials beyond
+specials after them ([MASK], [gMASK], [sMASK], sop, eop = 64789..64793), and its design vocab is 64,793 (the
+original project's number): our data never contains the specials. A tokenizer of our own (train_tokenizer.py) has no specials beyond
 its pieces: its vocab size is its piece count (at most 65,535). data_process.py checks that every id is
 < vocab_size, so all ids fit uint16.
 
