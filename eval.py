@@ -27,7 +27,6 @@ Writes eval_report.json and eval_report.md into the checkpoint's folder and prin
 from __future__ import annotations
 
 import datetime
-import contextlib
 import json
 import math
 import os
@@ -43,7 +42,7 @@ import bleu
 import quality
 from configurator import DataError, check, config_dict, config_or_exit
 from generate import Sampling, generate
-from runtime import (autocast_context as autocast, device_problem, load_for_inference, open_exclusive, resolve_dtype,
+from runtime import (autocast_context as autocast, device_problem, load_for_inference, resolve_dtype, write_atomic,
                      synchronize)
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
@@ -217,18 +216,6 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
 
 
 # ----------------------------------------------------------------------------- reports
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    try:
-        with open_exclusive(tmp) as f:  # a file of its own, never through a planted link
-            f.write(text.encode("utf-8"))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def markdown_report(report: dict) -> str:

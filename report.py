@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from configurator import check, config_or_exit
+from runlog import read_metrics
+from runtime import write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
 
@@ -51,13 +53,10 @@ def read_jsonl(path: str) -> List[dict]:
 
 
 def curves(run_dir: str) -> dict:
-    """{"train": [[step, loss], ...], "val": [[step, val_loss], ...]} of a training run (the last row of a step wins)."""
-    train, val = {}, {}
-    for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
-        if "loss" in row:
-            train[row["step"]] = row["loss"]
-        if "val_loss" in row:
-            val[row["step"]] = row["val_loss"]
+    """{"train": [(step, loss), ...], "val": [(step, val_loss), ...]} of a training run (none if it has no metrics)."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        return {"train": [], "val": []}
+    train, val = read_metrics(run_dir)
     return {"train": sorted(train.items()), "val": sorted(val.items())}
 
 
@@ -219,13 +218,6 @@ def plot(r: dict, run: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

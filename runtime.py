@@ -168,6 +168,19 @@ def open_exclusive(path: str):
     return os.fdopen(fd, "wb")
 
 
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes a text file (a report) whole or not at all: path.tmp created exclusively, then renamed over path."""
+    tmp = path + ".tmp"
+    try:
+        with open_exclusive(tmp) as f:  # a file of its own, never through a planted link
+            f.write(text.encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
 def _free_bytes(path: str) -> int:
     try:
         return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
