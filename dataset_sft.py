@@ -182,15 +182,15 @@ def make_example(ids: Sequence[int], supervised: Sequence[bool], max_seq_len: in
     return x, y
 
 
-def _read_records(path) -> Iterator[Tuple[str, list, Optional[str]]]:
-    """Yields (where, conversation, system) from a contract jsonl file, or from a list of record dicts."""
+def _read_records(path) -> Iterator[Tuple[str, list, Optional[str], str]]:
+    """Yields (where, conversation, system, source) from a contract jsonl file, or from a list of record dicts."""
     if not isinstance(path, str):
         for i, rec in enumerate(path):
             rec = rec if isinstance(rec, dict) else {}
-            yield f"record {i}", rec.get("conversations"), rec.get("system") or None
+            yield f"record {i}", rec.get("conversations"), rec.get("system") or None, str(rec.get("source") or "")
         return
     for lineno, rec in read_jsonl(path, 'a JSON object with "conversations"'):
-        yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None
+        yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None, str(rec.get("source") or "")
 
 
 def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
@@ -247,17 +247,18 @@ class SFTSamples:
             raise ValueError(f"SFTSamples: need max_seq_len >= 1, got {max_seq_len}")
         self.name = os.path.basename(path) if isinstance(path, str) else "records"
         self.max_seq_len = max_seq_len
-        records = []
-        for where, conv, system in _read_records(path):
+        records, sources = [], []
+        for where, conv, system, source in _read_records(path):
             reason = check_conversation(conv, system)
             if reason:
                 raise DataError(f"{where}: {reason}")
             records.append((conv, system))
+            sources.append(source)
         if progress is None:
             progress = len(records) >= 5000 and sys.stderr.isatty()
         from tqdm import tqdm
 
-        tok_parts, sup_parts, lengths = [], [], []
+        tok_parts, sup_parts, lengths, kept_sources = [], [], [], []
         counts = {"conversations": len(records), "samples": 0, "dropped": 0, "truncated": 0}
         chunk = 2048  # conversations per encode_batch call: all cores busy, bounded memory
         bar = tqdm(total=len(records), desc=f"tokenizing {self.name}", unit="conv", disable=not progress)
@@ -266,7 +267,7 @@ class SFTSamples:
             texts = [_texts(conv, system) for conv, system in part]
             flat = tokenizer.encode_batch([t for ts in texts for t in ts], num_threads=num_threads)
             at = 0
-            for (conv, system), ts in zip(part, texts):
+            for (conv, system), ts, source in zip(part, texts, sources[s:s + chunk]):
                 pieces, at = flat[at:at + len(ts)], at + len(ts)
                 ids, sup = _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
                 n_sys = len(pieces[0]) if system else 0
@@ -278,6 +279,7 @@ class SFTSamples:
                 tok_parts.append(ids)
                 sup_parts.append(sup)
                 lengths.append(len(ids))
+                kept_sources.append(source)
             bar.update(len(part))
         bar.close()
         flat_ids = np.fromiter((i for ids in tok_parts for i in ids), dtype=np.int64, count=sum(lengths))
@@ -289,6 +291,10 @@ class SFTSamples:
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
         self.ex_len = np.asarray(lengths, dtype=np.int64) - 1  # (x, y) length of each sample
+        # the source file of each sample, as an index into source_names (for the SFT mix, see mix_repeats)
+        self.source_names = sorted(set(kept_sources))
+        index = {name: i for i, name in enumerate(self.source_names)}
+        self.source_of = np.fromiter((index[x] for x in kept_sources), dtype=np.int32, count=len(kept_sources))
         counts["samples"] = len(lengths)
         counts["tokens"] = int(self.tokens.size)
         counts["supervised"] = int(flat_sup.sum())  # = the number of targets != -1 (a sample never starts supervised)
@@ -318,9 +324,12 @@ class SFTData:
     """The trainer's batch source over SFTSamples: batch(step, micro_step) -> (x, y) in "dynamic"/"fixed" mode,
     (x, y, seg) in "packed" mode, CPU int64; eval_batches(n) for validation."""
 
-    def __init__(self, samples: SFTSamples, batching: Batching):
+    def __init__(self, samples: SFTSamples, batching: Batching, repeats: Optional[np.ndarray] = None):
         batching.validate()
         self.samples, self.batching = samples, batching
+        # repeats (N,) int: how often each sample appears per epoch (the SFT mix, see mix_repeats); None = once each
+        self.repeats = repeats
+        self._pool = np.arange(len(samples)) if repeats is None else np.repeat(np.arange(len(samples)), repeats)
         self.name, self.max_seq_len, self.ex_len = samples.name, samples.max_seq_len, samples.ex_len
         self.batch_size, self.mode = batching.batch_size, batching.mode
         self._cache: dict = {}  # epoch -> batches, holding the latest epoch only
@@ -332,7 +341,8 @@ class SFTData:
     def with_mode(self, mode: str, group: Optional[int] = None) -> "SFTData":
         """The same tokenized samples batched another way (shares the arrays)."""
         return SFTData(self.samples, dataclasses.replace(self.batching, mode=mode,
-                                                         group=self.batching.group if group is None else group))
+                                                         group=self.batching.group if group is None else group),
+                       self.repeats)
 
     # ---- batch layout --------------------------------------------------------------------------
     def _layout(self, epoch: int) -> list:
@@ -340,8 +350,8 @@ class SFTData:
         if epoch in self._cache:
             return self._cache[epoch]
         rng = np.random.default_rng([self.batching.seed, epoch])
-        B, n = self.batch_size, len(self)
-        perm = rng.permutation(n)
+        B, n = self.batch_size, len(self._pool)
+        perm = self._pool[rng.permutation(n)]  # sample ids, a mixed source's samples several times
         mega = self.batching.group * B
         if self.mode == "fixed":
             batches = list(perm[:n // B * B].reshape(-1, B))
@@ -471,9 +481,41 @@ class SFTData:
         c, per_epoch = self.samples.counts, self.epoch_batches()
         batching = (f"{self.mode} batches of {self.batch_size} x <= {self.max_seq_len}, {per_epoch:,}/epoch" if per_epoch
                     else f"too few for one {self.mode} batch; validation pads its own batches of {self.batch_size}")
+        mixed = "" if self.repeats is None else f" | mixed to {len(self._pool):,} samples per epoch"
         return (f"{self.name}: {c['samples']:,} samples of {c['conversations']:,} conversations ({c['dropped']:,} "
                 f"dropped, {c['truncated']:,} truncated{cut_hint(c, self.max_seq_len)}) | {c['tokens']:,} tokens, "
-                f"{c['supervised']:,} supervised | {batching}")
+                f"{c['supervised']:,} supervised{mixed} | {batching}")
+
+
+def parse_mix(spec: str) -> List[Tuple[str, int]]:
+    """The SFT mix "medical=3,alpaca=0" -> [("medical", 3), ("alpaca", 0)]: a source whose file name contains the
+    text appears that many times per epoch (0 = left out); one-line ValueError for a malformed part."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, times = part.partition("=")
+        if not (eq and name.strip() and times.strip().isdigit() and int(times) <= 100):
+            raise ValueError(f"mix: {part!r} is not NAME=TIMES (TIMES a whole number 0-100), e.g. medical=3")
+        out.append((name.strip(), int(times)))
+    return out
+
+
+def mix_repeats(samples: SFTSamples, spec: str) -> Optional[np.ndarray]:
+    """Per-sample repeats (N,) int64 for the mix spec (parse_mix; the first matching part wins, unmatched sources
+    once), or None for an empty spec. A part that matches no source, or a mix that leaves nothing, is a DataError."""
+    parts = parse_mix(spec)
+    if not parts:
+        return None
+    per_source = np.ones(len(samples.source_names), dtype=np.int64)
+    for name, times in reversed(parts):  # reversed: the first matching part is applied last, so it wins
+        hits = [i for i, src in enumerate(samples.source_names) if name in src]
+        if not hits:
+            raise DataError(f"{samples.name}: mix part {name!r} matches no source (sources: "
+                            f"{', '.join(samples.source_names) or 'none recorded'})")
+        per_source[hits] = times
+    repeats = per_source[samples.source_of]
+    if repeats.sum() == 0:
+        raise DataError(f"{samples.name}: the mix {spec!r} leaves no conversation")
+    return repeats
 
 
 def cut_hint(counts: dict, max_seq_len: int) -> str:

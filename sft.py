@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import load_tokenizer
 from configurator import ConfigError, DataError, check, config_or_exit
-from dataset_sft import MODES, Batching, SFTData, SFTSamples
+from dataset_sft import MODES, Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
 from runtime import checkpoint_file, cleanup, load_checkpoint, setup_runtime
@@ -35,6 +35,7 @@ class SFTConfig(TrainConfig):
     batch_mode: str = "packed"  # packed (whole conversations packed into full rows, 99.7% real tokens) | dynamic | fixed
     max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
     pad_multiple: int = 64  # dynamic batches pad to a multiple of this: few distinct shapes for torch.compile
+    mix: str = ""  # SFT mix: "medical=3" = conversations from sources whose file name contains "medical" 3 times per epoch (0 drops a source; the rest once); "" = each once; validation is never mixed
     epochs: float = 3.0  # passes over the conversations (docs/recipe.md: 3 at 5e-4 gave the best held-out BLEU)
     learning_rate: float = 5e-4  # peak LR (a third of pretraining's: the model already knows the language)
     min_lr: float = 5e-5
@@ -49,6 +50,10 @@ class SFTConfig(TrainConfig):
         check(self.batch_mode in MODES, f"batch_mode must be one of {'|'.join(MODES)}, got {self.batch_mode!r}")
         check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
         check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
+        try:
+            parse_mix(self.mix)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
@@ -88,7 +93,8 @@ def main(argv=None) -> dict:
                     raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
                 batching = Batching(batch_size=run.batch_size, seed=run.seed, rank=rt.rank, world_size=rt.world_size,
                                     mode=run.batch_mode, grad_accum=accum, pad_multiple=run.pad_multiple)
-                return SFTData(SFTSamples(path, tok, margs.max_seq_len), batching)
+                samples = SFTSamples(path, tok, margs.max_seq_len)
+                return SFTData(samples, batching, mix_repeats(samples, run.mix) if name == "train" else None)
             return split("train", grad_accum), split("val", 1)
 
         return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256,

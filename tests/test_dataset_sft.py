@@ -304,3 +304,51 @@ def test_conversations_cut_at_a_short_context_are_counted_with_a_hint():
     roomy = SFTData(SFTSamples(records(20), TOK, 128), Batching(batch_size=2))
     assert roomy.samples.counts["dropped"] + roomy.samples.counts["truncated"] == 0
     assert "do not fit" not in roomy.describe()
+
+
+# ---- the SFT mix ---------------------------------------------------------------------------------
+
+def sourced(n_a, n_b):
+    """n_a conversations from medical-qa.jsonl and n_b from alpaca.json, each answer naming its index."""
+    return ([{"conversations": conv("q", f"a{i}"), "source": "medical-qa.jsonl"} for i in range(n_a)]
+            + [{"conversations": conv("q", f"b{i}"), "source": "alpaca.json"} for i in range(n_b)])
+
+
+def test_mix_parses_and_rejects_malformed_parts():
+    from dataset_sft import parse_mix
+    assert parse_mix("") == [] and parse_mix("medical=3, alpaca=0") == [("medical", 3), ("alpaca", 0)]
+    for bad in ("medical", "medical=x", "=3", "medical=-1", "medical=1.5", "medical=101"):
+        with pytest.raises(ValueError, match="NAME=TIMES"):
+            parse_mix(bad)
+
+
+def test_mix_repeats_sources_per_epoch_and_empty_mix_changes_nothing():
+    from dataset_sft import mix_repeats
+    samples = SFTSamples(sourced(6, 10), TOK, 16)
+    assert samples.source_names == ["alpaca.json", "medical-qa.jsonl"]
+    assert mix_repeats(samples, "") is None
+    reps = mix_repeats(samples, "medical=3")
+    assert reps.tolist() == [3] * 6 + [1] * 10
+    # fixed mode, one batch of 28 = the whole mixed epoch: every medical sample 3 times, every other once
+    data = SFTData(samples, Batching(batch_size=28, mode="fixed"), reps)
+    assert data.epoch_batches() == 1
+    rows = [bytes(int(t) - 10 for t in row if t > 10).decode() for row in data.batch(0, 0)[0]]
+    answers = sorted(r[1:] for r in rows)  # "q" + answer
+    assert answers == sorted([f"a{i}" for i in range(6)] * 3 + [f"b{i}" for i in range(10)])
+    # all ones = no mix: the very same batches (so an empty mix reproduces earlier runs)
+    plain = SFTData(samples, Batching(batch_size=4, seed=1))
+    ones = SFTData(samples, Batching(batch_size=4, seed=1), np.ones(16, dtype=np.int64))
+    for step in range(6):
+        assert torch.equal(plain.batch(step, 0)[0], ones.batch(step, 0)[0])
+    # 0 drops a source; the first matching part wins
+    assert mix_repeats(samples, "alpaca=0").tolist() == [1] * 6 + [0] * 10
+    assert mix_repeats(samples, "medical-qa=2,medical=5").tolist() == [2] * 6 + [1] * 10
+
+
+def test_mix_errors_name_the_sources():
+    from dataset_sft import mix_repeats
+    samples = SFTSamples(sourced(2, 2), TOK, 16)
+    with pytest.raises(DataError, match=r"'belle' matches no source \(sources: alpaca.json, medical-qa.jsonl\)"):
+        mix_repeats(samples, "belle=2")
+    with pytest.raises(DataError, match="leaves no conversation"):
+        mix_repeats(samples, "medical=0,alpaca=0")

@@ -185,6 +185,12 @@ def test_bad_values_fail_validation(flag, message):
         parse_config(pretrain.PretrainConfig, [flag])
 
 
+def test_bad_sft_mix_fails_validation():
+    import sft
+    with pytest.raises(ConfigError, match="mix: 'medical' is not NAME=TIMES"):
+        parse_config(sft.SFTConfig, ["--mix=medical"])
+
+
 def test_cuda_without_cuda_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for cls in (pretrain.PretrainConfig, ev.EvalConfig, chat.ChatConfig):
