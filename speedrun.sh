@@ -9,13 +9,15 @@
 # {"question", "answer"} lines (the first file is used). Writes data under --data (default data/speedrun), runs under
 # --out (default out): out/pretrain, out/sft, out/eval_original, and the report card out/report.md with report.json
 # and curves.png beside it. Other flags: --overwrite (replace the data and runs of an earlier speedrun in the same
-# folders; without it a second run stops where it would replace a finished run), --skip_setup (use the current Python as it is).
-# Each stage keeps its own defaults (pretrain.py, sft.py, eval.py): this script adds no hyperparameters of its own,
-# so what it measures is what a user gets from the plain commands it prints.
+# folders; without it a second run stops where it would replace a finished run), --skip_setup (use the current Python as it is),
+# --sft_mix=SPEC (sft.py --mix: default medical-finetune=3, i.e. the conversations of sft/ files whose name contains
+# "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none).
+# Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
+# gets from the plain commands it prints.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE=""
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -24,6 +26,7 @@ for arg in "$@"; do
     --tiny) TINY=1 ;;
     --skip_setup) SETUP=0 ;;
     --overwrite) OVERWRITE=--overwrite ;;
+    --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
     -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
@@ -51,6 +54,11 @@ EVAL_FILE=$(find "$CORPORA/eval" -maxdepth 1 -name '*.jsonl' | sort | head -n 1)
 [ -n "$PRE_IN" ] && [ -n "$SFT_IN" ] && [ -n "$EVAL_FILE" ] || {
   echo "error: $CORPORA needs files in pretrain/ and sft/ and a .jsonl in eval/" >&2; exit 2; }
 
+# the SFT mix: by default only when a file it names is there (a mix naming no file is an error in sft.py)
+if [ -n "$MIX" ] && [ $MIX_SET = 0 ] && ! ls "$CORPORA/sft" | grep -q "${MIX%%=*}"; then MIX=""; fi
+MIX_X=""; [ -n "$MIX" ] && MIX_X="--mix=$MIX"
+echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
+
 [ $SETUP = 1 ] && source ./setup.sh
 NPROC="${NPROC:-1}"
 if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
@@ -75,7 +83,7 @@ PY
 stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $OVERWRITE
 stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" $OVERWRITE
 stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $PRE_X $OVERWRITE
-stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $SFT_X $OVERWRITE
+stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $MIX_X $SFT_X $OVERWRITE
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
     --baseline_pool="$DATA/sft/train.jsonl" $EVAL_X
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens

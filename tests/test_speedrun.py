@@ -20,8 +20,8 @@ def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("speedrun")
     out, data = str(base / "out"), str(base / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", BABYLLAMA_TOKENIZER=tokenizer_path)
-    r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}",
+                        "--sft_mix=medical=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return out, r.stdout
 
@@ -37,6 +37,10 @@ def test_speedrun_writes_every_stage_and_the_report(tiny_run):
         assert os.path.isfile(os.path.join(out, f)), f
     for name in ("tokenize-pretrain", "pretrain", "sft", "eval", "report"):
         assert f"] {name}: " in stdout  # progress on the console: each stage announced with its command
+    # the SFT mix reaches sft.py: the sample's medical conversations twice per epoch
+    sft_cmd = [json.loads(line)["command"] for line in open(os.path.join(out, "speedrun.jsonl"))][3]
+    assert "--mix=medical=2" in sft_cmd and "SFT mix: medical=2" in stdout
+    assert "mixed to" in open(os.path.join(out, "sft", "log.txt"), encoding="utf-8").read()
 
 
 def test_a_second_speedrun_into_the_same_folders_needs_overwrite(tiny_run):
