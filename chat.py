@@ -159,7 +159,7 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
                 tokens = stream(model, ids, **knobs)
             answer = stream_text(tokens, tokenizer, out)
         if not answer:  # an undertrained model often picks <eos> first; say so instead of showing a blank line
-            hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 else ""
+            hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 and cfg.beams == 1 else ""
             out.write(f"(empty answer: the model ended it at once{hint})\n")
         if kind == "sft":
             history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
