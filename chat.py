@@ -3,6 +3,7 @@
     python chat.py                                   # out/sft (best.pt, else last.pt), GPU if there is one
     python chat.py --ckpt=out/sft/last.pt --temperature=0 --max_new_tokens=128
     python chat.py --device=cpu --system="你是一名医生。"
+    python chat.py --beams=4 --temperature=0 --top_p=1.0 --repetition_penalty=1.0   # beam search: whole answers, not streamed
     printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way (at the
@@ -20,12 +21,13 @@ from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 import torch
 
 from configurator import DataError, check, config_or_exit, repair_text
+from beam import beam_search
 from generate import Sampling, stream
 from runtime import autocast_context, device_problem, load_for_inference
 
 
 @dataclass
-class ChatConfig(Sampling):  # + top_k, no_repeat_ngram (generate.Sampling); sampling by default, unlike eval.py
+class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty (generate.Sampling); sampling by default, unlike eval.py
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest
@@ -151,9 +153,13 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         out.write("模型> ")
         out.flush()
         with torch.no_grad(), autocast_context(device, dtype):
-            answer = stream_text(stream(model, ids, **knobs), tokenizer, out)
+            if cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
+                tokens = iter(beam_search(model, [ids], **cfg.beam_kwargs(), eos_id=tokenizer.eos_id)[0])
+            else:
+                tokens = stream(model, ids, **knobs)
+            answer = stream_text(tokens, tokenizer, out)
         if not answer:  # an undertrained model often picks <eos> first; say so instead of showing a blank line
-            hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 else ""
+            hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 and cfg.beams == 1 else ""
             out.write(f"(empty answer: the model ended it at once{hint})\n")
         if kind == "sft":
             history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

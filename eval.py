@@ -4,6 +4,7 @@
     python eval.py --ckpt=out/sft/best.pt --limit=100 --batch_size=64
     python eval.py --data=data/eval/medical_qa.jsonl --val_bin=data/pretrain --ppl_windows=200
     python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the original project's prompts
+    python eval.py --beams=4 --length_penalty=1.0           # beam search (4 beams) instead of greedy decoding
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
 
@@ -17,7 +18,7 @@ Protocol (also written into the report):
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
   decoding  greedy by default (temperature 0) with no repeated 3-grams of answer tokens (--no_repeat_ngram=3: greedy
             decoding of a small model loops otherwise, docs/recipe.md); batched, sorted by prompt length, KV cache;
-            stops at <eos>.
+            stops at <eos>. --beams=K: beam search (beam.py), the best of K beams by length-normalised log-prob.
   BLEU-4    see bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   ppl       exp(mean token cross-entropy) over the val_*.bin windows of a data_process.py output directory,
             read exactly as pretrain.py's validation reads them (dataset.PretrainData.eval_batches: windows of
@@ -41,6 +42,7 @@ from tqdm import tqdm
 import bleu
 import quality
 from configurator import DataError, check, config_dict, config_or_exit
+from beam import beam_search
 from generate import Sampling, generate
 from runtime import (autocast_context as autocast, device_problem, load_for_inference, resolve_dtype, write_atomic,
                      synchronize)
@@ -58,7 +60,7 @@ SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", 
 
 
 @dataclass
-class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram (generate.Sampling)
+class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -79,6 +81,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     def validate(self):
         super().validate()
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.use_cache or self.beams == 1, "beams > 1: beam search always uses the KV cache; drop --use_cache=false")
         check(not self.baselines or os.path.isfile(self.baseline_pool),
               f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
@@ -150,10 +153,11 @@ def build_prompts(tokenizer, questions: Sequence[str], kind: str, max_len: int) 
 
 @torch.no_grad()
 def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: dict, device: torch.device,
-                 dtype: torch.dtype, progress: bool = True) -> tuple:
+                 dtype: torch.dtype, progress: bool = True, decoder=None) -> tuple:
     """New-token lists for every prompt, in input order -> (outputs, seconds).
 
-    Batches are cut from prompts sorted by length, so the left padding inside a batch stays small."""
+    Batches are cut from prompts sorted by length, so the left padding inside a batch stays small.
+    decoder: generate.generate (None) or beam.beam_search, called with gen_kwargs."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: List[Optional[List[int]]] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress, file=sys.stderr)
@@ -162,7 +166,7 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: d
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with autocast(device, dtype):
-            outs = generate(model, [prompts[i] for i in idx], **gen_kwargs)
+            outs = (decoder or generate)(model, [prompts[i] for i in idx], **gen_kwargs)
         for i, out in zip(idx, outs):
             outputs[i] = list(out)
         bar.update(len(idx))
@@ -325,6 +329,12 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
     return report
 
 
+def decoding_word(cfg: Sampling) -> str:
+    if cfg.beams > 1:
+        return f"beam search ({cfg.beams} beams)"
+    return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
+
+
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
              dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
     """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
@@ -340,14 +350,17 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    decoder = None
+    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
+        gen_kwargs, decoder = dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
     fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
     if fallback:
         print(f"note: {SAMPLE_NOTE}")
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
           f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}, "
-          f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'}, KV cache {'on' if cfg.use_cache else 'off'}")
-    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, gen_kwargs, device, dtype, progress)
+          f"{decoding_word(cfg)}, KV cache {'on' if cfg.use_cache else 'off'}")
+    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, gen_kwargs, device, dtype, progress, decoder)
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 

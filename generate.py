@@ -7,6 +7,7 @@ Library module, no command line (eval.py and chat.py are the scripts):
   generate.generate(model, prompts, 256, compile=True)    # GPU: each decode step replays one CUDA graph
   generate.compile_decode(model, backend="aot_eager")      # choose the compiler (default: inductor + CUDA graphs)
   knobs = generate.Sampling(temperature=0.7, top_p=0.9)    # the knobs eval.py and chat.py share: knobs.kwargs()
+Beam search (Sampling.beams > 1) is in beam.py, which builds on this module.
 Two decoders: decode_static (fixed shapes over a max_seq_len cache, one compiled step per token; used whenever
 prompt + new tokens fit max_seq_len) and decode (growing cache, crops the context from the left; the reference).
 Both give the same tokens. Only the model's public methods are used (hidden, logits, args); the compiled step and
@@ -14,6 +15,7 @@ its caches live here, keyed by the model, never on it.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -35,6 +37,8 @@ class Sampling:
     top_p: float = 1.0  # nucleus sampling mass; 1.0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or answer; 1.0 = off
     no_repeat_ngram: int = 3  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
+    beams: int = 1  # > 1: beam search with this many beams (deterministic: temperature 0, top_k 0, top_p 1, repetition_penalty 1); 1 = off
+    length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -44,6 +48,12 @@ class Sampling:
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2,
               f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
+        check(self.beams >= 1, f"beams must be >= 1 (1 = off), got {self.beams}")
+        check(self.beams == 1 or (self.temperature == 0 and self.top_k == 0 and self.top_p == 1
+                                  and self.repetition_penalty == 1),
+              f"beams {self.beams}: beam search is deterministic; pass --temperature=0 --top_k=0 --top_p=1.0 "
+              f"--repetition_penalty=1.0 (got {self.temperature}, {self.top_k}, {self.top_p}, {self.repetition_penalty})")
+        check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
 
     def fit_context(self, max_seq_len: int) -> str:
         """Cuts max_new_tokens to half a context it would fill (the default 256 on a 128-token model) -> a note
@@ -62,7 +72,15 @@ class Sampling:
                     top_p=self.top_p if self.top_p < 1 else None, repetition_penalty=self.repetition_penalty,
                     no_repeat_ngram=self.no_repeat_ngram)
 
+    def beam_kwargs(self) -> dict:
+        """The keyword arguments of beam.beam_search() for these knobs (used when beams > 1)."""
+        return dict(max_new_tokens=self.max_new_tokens, beams=self.beams, length_penalty=self.length_penalty,
+                    no_repeat_ngram=self.no_repeat_ngram)
+
     def describe(self) -> str:
+        if self.beams > 1:
+            return (f"beam search, {self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
+                    f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}")
         return (f"{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
                 f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "
                 f"{self.repetition_penalty}, no_repeat_ngram {self.no_repeat_ngram or 'off'}, max_new_tokens "
