@@ -169,6 +169,12 @@ class ChatGLMTokenizer:
         return self.sp.id_to_piece(i)
 
 
+def adds_dummy_prefix(sp) -> bool:
+    """Whether a SentencePieceProcessor puts "▁" in front of every text (ChatGLM2's does; train_tokenizer.py's
+    does not): "a" alone then encodes as "▁a"."""
+    return sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581")
+
+
 class TokenBytes:
     """UTF-8 bytes of the text that target ids stand for, without decoding: the denominator of bits_per_byte.
 
@@ -190,8 +196,7 @@ class TokenBytes:
             elif not (sp.is_control(i) or sp.is_unknown(i)):
                 piece = sp.id_to_piece(i)
                 self.table[i], lead[i] = len(piece.replace("\u2581", " ").encode("utf-8")), piece.startswith("\u2581")
-        dummy_prefix = sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581")  # "a" alone comes back as "▁a"
-        self.first_less = lead.astype(np.int64) if dummy_prefix else None
+        self.first_less = lead.astype(np.int64) if adds_dummy_prefix(sp) else None
 
     def count(self, x, y) -> int:
         """x, y: (..., T) input and target ids (y[t] follows x[t]; -1 = no target) -> bytes of y's text."""
