@@ -97,6 +97,12 @@ def main(argv=None) -> dict:
     cfg = config_or_exit(PretrainConfig, argv)
     tok = load_run_tokenizer(cfg)
     tok_hash = tok.sha256 if tok is not None else ""
+    init = None
+    if cfg.init_from:  # a bad folder fails before the data is read
+        try:
+            init = load_init(cfg.init_from)
+        except DataError as e:
+            fail(str(e))
     if not (cfg.resume or cfg.resume_from):  # a resumed run keeps its checkpoint's hash and model (trainer.py)
         try:  # every shard, train and val, from one tokenizer: its hash is the run's
             data_sha, data_vocab = data_tokenizer(cfg.data_dir)
@@ -104,12 +110,8 @@ def main(argv=None) -> dict:
             fail(str(e))
         tok_hash = tok_hash or data_sha or ""
         cfg.vocab_size = run_vocab(cfg, tok, data_sha, data_vocab)  # what the checkpoint's config records
-    margs, init = cfg.model_args(), None
-    if cfg.init_from:
-        try:
-            init = load_init(cfg.init_from)
-        except DataError as e:
-            fail(str(e))
+    margs = cfg.model_args()
+    if init is not None:
         if tok_hash and init["tokenizer_sha256"] and init["tokenizer_sha256"] != tok_hash:
             fail(f"{cfg.init_from} has another tokenizer.model than the one this run uses")
         margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
