@@ -46,8 +46,8 @@ def find_shards(data_dir: str, split: str) -> List[str]:
     return shards
 
 
-def data_tokenizer(data_dir: str) -> Optional[str]:
-    """The tokenizer_sha256 that every train_*/val_* sidecar in data_dir names (None: synthetic ids, no hash).
+def data_tokenizer(data_dir: str) -> Tuple[Optional[str], Optional[int]]:
+    """(tokenizer_sha256, vocab_size) that every train_*/val_* sidecar in data_dir names (sha None: synthetic ids).
     Shards that disagree (two tokenizers, or two vocabulary sizes) are a DataError naming both files."""
     seen = {}  # (tokenizer_sha256, vocab_size) -> first shard with it
     for path in find_shards(data_dir, "train") + find_shards(data_dir, "val"):
@@ -59,7 +59,7 @@ def data_tokenizer(data_dir: str) -> Optional[str]:
             raise DataError(f"{b}: tokenizer sha256 {str(sha_b)[:12]}, vocab_size {voc_b}, but {a} has "
                             f"{str(sha_a)[:12]}, vocab_size {voc_a}: shards of one run come from one tokenizer "
                             f"(rerun data_process.py into an empty folder)")
-    return next(iter(seen))[0]
+    return next(iter(seen))
 
 
 class PretrainData:
@@ -81,8 +81,10 @@ class PretrainData:
                                 f"have another (shards of one run come from one tokenizer)")
             if meta.get("dtype") != "uint16":
                 problems.append(f"dtype {meta.get('dtype')!r}, expected 'uint16'")
-            if vocab_size is not None and meta.get("vocab_size") != vocab_size:
-                problems.append(f"vocab_size {meta.get('vocab_size')}, the model has {vocab_size}")
+            if vocab_size is not None and not isinstance(meta.get("vocab_size"), int):
+                problems.append(f"vocab_size {meta.get('vocab_size')!r}, expected an integer")
+            elif vocab_size is not None and meta["vocab_size"] > vocab_size:  # a larger model vocab is padding
+                problems.append(f"vocab_size {meta['vocab_size']}, the model has only {vocab_size}")
             if tokenizer_sha256 and meta.get("tokenizer_sha256") not in (None, tokenizer_sha256):
                 problems.append("tokenized with a different tokenizer.model than this run's")
             n = os.path.getsize(path) // 2

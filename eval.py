@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import bleu
 import quality
+from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
 from configurator import DataError, check, config_dict, config_or_exit
 from beam import beam_search
 from generate import Sampling, generate
@@ -180,12 +181,15 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: d
 
 @torch.no_grad()
 def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows: int, device, dtype: str = "auto",
-               vocab_size: Optional[int] = None, tokenizer_sha256: Optional[str] = None, progress: bool = True) -> dict:
+               vocab_size: Optional[int] = None, tokenizer_sha256: Optional[str] = None, progress: bool = True,
+               token_bytes=None) -> dict:
     """exp(mean cross-entropy) over the val_*.bin windows of `data_dir`, read as pretrain.py's validation reads them.
 
     Windows come from dataset.PretrainData(split="val").eval_batches(max_windows) (0 = all): (B, seq_len) inputs,
     targets shifted by one, every window full, so weighting each batch's mean loss by its rows gives the token mean.
-    Returns {"loss", "ppl", "windows", "tokens", "seq_len", "data"}."""
+    token_bytes (chatglm_tokenizer.TokenBytes of the shards' tokenizer) adds bits per byte of the same targets: total
+    nats / ln 2 / their UTF-8 bytes (None when not given or the shards name no tokenizer: synthetic ids).
+    Returns {"loss", "ppl", "bits_per_byte", "bytes", "windows", "tokens", "seq_len", "data"}."""
     from dataset import PretrainData
 
     device = torch.device(device)
@@ -201,9 +205,12 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
     model.ce_chunk = PPL_CHUNK  # the loss chunk by chunk (fused_ce): never the (rows x seq_len, vocab) logits
     n = min(val.n_windows, max_windows) if max_windows > 0 else val.n_windows
     bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress, file=sys.stderr)
-    total, rows = 0.0, 0  # float64 sum of row-weighted mean losses
+    if token_bytes is not None and val.tokenizer_sha256 != token_bytes.sha256:
+        token_bytes = None  # ids of another (or no named) tokenizer: their bytes are unknown
+    total, rows, n_bytes = 0.0, 0, 0  # float64 sum of row-weighted mean losses
     try:
         for x, y in val.eval_batches(max_windows):
+            n_bytes += token_bytes.count(x, y) if token_bytes is not None else 0
             x, y = x.to(device), y.to(device)
             with autocast(device, dt):
                 _, loss = model(x, y)
@@ -215,8 +222,9 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
         model.train(was_training)
         model.ce_chunk = ce_chunk
     mean = total / rows
-    return {"loss": mean, "ppl": math.exp(mean), "windows": rows, "tokens": rows * seq_len, "seq_len": seq_len,
-            "data": data_dir}
+    bpb = bits_per_byte(mean * rows * seq_len, n_bytes) if n_bytes > 0 else None
+    return {"loss": mean, "ppl": math.exp(mean), "bits_per_byte": bpb, "bytes": n_bytes or None, "windows": rows,
+            "tokens": rows * seq_len, "seq_len": seq_len, "data": data_dir}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -232,6 +240,7 @@ def markdown_report(report: dict) -> str:
              f"| sacreBLEU corpus (tokenize=zh) | {fmt(s['sacrebleu_zh'])} |",
              f"| perplexity on validation tokens | {fmt(s['ppl'])} |",
              f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |",
+             f"| bits per UTF-8 byte of the validation text | {fmt(s.get('bits_per_byte'), 4)} |",
              f"| degenerate answers (loop or cut at max_new_tokens) | {100 * s['degenerate']:.1f}% |",
              f"| mean answer length / reference length (characters) | {s['answer_chars']:.0f} / {s['reference_chars']:.0f} |"]
     lines += [f"| baseline `{k}`: BLEU-4 / sacreBLEU | {b['bleu4']:.2f} / {b['sacrebleu_zh']:.2f} |"
@@ -251,9 +260,10 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def score_line(bleu4: Optional[float], sacre: Optional[float], ppl: Optional[float]) -> str:
+def score_line(bleu4: Optional[float], sacre: Optional[float], ppl: Optional[float], bpb: Optional[float] = None) -> str:
     fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"
-    return f"BLEU-4 (nltk, jieba, method1): {fmt(bleu4, 2)} | sacreBLEU (zh): {fmt(sacre, 2)} | ppl: {fmt(ppl, 1)}"
+    return (f"BLEU-4 (nltk, jieba, method1): {fmt(bleu4, 2)} | sacreBLEU (zh): {fmt(sacre, 2)} | ppl: {fmt(ppl, 1)}"
+            + (f" | bits/byte: {bpb:.4f}" if bpb is not None else ""))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -283,7 +293,8 @@ def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.
     t0 = time.perf_counter()
     ma = ckpt["model_args"]
     info = perplexity(model, cfg.val_bin, cfg.ppl_seq_len or ma["max_seq_len"], cfg.batch_size, cfg.ppl_windows,
-                      device, dtype, vocab_size=ma["vocab_size"], tokenizer_sha256=tokenizer.sha256, progress=progress)
+                      device, dtype, vocab_size=ma["vocab_size"], tokenizer_sha256=tokenizer.sha256, progress=progress,
+                      token_bytes=TokenBytes(tokenizer) if isinstance(tokenizer, ChatGLMTokenizer) else None)
     return info, time.perf_counter() - t0
 
 
@@ -304,6 +315,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
+                   "bits_per_byte": ppl_info["bits_per_byte"] if ppl_info else None,
                    **degenerate, "answer_chars": lengths["answer_chars"], "reference_chars": lengths["reference_chars"],
                    "length_ratio": lengths["ratio"]},
         "baselines": baselines,
@@ -319,7 +331,9 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "sacrebleu": signature,
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
-                           f"as pretrain.py validates" if ppl_info else "not computed"),
+                           f"as pretrain.py validates; bits per byte = total nats / ln 2 / "
+                           f"{ppl_info['bytes'] or 'unknown'} UTF-8 bytes of those targets' text" if ppl_info
+                           else "not computed"),
         },
         "timing": dict(timing, new_tokens_per_s=timing["new_tokens"] / gen_s if gen_s > 0 else 0.0),
         "config": config_dict(cfg),
@@ -366,12 +380,13 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
 
     ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress)
     ppl = ppl_info["ppl"] if ppl_info else None
+    bpb = ppl_info["bits_per_byte"] if ppl_info else None
 
     if not scored:  # just generate and print
         for r, a in zip(records, answers):
             print(f"\n[prompt] {r['question']}\n[answer] {a}")
         print()
-        print(score_line(None, None, ppl))
+        print(score_line(None, None, ppl, bpb))
         return None
 
     refs = [r["answer"] for r in records]
@@ -392,7 +407,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f}")
     print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
           f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
-    print(score_line(bleu4, sacre, ppl))  # the scores come first: a report that cannot be written loses nothing
+    print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
     json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
     print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
           f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")

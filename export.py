@@ -6,15 +6,16 @@
     python export.py --ckpt=out/pretrain --out_dir=out/hf_base --dtype=bfloat16       # half the size on disk
 
 --format=hf writes into out_dir:
-  config.json             LlamaForCausalLM with model.py's shape: vocab 64,793 (the padded embedding rows dropped),
+  config.json             LlamaForCausalLM with model.py's shape: its vocab (ChatGLM2: 64,793; padded rows dropped),
                           SwiGLU width, RMSNorm eps, rope theta 10000, tied embeddings; q/k rows permuted from model.py's
                           interleaved rotary pairs to transformers' rotate_half layout (hf_llama.py), same logits
   model.safetensors       the weights (--dtype; float32 keeps the checkpoint exact)
   generation_config.json  eval.py's decoding defaults (greedy, 256 new tokens, stop at </s>)
   tokenizer.json, tokenizer_config.json, tokenizer.model
-                          the ChatGLM2 SentencePiece model as a plain `tokenizers` BPE (AutoTokenizer, no remote code):
-                          the same ids as chatglm_tokenizer (no <s> added, the dummy-prefix "▁" on every piece of
-                          text); tokenizer_config.json carries a chat template that renders dataset_sft.render's ids
+                          the run's SentencePiece model (ChatGLM2's or train_tokenizer.py's) as a plain `tokenizers`
+                          BPE (AutoTokenizer, no remote code): the same ids as chatglm_tokenizer (no <s> added; ChatGLM2's
+                          dummy-prefix "▁" on every piece of text, none for our own); tokenizer_config.json carries a
+                          chat template that renders dataset_sft.render's ids
   README.md               a model card: data, steps, val loss, BLEU from eval_report.json beside the checkpoint
 --format=gguf also runs llama.cpp's own converter (convert_hf_to_gguf.py) on that folder, once per --gguf_types, into
 out_dir/model-<type>.gguf, plus an Ollama Modelfile. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
@@ -42,6 +43,7 @@ from typing import List, Optional
 import torch
 
 import hf_llama
+from chatglm_tokenizer.tokenizer import adds_dummy_prefix
 from configurator import DataError, check, config_or_exit
 from eval import SEED_CONTINUATIONS, SEED_QUESTIONS, EvalConfig, build_prompts  # eval.py's prompts
 from generate import generate
@@ -120,9 +122,11 @@ def bpe_merges(pieces: List[str], skip: set) -> List[tuple]:
 
 
 def build_tokenizer(model_path: str):
-    """A transformers fast tokenizer over the ChatGLM2 SentencePiece model: the same ids as chatglm_tokenizer.
+    """A transformers fast tokenizer over a SentencePiece BPE model (ChatGLM2's or train_tokenizer.py's): the same ids
+    as chatglm_tokenizer.
 
-    BPE with byte fallback; the normalizer does SentencePiece's add_dummy_prefix + whitespace escaping. It runs on
+    BPE with byte fallback; the normalizer does SentencePiece's whitespace escaping, plus add_dummy_prefix for a model
+    that has one (ChatGLM2's; train_tokenizer.py's keeps the text as it is). It runs on
     every stretch of text between special tokens (a pre-tokenizer's "prepend" would skip text that already starts
     with a space, which SentencePiece does not)."""
     from sentencepiece import SentencePieceProcessor
@@ -136,9 +140,13 @@ def build_tokenizer(model_path: str):
     vocab = {p: i for i, p in enumerate(pieces)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=bpe_merges(pieces, skip), unk_token=pieces[sp.unk_id()],
                                fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1, right=0)])
+    if adds_dummy_prefix(sp):  # ChatGLM2's: "▁" in front of every text, dropped again when decoding
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1, right=0)])
+    else:  # train_tokenizer.py's: the text as it is, spaces escaped
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token=pieces[sp.unk_id()], bos_token=pieces[sp.bos_id()],

@@ -19,8 +19,10 @@ Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from chatglm_tokenizer import find_tokenizer, tokenizer_sha256
+from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
+from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from configurator import DataError, check, config_or_exit
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
@@ -46,7 +48,7 @@ class PretrainConfig(TrainConfig):
     n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
     multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
     max_seq_len: int = 512  # context length in tokens
-    vocab_size: int = 64793  # ChatGLM2 design vocab; every id fits uint16
+    vocab_size: int = 0  # 0 = the tokenizer's (else the shards' sidecars', else 64793); larger pads, smaller is refused
     dropout: float = 0.0  # dropout in attention and MLP (0 for pretraining at this scale)
 
     def validate(self):
@@ -54,36 +56,62 @@ class PretrainConfig(TrainConfig):
         check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
         self.model_args().validate()  # positive sizes, dim / n_heads even, n_heads / n_kv_heads, dropout in [0, 1)
         check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
-        check(0 < self.vocab_size <= 65536, "vocab_size must be in 1..65536 (token ids are stored as uint16)")
+        check(0 <= self.vocab_size <= 65536, "vocab_size must be in 0..65536 (0 = the tokenizer's; ids are uint16)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         check(not self.init_from or self.init_from.startswith("hf:"),
               f"init_from must be hf:PATH (a Hugging Face Llama folder), got {self.init_from!r}; --resume continues a run")
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                         n_kv_heads=self.n_kv_heads or None, vocab_size=self.vocab_size,
+                         n_kv_heads=self.n_kv_heads or None, vocab_size=self.vocab_size or VOCAB_SIZE,
                          multiple_of=self.multiple_of, max_seq_len=self.max_seq_len, dropout=self.dropout)
+
+
+def run_vocab(cfg: PretrainConfig, tok: Optional[ChatGLMTokenizer], data_sha: Optional[str],
+              data_vocab: Optional[int]) -> int:
+    """The model's vocab_size: --vocab_size when given (at least the vocabulary of the ids it trains on: more rows
+    are padding), else the tokenizer's, else the shards' sidecars' (a run from shards alone), else ChatGLM2's."""
+    # the ids come from the tokenizer when the shards name it (a hash mismatch is refused later), else from the shards
+    need = tok.vocab_size if tok is not None and data_sha else data_vocab
+    if not cfg.vocab_size:
+        return tok.vocab_size if tok is not None else data_vocab or VOCAB_SIZE
+    if need and cfg.vocab_size < need:
+        fail(f"--vocab_size={cfg.vocab_size} is below the tokenizer's {need} (ids of {cfg.data_dir} go up to "
+             f"{need - 1}); leave it 0 to take the tokenizer's")
+    return cfg.vocab_size
+
+
+def load_run_tokenizer(cfg: PretrainConfig) -> Optional[ChatGLMTokenizer]:
+    """The tokenizer when it is at hand (no download: pretraining needs only its hash, vocab and byte lengths)."""
+    try:
+        return ChatGLMTokenizer(find_tokenizer(cfg.tokenizer or None, download=False))
+    except FileNotFoundError as e:
+        if cfg.tokenizer:  # a path the user named must exist
+            fail(str(e))
+        return None  # the tokenizer only checks the data: without it, the shards' common hash is the run's
+    except DataError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> dict:
     cfg = config_or_exit(PretrainConfig, argv)
-    try:
-        tok_hash = tokenizer_sha256(find_tokenizer(cfg.tokenizer or None, download=False))
-    except FileNotFoundError as e:
-        if cfg.tokenizer:  # a path the user named must exist
-            fail(str(e))
-        tok_hash = ""  # the tokenizer only checks the data: without it, the shards' common hash is the run's
-    if not (tok_hash or cfg.resume or cfg.resume_from):  # a resumed run keeps its checkpoint's hash (trainer.py)
-        try:  # every shard, train and val, from one tokenizer: its hash is the run's
-            tok_hash = data_tokenizer(cfg.data_dir) or ""
-        except DataError as e:
-            fail(str(e))
-    margs, init = cfg.model_args(), None
-    if cfg.init_from:
+    tok = load_run_tokenizer(cfg)
+    tok_hash = tok.sha256 if tok is not None else ""
+    init = None
+    if cfg.init_from:  # a bad folder fails before the data is read
         try:
             init = load_init(cfg.init_from)
         except DataError as e:
             fail(str(e))
+    if not (cfg.resume or cfg.resume_from):  # a resumed run keeps its checkpoint's hash and model (trainer.py)
+        try:  # every shard, train and val, from one tokenizer: its hash is the run's
+            data_sha, data_vocab = data_tokenizer(cfg.data_dir)
+        except DataError as e:
+            fail(str(e))
+        tok_hash = tok_hash or data_sha or ""
+        cfg.vocab_size = run_vocab(cfg, tok, data_sha, data_vocab)  # what the checkpoint's config records
+    margs = cfg.model_args()
+    if init is not None:
         if tok_hash and init["tokenizer_sha256"] and init["tokenizer_sha256"] != tok_hash:
             fail(f"{cfg.init_from} has another tokenizer.model than the one this run uses")
         margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
@@ -98,7 +126,7 @@ def main(argv=None) -> dict:
 
     try:
         return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
-                     init_state=init and init["model"])
+                     init_state=init and init["model"], token_bytes=TokenBytes(tok) if tok is not None else None)
     except (FileNotFoundError, DataError) as e:
         fail(str(e))
     finally:

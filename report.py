@@ -6,7 +6,7 @@
 Reads the run folder that speedrun.sh fills: pretrain/ and sft/ (summary.json, metrics.jsonl of each training
 stage), sft/eval_report.json (default decoding, with baselines), eval_original/eval_report.json (the original
 project's sampling protocol) and speedrun.jsonl (each stage's command and wall time). Writes, beside them:
-  report.md     held-out loss and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
+  report.md     held-out loss, bits per byte and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
                 length, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
   report.json   every number on the page (report.md is rendered from it and nothing else)
   curves.png    train and validation loss of both stages
@@ -82,7 +82,7 @@ def pick_samples(results: List[dict], n: int) -> List[dict]:
 def eval_block(rep: Optional[dict]) -> Optional[dict]:
     if rep is None:
         return None
-    keep = ("bleu4", "sacrebleu_zh", "ppl", "val_loss", "degenerate", "loop", "hit_limit", "answer_chars",
+    keep = ("bleu4", "sacrebleu_zh", "ppl", "val_loss", "bits_per_byte", "degenerate", "loop", "hit_limit", "answer_chars",
             "reference_chars", "length_ratio")
     return {"scores": {k: rep["scores"].get(k) for k in keep}, "baselines": rep.get("baselines", {}),
             "decoding": rep["protocol"]["decoding"], "samples": rep["samples"], "data": rep["data"],
@@ -176,7 +176,10 @@ def markdown(r: dict) -> str:
              "## Summary", "", "| what | value |", "|---|---:|",
              f"| held-out loss of pretraining, end (min) | {num(p['val_end'] if p else None, 4)} "
              f"({num(p['val_min'] if p else None, 4)}) |",
+             f"| bits per byte of held-out pretraining text, end (min) | {num(p.get('val_bpb') if p else None, 4)} "
+             f"({num(p.get('best_val_bpb') if p else None, 4)}) |",
              f"| perplexity on held-out pretraining text (SFT model) | {num(s['ppl'])} |",
+             f"| bits per byte on held-out pretraining text (SFT model) | {num(s.get('bits_per_byte'), 4)} |",
              f"| BLEU-4 / sacreBLEU, the model | {num(s['bleu4'])} / {num(s['sacrebleu_zh'])} |"]
     for name, b in e["baselines"].items():
         lines.append(f"| BLEU-4 / sacreBLEU, baseline {name} | {num(b['bleu4'])} / {num(b['sacrebleu_zh'])} |")

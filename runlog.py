@@ -39,16 +39,21 @@ class Logger:
                         self.tb.add_scalar(k, v, row["step"])
 
 
-def read_metrics(out_dir: str) -> tuple:
-    """({step: train loss}, {step: val loss}) from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
-    train, val = {}, {}
+def read_series(out_dir: str, *keys: str) -> list:
+    """[{step: value} per key] from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
+    series = [{} for _ in keys]
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            if "loss" in row:
-                train[row["step"]] = row["loss"]
-            if "val_loss" in row:
-                val[row["step"]] = row["val_loss"]
+            for key, values in zip(keys, series):
+                if key in row:
+                    values[row["step"]] = row[key]
+    return series
+
+
+def read_metrics(out_dir: str) -> tuple:
+    """({step: train loss}, {step: val loss}) from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
+    train, val = read_series(out_dir, "loss", "val_loss")
     return train, val
 
 
@@ -131,8 +136,12 @@ def count(n: int) -> str:
 
 def write_summary(cfg, kind: str, params: int, tokens_per_step: int, epoch_steps: float,
                   steps: int, meter: "Throughput", result: dict) -> None:
-    """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, time)."""
+    """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, bits per byte
+    of the last validation and the best trained step's when the run had a tokenizer, time)."""
     rates = sorted(meter.rates)
+    bpb = read_series(cfg.out_dir, "val_bpb")[0]  # every pass of the run, resumed ones included
+    trained = [v for step, v in bpb.items() if step > 0]  # step 0 is the starting point, as for best_val_loss
+    result = dict(result, val_bpb=bpb[max(bpb)] if bpb else None, best_val_bpb=min(trained) if trained else None)
     summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
                    tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
                    tokens_per_s=rates[len(rates) // 2] if rates else None, **result)

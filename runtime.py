@@ -359,12 +359,14 @@ class CheckpointWriter:
 
 
 def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
-    """A checkpoint trained with another vocabulary or tokenizer.model cannot be used with this tokenizer."""
-    vocab = ckpt.get("model_args", {}).get("vocab_size")
-    if vocab != tokenizer.vocab_size:
+    """A checkpoint trained with another vocabulary or tokenizer.model cannot be used with this tokenizer. A model
+    vocab larger than the tokenizer's (pretrain.py --vocab_size: padding rows) is fine when the checkpoint names
+    this tokenizer.model."""
+    vocab, want = ckpt.get("model_args", {}).get("vocab_size"), ckpt.get("tokenizer_sha256")
+    padded = isinstance(vocab, int) and vocab > tokenizer.vocab_size and want == tokenizer.sha256
+    if vocab != tokenizer.vocab_size and not padded:
         raise DataError(f"{ckpt_path}: model vocab_size {vocab}, but the tokenizer has {tokenizer.vocab_size} "
                         f"(checkpoint from another vocabulary)")
-    want = ckpt.get("tokenizer_sha256")
     if want and want != tokenizer.sha256:
         raise DataError(f"{ckpt_path}: trained with a tokenizer.model of sha256 {want[:12]}..., but "
                         f"{getattr(tokenizer, 'path', 'the tokenizer')} has {tokenizer.sha256[:12]}... (another vocabulary)")

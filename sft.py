@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 
-from chatglm_tokenizer import load_tokenizer
+from chatglm_tokenizer import TokenBytes, load_tokenizer
 from configurator import ConfigError, DataError, check, config_or_exit
 from dataset_sft import MODES, Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
             return split("train", grad_accum), split("val", 1)
 
         return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256,
-                     init_state=init and init["model"])
+                     init_state=init and init["model"], token_bytes=TokenBytes(tok))
     except (FileNotFoundError, DataError, ConfigError) as e:
         fail(str(e))
     finally:

@@ -6,7 +6,7 @@
   python train_tokenizer.py --inputs=hf://datasets/pleisto/wikipedia-cn-20230720-filtered/wikipedia-cn-20230720-filtered.json
 then tokenize and train with it (every script's --tokenizer takes the folder or the file in it):
   python data_process.py pretrain --inputs=wiki.json.gz --tokenizer=data/tok16k --out_dir=data/pretrain16k
-  python pretrain.py --data_dir=data/pretrain16k --tokenizer=data/tok16k --vocab_size=16384
+  python pretrain.py --data_dir=data/pretrain16k --tokenizer=data/tok16k   # the model's vocab: the tokenizer's
 
 Inputs are read exactly as data_process.py reads them (corpora.py: every format, gzip, manifests, `path:format`,
 hf://), streamed, one document at a time, taking documents from the inputs in turn so each contributes until the

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from chatglm_tokenizer import bits_per_byte
 from configurator import check
 from model import ModelArgs, Transformer
 from runlog import (Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss,
@@ -244,21 +245,37 @@ def train_step(model, optimizer, scaler, batches: DeviceBatches, accum: int, lr:
     return loss_sum, grad_norm
 
 
+class ValBytes:
+    """UTF-8 bytes of this rank's validation targets (chatglm_tokenizer.TokenBytes), counted on the first pass and
+    reused: eval_batches yields the same windows / conversations every pass."""
+
+    def __init__(self, token_bytes):
+        self.token_bytes, self.total = token_bytes, None
+
+
 @torch.no_grad()
-def evaluate(model, batches, rt: Runtime) -> float:
-    """Mean loss per target token over all of `batches` and all ranks."""
+def evaluate(model, batches, rt: Runtime, val_bytes: Optional[ValBytes] = None) -> tuple[float, Optional[float]]:
+    """(mean loss per target token, bits per byte of the targets' text or None) over all of `batches` and ranks."""
     model.eval()
-    total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # (sum of target-weighted loss, targets)
+    total = torch.zeros(3, device=rt.device, dtype=torch.float64)  # (sum of target-weighted loss, targets, bytes)
+    counting = val_bytes is not None and val_bytes.total is None
+    local_bytes = 0
     for x, y, *extra in batches:
+        if counting:  # targets -1 (SFT prompts, padding) count no bytes
+            local_bytes += val_bytes.token_bytes.count(x, y)
         x, y = x.to(rt.device), y.to(rt.device)
         with autocast_context(rt.device, rt.dtype):
             _, loss = model(x, y, *[e.to(rt.device) for e in extra])
         n = (y != -1).sum()  # SFT batches differ in targets: weight by them to get the per-token mean
-        total += torch.stack([loss.double() * n, n.double()])
-    if rt.world_size > 1:
+        total[:2] += torch.stack([loss.double() * n, n.double()])
+    if counting:
+        val_bytes.total = local_bytes
+    total[2] = val_bytes.total if val_bytes is not None else 0
+    if rt.world_size > 1:  # nats, targets and bytes of every rank
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    nats, targets, n_bytes = total.tolist()
+    return nats / max(targets, 1), (bits_per_byte(nats, int(n_bytes)) if n_bytes > 0 else None)
 
 
 def out_of_minutes(max_minutes: float, t_start: float, step: int, log_interval: int, rt: Runtime) -> bool:
@@ -351,22 +368,34 @@ def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Opti
 
 
 def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts: Checkpoints, step: int,
-             best_val: float, start_loss: float = math.inf) -> tuple[float, float]:
+             best_val: float, start_loss: float = math.inf, val_bytes: Optional[ValBytes] = None) -> tuple[float, float]:
     """A validation pass at `step`; saves last.pt (and best.pt when it improved) -> (val loss, best val loss).
     Step 0 is the starting point (random init, or the pretrained model for SFT): a baseline, not a result. best.pt
     is the best trained step; a loss not below step 0's (start_loss) is said so on its line (an SFT run that made
     the model worse)."""
-    val_loss = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt)
-    log.metric(step=step, val_loss=val_loss)
+    val_loss, bpb = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt, val_bytes)
+    log.metric(step=step, val_loss=val_loss, **({"val_bpb": bpb} if bpb is not None else {}))
+    loss = f"val loss {val_loss:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb is not None else "")
     if step == 0:
-        log.print(f"step 0: val loss {val_loss:.4f} (before training)")
+        log.print(f"step 0: {loss} (before training)")
         return val_loss, best_val
     improved = val_loss < best_val
     best_val = min(best_val, val_loss)
     worse = f" (above step 0's {start_loss:.4f}: no better than the starting point)" if val_loss >= start_loss else ""
     ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
-    log.print(f"step {step}: val loss {val_loss:.4f}{' (best)' if improved else ''}{worse}")
+    log.print(f"step {step}: {loss}{' (best)' if improved else ''}{worse}")
     return val_loss, best_val
+
+
+def bytes_of_val(val_src, token_bytes, log: Logger) -> Optional[ValBytes]:
+    """Bits per byte needs the tokenizer whose ids the validation data holds: SFT data is tokenized by it, pretraining
+    shards name theirs (None: synthetic ids). Without it the run logs the loss per token only, and says so once."""
+    shards_sha = getattr(val_src, "tokenizer_sha256", token_bytes.sha256 if token_bytes is not None else None)
+    if token_bytes is None or shards_sha != token_bytes.sha256:
+        why = "no tokenizer.model at hand" if token_bytes is None else "the shards name no tokenizer (synthetic ids)"
+        log.print(f"bits per byte not available: {why}; validation logs the loss per token only")
+        return None
+    return ValBytes(token_bytes)
 
 
 def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_step: int) -> tuple[TrainConfig, str]:
@@ -394,14 +423,16 @@ def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_ste
 
 
 def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, *, kind: str,
-          tokenizer_sha256: str, init_state: Optional[dict] = None) -> dict:
-    """Runs (or resumes) a training run and returns a summary dict.
+          tokenizer_sha256: str, init_state: Optional[dict] = None, token_bytes=None) -> dict:
+    """Runs (or resumes) a training run and returns a summary dict. token_bytes: the tokenizer's
+    chatglm_tokenizer.TokenBytes for bits per byte in validation (None: no tokenizer at hand, loss only).
 
     make_data(cfg, model_args, grad_accum) -> (train_src, val_src) is called once the run's config and model are
     known (a resumed run takes both, context length included, from the checkpoint, not from the flags)."""
     cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
     try:
-        return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good))
+        return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good),
+                            token_bytes)
     finally:
         if lock is not None:
             os.close(lock)  # the folder is free again (the OS also frees it when the process dies)
@@ -422,7 +453,7 @@ def describe_run(log: Logger, cfg: TrainConfig, rt: Runtime, what: str, compiled
 
 
 def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, kind: str,
-                 tokenizer_sha256: str, init_state: Optional[dict], resume: tuple) -> dict:
+                 tokenizer_sha256: str, init_state: Optional[dict], resume: tuple, token_bytes=None) -> dict:
     """train()'s body, once the run folder is claimed; `resume` = (checkpoint or None, its path, notes, good step)."""
     ckpt, path, notes, good = resume
     log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
@@ -434,6 +465,7 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     train_src, val_src = make_data(cfg, model_args, accum)
     saved_sha = (ckpt or {}).get("tokenizer_sha256")  # a resumed run without the tokenizer keeps its hash
     tokenizer_sha256 = check_data_tokenizer(cfg, (train_src, val_src), tokenizer_sha256 or saved_sha)
+    val_bytes = bytes_of_val(val_src, token_bytes, log)
     raw_model, model, optimizer, scaler, compiled = build_model(cfg, rt, model_args, ckpt, init_state)
     tokens_per_step = cfg.batch_size * seq_len * rt.world_size * accum
     given = cfg
@@ -444,7 +476,7 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
     if start_step == 0:
-        val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val)
+        val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
     else:
         val_loss = ckpt["val_loss"]
     start_loss = start_val_loss(cfg.out_dir) if start_step else val_loss
@@ -474,7 +506,8 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean(),
                                          minutes_left(cfg.max_minutes, t_start)))
                 if (done % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val, start_loss)
+                    val_loss, best_val = validate(model, val_src, cfg, rt, log, ckpts, done, best_val, start_loss,
+                                                  val_bytes)
                     meter.restart()  # keep validation out of tokens/s
                 elif done % cfg.ckpt_interval == 0 or stop:
                     ckpts.save(done, val_loss, best_val, False)

@@ -23,6 +23,8 @@ import os
 from functools import lru_cache
 from typing import Iterable, List, Optional
 
+import numpy as np
+
 from configurator import DataError
 
 TOKENIZER_ENV = "BABYLLAMA_TOKENIZER"
@@ -165,6 +167,46 @@ class ChatGLMTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+
+def adds_dummy_prefix(sp) -> bool:
+    """Whether a SentencePieceProcessor puts "▁" in front of every text (ChatGLM2's does; train_tokenizer.py's
+    does not): "a" alone then encodes as "▁a"."""
+    return sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581")
+
+
+class TokenBytes:
+    """UTF-8 bytes of the text that target ids stand for, without decoding: the denominator of bits_per_byte.
+
+    table[id] is the bytes of piece `id` inside a text: "▁" (SentencePiece's space mark) is a space (1 byte), a
+    byte-fallback piece <0xNN> is 1 byte, <unk>/<s>/</s>, ChatGLM2's specials and ids past the pieces are 0. A
+    tokenizer with a dummy prefix (ChatGLM2's adds "▁" in front of every text it encodes, and decode drops it again)
+    puts one space into the first piece of every document that the text does not have: a target right after <eos>
+    or <s> (where documents and answers start) whose piece begins with "▁" counts one byte less. The count of a whole
+    document then equals ChatGLMTokenizer.count_bytes of its ids."""
+
+    def __init__(self, tok: "ChatGLMTokenizer"):
+        sp = tok.sp
+        self.sha256, self.starts = tok.sha256, (tok.eos_id, tok.bos_id)
+        self.table = np.zeros(65536, dtype=np.int64)  # every id a uint16 shard can hold
+        lead = np.zeros(65536, dtype=bool)  # the piece starts with "▁"
+        for i in range(tok.n_pieces):
+            if sp.is_byte(i):
+                self.table[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                piece = sp.id_to_piece(i)
+                self.table[i], lead[i] = len(piece.replace("\u2581", " ").encode("utf-8")), piece.startswith("\u2581")
+        self.first_less = lead.astype(np.int64) if adds_dummy_prefix(sp) else None
+
+    def count(self, x, y) -> int:
+        """x, y: (..., T) input and target ids (y[t] follows x[t]; -1 = no target) -> bytes of y's text."""
+        x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        keep = y >= 0
+        n = int(np.take(self.table, y[keep]).sum())
+        if self.first_less is not None:  # document starts: the dummy prefix's space is not text
+            start = keep & np.isin(x, self.starts)
+            n -= int(np.take(self.first_less, y[start]).sum())
+        return n
 
 
 def load_tokenizer(path: Optional[str] = None) -> ChatGLMTokenizer:

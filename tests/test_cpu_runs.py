@@ -38,7 +38,7 @@ def test_cpu_run_says_what_it_does_first_then_the_first_steps_time(tiny_corpus, 
 def test_a_val_loss_above_step_0_is_said_so(monkeypatch, tmp_path):
     """best.pt stays the best trained step, but a run that made the model worse than where it started says so."""
     losses = iter([7.38, 8.47, 8.10])
-    monkeypatch.setattr(trainer, "evaluate", lambda model, batches, rt: next(losses))
+    monkeypatch.setattr(trainer, "evaluate", lambda model, batches, rt, val_bytes: (next(losses), None))
     saved = []
     ckpts = types.SimpleNamespace(save=lambda step, val, best_val, best: saved.append((step, best)))
     log = runlog.Logger(str(tmp_path), True, False)

@@ -160,13 +160,14 @@ def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
 
     model = tiny_model()
     rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
-    val_loss = evaluate(model, PretrainData(val_dir, "val", 16, 5).eval_batches(6), rt)
+    val_loss, bpb = evaluate(model, PretrainData(val_dir, "val", 16, 5).eval_batches(6), rt)
+    assert bpb is None  # no tokenizer's byte lengths given
     assert ev.perplexity(model, val_dir, 16, 2, 6, "cpu")["ppl"] == pytest.approx(math.exp(val_loss), rel=1e-6)
 
 
 def test_perplexity_rejects_shards_of_another_vocabulary(val_dir):
-    with pytest.raises(DataError, match="vocab_size 96, the model has 64793"):
-        ev.perplexity(tiny_model(), val_dir, 16, 2, 0, "cpu", vocab_size=64793)
+    with pytest.raises(DataError, match="vocab_size 96, the model has only 64"):
+        ev.perplexity(tiny_model(vocab_size=64), val_dir, 16, 2, 0, "cpu", vocab_size=64)
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -194,8 +195,12 @@ def test_checkpoint_of_another_vocabulary_is_rejected():
     tok = FakeTokenizer()
     ckpt = tiny_ckpt(tiny_model())
     runtime.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
-    with pytest.raises(DataError, match="model vocab_size 64793, but the tokenizer has 96"):
-        runtime.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64793)), tok, "x.pt")
+    with pytest.raises(DataError, match="model vocab_size 64, but the tokenizer has 96"):
+        runtime.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64)), tok, "x.pt")
+    padded = dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=128))
+    runtime.check_checkpoint(padded, tok, "x.pt")  # more rows than the tokenizer's ids, and its sha256: padding
+    with pytest.raises(DataError, match="model vocab_size 128, but the tokenizer has 96"):
+        runtime.check_checkpoint(dict(padded, tokenizer_sha256=None), tok, "x.pt")  # no sha256 to vouch for it
     with pytest.raises(DataError, match="another vocabulary"):
         runtime.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
 
@@ -254,7 +259,7 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
     for key in ("checkpoint", "step", "kind", "data", "samples", "scores", "protocol", "timing", "results", "config"):
         assert key in saved, key
     assert saved["samples"] == 4 and saved["step"] == 7 and len(saved["results"]) == 4
-    assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss", "loop", "hit_limit", "degenerate",
+    assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss", "bits_per_byte", "loop", "hit_limit", "degenerate",
                                     "answer_chars", "reference_chars", "length_ratio"}
     answers = [r["answer"] for r in saved["results"]]
     cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6,

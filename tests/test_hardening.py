@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import zipfile
 
 import numpy as np
@@ -231,8 +232,9 @@ def test_shards_of_two_tokenizers_are_refused_even_without_a_tokenizer(tiny_corp
     os.remove(mixed / "train_00001.bin")
     assert tiny_run(str(mixed), tmp_path / "r2", "--max_steps=2", "--eval_interval=2", "--warmup_steps=1") == 0
     assert load_checkpoint(str(tmp_path / "r2" / "last.pt"))["tokenizer_sha256"] == "a" * 64
-    monkeypatch.setattr(pretrain, "find_tokenizer", lambda *a, **k: __file__)
-    monkeypatch.setattr(pretrain, "tokenizer_sha256", lambda path: "c" * 64)
+    other = types.SimpleNamespace(sha256="c" * 64, vocab_size=512)  # another tokenizer.model
+    monkeypatch.setattr(pretrain, "load_run_tokenizer", lambda cfg: other)
+    monkeypatch.setattr(pretrain, "TokenBytes", lambda tok: None)
     assert tiny_run(str(mixed), tmp_path / "r2", "--resume", "--max_steps=4") == 2
 
 

@@ -6,11 +6,14 @@ test_tiny_model_learns_fixture_answers_word_for_word needs no tokenizer.model (a
 test_sft_script_ddp_run_and_resume needs the real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skips without it.
 """
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 
 import generate
+from chatglm_tokenizer import load_tokenizer
 from conftest import run_script, write_shard
 from dataset_sft import Batching, SFTData, SFTSamples, render_prompt
 from model import ModelArgs, Transformer
@@ -141,6 +144,14 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     assert first["kind"] == "sft" and first["step"] == 2
     assert first["model_args"]["vocab_size"] == 64793 and first["tokenizer_sha256"]
     assert np.isfinite(first["val_loss"])
+    # bits per byte over the supervised targets of both ranks: answers and their <eos> (0 bytes), nats / ln 2 / bytes
+    val = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    tok = load_tokenizer(tokenizer_path)
+    targets = sum(len(tok.encode(a)) + 1 for _, a in PAIRS)
+    n_bytes = sum(len(a.encode("utf-8")) for _, a in PAIRS)
+    assert [r["step"] for r in val] == [0, 2] and all(r["val_bpb"] > 0 for r in val)
+    for r in val:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * targets / math.log(2) / n_bytes, rel=1e-6)
 
     r = run_script("sft.py", [*sft_args, "--max_steps=4", "--resume"], nproc=2, timeout=120)
     assert "resuming from" in r.stdout and "at step 2" in r.stdout, r.stdout

@@ -74,6 +74,11 @@ def test_report_has_every_section_and_the_numbers_of_its_json(tiny_run):
     assert p["val_min"] <= p["val_end"] and p["steps"] > 0 and p["tokens"] == p["steps"] * p["tokens_per_step"]
     row = re.search(r"^\| perplexity on held-out pretraining text \(SFT model\) \| ([\d.,]+) \|$", md, flags=re.M)
     assert row and float(row[1].replace(",", "")) == round(s["ppl"], 2)
+    # bits per byte (the run has its tokenizer): the pretraining run's last and best, the SFT model's in eval
+    row = re.search(r"^\| bits per byte of held-out pretraining text, end \(min\) \| ([\d.]+) \(([\d.]+)\) \|$", md, flags=re.M)
+    assert row and float(row[1]) == round(p["val_bpb"], 4) and float(row[2]) == round(p["best_val_bpb"], 4)
+    row = re.search(r"^\| bits per byte on held-out pretraining text \(SFT model\) \| ([\d.]+) \|$", md, flags=re.M)
+    assert row and float(row[1]) == round(s["bits_per_byte"], 4) and 0 < s["bits_per_byte"] < 20
     # the original protocol is reported too, and every command that ran is on the page
     o = r["eval_original"]["scores"]
     assert f"| {o['bleu4']:,.2f} | {o['sacrebleu_zh']:,.2f} |" in md and "temperature 1.0" in r["eval_original"]["decoding"]
