@@ -16,9 +16,10 @@ only generated and printed; no scores, no report.
 Protocol (also written into the report):
   prompts   SFT checkpoint: dataset_sft.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
-  decoding  greedy by default (temperature 0) with no repeated 3-grams of answer tokens (--no_repeat_ngram=3: greedy
-            decoding of a small model loops otherwise, docs/recipe.md); batched, sorted by prompt length, KV cache;
-            stops at <eos>. --beams=K: beam search (beam.py), the best of K beams by length-normalised log-prob.
+  decoding  beam search by default (--beams=8, beam.py: the best of 8 beams by log-prob / length) with no repeated
+            3-grams of answer tokens (--no_repeat_ngram=3: a small model loops otherwise); both chosen on held-out
+            questions (docs/recipe.md). --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched,
+            sorted by prompt length, KV cache; stops at <eos>.
   BLEU-4    see bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   ppl       exp(mean token cross-entropy) over the val_*.bin windows of a data_process.py output directory,
             read exactly as pretrain.py's validation reads them (dataset.PretrainData.eval_batches: windows of
@@ -62,6 +63,7 @@ SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", 
 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
+    beams: int = 8  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only

@@ -51,8 +51,9 @@ class Sampling:
         check(self.beams >= 1, f"beams must be >= 1 (1 = off), got {self.beams}")
         check(self.beams == 1 or (self.temperature == 0 and self.top_k == 0 and self.top_p == 1
                                   and self.repetition_penalty == 1),
-              f"beams {self.beams}: beam search is deterministic; pass --temperature=0 --top_k=0 --top_p=1.0 "
-              f"--repetition_penalty=1.0 (got {self.temperature}, {self.top_k}, {self.top_p}, {self.repetition_penalty})")
+              f"beams {self.beams}: beam search is deterministic; to sample pass --beams=1, else --temperature=0 "
+              f"--top_k=0 --top_p=1.0 --repetition_penalty=1.0 (got {self.temperature}, {self.top_k}, {self.top_p}, "
+              f"{self.repetition_penalty})")
         check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
 
     def fit_context(self, max_seq_len: int) -> str:

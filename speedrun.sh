@@ -11,13 +11,15 @@
 # and curves.png beside it. Other flags: --overwrite (replace the data and runs of an earlier speedrun in the same
 # folders; without it a second run stops where it would replace a finished run), --skip_setup (use the current Python as it is),
 # --sft_mix=SPEC (sft.py --mix: default medical-finetune=3, i.e. the conversations of sft/ files whose name contains
-# "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none).
+# "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none),
+# --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
+# in every stage; default: the ChatGLM2 tokenizer; docs/recipe.md compares them).
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
 # gets from the plain commands it prints.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB=0
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -27,7 +29,8 @@ for arg in "$@"; do
     --skip_setup) SETUP=0 ;;
     --overwrite) OVERWRITE=--overwrite ;;
     --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -41,9 +44,11 @@ if [ $TINY = 1 ]; then
   ORIG_NEW=48
 else
   DATA="${DATA:-data/speedrun}"; OUT="${OUT:-out}"
-  PRE_X=""; SFT_X=""; EVAL_X="--batch_size=256"  # all 500 questions of a dev set in two generation batches
+  PRE_X=""; SFT_X=""; EVAL_X="--batch_size=128"  # 500 questions in four batches of 128 prompts x 8 beams
   ORIG_NEW=100
 fi
+[[ "$TOK_VOCAB" =~ ^[0-9]+$ ]] && { [ "$TOK_VOCAB" = 0 ] || [ "$TOK_VOCAB" -ge 300 -a "$TOK_VOCAB" -le 65535 ]; } || {
+  echo "error: --tokenizer_vocab=$TOK_VOCAB: expected 0 (the ChatGLM2 tokenizer) or a vocabulary size in 300..65535" >&2; exit 2; }
 [ -n "$CORPORA" ] || { echo "error: give --corpora=DIR (a folder with pretrain/, sft/ and eval/; see README) or --tiny" >&2; exit 2; }
 for sub in pretrain sft eval; do
   [ -d "$CORPORA/$sub" ] || { echo "error: $CORPORA/$sub: no such folder (expected $CORPORA/{pretrain,sft,eval})" >&2; exit 2; }
@@ -80,14 +85,19 @@ with open(log, "a", encoding="utf-8") as f:
 PY
 }
 
-stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $OVERWRITE
-stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" $OVERWRITE
-stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $PRE_X $OVERWRITE
-stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $MIX_X $SFT_X $OVERWRITE
+TOK_X=""  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
+if [ "$TOK_VOCAB" != 0 ]; then
+  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer"
+  TOK_X="--tokenizer=$DATA/tokenizer"
+fi
+stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $TOK_X $OVERWRITE
+stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" $TOK_X $OVERWRITE
+stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $TOK_X $PRE_X $OVERWRITE
+stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $TOK_X $MIX_X $SFT_X $OVERWRITE
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
-    --baseline_pool="$DATA/sft/train.jsonl" $EVAL_X
+    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
-stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --temperature=1.0 --top_k=100 \
-    --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $EVAL_X
+stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 --top_k=100 \
+    --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $TOK_X $EVAL_X
 stage report python report.py --run="$OUT"
 echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"

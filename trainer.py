@@ -53,6 +53,7 @@ class TrainConfig:
     epochs: float = 1.0  # with max_steps=0: passes over the training split
     tokens_per_param: float = 0.0  # with max_steps=0: also stop at this many tokens per parameter; 0 = no such cap
     max_minutes: float = 0.0  # also stop (validate, checkpoint) after this much training time; 0 = no limit
+    fit_minutes: float = 0.0  # > 0: the run length is set so the training steps take about this long (the LR decays to the end of it); the steps after compilation are timed until warmup ends; replaces epochs/tokens_per_param
     learning_rate: float = 3e-4  # peak LR
     min_lr: float = 3e-5  # LR at the end of the decay
     warmup_steps: int = 100  # linear warmup from 0
@@ -74,7 +75,7 @@ class TrainConfig:
 
     def validate(self):
         for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "epochs",
-                     "tokens_per_param", "max_minutes", "decay_frac", "peak_tflops"):
+                     "tokens_per_param", "max_minutes", "fit_minutes", "decay_frac", "peak_tflops"):
             check(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -102,7 +103,9 @@ class TrainConfig:
         check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
         check(self.compile_mode in ("default", "reduce-overhead"),
               f"compile_mode must be default|reduce-overhead, got {self.compile_mode!r}")
-        check(self.max_minutes >= 0, "max_minutes must be >= 0")
+        check(self.max_minutes >= 0 and self.fit_minutes >= 0, "max_minutes and fit_minutes must be >= 0")
+        check(not (self.fit_minutes and self.max_steps) or self.resume or bool(self.resume_from),
+              "--fit_minutes sets the number of steps: leave --max_steps at 0")
         if self.tensorboard:
             import importlib.util
             check(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs `pip install tensorboard`")
@@ -398,6 +401,42 @@ def bytes_of_val(val_src, token_bytes, log: Logger) -> Optional[ValBytes]:
     return ValBytes(token_bytes)
 
 
+class FitClock:
+    """--fit_minutes: times the training steps after compilation (from step FIRST) until the warmup ends (at least
+    step MIN_END), then sets cfg.max_steps, in place, so that all the steps take about fit_minutes of wall time from
+    the loop's start. The LR of a step before the fit does not depend on max_steps (warmup), so the schedule is the
+    one a run told that many steps would follow. Validation after the fit comes on top. Under torchrun rank 0's
+    count is broadcast: every rank stops at the same step. A resumed run keeps the count it was given."""
+    FIRST, MIN_END = 5, 20  # steps 1-5 compile and capture CUDA graphs: not timed; time at least 15 steps
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, log: Logger, start_step: int):
+        self.cfg, self.rt, self.log = cfg, rt, log
+        self.active = cfg.fit_minutes > 0 and start_step == 0
+        self.end = max(cfg.warmup_steps, self.MIN_END)
+        if self.active:  # until the fit: long enough to reach it, the epochs' count for the first ETAs
+            cfg.max_steps = max(cfg.max_steps, self.end + 1)
+        self.t_loop, self.t_first = time.time(), 0.0
+
+    def tick(self, done: int) -> None:
+        """Call after each step; `done` = steps completed."""
+        if not self.active or done not in (self.FIRST, self.end):
+            return
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize()  # the steps are queued ahead of the host: wait for them to time them
+        now = time.time()
+        if done == self.FIRST:
+            self.t_first = now
+            return
+        per_step = (now - self.t_first) / (self.end - self.FIRST)
+        left = 60 * self.cfg.fit_minutes - (now - self.t_loop)
+        steps = torch.tensor(float(self.end + max(1, int(left / per_step))), device=self.rt.device)
+        if self.rt.world_size > 1:
+            dist.broadcast(steps, src=0)
+        self.cfg.max_steps, self.active = int(steps.item()), False
+        self.log.print(f"fit_minutes={self.cfg.fit_minutes:g}: {1000 * per_step:.1f} ms/step after compilation -> "
+                       f"{self.cfg.max_steps:,} steps in all")
+
+
 def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_step: int) -> tuple[TrainConfig, str]:
     """The config with max_steps fixed -> (config, how the length was chosen, for the log).
 
@@ -407,6 +446,9 @@ def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_ste
     a tenth of it."""
     if cfg.max_steps:
         return cfg, f"{cfg.max_steps:,} steps (--max_steps)"
+    if cfg.fit_minutes:  # a first count for the log; FitClock sets the real one once it has timed the steps
+        return dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * epoch_steps))), \
+            f"as many steps as fit in {cfg.fit_minutes:g} minutes (--fit_minutes, set after {max(cfg.warmup_steps, 20)} steps)"
     steps = max(1, math.ceil(cfg.epochs * epoch_steps))
     why = f"{cfg.epochs:g} epochs of {epoch_steps:,.1f} steps"
     if cfg.tokens_per_param:
@@ -445,7 +487,8 @@ def describe_run(log: Logger, cfg: TrainConfig, rt: Runtime, what: str, compiled
     seq_len = tokens_per_step // (cfg.batch_size * rt.world_size * accum)
     log.print(f"{what} | device {rt.device} x{rt.world_size} | {str(rt.dtype)[6:]} | {compiled}")
     log.print(f"batch: {cfg.batch_size} rows x {seq_len} tokens x {rt.world_size} procs x {accum} accum = "
-              f"{tokens_per_step:,} tokens/step | {length} = {count(tokens_per_step * cfg.max_steps)} tokens")
+              f"{tokens_per_step:,} tokens/step | {length}"
+              + ("" if cfg.fit_minutes and start_step == 0 else f" = {count(tokens_per_step * cfg.max_steps)} tokens"))
     log.print("data: " + " | ".join(src.describe() for src in sources))
     if rt.device.type != "cuda":
         log.print(f"{rt.device.type}: {'step 0 validation, then ' if start_step == 0 else ''}the first step; "
@@ -483,14 +526,16 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
     meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
-    losses = LossLog(log, cfg.max_bad_steps, ckpts)
+    losses, fit = LossLog(log, cfg.max_bad_steps, ckpts), FitClock(cfg, rt, log, start_step)
     done = start_step
     try:
         with StopSignals() as signals:
-            for step in range(start_step, cfg.max_steps):
+            while done < cfg.max_steps:  # --fit_minutes may set max_steps during the run
+                step = done
                 lr, t_step = lr_at(step, cfg), time.time()
                 loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
                 done = step + 1
+                fit.tick(done)
                 if done == start_step + 1 and rt.device.type != "cuda" and done % cfg.log_interval:
                     log.print(first_step_line(time.time() - t_step, cfg.max_steps - done,
                                               minutes_left(cfg.max_minutes, t_start)))
@@ -517,9 +562,19 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     break
     finally:
         ckpts.writer.wait()  # the last checkpoint is on disk before the run returns or exits
-    if signals.requested:
+    finish_lines(log, cfg, rt, kind, signals.requested, done, best_val, start_loss)
+    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
+    if rt.master:
+        write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
+    return result
+
+
+def finish_lines(log: Logger, cfg: TrainConfig, rt: Runtime, kind: str, signal: Optional[str], done: int,
+                 best_val: float, start_loss: float) -> None:
+    """The run's last lines: how to continue after Ctrl-C / SIGTERM (then exit 130), else the result and the curve."""
+    if signal:
         script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else f"{kind}.py"
-        log.print(f"{signals.requested} at step {done}: saved {cfg.out_dir}/last.pt; continue with "
+        log.print(f"{signal} at step {done}: saved {cfg.out_dir}/last.pt; continue with "
                   f"`python {script} --resume --out_dir={cfg.out_dir}`")
         raise SystemExit(130)
     if rt.master:
@@ -529,10 +584,6 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
         if best_val >= start_loss:
             log.print(f"note: no step beat step 0's val loss {start_loss:.4f}; best.pt is the least bad trained step "
                       f"(try a lower --learning_rate or fewer steps)")
-    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
-    if rt.master:
-        write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
-    return result
 
 
 def fail(msg: str) -> None:

@@ -250,7 +250,7 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
     ckpt_path = str(tmp_path / "run" / "best.pt")
     rows = [{"question": f"问题{i}是什么", "answer": f"答案{i}很长", "department": "内科"} for i in range(5)]
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
-    cfg = ev.EvalConfig(ckpt=ckpt_path, data=data, val_bin=val_dir, max_new_tokens=6, batch_size=2, limit=4)
+    cfg = ev.EvalConfig(ckpt=ckpt_path, data=data, val_bin=val_dir, max_new_tokens=6, batch_size=2, limit=4, beams=1)
     os.makedirs(os.path.dirname(ckpt_path))
     report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, ckpt_path, torch.device("cpu"), torch.float32, progress=False)
     with open(tmp_path / "run" / "eval_report.json", encoding="utf-8") as f:

@@ -365,3 +365,30 @@ def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
         parse_config(TrainConfig, ["--compile_mode=graphs"])
     with pytest.raises(ConfigError, match="compile_mode must be default"):
         parse_config(TrainConfig, ["--compile_mode=auto"])
+
+
+def test_fit_minutes_sets_the_length_from_timed_steps_and_decays_to_its_end(tiny_corpus, tmp_path):
+    """--fit_minutes: the step count comes from the timed steps, the run takes about that long, the LR ends at min_lr."""
+    import pretrain
+    out = tmp_path / "fit"
+    t0 = time.time()
+    pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--fit_minutes=0.1", "--eval_interval=100000",
+                   "--ckpt_interval=100000"])
+    took = time.time() - t0
+    log = (out / "log.txt").read_text()
+    line = [ln for ln in log.splitlines() if ln.startswith("fit_minutes=0.1: ")]
+    assert len(line) == 1 and "ms/step after compilation" in line[0], log[-2000:]
+    steps = int(line[0].split("-> ")[1].split(" steps")[0].replace(",", ""))
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r and "step" in r and r.get("lr") is not None]
+    assert trained[-1]["step"] == steps > 20  # ran exactly the fitted count, more than the timed steps
+    assert trained[-1]["lr"] == pytest.approx(3e-4, rel=1e-3)  # the cosine reached min_lr at the fitted end
+    assert 3 < took < 6 + 30  # about 6 s of steps, plus start-up and validation on a busy CPU
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps
+
+
+def test_fit_minutes_with_max_steps_is_refused():
+    import pretrain
+    with pytest.raises(ConfigError, match="--fit_minutes sets the number of steps"):
+        parse_config(pretrain.PretrainConfig, ["--fit_minutes=1", "--max_steps=1000"])

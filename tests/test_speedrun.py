@@ -96,3 +96,21 @@ def test_speedrun_rejects_a_corpora_folder_without_its_parts(tmp_path):
     assert not os.path.exists(tmp_path / "o")
     r = subprocess.run(["bash", "speedrun.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "bash speedrun.sh --corpora=DIR" in r.stdout
+
+
+def test_speedrun_with_a_tokenizer_of_its_own(tmp_path):
+    """--tokenizer_vocab=N trains a tokenizer on the corpora first and every stage uses it (its hash is in the runs)."""
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("BABYLLAMA_TOKENIZER", None)  # nothing may fall back to ChatGLM2's
+    r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}",
+                        "--tokenizer_vocab=4096"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "speedrun.jsonl"), encoding="utf-8")]
+    assert stages[0] == "tokenizer" and stages[1:3] == ["tokenize-pretrain", "tokenize-sft"]
+    meta = json.load(open(os.path.join(data, "tokenizer", "tokenizer_meta.json"), encoding="utf-8"))
+    ev = json.load(open(os.path.join(out, "sft", "eval_report.json"), encoding="utf-8"))
+    assert ev["tokenizer_sha256"] == meta["tokenizer_sha256"] and ev["model_args"]["vocab_size"] == 4096
+    assert ev["scores"]["bits_per_byte"] > 0
+    r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--tokenizer_vocab=12"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "expected 0 (the ChatGLM2 tokenizer) or a vocabulary size" in r.stderr
