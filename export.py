@@ -165,6 +165,9 @@ def write_tokenizer(model_path: str, out_dir: str, max_len: int) -> None:
     # no <s> in front of encoded text (pretraining never saw one there); llama.cpp's converter reads these two keys,
     # and its SentencePiece default would add <s>
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+    from sentencepiece import SentencePieceProcessor
+    if not adds_dummy_prefix(SentencePieceProcessor(model_file=model_path)):  # our own tokenizers: llama.cpp's SentencePiece default would put a space in front
+        cfg["add_prefix_space"] = False
     chat_file = os.path.join(out_dir, "chat_template.jinja")
     if os.path.isfile(chat_file):  # transformers >= 4.5x saves the template beside; older ones read only the config
         os.remove(chat_file)
@@ -247,8 +250,9 @@ def model_card(model, ckpt: dict, ckpt_path: str, repo_id: str) -> str:
         "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
         "Prompt format (the chat template): `[system + \"\\n\"] question <s> answer </s> question <s> ...`; the model "
         "answers after `<s>` and stops at `</s>`. The tokenizer adds no `<s>` in front of text, as in training.",
-        f"{name}'s generation_config.json decodes greedily without repeating a 3-gram (`no_repeat_ngram_size=3`), "
-        "close to the project's eval.py protocol; plain greedy decoding of a model this small loops.", "",
+        f"{name}'s generation_config.json decodes as the project's eval.py does by default, beam search with 8 beams "
+        "without repeating a 3-gram (`num_beams=8`, `no_repeat_ngram_size=3`); pass `num_beams=1` for greedy "
+        "decoding, which loops in a model this small without the 3-gram rule, or `do_sample=True` to sample.", "",
     ]
     return "\n".join(lines)
 
@@ -270,6 +274,8 @@ def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_pat
            "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty,
            # transformers' rule also counts the prompt's n-grams, eval.py's only the answer's: close, not equal
            "no_repeat_ngram_size": ev.no_repeat_ngram}
+    if ev.beams > 1:  # eval.py's beam search: transformers ranks finished beams by sum log-prob / length ** penalty too
+        gen.update(num_beams=ev.beams, length_penalty=ev.length_penalty, early_stopping=False)
     if ev.temperature > 0:
         gen.update(temperature=ev.temperature, top_k=ev.top_k or None, top_p=ev.top_p)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -347,7 +353,7 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     same = 0
     for p, w in zip(prompts, want):
-        out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+        out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                           no_repeat_ngram_size=0)[0, len(p):].tolist()  # plain greedy on both sides
         same += (out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out) == w
     diff = max((o - hf(x).logits[0]).abs().max().item() for o, x in zip(ours, rows))

@@ -211,6 +211,8 @@ def ngram_ban(out: torch.Tensor, first, last, n: int, vocab_size: int) -> torch.
     tensors inside a compiled step). A token is banned for a row when its last n-1 new tokens already occurred,
     among the new tokens, followed by it. Fixed shapes and no host sync: capturable in a CUDA graph."""
     B, L = out.shape
+    if L < n:  # shorter than one n-gram (a prompt of 1-2 tokens, first step): nothing can repeat yet
+        return torch.zeros(B, vocab_size, dtype=torch.bool, device=out.device)
     win = out.unfold(1, n, 1)  # (B, W, n): window w covers slots w .. w+n-1
     w = torch.arange(win.size(1), device=out.device)  # (W,)
     tail_slots = (last - (n - 2) + torch.arange(n - 1, device=out.device)).clamp(min=0)  # (n-1,)

@@ -150,3 +150,15 @@ def test_eval_cli_with_beams_end_to_end(tmp_path, tokenizer_path):
     assert "beam search (2 beams)" in r.stdout and r.stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk")
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["config"]["beams"] == 2
+
+
+def test_prompts_shorter_than_the_ngram_ban():
+    """A 1- or 2-token prompt with no_repeat_ngram=3: the first steps have no 3-gram yet (was an unfold error in both
+    beam search and the reference decoder)."""
+    model = lively_model()
+    for prompt in ([5], [5, 6]):
+        got = beam.beam_search(model, [prompt], 8, beams=3, eos_id=None, no_repeat_ngram=3)[0]
+        assert len(got) == 8 and not repeats_an_ngram(got, 3)
+        steps = list(generate.decode(model, [prompt], 8, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                                     no_repeat_ngram=3, eos_id=None, use_cache=True, generator=None))
+        assert [s[0] for s in steps] == generate.generate(model, [prompt], 8, eos_id=None, no_repeat_ngram=3)[0]

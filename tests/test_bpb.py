@@ -185,3 +185,35 @@ def test_hf_export_own_tokenizer_ids_logits_and_sha(own, tmp_path):
     x = torch.tensor([sum(want[:5], [])[:64]])
     with torch.no_grad():
         assert (model.logits(model.hidden(x)) - hf(x).logits).abs().max().item() <= 1e-4
+    # llama.cpp's converter reads add_prefix_space: without it a GGUF of this model would put a space in front
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        assert json.load(f)["add_prefix_space"] is False
+
+
+def test_gguf_export_own_tokenizer_tokenizes_and_decodes_like_ours(own, tmp_path):
+    """llama.cpp's own tokenizer and greedy decoding on the GGUF file of a model with a tokenizer of our own."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import export
+    try:
+        export.find_converter("")
+    except Exception as e:
+        pytest.skip(str(e))
+    tok_dir, _, run_dir, _ = own
+    tok = load_tokenizer(tok_dir)
+    export.main([f"--ckpt={run_dir}", f"--out_dir={tmp_path}", "--format=gguf", "--gguf_types=f16", f"--tokenizer={tok_dir}"])
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f16.gguf"), n_ctx=128, verbose=False)
+    docs = c4_documents() + EXTRA
+    bad = [d for d in docs if llm.tokenize(d.encode("utf-8"), add_bos=False, special=False) != tok.encode(d)]
+    assert not bad, f"{len(bad)} of {len(docs)} differ, first {bad[0][:60]!r}"
+    model, _ = load_model(run_dir)
+    import generate
+    for d in docs[:3]:
+        ids = tok.encode(d)[:24]
+        want = generate.generate(model, [ids], max_new_tokens=12, temperature=0.0)[0]
+        got = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if t == 2 or len(got) == 12:
+                break
+            got.append(t)
+        assert got == want

@@ -76,6 +76,7 @@ def test_config_files_and_card(hf_dir, ckpt_dir):
     gen = GenerationConfig.from_pretrained(hf_dir)
     assert (gen.do_sample, gen.max_new_tokens, gen.eos_token_id, gen.pad_token_id) == (False, 256, 2, 0)
     assert gen.no_repeat_ngram_size == export.EvalConfig().no_repeat_ngram == 3  # eval.py's default decoding
+    assert (gen.num_beams, gen.length_penalty) == (export.EvalConfig().beams, 1.0) == (8, 1.0)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 0)
     card = open(os.path.join(hf_dir, "README.md"), encoding="utf-8").read()
@@ -107,7 +108,7 @@ def test_transformers_logits_and_greedy_equal_model(hf_dir, ckpt_dir, tok):
         ids = tok.encode(p)
         want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, num_beams=1,
                               no_repeat_ngram_size=0)[0, len(ids):].tolist()
         if 2 in out:  # transformers keeps the eos; model.generate stops before it
             out = out[: out.index(2)]
