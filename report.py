@@ -153,17 +153,19 @@ def answers_table(r: dict) -> List[str]:
 
 
 def training_table(r: dict) -> List[str]:
-    rows = ["| stage | steps | tokens | tokens/s (training) | wall time | val loss first -> min -> end |",
-            "|---|---:|---:|---:|---:|---|"]
+    rows = ["| stage | steps | tokens | tokens/s (training) | wall time | of it: validation / waiting for checkpoints "
+            "| val loss first -> min -> end |",
+            "|---|---:|---:|---:|---:|---:|---|"]
     for name in ("pretrain", "sft"):
         s = r[name]
         if s:
             rows.append(f"| {name} | {s['steps']:,} | {s['tokens']:,} | {s['tokens_per_s']:,.0f} | "
-                        f"{num(s['wall_s'], 1)} s | {num(s['val_first'], 4)} -> {num(s['val_min'], 4)} -> "
-                        f"{num(s['val_end'], 4)} |")
+                        f"{num(s['wall_s'], 1)} s | {num(s.get('validation_s'), 1)} s / "
+                        f"{num(s.get('checkpoint_wait_s'), 1)} s | {num(s['val_first'], 4)} -> "
+                        f"{num(s['val_min'], 4)} -> {num(s['val_end'], 4)} |")
     for st in r["stages"]:
         if st["stage"] not in ("pretrain", "sft"):
-            rows.append(f"| {st['stage']} | | | | {num(st['seconds'], 1)} s | |")
+            rows.append(f"| {st['stage']} | | | | {num(st['seconds'], 1)} s | | |")
     return rows
 
 

@@ -137,11 +137,16 @@ def count(n: int) -> str:
 def write_summary(cfg, kind: str, params: int, tokens_per_step: int, epoch_steps: float,
                   steps: int, meter: "Throughput", result: dict) -> None:
     """out_dir/summary.json: what the run did, for report.py (steps, tokens, epochs, tokens/s, losses, bits per byte
-    of the last validation and the best trained step's when the run had a tokenizer, time)."""
+    of the last validation and the best trained step's when the run had a tokenizer, time, and the seconds spent in
+    validation and waiting for checkpoints)."""
     rates = sorted(meter.rates)
     bpb = read_series(cfg.out_dir, "val_bpb")[0]  # every pass of the run, resumed ones included
     trained = [v for step, v in bpb.items() if step > 0]  # step 0 is the starting point, as for best_val_loss
     result = dict(result, val_bpb=bpb[max(bpb)] if bpb else None, best_val_bpb=min(trained) if trained else None)
+    # where the time outside the steps went: validation passes, and waiting for checkpoint saves (a best.pt is
+    # written before the loop goes on)
+    for key, name in (("val_s", "validation_s"), ("save_s", "checkpoint_wait_s")):
+        result[name] = round(sum(read_series(cfg.out_dir, key)[0].values()), 2)
     summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
                    tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
                    tokens_per_s=rates[len(rates) // 2] if rates else None, **result)

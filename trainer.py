@@ -376,16 +376,22 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
     Step 0 is the starting point (random init, or the pretrained model for SFT): a baseline, not a result. best.pt
     is the best trained step; a loss not below step 0's (start_loss) is said so on its line (an SFT run that made
     the model worse)."""
+    t0 = time.time()
     val_loss, bpb = evaluate(model, val_src.eval_batches(cfg.eval_windows), rt, val_bytes)
-    log.metric(step=step, val_loss=val_loss, **({"val_bpb": bpb} if bpb is not None else {}))
+    # val_s / save_s: the seconds of this pass and of the checkpoint save the loop waited for (summary.json sums them)
+    times = {"val_s": round(time.time() - t0, 3)}
     loss = f"val loss {val_loss:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb is not None else "")
+    improved = val_loss < best_val and step > 0
+    if step > 0:
+        best_val = min(best_val, val_loss)
+        t1 = time.time()
+        ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
+        times["save_s"] = round(time.time() - t1, 3)
+    log.metric(step=step, val_loss=val_loss, **({"val_bpb": bpb} if bpb is not None else {}), **times)
     if step == 0:
         log.print(f"step 0: {loss} (before training)")
         return val_loss, best_val
-    improved = val_loss < best_val
-    best_val = min(best_val, val_loss)
     worse = f" (above step 0's {start_loss:.4f}: no better than the starting point)" if val_loss >= start_loss else ""
-    ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
     log.print(f"step {step}: {loss}{' (best)' if improved else ''}{worse}")
     return val_loss, best_val
 

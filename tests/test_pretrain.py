@@ -386,6 +386,11 @@ def test_fit_minutes_sets_the_length_from_timed_steps_and_decays_to_its_end(tiny
     assert 3 < took < 6 + 30  # about 6 s of steps, plus start-up and validation on a busy CPU
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps
+    # the time outside the steps: two validations (step 0 and the end), one save waited for at the end
+    vals = [r for r in rows if "val_loss" in r]
+    assert [("save_s" in r) for r in vals] == [False, True] and all(r["val_s"] >= 0 for r in vals)
+    assert summary["validation_s"] == pytest.approx(sum(r["val_s"] for r in vals), abs=0.01)
+    assert summary["checkpoint_wait_s"] == pytest.approx(vals[-1]["save_s"], abs=0.01) and summary["checkpoint_wait_s"] > 0
 
 
 def test_fit_minutes_with_max_steps_is_refused():

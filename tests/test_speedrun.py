@@ -72,6 +72,8 @@ def test_report_has_every_section_and_the_numbers_of_its_json(tiny_run):
     row = re.search(r"^\| held-out loss of pretraining, end \(min\) \| ([\d.]+) \(([\d.]+)\) \|$", md, flags=re.M)
     assert row and float(row[1]) == round(p["val_end"], 4) and float(row[2]) == round(p["val_min"], 4)
     assert p["val_min"] <= p["val_end"] and p["steps"] > 0 and p["tokens"] == p["steps"] * p["tokens_per_step"]
+    row = re.search(r"^\| pretrain \| [\d,]+ \| [\d,]+ \| [\d,]+ \| [\d.,]+ s \| ([\d.,]+) s / ([\d.,]+) s \|", md, flags=re.M)
+    assert row and float(row[1]) == round(p["validation_s"], 1) and float(row[2]) == round(p["checkpoint_wait_s"], 1)
     row = re.search(r"^\| perplexity on held-out pretraining text \(SFT model\) \| ([\d.,]+) \|$", md, flags=re.M)
     assert row and float(row[1].replace(",", "")) == round(s["ppl"], 2)
     # bits per byte (the run has its tokenizer): the pretraining run's last and best, the SFT model's in eval
