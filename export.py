@@ -166,8 +166,8 @@ def write_tokenizer(model_path: str, out_dir: str, max_len: int) -> None:
     # and its SentencePiece default would add <s>
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
     from sentencepiece import SentencePieceProcessor
-    if not adds_dummy_prefix(SentencePieceProcessor(model_file=model_path)):  # our own tokenizers: llama.cpp's SentencePiece default would put a space in front
-        cfg["add_prefix_space"] = False
+    if not adds_dummy_prefix(SentencePieceProcessor(model_file=model_path)):
+        cfg["add_prefix_space"] = False  # our own tokenizers: llama.cpp's converter would otherwise add a space in front
     chat_file = os.path.join(out_dir, "chat_template.jinja")
     if os.path.isfile(chat_file):  # transformers >= 4.5x saves the template beside; older ones read only the config
         os.remove(chat_file)
@@ -373,11 +373,7 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
             llm.reset()
             llm.eval(x[0].tolist())
             diff = max(diff, (o - torch.from_numpy(llm.scores[: x.shape[1]]).float()).abs().max().item())
-            got = []
-            for t in llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                if t == tokenizer.eos_id or len(got) == new_tokens:
-                    break
-                got.append(t)
+            got = llama_greedy(llm, p, new_tokens, tokenizer.eos_id)
             same += got == w
             first = first if first is not None else tokenizer.decode(got)
         name = os.path.basename(path)
@@ -385,6 +381,16 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
         print(f"check: llama.cpp {name} max |logit diff| {diff:.2e}; greedy equal on {same}/{len(prompts)} prompts; "
               f"{CHECK_PROMPTS[kind][0]!r} -> {first!r}")
     return result
+
+
+def llama_greedy(llm, ids: List[int], max_new_tokens: int, eos_id: int) -> List[int]:
+    """Greedy new tokens of a llama_cpp.Llama after prompt ids, eos excluded (llama.cpp's sampler with every knob off)."""
+    got: List[int] = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if t == eos_id or len(got) == max_new_tokens:
+            break
+        got.append(t)
+    return got
 
 
 def hub_token() -> str:

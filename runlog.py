@@ -140,13 +140,12 @@ def write_summary(cfg, kind: str, params: int, tokens_per_step: int, epoch_steps
     of the last validation and the best trained step's when the run had a tokenizer, time, and the seconds spent in
     validation and waiting for checkpoints)."""
     rates = sorted(meter.rates)
-    bpb = read_series(cfg.out_dir, "val_bpb")[0]  # every pass of the run, resumed ones included
+    # every pass of the run, resumed ones included; val_s / save_s: where the time outside the steps went,
+    # validation passes and waiting for checkpoint saves (a best.pt is written before the loop goes on)
+    bpb, val_s, save_s = read_series(cfg.out_dir, "val_bpb", "val_s", "save_s")
     trained = [v for step, v in bpb.items() if step > 0]  # step 0 is the starting point, as for best_val_loss
-    result = dict(result, val_bpb=bpb[max(bpb)] if bpb else None, best_val_bpb=min(trained) if trained else None)
-    # where the time outside the steps went: validation passes, and waiting for checkpoint saves (a best.pt is
-    # written before the loop goes on)
-    for key, name in (("val_s", "validation_s"), ("save_s", "checkpoint_wait_s")):
-        result[name] = round(sum(read_series(cfg.out_dir, key)[0].values()), 2)
+    result = dict(result, val_bpb=bpb[max(bpb)] if bpb else None, best_val_bpb=min(trained) if trained else None,
+                  validation_s=round(sum(val_s.values()), 2), checkpoint_wait_s=round(sum(save_s.values()), 2))
     summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
                    tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
                    tokens_per_s=rates[len(rates) // 2] if rates else None, **result)

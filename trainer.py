@@ -454,7 +454,8 @@ def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_ste
         return cfg, f"{cfg.max_steps:,} steps (--max_steps)"
     if cfg.fit_minutes:  # a first count for the log; FitClock sets the real one once it has timed the steps
         return dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * epoch_steps))), \
-            f"as many steps as fit in {cfg.fit_minutes:g} minutes (--fit_minutes, set after {max(cfg.warmup_steps, 20)} steps)"
+            f"as many steps as fit in {cfg.fit_minutes:g} minutes (--fit_minutes, set after " \
+            f"{max(cfg.warmup_steps, FitClock.MIN_END)} steps)"
     steps = max(1, math.ceil(cfg.epochs * epoch_steps))
     why = f"{cfg.epochs:g} epochs of {epoch_steps:,.1f} steps"
     if cfg.tokens_per_param:

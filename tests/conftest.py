@@ -78,3 +78,16 @@ def tiny_corpus(tmp_path):
     write_shard(str(d / "train_00001.bin"), text(300), "train", 512)
     write_shard(str(d / "val_00000.bin"), text(60), "val", 512)
     return str(d)
+
+
+def gguf_tools():
+    """llama_cpp, where it, gguf and llama.cpp's converter are installed (the GGUF tests), else the test is skipped."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import export
+    from configurator import DataError
+    try:
+        export.find_converter("")
+    except DataError as e:
+        pytest.skip(str(e))
+    return llama_cpp

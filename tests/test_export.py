@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_script
+from conftest import SHARED_DATA, gguf_tools, run_script
 
 import export
 import generate
@@ -224,12 +224,7 @@ def test_gguf_without_converter_is_one_line(ckpt_dir, tmp_path):
 
 
 def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    pytest.importorskip("gguf")
-    try:
-        export.find_converter("")
-    except DataError as e:
-        pytest.skip(str(e))
+    llama_cpp = gguf_tools()
     export.main([f"--ckpt={ckpt_dir}", f"--out_dir={tmp_path}", "--format=gguf", "--gguf_types=f16"])
     model, _ = load_model(ckpt_dir)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f16.gguf"), n_ctx=128, verbose=False)
@@ -237,12 +232,7 @@ def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
         ids = tok.encode(p)
         assert llm.tokenize(p.encode("utf-8"), add_bos=False, special=False) == ids  # llama.cpp's own tokenizer
         want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
-        got = []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if t == 2 or len(got) == 24:
-                break
-            got.append(t)
-        assert got == want and len(want) > 0
+        assert export.llama_greedy(llm, ids, 24, eos_id=2) == want and len(want) > 0
     # a chat through llama.cpp's own use of the chat template stored in the GGUF file
     assert llm.metadata["tokenizer.chat_template"] == export.CHAT_TEMPLATE
     assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
