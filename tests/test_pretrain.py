@@ -397,3 +397,34 @@ def test_fit_minutes_with_max_steps_is_refused():
     import pretrain
     with pytest.raises(ConfigError, match="--fit_minutes sets the number of steps"):
         parse_config(pretrain.PretrainConfig, ["--fit_minutes=1", "--max_steps=1000"])
+
+
+def test_validation_runs_the_raw_model_not_the_compiled_one(tiny_corpus, tmp_path, monkeypatch):
+    """The compiled model only ever trains: a no-grad pass through it would compile (and capture) a second graph."""
+    import pretrain
+    import trainer
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile(model): counts the passes made through it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.no_grad_calls, self.calls = inner, 0, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            self.no_grad_calls += not torch.is_grad_enabled()
+            return self.inner(*args, **kwargs)
+
+    wrappers = []
+    build = trainer.build_model
+
+    def build_wrapped(*args, **kwargs):
+        raw, run, *rest = build(*args, **kwargs)
+        wrappers.append(Compiled(run))
+        return (raw, wrappers[-1], *rest)
+
+    monkeypatch.setattr(trainer, "build_model", build_wrapped)
+    out = str(tmp_path / "run")
+    pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=6", "--eval_interval=3"])
+    _, val = metrics(out)
+    assert sorted(val) == [0, 3, 6] and val[6] < val[0]
+    assert wrappers[0].calls == 6 and wrappers[0].no_grad_calls == 0
