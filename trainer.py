@@ -525,8 +525,7 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     ckpts = Checkpoints(cfg, rt, model_args, kind, tokenizer_sha256, raw_model, optimizer, scaler,
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
-    # validation runs the raw model, eagerly: compiling its no-grad graph (one per SFT row width) took 22 s of the
-    # speedrun's pretraining and 45 s of its SFT on an H200, more than all its later validations and steps would save
+    # validation runs the raw model eagerly: compiling no-grad graphs took 22 s (pretrain) and 45 s (SFT) on an H200
     if start_step == 0:
         val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
     else:
