@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from generate import KVCache, check_generate_args, decode_attention_backends, ngram_ban, prompt_positions
+from chatglm_tokenizer.template import fit_prompt
 from model import Transformer
 
 
@@ -28,7 +29,7 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int)
         raise ValueError(f"beam_search: max_new_tokens {max_new_tokens} does not fit the model's {max_seq_len}-token "
                          f"context")
     keep = max_seq_len - max_new_tokens + 1
-    return [p[-keep:] for p in prompts]
+    return [fit_prompt(p, keep) for p in prompts]
 
 
 class Hypotheses:

@@ -25,10 +25,12 @@ from typing import Optional
 
 import torch
 
-from configurator import check, config_or_exit
+from babyllama.config import config_or_exit
+from babyllama.errors import check
 from generate import generate
 from model import ModelArgs, Transformer
-from runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
+from babyllama.runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
+from babyllama.fileio import write_json
 from trainer import DeviceBatches, lr_at, train_step, TrainConfig, wrap_ddp
 
 VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
@@ -285,9 +287,7 @@ def main() -> None:
         bench_data(cfg, emit)
     if rt.master:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        with open(cfg.out + ".tmp", "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows}, f, indent=1)
-        os.replace(cfg.out + ".tmp", cfg.out)
+        write_json(cfg.out, {"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows})
         print(f"\n{'bench':<7}{'what':<16}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
         for r in rows:
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")

@@ -8,7 +8,7 @@
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way (at the
 prompt it only clears the line).
-History: every prompt is the SFT template of the earlier turns plus the new question (dataset_sft.render_prompt);
+History: every prompt is the SFT template of the earlier turns plus the new question (chatglm_tokenizer/template.py);
 when it would not leave max_new_tokens of room in the model's context, the oldest turns are dropped.
 A pretrain checkpoint has no chat template: it continues each line as text, with no history.
 """
@@ -20,10 +20,13 @@ from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 
 import torch
 
-from configurator import DataError, check, config_or_exit, repair_text
+from babyllama.config import config_or_exit, repair_text
+from babyllama.errors import check, user_errors
+from chatglm_tokenizer import template
 from beam import beam_search
 from generate import Sampling, stream
-from runtime import autocast_context, device_problem, load_for_inference
+from babyllama.runtime import autocast_context, device_problem
+from generate import load_for_inference
 
 
 @dataclass
@@ -51,17 +54,14 @@ def fit_history(tokenizer, history: List[dict], question: str, system: Optional[
 
     `history` alternates {"role": "user"} / {"role": "assistant"} messages; a turn is one pair. If the question
     alone is too long, its prompt keeps its last max_len tokens (so it still ends with the <bos> the answer follows)."""
-    if render_prompt is None:
-        from dataset_sft import render_prompt
+    render_prompt = render_prompt or template.render_prompt
     kept = list(history)
     while True:
         ids = render_prompt(tokenizer, kept, question, system=system or None)
         if len(ids) <= max_len or not kept:
             break
         kept = kept[2:]
-    if len(ids) > max_len:
-        ids = ids[-max_len:]
-    return kept, ids
+    return kept, template.fit_prompt(ids, max_len)
 
 
 def stream_text(tokens: Iterable[int], tokenizer, out: TextIO) -> str:
@@ -168,16 +168,13 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
 
 def main() -> None:
     cfg = config_or_exit(ChatConfig)
-    try:
+    with user_errors():
         model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
                                                                               cfg.dtype)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
         note = cfg.fit_context(max_seq_len)  # e.g. the default 256 on a small demo model: answers get half the context
         if note:
             print(note)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     kind = ckpt.get("kind", "pretrain")
     interactive = sys.stdin.isatty()
     print(f"{ckpt_path}: {kind} model, step {ckpt.get('step')}, {model.num_params():,} parameters, context "

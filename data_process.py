@@ -13,14 +13,13 @@ every document followed by <eos>=2, each with a sidecar <stem>.json (format baby
 vocab size, dtype, eos id, token/document counts, sources, filters). SFT output: train.jsonl / val.jsonl, one
 {"conversations": [{"role": "user"|"assistant", "content"}...], "system"?, "source"} per line, sidecars train.json / val.json.
 
-Inputs are read by corpora.py (container and record format detected; `path:format` overrides; hf:// files fetched).
+Inputs are read by babyllama/corpora.py (container and record format detected; `path:format` overrides; hf:// files fetched).
 Bad records are skipped and counted (the first few reported as file:line); an unknown format, an empty input or a dead
 tokenizer worker is a one-line error (exit 2) before anything is written. Memory is bounded for any line length. The
-output is swapped in whole with its manifest.json (output_dir.py); files this script did not write need --overwrite.
+output is swapped in whole with its manifest.json (babyllama/output_dir.py); files this script did not write need --overwrite.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -35,10 +34,11 @@ from typing import Optional
 
 import numpy as np
 
-from configurator import DataError, check, config_or_exit
-from corpora import (PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records,
-                     parse_inputs, record_conversation)
-from output_dir import OutputFolder
+from babyllama.config import config_or_exit
+from babyllama.errors import DataError, check, fail, user_errors
+from babyllama.corpora import PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records, parse_inputs, record_conversation
+from babyllama.dedup import HashSet, NearDupIndex, is_val, minhash_params, minhash_signature, text_hash
+from babyllama.output_dir import OutputFolder
 
 TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
 SFT_FORMAT = "baby-llama2-chinese/sft-v1"
@@ -94,7 +94,7 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# hashing, dedup, validation split
+# inputs as the console names them
 
 
 def describe_source(src: Source) -> str:
@@ -102,82 +102,6 @@ def describe_source(src: Source) -> str:
     names = {"array": "a JSON array", "lines": "JSON lines", "csv": "CSV", "parquet": "Parquet"}
     what = "plain text" if src.container == "txt" else f"{names.get(src.container, src.container)} of {src.fmt} records"
     return what + (" (gzip)" if src.path.endswith(".gz") else "")
-
-
-def text_hash(text: str, seed: int = 0) -> int:
-    """64-bit hash of the whitespace-normalized text (exact dedup key; its low bits pick the validation split)."""
-    norm = " ".join(text.split())
-    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=8,
-                                          salt=seed.to_bytes(8, "little")).digest(), "little")
-
-
-def is_val(h: int, fraction: float) -> bool:
-    return (h & 0xFFFFFFFF) < fraction * 2 ** 32
-
-
-class HashSet:
-    """Set of 64-bit hashes at ~8 bytes each: a sorted numpy array plus a small Python set of recent additions."""
-
-    def __init__(self, merge_every: int = 1 << 18):
-        self.sorted = np.zeros(0, dtype=np.uint64)
-        self.recent: set[int] = set()
-        self.merge_every = merge_every
-
-    def seen_before(self, hashes: np.ndarray) -> np.ndarray:
-        """Vectorized membership in the sorted part (for a whole chunk at once)."""
-        if self.sorted.size == 0:
-            return np.zeros(len(hashes), dtype=bool)
-        idx = np.minimum(np.searchsorted(self.sorted, hashes), self.sorted.size - 1)
-        return self.sorted[idx] == hashes
-
-    def add_if_new(self, h: int, in_sorted: bool) -> bool:
-        if in_sorted or h in self.recent:
-            return False
-        self.recent.add(h)
-        if len(self.recent) >= self.merge_every:
-            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            self.recent = set()
-        return True
-
-    def __len__(self):
-        return self.sorted.size + len(self.recent)
-
-
-def minhash_params(perms: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1234 + seed)
-    a = rng.integers(1, 2 ** 63, size=perms, dtype=np.uint64) | np.uint64(1)  # odd multipliers
-    b = rng.integers(0, 2 ** 63, size=perms, dtype=np.uint64)
-    return a, b
-
-
-def minhash_signature(text: str, a: np.ndarray, b: np.ndarray, shingle: int = 5, block: int = 4096) -> np.ndarray:
-    """(perms,) uint32 MinHash of the text's character `shingle`-grams: min over grams of top 32 bits of a*g+b mod 2^64."""
-    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    n = max(len(cp) - shingle + 1, 1)
-    grams = np.zeros(n, dtype=np.uint64)
-    for j in range(min(shingle, len(cp))):  # polynomial rolling hash, wrapping mod 2^64
-        grams = grams * np.uint64(1000003) + cp[j:j + n]
-    grams = np.unique(grams)
-    sig = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
-    for s in range(0, len(grams), block):  # (perms, block) at a time keeps memory small for long documents
-        g = grams[s:s + block]
-        sig = np.minimum(sig, (a[:, None] * g[None, :] + b[:, None]).min(axis=1))
-    return (sig >> np.uint64(32)).astype(np.uint32)
-
-
-class NearDupIndex:
-    """LSH over MinHash bands: a document is a near-duplicate if any band equals a band of a kept document."""
-
-    def __init__(self, bands: int):
-        self.bands = bands
-        self.keys: set[bytes] = set()
-
-    def add_if_new(self, sig: np.ndarray) -> bool:
-        keys = [bytes([i]) + band.tobytes() for i, band in enumerate(np.split(sig, self.bands))]
-        if any(k in self.keys for k in keys):
-            return False
-        self.keys.update(keys)
-        return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,19 +504,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):  # `python data_process.py pretrain --inputs ...` (-h is a flag)
         if argv[0] not in MODES:
-            print(f"error: unknown mode {argv[0]!r}: expected one of {', '.join(MODES)}", file=sys.stderr)
-            raise SystemExit(2)
+            fail(f"unknown mode {argv[0]!r}: expected one of {', '.join(MODES)}")
         argv = ["--mode", argv[0]] + argv[1:]
     cfg = config_or_exit(Config, argv)
     modes = ["pretrain", "sft"] if cfg.mode == "all" else [cfg.mode]
     summaries = []
-    try:
+    with user_errors():
         for mode in modes:
             out_dir = cfg.out_dir or os.path.join("data", mode)
             summaries.append(run_pretrain(cfg, out_dir) if mode == "pretrain" else run_sft(cfg, out_dir))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     return summaries
 
 

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from configurator import DataError
+from babyllama.errors import DataError
 
 FORMAT = "baby-llama2-chinese/tokens-v1"
 

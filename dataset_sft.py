@@ -4,21 +4,7 @@ Input: data_process.py's `data/sft/train.jsonl` / `val.jsonl`, one conversation 
   {"conversations": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...],
    "system": "optional", "source": "file name"}      (turns alternate user/assistant, user first, assistant last)
 
-Template (the original project's `prompt <bos> answer <eos>`, continued turn after turn; `render` is the only
-implementation, and sft.py, eval.py and chat.py all go through it):
-
-    [encode(system + "\\n")]  encode(q1) <bos> encode(a1) <eos>  encode(q2) <bos> encode(a2) <eos> ...
-     not supervised          not supervised   supervised         not supervised   supervised
-
-Every piece is encoded on its own (sentencepiece puts its "▁" in front of each). Worked example with the
-ChatGLM2 tokenizer (<bos>=1, <eos>=2), system "你是医生", then q1 "你好", a1 "您好", q2 "头疼", a2 "多休息":
-
-    pieces     ▁ 你是 医生 <0x0A> | ▁你 好 | <s> | ▁ 您好 | </s> | ▁ 头疼 | <s> | ▁多 休息 | </s>
-    ids        30910 34607 32718 13     | 36474 54591 | 1 | 30910 48214 | 2 | 30910 46317 | 1 | 40636 33503 | 2
-    supervised F     F     F     F      | F     F     | F | T     T     | T | F     F     | F | T     T     | T
-
-`render_prompt(tok, history, question, system)` gives the same ids up to and including the <bos> after
-the question (what a chat turn feeds to generate()).
+The chat template (`prompt <bos> answer <eos>`, turn after turn) is chatglm_tokenizer/template.py's `render`.
 
 The one shift (make_example): a sample of n tokens becomes n - 1 (input, target) pairs
     x = ids[:-1],  y[t] = ids[t+1] if supervised[t+1] else -1
@@ -48,7 +34,6 @@ x is padded with 0 (pad id), y with -1. A sample's last x token never predicts t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -57,84 +42,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from configurator import DataError
+from babyllama.errors import DataError
+from babyllama.fileio import read_jsonl
+from chatglm_tokenizer.template import PAD_ID, assemble, check_conversation, template_texts
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MODES = ("dynamic", "packed", "fixed")
-
-
-def check_conversation(conversation, system=None) -> Optional[str]:
-    """None if `conversation` follows the contract, else a short reason."""
-    if not isinstance(conversation, list) or not conversation:
-        return "expected a non-empty list of turns"
-    if len(conversation) % 2:
-        return f"expected user/assistant pairs, got {len(conversation)} turns (must end with assistant)"
-    for i, turn in enumerate(conversation):
-        want = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(turn, dict) or turn.get("role") != want:
-            return f"turn {i}: expected role {want!r}"
-        if not isinstance(turn.get("content"), str):
-            return f"turn {i}: expected a string content"
-    if system is not None and not isinstance(system, str):
-        return "expected system to be a string"
-    return None
-
-
-def _texts(conversation, system) -> List[str]:
-    """The pieces encoded separately: [system + "\\n"] (if any), then every turn's content in order."""
-    return ([system + "\n"] if system else []) + [t["content"] for t in conversation]
-
-
-def _assemble(pieces: Sequence[Sequence[int]], has_system: bool, bos_id: int = BOS_ID,
-              eos_id: int = EOS_ID) -> Tuple[List[int], List[bool]]:
-    """Encoded pieces (from `_texts`) -> (ids, supervised): the template itself, in one place."""
-    ids: List[int] = []
-    sup: List[bool] = []
-    if has_system:
-        ids += pieces[0]
-        sup += [False] * len(pieces[0])
-        pieces = pieces[1:]
-    for i in range(0, len(pieces), 2):
-        q, a = pieces[i], pieces[i + 1]
-        ids += list(q) + [bos_id] + list(a) + [eos_id]
-        sup += [False] * (len(q) + 1) + [True] * (len(a) + 1)
-    return ids, sup
-
-
-def render(tokenizer, conversation, system: Optional[str] = None) -> Tuple[List[int], List[bool]]:
-    """A whole conversation -> (ids, supervised); supervised is True on answer tokens and their <eos>."""
-    reason = check_conversation(conversation, system)
-    if reason:
-        raise DataError(f"render: {reason}")
-    pieces = tokenizer.encode_batch(_texts(conversation, system))
-    return _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
-
-
-def render_prompt(tokenizer, history, question: str, system: Optional[str] = None,
-                  max_len: Optional[int] = None) -> List[int]:
-    """ids of `history` (complete earlier turns) + question + <bos>: the input that generate() answers.
-
-    Equals render(history + [question, answer])[0] up to and including the question's <bos>. If max_len is
-    given, the oldest turns go first (the system text stays), then the start of the rest is cut, as in training.
-    """
-    conversation = list(history) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-    reason = check_conversation(conversation, system)
-    if reason:
-        raise DataError(f"render_prompt: {reason}")
-    pieces = tokenizer.encode_batch(_texts(conversation, system))
-    n_sys = len(pieces[0]) if system else 0
-    turns = pieces[1:] if system else pieces
-    # turn i as ids: q <bos> a <eos>; the last one is just q <bos> (its answer is what we generate)
-    blocks = [list(turns[i]) + [tokenizer.bos_id] + list(turns[i + 1]) + [tokenizer.eos_id]
-              for i in range(0, len(turns) - 2, 2)] + [list(turns[-2]) + [tokenizer.bos_id]]
-    sys_ids = list(pieces[0]) if system else []
-    if max_len is not None:
-        while len(blocks) > 1 and n_sys + sum(map(len, blocks)) > max_len:
-            blocks.pop(0)
-    ids = sys_ids + [i for b in blocks for i in b]
-    if max_len is not None and len(ids) > max_len:
-        ids = ids[len(ids) - max(max_len, 1):]
-    return ids
 
 
 def truncate(ids: Sequence[int], supervised: Sequence[bool], max_seq_len: int,
@@ -193,28 +105,6 @@ def _read_records(path) -> Iterator[Tuple[str, list, Optional[str], str]]:
         yield f"{path}:{lineno}", rec.get("conversations"), rec.get("system") or None, str(rec.get("source") or "")
 
 
-def read_jsonl(path: str, expected: str) -> Iterator[Tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON lines file (also eval.py's reader).
-
-    A line that is not a JSON object stops with a one-line DataError naming file:line and `expected`."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: GB18030 or GBK text?); convert the "
-                                "file to UTF-8, e.g. with iconv -f GB18030 -t UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not JSON ({e.msg}); expected {expected} per line") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected {expected}, got {type(rec).__name__}")
-            yield lineno, rec
-
-
 @dataclass
 class Batching:
     """How an SFTData source cuts its samples into batches (see "Batch modes" above)."""
@@ -264,12 +154,12 @@ class SFTSamples:
         bar = tqdm(total=len(records), desc=f"tokenizing {self.name}", unit="conv", disable=not progress)
         for s in range(0, len(records), chunk):
             part = records[s:s + chunk]
-            texts = [_texts(conv, system) for conv, system in part]
+            texts = [template_texts(conv, system) for conv, system in part]
             flat = tokenizer.encode_batch([t for ts in texts for t in ts], num_threads=num_threads)
             at = 0
             for (conv, system), ts, source in zip(part, texts, sources[s:s + chunk]):
                 pieces, at = flat[at:at + len(ts)], at + len(ts)
-                ids, sup = _assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
+                ids, sup = assemble(pieces, bool(system), tokenizer.bos_id, tokenizer.eos_id)
                 n_sys = len(pieces[0]) if system else 0
                 ids, sup, status = truncate(ids, sup, self.max_seq_len, n_sys)
                 if status == "dropped":

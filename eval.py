@@ -14,13 +14,13 @@ else the embedded sample data/sample/eval/medical_qa.jsonl. A file with no "answ
 only generated and printed; no scores, no report.
 
 Protocol (also written into the report):
-  prompts   SFT checkpoint: dataset_sft.render_prompt (question, then <bos>); pretrain checkpoint: the raw
+  prompts   SFT checkpoint: chatglm_tokenizer/template.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
   decoding  beam search by default (--beams=8, beam.py: the best of 8 beams by log-prob / length) with no repeated
             3-grams of answer tokens (--no_repeat_ngram=3: a small model loops otherwise); both chosen on held-out
             questions (docs/recipe.md). --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched,
             sorted by prompt length, KV cache; stops at <eos>.
-  BLEU-4    see bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
+  BLEU-4    see babyllama/bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   ppl       exp(mean token cross-entropy) over the val_*.bin windows of a data_process.py output directory,
             read exactly as pretrain.py's validation reads them (dataset.PretrainData.eval_batches: windows of
             max_seq_len + 1 tokens starting at multiples of max_seq_len), so it equals exp(val loss) there.
@@ -35,19 +35,23 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from tqdm import tqdm
 
-import bleu
-import quality
+from babyllama import bleu
+from babyllama import quality
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
-from configurator import DataError, check, config_dict, config_or_exit
+from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
+from babyllama.config import config_dict, config_or_exit
+from babyllama.errors import DataError, check, user_errors
+from babyllama.fileio import read_jsonl
 from beam import beam_search
 from generate import Sampling, generate
-from runtime import (autocast_context as autocast, device_problem, load_for_inference, resolve_dtype, write_atomic,
-                     synchronize)
+from babyllama.fileio import write_atomic
+from babyllama.runtime import autocast_context as autocast, device_problem, resolve_dtype, synchronize
+from generate import load_for_inference
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", SAMPLE_DATA)
@@ -55,10 +59,6 @@ SAMPLE_NOTE = (f"no data/eval/medical_qa.jsonl: scoring the embedded sample {SAM
                f"test, not a benchmark); get the dev set (README) or pass --data=FILE")
 PPL_CHUNK = 4096  # rows of logits at a time in perplexity: memory independent of vocab x batch
 DEFAULT_VAL = "data/pretrain"
-# the original project's own prompts: questions for an SFT model, openings to continue for a pretrain model
-SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？", "前列腺囊肿的症状是什么？",
-                  "请问，世界上最大的动物是什么？"]
-SEED_CONTINUATIONS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "《小王子》是一本畅销童话书，它讲述了："]
 
 
 @dataclass
@@ -72,19 +72,17 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     ppl_seq_len: int = 0  # window length - 1; 0 = the model's max_seq_len (what pretrain.py validates on)
     limit: int = 0  # evaluate the first N questions (0 = all)
     batch_size: int = 32  # prompts generated together (and windows per perplexity batch)
-    use_cache: bool = True  # KV cache during generation (off only to measure what it buys)
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
-    baselines: bool = False  # also score two answers made without a model (quality.py): retrieval and a fixed sentence
+    baselines: bool = False  # also score two answers made without a model (babyllama/quality.py): retrieval and a fixed sentence
     baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
 
     def validate(self):
         super().validate()
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        check(self.use_cache or self.beams == 1, "beams > 1: beam search always uses the KV cache; drop --use_cache=false")
         check(not self.baselines or os.path.isfile(self.baseline_pool),
               f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
@@ -111,7 +109,6 @@ def load_qa(path: str) -> List[dict]:
     """JSON lines of {"question", "answer"?} -> list of dicts; one-line DataError naming file:line on bad input.
 
     Either every record has a string "answer" (scored) or none has (generate only)."""
-    from dataset_sft import read_jsonl
 
     records, with_answer = [], []
     try:
@@ -134,21 +131,6 @@ def load_qa(path: str) -> List[dict]:
     if not records:
         raise DataError(f"{path}: empty; expected JSON lines of {{\"question\", \"answer\"}}")
     return records
-
-
-def build_prompts(tokenizer, questions: Sequence[str], kind: str, max_len: int) -> tuple:
-    """Token prompts for `questions` -> (prompts, number cut to max_len).
-
-    SFT: the training template's prompt (question then <bos>); pretrain: the raw text to continue."""
-    from dataset_sft import render_prompt  # only SFT checkpoints need the template
-
-    prompts, cut = [], 0
-    for q in questions:
-        ids = render_prompt(tokenizer, [], q, max_len=max_len) if kind == "sft" else tokenizer.encode(q)
-        if len(ids) > max_len:  # keep the end: for SFT that is the <bos> the answer must follow
-            ids, cut = ids[-max_len:], cut + 1
-        prompts.append(ids)
-    return prompts, cut
 
 
 # ----------------------------------------------------------------------------- generation
@@ -323,9 +305,9 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "baselines": baselines,
         "protocol": {
             "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
-            "prompt": "dataset_sft.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
+            "prompt": "template.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
-                         f"batch {cfg.batch_size}, KV cache {'on' if cfg.use_cache else 'off'}"),
+                         f"batch {cfg.batch_size}, KV cache on"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
             "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
@@ -364,7 +346,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     scored = all("answer" in r for r in records)
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
-    gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=cfg.use_cache,
+    gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     decoder = None
     if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
@@ -375,7 +357,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
           f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}, "
-          f"{decoding_word(cfg)}, KV cache {'on' if cfg.use_cache else 'off'}")
+          f"{decoding_word(cfg)}, KV cache on")
     outputs, gen_s = generate_all(model, prompts, cfg.batch_size, gen_kwargs, device, dtype, progress, decoder)
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
@@ -432,7 +414,7 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
 
 
 def score_baselines(records: List[dict], pool_path: str) -> dict:
-    """BLEU-4 and sacreBLEU of quality.py's two model-free answers, with eval's own protocol."""
+    """BLEU-4 and sacreBLEU of babyllama/quality.py's two model-free answers, with eval's own protocol."""
     refs = [r["answer"] for r in records]
     answers = quality.baseline_answers([r["question"] for r in records], quality.qa_pairs(pool_path))
     out = {}
@@ -445,7 +427,7 @@ def score_baselines(records: List[dict], pool_path: str) -> dict:
 
 def main() -> None:
     cfg = config_or_exit(EvalConfig)
-    try:
+    with user_errors():
         if cfg.data and cfg.data.lower() != "none" and not cfg.prompts:
             load_qa(resolve_data_path(cfg.data))  # bad input fails in a second, before the model loads
         torch.manual_seed(cfg.seed)
@@ -455,9 +437,6 @@ def main() -> None:
         print(f"{ckpt_path}: {ckpt.get('kind', '?')} checkpoint, step {ckpt.get('step')}, {model.num_params():,} parameters "
               f"(dim {ma['dim']}, {ma['n_layers']} layers, context {ma['max_seq_len']}) | {device} {str(dtype)[6:]}")
         evaluate(cfg, model, ckpt, tokenizer, ckpt_path, device, dtype)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

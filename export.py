@@ -15,7 +15,7 @@
                           the run's SentencePiece model (ChatGLM2's or train_tokenizer.py's) as a plain `tokenizers`
                           BPE (AutoTokenizer, no remote code): the same ids as chatglm_tokenizer (no <s> added; ChatGLM2's
                           dummy-prefix "▁" on every piece of text, none for our own); tokenizer_config.json carries a
-                          chat template that renders dataset_sft.render's ids
+                          chat template that renders template.render's ids
   README.md               a model card: data, steps, val loss, BLEU from eval_report.json beside the checkpoint
 --format=gguf also runs llama.cpp's own converter (convert_hf_to_gguf.py) on that folder, once per --gguf_types, into
 out_dir/model-<type>.gguf, plus an Ollama Modelfile. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
@@ -44,10 +44,12 @@ import torch
 
 import hf_llama
 from chatglm_tokenizer.tokenizer import adds_dummy_prefix
-from configurator import DataError, check, config_or_exit
-from eval import SEED_CONTINUATIONS, SEED_QUESTIONS, EvalConfig, build_prompts  # eval.py's prompts
+from babyllama.config import config_or_exit
+from babyllama.errors import DataError, check, user_errors
+from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
+from eval import EvalConfig  # generation_config.json decodes as eval.py does by default
 from generate import generate
-from runtime import load_for_inference  # the project's one way to open a checkpoint
+from generate import load_for_inference  # the project's one way to open a checkpoint
 
 FORMATS = ("hf", "gguf")
 # --check's prompts: eval.py's original-project prompts and two more, five in all
@@ -55,7 +57,7 @@ CHECK_PROMPTS = {"sft": SEED_QUESTIONS + ["高血压患者平时应该注意什�
                  "pretrain": SEED_CONTINUATIONS + ["中华人民共和国刑法第一条规定，", "感冒的常见症状包括"]}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DTYPES = ("float32", "bfloat16", "float16")
-# dataset_sft.render as Jinja: [system + "\n"] q1 <s> a1 </s> q2 <s> ... The tokenizer puts the dummy-prefix "▁" in
+# template.render as Jinja: [system + "\n"] q1 <s> a1 </s> q2 <s> ... The tokenizer puts the dummy-prefix "▁" in
 # front of every stretch of text between special tokens, as render encodes every piece on its own; the " " after the
 # system text's "\n" becomes the "▁" that starts the first question's own encoding.
 CHAT_TEMPLATE = (
@@ -448,11 +450,8 @@ def export(cfg: ExportConfig) -> dict:
 
 def main(argv=None) -> dict:
     cfg = config_or_exit(ExportConfig, argv)
-    try:
+    with user_errors(FileNotFoundError):
         return export(cfg)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Library module, no command line (eval.py and chat.py are the scripts):
   generate.generate(model, prompts, 256, compile=True)    # GPU: each decode step replays one CUDA graph
   generate.compile_decode(model, backend="aot_eager")      # choose the compiler (default: inductor + CUDA graphs)
   knobs = generate.Sampling(temperature=0.7, top_p=0.9)    # the knobs eval.py and chat.py share: knobs.kwargs()
+  model, ckpt, path, tokenizer, device, dtype = generate.load_for_inference("out/sft", "", "auto", "auto")
 Beam search (Sampling.beams > 1) is in beam.py, which builds on this module.
 Two decoders: decode_static (fixed shapes over a max_seq_len cache, one compiled step per token; used whenever
 prompt + new tokens fit max_seq_len) and decode (growing cache, crops the context from the left; the reference).
@@ -24,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import check
-from model import Transformer
+from babyllama.checkpoint import check_checkpoint, checkpoint_file, load_checkpoint
+from babyllama.errors import DataError, check
+from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
+from model import ModelArgs, Transformer
 
 
 @dataclass
@@ -519,3 +522,52 @@ def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generato
     """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
     noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
     return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, banned)
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
+    """Rebuilds a Transformer from a checkpoint file or run folder (checkpoint_file) -> (model in eval mode, ckpt).
+
+    Accepts state dicts saved from torch.compile ("_orig_mod.") or DDP ("module.") wrappers; only the model moves
+    to `device`."""
+    path = checkpoint_file(path)
+    ckpt = load_checkpoint(path)
+    try:
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
+    except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
+        raise ValueError(f"{path}: bad model_args: {e}") from None
+    state = {}
+    for key, value in ckpt["model"].items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        state[key] = value
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt
+
+
+
+
+def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
+    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
+
+    Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is a DataError."""
+    from chatglm_tokenizer import load_tokenizer
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    enable_tf32(device)
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or None)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    try:
+        ckpt_path = checkpoint_file(ckpt)
+    except FileNotFoundError as e:
+        raise DataError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
+    try:
+        model, saved = load_model(ckpt_path, device=str(device))
+    except (ValueError, OSError) as e:
+        raise DataError(str(e)) from None
+    check_checkpoint(saved, tokenizer, ckpt_path)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        model.cast_for_inference(dtype)  # bf16 weights: decoding never re-casts them (see model.cast_for_inference)
+    return model, saved, ckpt_path, tokenizer, device, dtype

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from chatglm_tokenizer import tokenizer_sha256
-from configurator import DataError  # a folder this project cannot load: one line naming the file and what was expected
+from babyllama.errors import DataError  # a folder this project cannot load: one line naming the file and what was expected
 from model import ModelArgs
 
 ROPE_THETA = 10000.0  # model.rope_tables' default base; a Llama folder with another base is refused

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fused_ce  # the output layer + loss without the (N, vocab) logits
-from configurator import check
+from babyllama import fused_ce  # the output layer + loss without the (N, vocab) logits
+from babyllama.errors import check
 
 
 @dataclass

@@ -23,12 +23,13 @@ from typing import Optional
 
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
-from configurator import DataError, check, config_or_exit
+from babyllama.config import config_or_exit
+from babyllama.errors import DataError, check, fail
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
-from runtime import cleanup, setup_runtime
-from trainer import TrainConfig, fail, train
+from babyllama.runtime import cleanup, setup_runtime
+from trainer import TrainConfig, train
 
 
 @dataclass

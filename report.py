@@ -17,13 +17,14 @@ import datetime
 import json
 import os
 import platform
-import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from configurator import check, config_or_exit
-from runlog import read_metrics
-from runtime import write_atomic
+from babyllama.config import config_or_exit
+from babyllama.errors import check, user_errors
+from babyllama.fileio import read_jsonl
+from babyllama.train_log import read_metrics
+from babyllama.fileio import write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
 
@@ -43,13 +44,6 @@ def read_json(path: str) -> Optional[dict]:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def read_jsonl(path: str) -> List[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def curves(run_dir: str) -> dict:
@@ -101,7 +95,8 @@ def hardware() -> dict:
 
 
 def build(cfg: ReportConfig) -> dict:
-    times = {r["stage"]: r for r in read_jsonl(os.path.join(cfg.run, "speedrun.jsonl"))}
+    log = os.path.join(cfg.run, "speedrun.jsonl")
+    times = {r["stage"]: r for _, r in read_jsonl(log, torn_tail_ok=True)} if os.path.isfile(log) else {}
     main = read_json(os.path.join(cfg.run, "sft", "eval_report.json"))
     check(main is not None, f"{cfg.run}/sft/eval_report.json: missing (run eval.py on the SFT checkpoint first)")
     return {
@@ -227,11 +222,8 @@ def plot(r: dict, run: str, path: str) -> None:
 
 def main(argv=None) -> dict:
     cfg = config_or_exit(ReportConfig, argv)
-    try:
+    with user_errors(ValueError):
         r = build(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     plot(r, cfg.run, os.path.join(cfg.run, "curves.png"))
     write_atomic(os.path.join(cfg.run, "report.json"), json.dumps(r, ensure_ascii=False, indent=1))
     write_atomic(os.path.join(cfg.run, "report.md"), markdown(r))

@@ -19,12 +19,17 @@ from dataclasses import dataclass
 
 
 from chatglm_tokenizer import TokenBytes, load_tokenizer
-from configurator import ConfigError, DataError, check, config_or_exit
-from dataset_sft import MODES, Batching, SFTData, SFTSamples, mix_repeats, parse_mix
+from babyllama.config import config_or_exit
+from babyllama.errors import ConfigError, DataError, check, fail
+from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
-from runtime import checkpoint_file, cleanup, load_checkpoint, setup_runtime
-from trainer import TrainConfig, fail, train
+from babyllama.checkpoint import checkpoint_file, load_checkpoint
+from babyllama.runtime import cleanup, setup_runtime
+from trainer import TrainConfig, train
+
+
+TRAIN_MODES = ("packed", "dynamic")  # dataset_sft's "fixed" (every row padded) is bench.py's baseline only
 
 
 @dataclass
@@ -32,7 +37,7 @@ class SFTConfig(TrainConfig):
     out_dir: str = "out/sft"  # where this run's checkpoints go (eval.py and chat.py read it)
     init_from: str = "out/pretrain"  # pretrained checkpoint file or run dir (its best.pt); hf:PATH = a Hugging Face Llama folder
     data_dir: str = "data/sft"  # data_process.py sft output: train.jsonl and val.jsonl
-    batch_mode: str = "packed"  # packed (whole conversations packed into full rows, 99.7% real tokens) | dynamic | fixed
+    batch_mode: str = "packed"  # packed (whole conversations packed into full rows, 99.7% real tokens) | dynamic (rows of similar length)
     max_seq_len: int = 0  # row length; 0 = the pretrained model's context length
     pad_multiple: int = 64  # dynamic batches pad to a multiple of this: few distinct shapes for torch.compile
     mix: str = ""  # SFT mix: "medical=3" = conversations from sources whose file name contains "medical" 3 times per epoch (0 drops a source; the rest once); "" = each once; validation is never mixed
@@ -47,7 +52,7 @@ class SFTConfig(TrainConfig):
 
     def validate(self):
         super().validate()
-        check(self.batch_mode in MODES, f"batch_mode must be one of {'|'.join(MODES)}, got {self.batch_mode!r}")
+        check(self.batch_mode in TRAIN_MODES, f"batch_mode must be one of {'|'.join(TRAIN_MODES)}, got {self.batch_mode!r}")
         check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
         check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
         try:

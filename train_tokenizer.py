@@ -8,7 +8,7 @@ then tokenize and train with it (every script's --tokenizer takes the folder or 
   python data_process.py pretrain --inputs=wiki.json.gz --tokenizer=data/tok16k --out_dir=data/pretrain16k
   python pretrain.py --data_dir=data/pretrain16k --tokenizer=data/tok16k   # the model's vocab: the tokenizer's
 
-Inputs are read exactly as data_process.py reads them (corpora.py: every format, gzip, manifests, `path:format`,
+Inputs are read exactly as data_process.py reads them (babyllama/corpora.py: every format, gzip, manifests, `path:format`,
 hf://), streamed, one document at a time, taking documents from the inputs in turn so each contributes until the
 character budget (--max_chars) is spent: memory holds the budget's text, never a whole corpus. Documents are cut into
 lines (a line longer than --max_sentence_chars into pieces), since SentencePiece trains on sentences.
@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from chatglm_tokenizer import MODEL_FILE
-from chatglm_tokenizer.tokenizer import first_line
-from configurator import DataError, check, config_dict, config_or_exit
-from corpora import ReadOptions, Reporter, Source, detect, iter_documents, parse_inputs
+from babyllama.errors import first_line, user_errors
+from babyllama.config import config_dict, config_or_exit
+from babyllama.errors import DataError, check
+from babyllama.corpora import ReadOptions, Reporter, Source, detect, iter_documents, parse_inputs
+from babyllama.fileio import write_atomic, write_json
 
 TOKENIZER_FORMAT = "baby-llama2-chinese/tokenizer-v1"
 META_FILE = "tokenizer_meta.json"
@@ -161,22 +161,12 @@ def train_model(sentences: list[str], cfg: Config) -> bytes:
 
 
 def write_outputs(out_dir: str, model: bytes, meta: dict) -> list[str]:
-    """tokenizer.model and tokenizer_meta.json, written as *.tmp then renamed (the sidecar first, as data_process.py
+    """tokenizer.model and tokenizer_meta.json, each written whole or not at all (the sidecar first, as data_process.py
     does with shards), so a stopped run leaves no half-written file under the final names."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, META_FILE), os.path.join(out_dir, MODEL_FILE)]
-    try:
-        with open(paths[0] + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=1)
-        with open(paths[1] + ".tmp", "wb") as f:
-            f.write(model)
-    except BaseException:
-        for p in paths:
-            if os.path.exists(p + ".tmp"):
-                os.remove(p + ".tmp")
-        raise
-    for p in paths:
-        os.replace(p + ".tmp", p)
+    write_json(paths[0], meta)
+    write_atomic(paths[1], model)
     return paths
 
 
@@ -220,11 +210,8 @@ def run(cfg: Config) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     cfg = config_or_exit(Config, argv)
-    try:
+    with user_errors():
         return run(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

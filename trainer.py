@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from chatglm_tokenizer import bits_per_byte
-from configurator import check
+from babyllama.errors import check
 from model import ModelArgs, Transformer
-from runlog import (Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss,
-                    write_summary)
-from rundir import Checkpoints, StopSignals, check_data_tokenizer, open_run, stop_requested
-from runtime import Runtime, autocast_context, device_problem, set_rng_state
+from babyllama.train_log import Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss, write_summary
+from babyllama.checkpoint import Checkpoints
+from babyllama.run_dir import StopSignals, check_data_tokenizer, open_run, stop_requested
+from babyllama.runtime import Runtime, autocast_context, device_problem, set_rng_state
 
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
@@ -93,7 +93,7 @@ class TrainConfig:
         check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
         check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        # a resumed run's warmup is the saved run's (rundir.resumed_config), not the flag's default
+        # a resumed run's warmup is the saved run's (run_dir.resumed_config), not the flag's default
         check(self.max_steps == 0 or self.warmup_steps < self.max_steps or self.resume or bool(self.resume_from),
               f"--warmup_steps={self.warmup_steps} must be below --max_steps={self.max_steps} "
               f"(a short run: add --warmup_steps={self.max_steps // 10})")
@@ -592,9 +592,3 @@ def finish_lines(log: Logger, cfg: TrainConfig, rt: Runtime, kind: str, signal: 
         if best_val >= start_loss:
             log.print(f"note: no step beat step 0's val loss {start_loss:.4f}; best.pt is the least bad trained step "
                       f"(try a lower --learning_rate or fewer steps)")
-
-
-def fail(msg: str) -> None:
-    """One-line error for the user, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)

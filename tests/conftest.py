@@ -85,7 +85,7 @@ def gguf_tools():
     llama_cpp = pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
     import export
-    from configurator import DataError
+    from babyllama.errors import DataError
     try:
         export.find_converter("")
     except DataError as e:

@@ -13,7 +13,8 @@ import torch
 import beam
 import eval as ev
 import generate
-from configurator import ConfigError, parse_config
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError
 from test_eval import FakeTokenizer, tiny_ckpt, write_jsonl
 from test_model import PROMPTS, lively_model, repeats_an_ngram
 
@@ -116,7 +117,7 @@ def test_eval_with_beams_records_them_and_answers_with_beam_search(tmp_path):
         saved = json.load(f)
     assert saved["config"]["beams"] == 2 and saved["config"]["length_penalty"] == 1.0
     assert saved["protocol"]["decoding"].startswith("beam search, 2 beams, length_penalty 1.0, no_repeat_ngram 3")
-    from dataset_sft import render_prompt
+    from chatglm_tokenizer.template import render_prompt
     prompts = [render_prompt(tok, [], r["question"], max_len=32 - 6) for r in rows]
     want = beam.beam_search(model, prompts, 6, beams=2, eos_id=tok.eos_id)
     assert [r["answer"] for r in saved["results"]] == [tok.decode(w).strip() for w in want]
@@ -126,7 +127,7 @@ def test_chat_with_beams_prints_the_beam_search_answer():
     import io
 
     from chat import ChatConfig, chat_loop
-    from dataset_sft import render_prompt
+    from chatglm_tokenizer.template import render_prompt
     tok, model, out = FakeTokenizer(), lively_model(vocab_size=96, max_seq_len=32), io.StringIO()
     cfg = parse_config(ChatConfig, ["--beams=3", "--temperature=0", "--top_p=1.0", "--repetition_penalty=1.0",
                                     "--max_new_tokens=6"])
@@ -139,7 +140,7 @@ def test_chat_with_beams_prints_the_beam_search_answer():
 def test_eval_cli_with_beams_end_to_end(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
     from conftest import run_script
-    from runtime import save_checkpoint
+    from babyllama.checkpoint import save_checkpoint
     from test_eval import tiny_model
 
     model = tiny_model(max_seq_len=64, vocab_size=64793)

@@ -22,7 +22,8 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, load_tokenizer
 from conftest import ROOT, SHARED_DATA, gguf_tools, run_script
 from dataset import PretrainData
 from model import ModelArgs, Transformer
-from runtime import Runtime, load_model
+from babyllama.runtime import Runtime
+from generate import load_model
 from trainer import ValBytes, evaluate
 
 EXTRA = ["", " lead", "  two spaces", "tab\tand\nnewline  ", "数字 2024 年 3.14 ％ ①", "emoji 🙂 ok 生僻 𠀀𪚥",

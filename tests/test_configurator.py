@@ -14,7 +14,7 @@ import data_process
 import eval as ev
 import pretrain
 import sft
-from configurator import parse_config
+from babyllama.config import parse_config
 from conftest import ROOT, run_script
 
 SCRIPTS = [("pretrain.py", pretrain.PretrainConfig), ("sft.py", sft.SFTConfig), ("eval.py", ev.EvalConfig),
@@ -95,7 +95,7 @@ def test_help_of_a_new_config(tmp_path, monkeypatch):
         from dataclasses import dataclass, field
         from typing import List
 
-        from configurator import config_or_exit
+        from babyllama.config import config_or_exit
 
 
         @dataclass

@@ -5,10 +5,10 @@ import types
 
 import pytest
 
-import runlog
+from babyllama import train_log as runlog
 import trainer
 from conftest import run_script
-from runlog import eta, plot_losses
+from babyllama.train_log import eta, plot_losses
 from trainer import TrainConfig
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",

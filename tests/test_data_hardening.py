@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import corpora
+from babyllama import corpora
 import data_process as dp
-import output_dir
+from babyllama import output_dir
 from conftest import ROOT
 from test_data_process import FIX, PRE, PRE_FILES, SFT, cfg, no_temp_left, records, run_pretrain
 
@@ -88,7 +88,7 @@ def test_rerun_replaces_only_its_own_output(tmp_path, tokenizer_path, capsys):
 
 def _run_killed_between_renames(out, corpus):
     """Runs data_process.py in a child that is killed (SIGKILL) after the old folder is moved aside."""
-    code = ("import os, signal, sys, output_dir, data_process\n"
+    code = ("import os, signal, sys, data_process\nfrom babyllama import output_dir\n"
             "output_dir._between_renames = lambda: os.kill(os.getpid(), signal.SIGKILL)\n"
             "data_process.main(sys.argv[1:])\n")
     return subprocess.run([sys.executable, "-c", code, "pretrain", f"--inputs={corpus}", f"--out_dir={out}",
@@ -191,7 +191,7 @@ def test_bom_array_folder_and_gb18030_inputs(tmp_path, capsys):
 
 
 def test_sft_reader_gb18030_is_a_one_line_error(tmp_path):
-    from dataset_sft import read_jsonl
+    from babyllama.fileio import read_jsonl
 
     conv = {"conversations": [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "休息。"}]}
     p = tmp_path / "train.jsonl"
@@ -274,7 +274,7 @@ def test_peak_memory_bounded_for_a_40mb_record(tmp_path, tokenizer_path, contain
 
 
 def test_inputs_are_described_in_words():
-    from corpora import Source
+    from babyllama.corpora import Source
     assert dp.describe_source(Source("notes.txt", "txt", "text")) == "plain text"
     assert dp.describe_source(Source("baike.jsonl.gz", "lines", "baike")) == "JSON lines of baike records (gzip)"
     assert dp.describe_source(Source("wiki.json", "array", "completion")) == "a JSON array of completion records"

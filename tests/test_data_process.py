@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import corpora
+from babyllama import corpora, dedup
 import data_process as dp
 from conftest import ROOT
 
@@ -265,7 +265,7 @@ def test_sft_rejects_pretrain_only_format(tmp_path, capsys):
 
 def fake_chunk(texts):
     """What a worker returns, with fake ids: each document = [10 + its index] * 3 then <eos>."""
-    hashes = np.array([dp.text_hash(t) for t in texts], dtype=np.uint64)
+    hashes = np.array([dedup.text_hash(t) for t in texts], dtype=np.uint64)
     lengths = np.full(len(texts), 4, dtype=np.int64)
     ids = np.concatenate([[10 + i] * 3 + [2] for i in range(len(texts))]).astype(np.uint16)
     return hashes, lengths, ids
@@ -289,7 +289,7 @@ def test_exact_dedup_and_val_split_rules():
     src = corpora.Source("/x/f.json", "array", "text")
     # val_fraction 0: val is filled only by the min-tokens rule (every 2nd kept document until val has 4 tokens)
     c = cfg(val_fraction=0.0, val_min_tokens=4)
-    dp._place_chunk(hashes, lengths, ids, None, src, c, writers, dp.HashSet(), dp.NearDupIndex(8), counts, split_tokens)
+    dp._place_chunk(hashes, lengths, ids, None, src, c, writers, dedup.HashSet(), dedup.NearDupIndex(8), counts, split_tokens)
     assert counts == Counter({"duplicate": 2})
     assert writers["train"].written == [([10, 10, 10, 2, 13, 13, 13, 2, 15, 15, 15, 2], 3, "f.json")]
     assert writers["val"].written == [([11, 11, 11, 2], 1, "f.json")]
@@ -297,13 +297,13 @@ def test_exact_dedup_and_val_split_rules():
     # without dedup nothing is dropped; val_fraction ~1 sends everything to val
     writers = {"train": FakeWriter(), "val": FakeWriter()}
     counts = Counter()
-    dp._place_chunk(hashes, lengths, ids, None, src, cfg(dedup=False, val_fraction=0.999999), writers, dp.HashSet(),
-                    dp.NearDupIndex(8), counts, {"train": 0, "val": 0, "kept": 0})
+    dp._place_chunk(hashes, lengths, ids, None, src, cfg(dedup=False, val_fraction=0.999999), writers, dedup.HashSet(),
+                    dedup.NearDupIndex(8), counts, {"train": 0, "val": 0, "kept": 0})
     assert counts == Counter() and writers["val"].written[0][1] == 6 and writers["train"].written == []
 
 
 def test_hashset_merges_and_still_finds():
-    s = dp.HashSet(merge_every=3)
+    s = dedup.HashSet(merge_every=3)
     hs = np.array([5, 1, 9, 7, 5, 1], dtype=np.uint64)
     assert [s.add_if_new(int(h), False) for h in hs[:4]] == [True, True, True, True]
     assert s.sorted.tolist() == [1, 5, 9] and s.recent == {7} and len(s) == 4
@@ -312,14 +312,14 @@ def test_hashset_merges_and_still_finds():
 
 
 def test_minhash_near_duplicates():
-    a, b = dp.minhash_params(64)
+    a, b = dedup.minhash_params(64)
     base = "传染病是指由病原微生物感染人体后产生的有传染性、在一定条件下可造成流行的疾病。" * 3
     near_copy = base.replace("流行", "流形", 1)
     other = "混沌未分天地乱，茫茫渺渺无人见。自从盘古破鸿蒙，开辟从兹清浊辨。覆载群生仰至仁，发明万物皆成善。"
-    sig = [dp.minhash_signature(t, a, b) for t in (base, near_copy, other)]
+    sig = [dedup.minhash_signature(t, a, b) for t in (base, near_copy, other)]
     assert sig[0].shape == (64,) and sig[0].dtype == np.uint32
     assert (sig[0] == sig[1]).mean() > 0.7 and (sig[0] == sig[2]).mean() < 0.1
-    idx = dp.NearDupIndex(8)
+    idx = dedup.NearDupIndex(8)
     assert [idx.add_if_new(s) for s in sig] == [True, False, True]
 
 
@@ -481,7 +481,7 @@ def test_worker_output_layout_and_overflow_guard(monkeypatch):
     hashes, lengths, ids, sigs = dp.encode_chunk(["一丁", "七"])  # U+4E00 U+4E01, U+4E03
     assert lengths.tolist() == [3, 2] and ids.dtype == np.uint16 and sigs is None
     assert ids.tolist() == [68, 69, 2, 71, 2]
-    assert hashes.tolist() == [dp.text_hash("一丁"), dp.text_hash("七")]
+    assert hashes.tolist() == [dedup.text_hash("一丁"), dedup.text_hash("七")]
     with pytest.raises(dp.DataError, match="token id 64900 is outside the vocabulary"):
         dp.encode_chunk(["一\U00014b40"])  # 84800 - 19900 = 64900: fits uint16 but not the vocabulary
     with pytest.raises(dp.DataError, match="does not fit uint16"):
@@ -502,7 +502,7 @@ def test_uint16_guard_in_worker(tokenizer_path):
         dp._WORKER.clear()
     assert lengths.tolist() == [len(ids) - lengths[1], lengths[1]] and ids.dtype == np.uint16
     assert ids[lengths[0] - 1] == 2 and ids[-1] == 2 and (ids == 2).sum() == 2 and sigs is None
-    assert hashes.tolist() == [dp.text_hash(WIKI_A), dp.text_hash(WIKI_B)]
+    assert hashes.tolist() == [dedup.text_hash(WIKI_A), dedup.text_hash(WIKI_B)]
 
 
 def test_default_run_on_sample_dir(tmp_path, tokenizer_path, monkeypatch):
@@ -574,7 +574,7 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
         return os.path.join(PRE, "wiki_array.json")
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
-    monkeypatch.setattr("chatglm_tokenizer.tokenizer.hub_reachable", lambda: True)  # the stand-in is the Hub
+    monkeypatch.setattr("babyllama.hub.hub_reachable", lambda: True)  # the stand-in is the Hub
     url = "hf://datasets/pleisto/wikipedia-cn-20230720-filtered/sub/dir/wikipedia-cn-20230720-filtered.json"
     c = cfg(mode="pretrain", inputs=[url, f"{url}:text"])
     assert parse_inputs(c) == [(os.path.join(PRE, "wiki_array.json"), ""),

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configurator import DataError
-from dataset_sft import Batching, SFTData, SFTSamples, make_example, render, render_prompt, truncate
+from babyllama.errors import DataError
+from chatglm_tokenizer.template import render, render_prompt
+from dataset_sft import Batching, SFTData, SFTSamples, make_example, truncate
 from model import segment_mask
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from configurator import parse_config
+from babyllama.config import parse_config
 
 SCRIPTS = {"data_process.py": "Config", "pretrain.py": "PretrainConfig", "sft.py": "SFTConfig",
            "eval.py": "EvalConfig", "chat.py": "ChatConfig", "export.py": "ExportConfig"}

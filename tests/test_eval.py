@@ -1,4 +1,4 @@
-"""bleu.py, eval.py and chat.py: BLEU by hand, perplexity = exp(pretrain val loss), bad input, reports, chat history."""
+"""babyllama/bleu.py, eval.py and chat.py: BLEU by hand, perplexity = exp(pretrain val loss), bad input, reports, chat history."""
 import io
 import json
 import math
@@ -10,16 +10,16 @@ import pytest
 import torch
 
 import bench
-import bleu
+from babyllama import bleu
 import eval as ev
 import generate
-import quality
-import runtime
+from babyllama import quality
+from babyllama import checkpoint
 from chat import ChatConfig, chat_loop, fit_history, stream_text
-from configurator import DataError
+from babyllama.errors import DataError
 from conftest import run_script, write_shard
 from dataset import PretrainData
-from dataset_sft import render_prompt
+from chatglm_tokenizer.template import render_prompt
 from model import ModelArgs, Transformer
 
 torch.set_num_threads(1)
@@ -155,7 +155,7 @@ def test_perplexity_is_exp_of_mean_loss_computed_by_hand(val_dir):
 
 
 def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
-    from runtime import Runtime
+    from babyllama.runtime import Runtime
     from trainer import evaluate
 
     model = tiny_model()
@@ -194,15 +194,15 @@ def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
 def test_checkpoint_of_another_vocabulary_is_rejected():
     tok = FakeTokenizer()
     ckpt = tiny_ckpt(tiny_model())
-    runtime.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
+    checkpoint.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
     with pytest.raises(DataError, match="model vocab_size 64, but the tokenizer has 96"):
-        runtime.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64)), tok, "x.pt")
+        checkpoint.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64)), tok, "x.pt")
     padded = dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=128))
-    runtime.check_checkpoint(padded, tok, "x.pt")  # more rows than the tokenizer's ids, and its sha256: padding
+    checkpoint.check_checkpoint(padded, tok, "x.pt")  # more rows than the tokenizer's ids, and its sha256: padding
     with pytest.raises(DataError, match="model vocab_size 128, but the tokenizer has 96"):
-        runtime.check_checkpoint(dict(padded, tokenizer_sha256=None), tok, "x.pt")  # no sha256 to vouch for it
+        checkpoint.check_checkpoint(dict(padded, tokenizer_sha256=None), tok, "x.pt")  # no sha256 to vouch for it
     with pytest.raises(DataError, match="another vocabulary"):
-        runtime.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
+        checkpoint.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
 
 
 def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
@@ -213,7 +213,7 @@ def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
 
 
 def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path):
-    runtime.save_checkpoint(tiny_ckpt(tiny_model()), str(tmp_path / "best.pt"))  # vocab 96, not the tokenizer's 64793
+    checkpoint.save_checkpoint(tiny_ckpt(tiny_model()), str(tmp_path / "best.pt"))  # vocab 96, not the tokenizer's 64793
     r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], check=False,
                    timeout=120)
     assert r.returncode == 2, r.stderr
@@ -373,7 +373,7 @@ def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
     model = tiny_model(max_seq_len=64, vocab_size=64793)
-    runtime.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
+    checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}"],
                    stdin="你好\n感冒了怎么办？\n/quit\n", timeout=120)
     assert "你> 你好" in r.stdout and "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
@@ -383,7 +383,7 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
     model = tiny_model(max_seq_len=64, vocab_size=64793)
-    runtime.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
+    checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
                                "--val_bin=none", f"--tokenizer={tokenizer_path}"], timeout=120)

@@ -1,5 +1,5 @@
 """export.py and hf_llama.py: the Hugging Face folder gives model.py's logits and tokens, the tokenizer gives
-chatglm_tokenizer's ids, the chat template gives dataset_sft.render's ids, the folder imports back, GGUF runs.
+chatglm_tokenizer's ids, the chat template gives template.render's ids, the folder imports back, GGUF runs.
 
     python -m pytest tests/test_export.py -q
 The tests need the real ChatGLM2 tokenizer ($BABYLLAMA_TOKENIZER) and skip without it; the corpus tests need the
@@ -19,10 +19,11 @@ import export
 import generate
 import hf_llama
 from chatglm_tokenizer import load_tokenizer
-from configurator import DataError
-from dataset_sft import render, render_prompt
+from babyllama.errors import DataError
+from chatglm_tokenizer.template import render, render_prompt
 from model import ModelArgs, Transformer
-from runtime import load_model, save_checkpoint
+from babyllama.checkpoint import save_checkpoint
+from generate import load_model
 
 PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "前列腺囊肿的症状是什么？",
            "请问，世界上最大的动物是什么？", "Hypertension 高血压患者 should 注意什么 123"]

@@ -36,7 +36,7 @@ def loss_and_grads(model, x, y, ce_chunk):
 
 def test_fused_loss_matches_plain_path_on_the_gpu():
     """Triton softmax-gradient kernel + in-GEMM fp32 accumulation vs F.cross_entropy of the full logits."""
-    import fused_ce
+    from babyllama import fused_ce
     assert fused_ce.triton is not None, "Triton is part of every CUDA build of torch"
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=256, n_layers=2, n_heads=4, max_seq_len=256)).cuda().train()  # real vocab
@@ -69,7 +69,7 @@ def test_compiled_decoding_equals_eager_on_the_gpu():
 
 
 def test_non_finite_step_is_skipped_on_the_device():
-    from runtime import Runtime
+    from babyllama.runtime import Runtime
     from trainer import DeviceBatches, train_step
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=256, max_seq_len=32)).cuda()
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
@@ -91,7 +91,7 @@ def test_cuda_graph_training_with_accumulation_equals_eager():
     """torch.compile(mode="reduce-overhead") (the default under torchrun) with 2 micro-steps per optimizer step: the
     accumulated gradient norm and the loss match eager's. Freed gradients between steps let AccumulateGrad adopt a
     tensor from the CUDA graph's pool that the next micro-step overwrites (pytorch/pytorch#169545)."""
-    from runtime import Runtime
+    from babyllama.runtime import Runtime
     from trainer import DeviceBatches, train_step
 
     rt = Runtime(torch.device("cuda"), 0, 0, 1, torch.float32)

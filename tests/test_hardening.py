@@ -17,13 +17,14 @@ import torch
 import chat
 import eval as ev
 import pretrain
-import runtime
-from configurator import ConfigError, DataError, parse_config
+from babyllama import runtime
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError, DataError
 from conftest import ROOT, run_script, write_shard
 from dataset import data_tokenizer
-from rundir import claim_run_dir
-from runtime import CheckpointError, load_checkpoint, save_checkpoint
-from runlog import read_metrics as metrics
+from babyllama.run_dir import claim_run_dir
+from babyllama.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from babyllama.train_log import read_metrics as metrics
 from test_pretrain import TINY
 
 torch.set_num_threads(1)
@@ -313,7 +314,7 @@ def test_chat_and_eval_accept_any_bytes(monkeypatch, capsys):
 
 
 def test_sft_jsonl_that_is_not_utf8_is_one_line(tmp_path):
-    from dataset_sft import read_jsonl
+    from babyllama.fileio import read_jsonl
     path = tmp_path / "train.jsonl"
     path.write_bytes('{"conversations": []}\n'.encode() + '{"conversations": [{"role": "user", "content": "你好"}]}\n'.encode("gb18030"))
     with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8 \(byte \d+: GB18030 or GBK text\?\)"):

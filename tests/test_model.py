@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import ConfigError  # noqa: E402
+from babyllama.errors import ConfigError  # noqa: E402
 import generate  # noqa: E402
 from model import ModelArgs, Transformer, apply_rope, rope_tables  # noqa: E402
-from runtime import load_model, save_checkpoint  # noqa: E402
+from babyllama.checkpoint import save_checkpoint
+from generate import load_model  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, run_script
-from runlog import read_metrics
+from babyllama.train_log import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
                 ("c4-style-csl-abstracts.jsonl", "medical-encyclopedia-style.jsonl")]

@@ -12,11 +12,12 @@ import torch
 
 from conftest import ROOT, run_script, write_shard
 from model import ModelArgs, Transformer
-from configurator import ConfigError, parse_config
-from configurator import DataError
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError
+from babyllama.errors import DataError
 from dataset import PretrainData
-from runtime import autocast_context
-from runlog import read_metrics as metrics
+from babyllama.runtime import autocast_context
+from babyllama.train_log import read_metrics as metrics
 from trainer import TrainConfig, grad_accum_steps, lr_at
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
@@ -224,7 +225,7 @@ def test_non_finite_losses_skip_then_stop_with_checkpoint_intact(tiny_corpus, tm
 
 def test_bare_cuda_gets_this_process_index(monkeypatch):
     """`--device=cuda` (and auto on a GPU) must name an index: torch.cuda.set_device rejects a bare 'cuda'."""
-    from runtime import resolve_device
+    from babyllama.runtime import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda:0")
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
@@ -263,7 +264,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync(
     """train_step decides the skip on the device (fused AdamW's found_inf): a NaN loss changes nothing, not even
     AdamW's step count (which sets its bias correction); the next finite step updates as usual."""
     from model import ModelArgs, Transformer
-    from runtime import Runtime
+    from babyllama.runtime import Runtime
     from trainer import DeviceBatches, train_step
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
@@ -298,7 +299,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_alone_without_a_host_sync(
 def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
     """The background writer saves the state as it was at save() (training goes on changing the tensors), best.pt
     is the same file as that last.pt, and the next last.pt leaves best.pt alone."""
-    from runtime import CheckpointWriter
+    from babyllama.checkpoint import CheckpointWriter
     w = torch.zeros(1000)
     writer = CheckpointWriter()
     last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
@@ -317,7 +318,7 @@ def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
 
 
 def test_checkpoint_keeps_the_tied_matrix_once(tmp_path):
-    from runtime import CheckpointWriter
+    from babyllama.checkpoint import CheckpointWriter
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=640, max_seq_len=16))
     writer = CheckpointWriter()
     writer.save({"model": m.state_dict()}, str(tmp_path / "last.pt"))
@@ -343,7 +344,7 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
     name this torch has, and either way DDP does not re-send the rotary tables before each forward."""
     import warnings
     import torch.distributed as dist
-    from runtime import Runtime
+    from babyllama.runtime import Runtime
     from trainer import wrap_ddp
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -1,10 +1,10 @@
-"""quality.py: the degenerate-answer metric, answer length and the two model-free baselines on hand-made cases."""
+"""babyllama/quality.py: the degenerate-answer metric, answer length and the two model-free baselines on hand-made cases."""
 import json
 
 import pytest
 
-import bleu
-import quality
+from babyllama import bleu
+from babyllama import quality
 
 
 @pytest.mark.parametrize("text, loops", [

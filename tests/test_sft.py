@@ -15,9 +15,10 @@ import torch
 import generate
 from chatglm_tokenizer import load_tokenizer
 from conftest import run_script, write_shard
-from dataset_sft import Batching, SFTData, SFTSamples, render_prompt
+from chatglm_tokenizer.template import render_prompt
+from dataset_sft import Batching, SFTData, SFTSamples
 from model import ModelArgs, Transformer
-from runtime import Runtime
+from babyllama.runtime import Runtime
 from trainer import DeviceBatches, train_step
 
 # question -> answer; every question and answer is distinct, so a model that only memorised one answer fails

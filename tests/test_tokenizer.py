@@ -14,8 +14,9 @@ import pytest
 import train_tokenizer as tt
 from chatglm_tokenizer import MODEL_FILE, TOKENIZER_ENV, ChatGLMTokenizer, bits_per_byte, find_tokenizer, load_tokenizer
 from conftest import ROOT, SHARED_DATA, run_script
-from configurator import ConfigError, DataError, parse_config
-from corpora import ReadOptions, Reporter, detect, iter_documents
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError, DataError
+from babyllama.corpora import ReadOptions, Reporter, detect, iter_documents
 
 VOCAB = 4096
 RARE = "生僻字：𠀀𪚥鿰 emoji 😀🀄 accents é ñ ü, Tab\tCR\r\nNBSP\u00a0 digits 2024 12345 and   three spaces"

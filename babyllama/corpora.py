@@ -32,8 +32,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from chatglm_tokenizer.tokenizer import hub_download
-from configurator import DataError
+from babyllama.hub import hub_download
+from babyllama.errors import DataError
 
 SAMPLE_DIR = os.path.join("data", "sample")
 HF_SCHEME = "hf://datasets/"  # an input naming a file of a Hugging Face dataset repo, fetched by fetch_hf

@@ -20,7 +20,8 @@ import os
 import shutil
 from typing import Optional
 
-from configurator import DataError
+from babyllama.errors import DataError
+from babyllama.fileio import write_json
 
 MANIFEST = "manifest.json"
 OUTPUT_FORMAT = "baby-llama2-chinese/output-v1"
@@ -109,9 +110,7 @@ class OutputFolder:
     def commit(self, files: list[str]) -> list[str]:
         """Writes the manifest, swaps the new folder in, deletes the old one -> final paths of `files`."""
         manifest = {"format": OUTPUT_FORMAT, "mode": self.mode, "inputs": self.inputs, "files": sorted(files)}
-        with open(self.path(MANIFEST + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, ensure_ascii=False, indent=1)
-        os.replace(self.path(MANIFEST + ".tmp"), self.path(MANIFEST))  # the folder is complete from here on
+        write_json(self.path(MANIFEST), manifest)  # the folder is complete from here on
         if os.path.exists(self.out_dir):
             os.rename(self.out_dir, self.old)
         _between_renames()

@@ -1,128 +1,35 @@
-"""Where a script runs and what it loads: device, precision, processes, and checkpoints on disk.
+"""Checkpoints on disk: what one holds, its checksum, the one writer and the one reader, and the guard that never
+saves diverged weights.
 
-Library module, no command line. Shared by trainer.py (training) and eval.py / chat.py (inference), so inference
-never imports the training loop:
-  rt = setup_runtime("auto", "auto")                # cuda > mps > cpu; bf16 where supported; DDP under torchrun
-  with autocast_context(rt.device, rt.dtype): ...   # mixed precision in rt.dtype (nothing for float32)
   checkpoint_file("out/sft")                        # a run folder -> out/sft/best.pt (else last.pt)
-  CheckpointWriter().save(state, "out/x/last.pt")   # atomic, with a checksum, written on a background thread
-  save_checkpoint(state, "x.pt"); load_checkpoint("x.pt")  # the one writer and reader (weights_only, verified)
-  model, ckpt = load_model("out/sft", device="cuda")
-  model, ckpt, path, tokenizer, device, dtype = load_for_inference("out/sft", "", "auto", "auto")
+  save_checkpoint(state, "x.pt"); load_checkpoint("x.pt")  # atomic, with a checksum; weights_only, verified
+  CheckpointWriter().save(state, "out/x/last.pt")   # the same, written on a background thread
+  Checkpoints(...).save(step, val_loss, best_val, best)  # a run's whole training state, never diverged weights
+  check_checkpoint(ckpt, tokenizer, path)           # the one tokenizer-identity check
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
+import math
 import os
 import pickle
-import random
 import re
 import shutil
 import threading
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-import numpy as np
+from babyllama.errors import DataError
+from babyllama.fileio import open_exclusive
+from babyllama.runtime import Runtime, rng_state
 
-from configurator import DataError
-from model import ModelArgs, Transformer
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: device, DDP rank and world, precision."""
-    device: torch.device
-    rank: int
-    local_rank: int
-    world_size: int
-    dtype: torch.dtype
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda > mps > cpu. A bare 'cuda' gets this process's index (cuda:LOCAL_RANK): one process per
-    GPU under torchrun, and torch.cuda.set_device refuses a device without an index."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"  # CUDA_VISIBLE_DEVICES stays the user's business
-    return torch.device(device)
-
-
-def device_problem(name: str) -> Optional[str]:
-    """Why --device=`name` cannot run here (one line), or None: checked with the config, before any work."""
-    m = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", name)
-    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
-        return f"device must be auto, cpu, mps, cuda or cuda:N, got {name!r}"
-    if m.group(1) == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            return f"--device={name}: {why}; use --device=auto or --device=cpu"
-        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
-            return f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) visible"
-    if m.group(1) == "mps" and not torch.backends.mps.is_available():
-        return f"--device={name}: Apple MPS is not available here; use --device=auto or --device=cpu"
-    return None
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 where supported, else float16 on CUDA; float32 on CPU and MPS."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return getattr(torch, dtype)
-
-
-def enable_tf32(device: torch.device) -> None:
-    """TF32 matmuls on CUDA (the fp32 parts: the loss, the residual stream); nothing elsewhere."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def setup_runtime(device: str, dtype: str) -> Runtime:
-    """Starts DDP when launched by torchrun (NCCL on CUDA, gloo elsewhere); picks device and precision."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    enable_tf32(dev)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, local_rank, world, resolve_dtype(dtype, dev))
-
-
-def cleanup(rt: Runtime) -> None:
-    if rt.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype):
-    """Mixed precision that really uses `dtype` (the original project's autocast ignored its dtype argument)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work (for timings)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+# weights beyond this magnitude have diverged (a trained model's stay within a few units): never saved as "good"
+EXPLODED_WEIGHT = 1e4
 
 
 class CheckpointError(DataError):
@@ -158,28 +65,6 @@ def content_sha256(state: dict) -> str:
     _digest(state, h)
     return h.hexdigest()
 
-
-def open_exclusive(path: str):
-    """A new file at `path` for writing, created by this call (O_CREAT|O_EXCL): a leftover or a planted symlink
-    there is removed first (unlink never follows a link), and the open itself never follows one."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    return os.fdopen(fd, "wb")
-
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes a text file (a report) whole or not at all: path.tmp created exclusively, then renamed over path."""
-    tmp = path + ".tmp"
-    try:
-        with open_exclusive(tmp) as f:  # a file of its own, never through a planted link
-            f.write(text.encode("utf-8"))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 def _free_bytes(path: str) -> int:
     try:
@@ -225,27 +110,6 @@ def save_checkpoint(state: dict, path: str, best: Optional[str] = None) -> None:
         raise CheckpointError(f"{path}: checkpoint not written ({why}); the previous checkpoint is unchanged") from None
 
 
-def rng_state() -> dict:
-    """This process's random generators as tensors and plain values (a checkpoint loads with weights_only=True)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def checkpoint_file(path: str, prefer: str = "best.pt") -> str:
     """The one rule from a run folder to a checkpoint: folder/`prefer` if it exists, else the other of best.pt and
     last.pt; a file is itself. Inference and fine-tuning prefer best.pt; resuming a run prefers last.pt."""
@@ -283,26 +147,6 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{path}: content does not match its checksum: the file is corrupted "
                               f"(copy it again, or use another checkpoint)")
     return ckpt
-
-
-def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
-    """Rebuilds a Transformer from a checkpoint file or run folder (checkpoint_file) -> (model in eval mode, ckpt).
-
-    Accepts state dicts saved from torch.compile ("_orig_mod.") or DDP ("module.") wrappers; only the model moves
-    to `device`."""
-    path = checkpoint_file(path)
-    ckpt = load_checkpoint(path)
-    try:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-    except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
-        raise ValueError(f"{path}: bad model_args: {e}") from None
-    state = {}
-    for key, value in ckpt["model"].items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        state[key] = value
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
 
 
 class CheckpointWriter:
@@ -372,28 +216,54 @@ def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
                         f"{getattr(tokenizer, 'path', 'the tokenizer')} has {tokenizer.sha256[:12]}... (another vocabulary)")
 
 
-def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
-    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
+class Checkpoints:
+    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
+    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
 
-    Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is a DataError."""
-    from chatglm_tokenizer import load_tokenizer
+    def __init__(self, cfg, rt: Runtime, model_args, kind: str, tokenizer_sha256: str,
+                 model: torch.nn.Module, optimizer, scaler, samples_per_step: int, log,
+                 good_step: Optional[int], given_cfg):
+        self.cfg, self.rt, self.model_args, self.kind, self.tokenizer_sha256 = cfg, rt, model_args, kind, tokenizer_sha256
+        self.model, self.optimizer, self.scaler, self.samples_per_step = model, optimizer, scaler, samples_per_step
+        self.log, self.good_step = log, good_step  # the step of out_dir/last.pt, None before this run saved one
+        self.given = dataclasses.asdict(given_cfg)  # the config before the run length was derived (resume checks it)
+        self.writer = CheckpointWriter()
 
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
-    enable_tf32(device)
-    try:
-        tokenizer = load_tokenizer(tokenizer_path or None)
-    except FileNotFoundError as e:
-        raise DataError(str(e)) from None
-    try:
-        ckpt_path = checkpoint_file(ckpt)
-    except FileNotFoundError as e:
-        raise DataError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
-    try:
-        model, saved = load_model(ckpt_path, device=str(device))
-    except (ValueError, OSError) as e:
-        raise DataError(str(e)) from None
-    check_checkpoint(saved, tokenizer, ckpt_path)
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        model.cast_for_inference(dtype)  # bf16 weights: decoding never re-casts them (see model.cast_for_inference)
-    return model, saved, ckpt_path, tokenizer, device, dtype
+    def last_good(self) -> str:
+        if self.good_step is None:
+            return "no checkpoint of this run was saved (none is good)"
+        return f"last good checkpoint: {self.cfg.out_dir}/last.pt (step {self.good_step})"
+
+    def check_weights(self, step: int) -> None:
+        """Stops the run (exit 3) instead of saving weights that are non-finite or have exploded."""
+        peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()]).max().item()
+        if math.isfinite(peak) and peak < EXPLODED_WEIGHT:
+            return
+        self.writer.wait()
+        what = "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})"
+        self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
+                       f"(lower learning_rate or use dtype=bfloat16)")
+        raise SystemExit(3)
+
+    def state(self, step: int, val_loss: float, best_val: float) -> dict:
+        rngs = [rng_state()]
+        if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
+            rngs = [None] * self.rt.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
+                "config": dataclasses.asdict(self.cfg), "given_config": self.given, "kind": self.kind, "step": step,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
+                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
+
+    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes. A best checkpoint is on disk when
+        this returns (the log may then call it best); others are written in the background."""
+        self.check_weights(step)
+        st = self.state(step, val_loss, best_val)
+        if self.rt.master:
+            out = self.cfg.out_dir
+            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
+            if best:
+                self.writer.wait()
+        self.good_step = step

@@ -9,6 +9,8 @@ import os
 import time
 from typing import Optional
 
+from babyllama.fileio import atomic_file, open_append, read_jsonl, write_atomic
+
 
 class Logger:
     """Console + out_dir/log.txt + out_dir/metrics.jsonl (+ TensorBoard), on the master process only."""
@@ -17,8 +19,8 @@ class Logger:
         self.enabled, self.out_dir, self.tb = enabled, out_dir, None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
-            self.log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
-            self.metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            self.log_file = open_append(os.path.join(out_dir, "log.txt"))
+            self.metrics_file = open_append(os.path.join(out_dir, "metrics.jsonl"))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
@@ -42,12 +44,10 @@ class Logger:
 def read_series(out_dir: str, *keys: str) -> list:
     """[{step: value} per key] from out_dir/metrics.jsonl; after a resume the last row of a step wins."""
     series = [{} for _ in keys]
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            for key, values in zip(keys, series):
-                if key in row:
-                    values[row["step"]] = row[key]
+    for _, row in read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "a metrics row", torn_tail_ok=True):
+        for key, values in zip(keys, series):
+            if key in row:
+                values[row["step"]] = row[key]
     return series
 
 
@@ -75,9 +75,9 @@ def plot_losses(out_dir: str, kind: str = "") -> Optional[str]:
     ax.legend()
     ax.grid(alpha=0.3)
     path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 
@@ -149,7 +149,4 @@ def write_summary(cfg, kind: str, params: int, tokens_per_step: int, epoch_steps
     summary = dict(kind=kind, params=params, steps=steps, max_steps=cfg.max_steps, tokens_per_step=tokens_per_step,
                    tokens=steps * tokens_per_step, epochs=steps / epoch_steps if epoch_steps else None,
                    tokens_per_s=rates[len(rates) // 2] if rates else None, **result)
-    path = os.path.join(cfg.out_dir, "summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(cfg.out_dir, "summary.json"), json.dumps(summary, indent=1))

@@ -12,7 +12,6 @@ Degenerate answers are the failure of small models that BLEU hides: a phrase loo
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -20,6 +19,8 @@ from collections import Counter
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
+
+from babyllama.fileio import read_jsonl
 
 FIXED_ANSWER = "你好，根据你的情况，建议及时到正规医院就诊，在医生指导下用药治疗，平时注意饮食清淡，多休息，保持良好的心态。"
 LOOP_SPAN, LOOP_REPEATS = 4, 4  # an answer loops when a span of 4+ characters comes 4+ times in a row
@@ -65,14 +66,11 @@ def qa_pairs(conversations_jsonl: str) -> List[Tuple[str, str]]:
     """Every (user turn, the assistant turn after it) of a data_process.py SFT file (JSON lines of
     {"conversations": [{"role", "content"}, ...]})."""
     pairs = []
-    with open(conversations_jsonl, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            turns = json.loads(line)["conversations"]
-            for q, a in zip(turns, turns[1:]):
-                if q["role"] == "user" and a["role"] == "assistant":
-                    pairs.append((q["content"], a["content"]))
+    for _, rec in read_jsonl(conversations_jsonl, 'a JSON object with "conversations"'):
+        turns = rec["conversations"]
+        for q, a in zip(turns, turns[1:]):
+            if q["role"] == "user" and a["role"] == "assistant":
+                pairs.append((q["content"], a["content"]))
     return pairs
 
 

@@ -23,14 +23,7 @@ import tokenize
 import typing
 from typing import Any, Sequence
 
-
-class ConfigError(ValueError):
-    """A bad config key or value; scripts print it as one line and exit with status 2."""
-
-
-class DataError(ValueError):
-    """Input data that cannot be used (unreadable or unknown corpus, missing shards, a conversation that breaks the
-    contract, data of another vocabulary or tokenizer): one line naming the file and what was expected, exit 2."""
+from babyllama.errors import ConfigError, user_errors
 
 
 def _parse_value(name: str, text: Any, typ: Any) -> Any:
@@ -140,12 +133,6 @@ def parse_config(cls: type, argv: Sequence[str] | None = None):
     return cfg
 
 
-def check(condition: bool, message: str) -> None:
-    """For validate() methods: raise a one-line ConfigError when `condition` is false."""
-    if not condition:
-        raise ConfigError(message)
-
-
 def _field_comments(cls: type) -> dict[str, str]:
     """{field: the `# comment` after it in the class source}, for `cls` alone (not its bases); {} without source."""
     try:
@@ -211,11 +198,8 @@ def config_or_exit(cls: type, argv: Sequence[str] | None = None):
     if "--help" in argv or "-h" in argv:
         print(help_text(cls))
         raise SystemExit(0)
-    try:
+    with user_errors():
         return parse_config(cls, argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def config_dict(cfg) -> dict:

@@ -4,13 +4,11 @@ Library module for trainer.py, no command line:
   lock = claim_run_dir("out/x", fresh=True, overwrite=False)  # one writer; no silent overwrite of a finished run
   cfg, notes = resumed_config(cfg, saved_config, explicit)    # the saved run's config + the few allowed changes
   with StopSignals() as stop: ... stop.requested ...          # the step in flight finishes, then last.pt, exit 130
-  Checkpoints(...).save(step, val_loss, best_val, best)       # the whole training state, never diverged weights
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -20,9 +18,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from configurator import DataError
-from model import ModelArgs
-from runtime import CheckpointWriter, Runtime, checkpoint_file, load_checkpoint, rng_state
+from babyllama.checkpoint import checkpoint_file, load_checkpoint
+from babyllama.errors import DataError
+from babyllama.runtime import Runtime
 
 # may differ on --resume (each change is printed): how long and how often, not what is computed
 RESUME_MAY_CHANGE = ("max_steps", "max_minutes", "eval_interval", "eval_windows", "log_interval", "ckpt_interval",
@@ -30,8 +28,6 @@ RESUME_MAY_CHANGE = ("max_steps", "max_minutes", "eval_interval", "eval_windows"
 # where and how the run executes, not what it computes: always taken from the flags
 RUNTIME_FIELDS = ("out_dir", "resume", "resume_from", "overwrite", "device", "compile", "compile_mode", "tensorboard",
                   "peak_tflops", "tokenizer", "init_from")
-# weights beyond this magnitude have diverged (a trained model's stay within a few units): never saved as "good"
-EXPLODED_WEIGHT = 1e4
 # what a fresh run (--overwrite) replaces: the files a run writes into its folder
 RUN_FILES = ("last.pt", "best.pt", "log.txt", "metrics.jsonl", "summary.json", "loss.png")
 
@@ -76,7 +72,7 @@ def claim_run_dir(out_dir: str, fresh: bool, overwrite: bool) -> int:
 
 
 def explicit_fields(cfg) -> set:
-    """The fields the user set (configurator.parse_config records them), else those differing from the defaults."""
+    """The fields the user set (config.parse_config records them), else those differing from the defaults."""
     given = getattr(cfg, "_explicit", None)
     if given is not None:
         return set(given)
@@ -159,7 +155,7 @@ def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
     return run_sha or ""
 
 
-def open_run(cfg, rt: Runtime, model_args: ModelArgs, tokenizer_sha256: str) -> tuple:
+def open_run(cfg, rt: Runtime, model_args, tokenizer_sha256: str) -> tuple:
     """Claims out_dir (claim_run_dir; rank 0) and, on a resume, loads the checkpoint and takes its config ->
     (config, model args, checkpoint or None, its path, notes to log, lock fd or None, step of a good last.pt or None)."""
     explicit, resume = explicit_fields(cfg), cfg.resume or cfg.resume_from
@@ -176,7 +172,7 @@ def open_run(cfg, rt: Runtime, model_args: ModelArgs, tokenizer_sha256: str) -> 
             if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
                 raise DataError(f"{path}: trained with a tokenizer of sha256 {saved_sha[:12]}..., but this run's is "
                                 f"{tokenizer_sha256[:12]}... (another vocabulary)")
-            model_args = ModelArgs(**ckpt["model_args"])
+            model_args = type(model_args)(**ckpt["model_args"])  # the saved shape (a ModelArgs)
             if os.path.abspath(path) == os.path.abspath(os.path.join(cfg.out_dir, "last.pt")):
                 good = ckpt["step"]
     except BaseException:
@@ -186,54 +182,3 @@ def open_run(cfg, rt: Runtime, model_args: ModelArgs, tokenizer_sha256: str) -> 
     return cfg, model_args, ckpt, path, notes, lock, good
 
 
-class Checkpoints:
-    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
-    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
-
-    def __init__(self, cfg, rt: Runtime, model_args: ModelArgs, kind: str, tokenizer_sha256: str,
-                 model: torch.nn.Module, optimizer, scaler, samples_per_step: int, log,
-                 good_step: Optional[int], given_cfg):
-        self.cfg, self.rt, self.model_args, self.kind, self.tokenizer_sha256 = cfg, rt, model_args, kind, tokenizer_sha256
-        self.model, self.optimizer, self.scaler, self.samples_per_step = model, optimizer, scaler, samples_per_step
-        self.log, self.good_step = log, good_step  # the step of out_dir/last.pt, None before this run saved one
-        self.given = dataclasses.asdict(given_cfg)  # the config before the run length was derived (resume checks it)
-        self.writer = CheckpointWriter()
-
-    def last_good(self) -> str:
-        if self.good_step is None:
-            return "no checkpoint of this run was saved (none is good)"
-        return f"last good checkpoint: {self.cfg.out_dir}/last.pt (step {self.good_step})"
-
-    def check_weights(self, step: int) -> None:
-        """Stops the run (exit 3) instead of saving weights that are non-finite or have exploded."""
-        peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()]).max().item()
-        if math.isfinite(peak) and peak < EXPLODED_WEIGHT:
-            return
-        self.writer.wait()
-        what = "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})"
-        self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
-                       f"(lower learning_rate or use dtype=bfloat16)")
-        raise SystemExit(3)
-
-    def state(self, step: int, val_loss: float, best_val: float) -> dict:
-        rngs = [rng_state()]
-        if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
-            rngs = [None] * self.rt.world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
-                "config": dataclasses.asdict(self.cfg), "given_config": self.given, "kind": self.kind, "step": step,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
-                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
-
-    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
-        """Every rank calls this (the RNG gather is collective); rank 0 writes. A best checkpoint is on disk when
-        this returns (the log may then call it best); others are written in the background."""
-        self.check_weights(step)
-        st = self.state(step, val_loss, best_val)
-        if self.rt.master:
-            out = self.cfg.out_dir
-            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
-            if best:
-                self.writer.wait()
-        self.good_step = step

@@ -1,0 +1,45 @@
+"""The project's errors and its one way out for the user: a one-line message and exit status 2.
+
+  check(cfg.dim > 0, "dim must be positive")   # in validate(): a ConfigError, printed before any work
+  raise DataError(f"{path}:{line}: expected ...")  # bad input: the file (and line) and what was expected
+  with user_errors(): main_work()               # every script: DataError/ConfigError -> "error: ..." on stderr, exit 2
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; scripts print it as one line and exit with status 2."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (unreadable or unknown corpus, missing shards, a conversation that breaks the
+    contract, data of another vocabulary or tokenizer): one line naming the file and what was expected, exit 2."""
+
+
+def check(condition: bool, message: str) -> None:
+    """For validate() methods: raise a one-line ConfigError when `condition` is false."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def fail(msg: str) -> None:
+    """One-line error for the user, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def user_errors(*kinds: type):
+    """Turns the errors a user can fix (DataError, ConfigError, and `kinds`) into one line and exit status 2."""
+    try:
+        yield
+    except (DataError, ConfigError) + tuple(kinds) as e:
+        fail(str(e))
