@@ -24,7 +24,8 @@ from typing import Optional
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, fail
+from babyllama.checkpoint import check_same_tokenizer
+from babyllama.errors import DataError, check, fail, user_errors
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
@@ -113,8 +114,8 @@ def main(argv=None) -> dict:
         cfg.vocab_size = run_vocab(cfg, tok, data_sha, data_vocab)  # what the checkpoint's config records
     margs = cfg.model_args()
     if init is not None:
-        if tok_hash and init["tokenizer_sha256"] and init["tokenizer_sha256"] != tok_hash:
-            fail(f"{cfg.init_from} has another tokenizer.model than the one this run uses")
+        with user_errors():
+            check_same_tokenizer(cfg.init_from, init["tokenizer_sha256"], tok_hash)
         margs = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
     rt = setup_runtime(cfg.device, cfg.dtype)
 

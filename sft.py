@@ -24,7 +24,7 @@ from babyllama.errors import ConfigError, DataError, check, fail
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
-from babyllama.checkpoint import checkpoint_file, load_checkpoint
+from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint
 from babyllama.runtime import cleanup, setup_runtime
 from trainer import TrainConfig, train
 
@@ -68,9 +68,7 @@ def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
     else:
         init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
         init = load_checkpoint(init_path)
-    saved_hash = init.get("tokenizer_sha256")
-    if saved_hash and saved_hash != tok.sha256:
-        raise DataError(f"{init_path} was trained with another tokenizer.model than {tok.path}")
+    check_same_tokenizer(init_path, init.get("tokenizer_sha256"), tok.sha256, tok.path)
     if master:
         print(f"sft: starting from {init_path} ({init.get('kind', '?')} step {init.get('step')}, "
               f"val loss {init.get('val_loss', float('nan')):.4f})")

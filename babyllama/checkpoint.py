@@ -202,6 +202,14 @@ class CheckpointWriter:
             raise error
 
 
+def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], ours_name: str = "this run's tokenizer") -> None:
+    """The one tokenizer-identity check: `what` (a checkpoint, shards) was made with the tokenizer of sha256 `theirs`;
+    a DataError when both hashes are known and differ (ids of another vocabulary mean other text)."""
+    if theirs and ours and theirs != ours:
+        raise DataError(f"{what}: made with a tokenizer of sha256 {theirs[:12]}..., but {ours_name} is "
+                        f"{ours[:12]}... (another vocabulary)")
+
+
 def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
     """A checkpoint trained with another vocabulary or tokenizer.model cannot be used with this tokenizer. A model
     vocab larger than the tokenizer's (pretrain.py --vocab_size: padding rows) is fine when the checkpoint names
@@ -211,9 +219,7 @@ def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
     if vocab != tokenizer.vocab_size and not padded:
         raise DataError(f"{ckpt_path}: model vocab_size {vocab}, but the tokenizer has {tokenizer.vocab_size} "
                         f"(checkpoint from another vocabulary)")
-    if want and want != tokenizer.sha256:
-        raise DataError(f"{ckpt_path}: trained with a tokenizer.model of sha256 {want[:12]}..., but "
-                        f"{getattr(tokenizer, 'path', 'the tokenizer')} has {tokenizer.sha256[:12]}... (another vocabulary)")
+    check_same_tokenizer(ckpt_path, want, tokenizer.sha256, getattr(tokenizer, "path", "the tokenizer"))
 
 
 class Checkpoints:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from babyllama.checkpoint import checkpoint_file, load_checkpoint
+from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint
 from babyllama.errors import DataError
 from babyllama.runtime import Runtime
 
@@ -148,9 +148,7 @@ def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
     source that names one (pretraining shards) agrees with it: a missing tokenizer does not switch the check off."""
     for src in sources:
         data_sha = getattr(src, "tokenizer_sha256", None)
-        if data_sha and run_sha and data_sha != run_sha:
-            raise DataError(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards were tokenized with "
-                            f"sha256 {data_sha[:12]}..., this run's tokenizer is {run_sha[:12]}... (another vocabulary)")
+        check_same_tokenizer(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards", data_sha, run_sha)
         run_sha = run_sha or data_sha
     return run_sha or ""
 
@@ -168,10 +166,7 @@ def open_run(cfg, rt: Runtime, model_args, tokenizer_sha256: str) -> tuple:
         if resume:
             ckpt = load_checkpoint(path)
             cfg, notes = resumed_config(cfg, ckpt.get("config", {}), ckpt.get("given_config", {}), explicit)
-            saved_sha = ckpt.get("tokenizer_sha256")
-            if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
-                raise DataError(f"{path}: trained with a tokenizer of sha256 {saved_sha[:12]}..., but this run's is "
-                                f"{tokenizer_sha256[:12]}... (another vocabulary)")
+            check_same_tokenizer(path, ckpt.get("tokenizer_sha256"), tokenizer_sha256)
             model_args = type(model_args)(**ckpt["model_args"])  # the saved shape (a ModelArgs)
             if os.path.abspath(path) == os.path.abspath(os.path.join(cfg.out_dir, "last.pt")):
                 good = ckpt["step"]
