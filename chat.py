@@ -43,6 +43,11 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty (
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
 
     def validate(self):
+        if self.beams > 1:  # --beams=K alone: beam search is deterministic, so the sampling defaults step aside
+            given = getattr(self, "_explicit", frozenset())
+            for name, off in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("repetition_penalty", 1.0)):
+                if name not in given:
+                    setattr(self, name, off)
         super().validate()
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(device_problem(self.device) is None, device_problem(self.device) or "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import io
 import json
@@ -78,6 +79,14 @@ def repair_text(text: str) -> tuple[str, bool]:
         return raw.decode("utf-8", "replace"), True
 
 
+def _did_you_mean(name: str, fields, prefix: str) -> str:
+    """'; did you mean --X?' for a near miss (a typo, - for _), else the flags to look at (--help lists them all)."""
+    close = difflib.get_close_matches(name.replace("-", "_"), list(fields), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return " (--help lists every flag)"
+
+
 def _split_argv(argv: Sequence[str]) -> list[tuple[str, str | None]]:
     """['--a=1', '--b', '2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
     pairs, i = [], 0
@@ -116,13 +125,13 @@ def parse_config(cls: type, argv: Sequence[str] | None = None):
                 raise ConfigError(f"--config {value}: expected a JSON object of settings")
             for k, v in loaded.items():
                 if k not in fields:
-                    raise ConfigError(f"{value}: unknown key {k!r} (known: {', '.join(fields)})")
+                    raise ConfigError(f"{value}: unknown key {k!r}{_did_you_mean(k, fields, '')}")
                 values[k] = _parse_value(k, v, fields[k])
     for key, value in pairs:
         if key == "config":
             continue
         if key not in fields:
-            raise ConfigError(f"unknown flag --{key} (known: {', '.join('--' + f for f in fields)})")
+            raise ConfigError(f"unknown flag --{key}{_did_you_mean(key, fields, '--')}")
         if value is None and fields[key] is not bool:
             raise ConfigError(f"--{key} needs a value")
         values[key] = True if value is None else _parse_value(key, value, fields[key])
