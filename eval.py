@@ -207,7 +207,7 @@ def perplexity(model, data_dir: str, seq_len: int, batch_size: int, max_windows:
         model.ce_chunk = ce_chunk
     mean = total / rows
     bpb = bits_per_byte(mean * rows * seq_len, n_bytes) if n_bytes > 0 else None
-    return {"loss": mean, "ppl": math.exp(mean), "bits_per_byte": bpb, "bytes": n_bytes or None, "windows": rows,
+    return {"loss": mean, "ppl": math.exp(mean) if mean < 700 else math.inf, "bits_per_byte": bpb, "bytes": n_bytes or None, "windows": rows,
             "tokens": rows * seq_len, "seq_len": seq_len, "data": data_dir}
 
 

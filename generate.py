@@ -31,6 +31,9 @@ from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
 from model import ModelArgs, Transformer
 
 
+MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
+
+
 @dataclass
 class Sampling:
     """How answers are decoded: the knobs eval.py and chat.py share (their configs extend this class)."""
@@ -51,7 +54,7 @@ class Sampling:
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2,
               f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
-        check(self.beams >= 1, f"beams must be >= 1 (1 = off), got {self.beams}")
+        check(1 <= self.beams <= MAX_BEAMS, f"beams must be in 1..{MAX_BEAMS} (1 = off), got {self.beams}")
         check(self.beams == 1 or (self.temperature == 0 and self.top_k == 0 and self.top_p == 1
                                   and self.repetition_penalty == 1),
               f"beams {self.beams}: beam search is deterministic; to sample pass --beams=1, else --temperature=0 "

@@ -383,6 +383,7 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
     loss = f"val loss {val_loss:.4f}" + (f" | {bpb:.4f} bits/byte" if bpb is not None else "")
     improved = val_loss < best_val and step > 0
     if step > 0:
+        ckpts.check_loss(step, val_loss)  # a diverged run stops here: no last.pt or best.pt of it
         best_val = min(best_val, val_loss)
         t1 = time.time()
         ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best

@@ -202,6 +202,12 @@ class CheckpointWriter:
             raise error
 
 
+def diverged_loss(val_loss: float, vocab_size: int) -> bool:
+    """A validation loss that is not finite or above a uniform guess over the vocabulary (+1 nat): the run diverged,
+    and its weights are never saved as good."""
+    return not math.isfinite(val_loss) or val_loss > math.log(vocab_size) + 1
+
+
 def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], ours_name: str = "this run's tokenizer") -> None:
     """The one tokenizer-identity check: `what` (a checkpoint, shards) was made with the tokenizer of sha256 `theirs`;
     a DataError when both hashes are known and differ (ids of another vocabulary mean other text)."""
@@ -245,8 +251,15 @@ class Checkpoints:
         peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()]).max().item()
         if math.isfinite(peak) and peak < EXPLODED_WEIGHT:
             return
+        self.stop(step, "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})")
+
+    def check_loss(self, step: int, val_loss: float) -> None:
+        """Stops the run (exit 3) instead of saving, or calling best, weights whose validation loss diverged."""
+        if diverged_loss(val_loss, self.model_args.vocab_size):
+            self.stop(step, f"diverged (val loss {val_loss:.4g}, worse than guessing every token uniformly)")
+
+    def stop(self, step: int, what: str) -> None:
         self.writer.wait()
-        what = "are not finite" if not math.isfinite(peak) else f"exploded (max |w| {peak:.3g})"
         self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
                        f"(lower learning_rate or use dtype=bfloat16)")
         raise SystemExit(3)

@@ -93,7 +93,7 @@ def test_no_repeated_ngrams_and_long_prompts_keep_their_end():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--beams=0"], "beams must be >= 1 (1 = off), got 0"),
+    (["--beams=0"], "beams must be in 1..64 (1 = off), got 0"),
     (["--beams=2", "--temperature=0.7"], "beams 2: beam search is deterministic; to sample pass --beams=1, else --temperature=0"),
     (["--beams=2", "--top_p=0.9"], "beam search is deterministic"),
     (["--length_penalty=nan"], "length_penalty must be a finite number"),

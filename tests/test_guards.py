@@ -1,0 +1,36 @@
+"""A diverged run is never saved as good: its validation loss, like its weights, stops the run before any save."""
+import math
+import types
+
+import pytest
+
+from babyllama.checkpoint import Checkpoints, diverged_loss
+from generate import Sampling
+from babyllama.errors import ConfigError
+
+
+def test_diverged_loss_is_worse_than_a_uniform_guess():
+    v = 64793
+    assert not diverged_loss(2.98, v) and not diverged_loss(math.log(v), v)  # a trained model; step 0 of a fresh one
+    assert diverged_loss(3_152_663.0, v) and diverged_loss(math.nan, v) and diverged_loss(math.inf, v)
+
+
+def test_a_diverged_validation_stops_the_run_without_saving(tmp_path):
+    printed, saved = [], []
+    ck = Checkpoints.__new__(Checkpoints)  # only what check_loss touches
+    ck.cfg = types.SimpleNamespace(out_dir=str(tmp_path))
+    ck.model_args = types.SimpleNamespace(vocab_size=512)
+    ck.log = types.SimpleNamespace(print=printed.append)
+    ck.writer = types.SimpleNamespace(wait=lambda: None, save=lambda *a: saved.append(a))
+    ck.good_step = 40
+    ck.check_loss(50, 5.0)  # fine: log(512) + 1 = 7.24
+    with pytest.raises(SystemExit) as e:
+        ck.check_loss(60, 3_152_663.0)
+    assert e.value.code == 3 and not saved
+    assert "diverged" in printed[-1] and "last.pt (step 40)" in printed[-1]
+
+
+def test_beams_have_an_upper_bound():
+    with pytest.raises(ConfigError, match="beams"):
+        Sampling(beams=100000).validate()
+    Sampling(beams=8).validate()
