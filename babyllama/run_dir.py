@@ -28,6 +28,8 @@ RESUME_MAY_CHANGE = ("max_steps", "max_minutes", "eval_interval", "eval_windows"
 # where and how the run executes, not what it computes: always taken from the flags
 RUNTIME_FIELDS = ("out_dir", "resume", "resume_from", "overwrite", "device", "compile", "compile_mode", "tensorboard",
                   "peak_tflops", "tokenizer", "init_from")
+# what a checkpoint must hold to continue its run (a weights-only best.pt or an export does not)
+RESUME_KEYS = ("step", "optimizer", "scaler", "rng", "config", "best_val_loss")
 # what a fresh run (--overwrite) replaces: the files a run writes into its folder
 RUN_FILES = ("last.pt", "best.pt", "log.txt", "metrics.jsonl", "summary.json", "loss.png")
 
@@ -165,6 +167,10 @@ def open_run(cfg, rt: Runtime, model_args, tokenizer_sha256: str) -> tuple:
     try:
         if resume:
             ckpt = load_checkpoint(path)
+            missing = [k for k in RESUME_KEYS if k not in ckpt]
+            if missing:
+                raise DataError(f"{path}: cannot resume from it: it holds no {', '.join(missing)} (a weights-only "
+                                f"checkpoint); start a new run from it with --init_from={path} instead")
             cfg, notes = resumed_config(cfg, ckpt.get("config", {}), ckpt.get("given_config", {}), explicit)
             check_same_tokenizer(path, ckpt.get("tokenizer_sha256"), tokenizer_sha256)
             model_args = type(model_args)(**ckpt["model_args"])  # the saved shape (a ModelArgs)

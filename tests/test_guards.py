@@ -34,3 +34,21 @@ def test_beams_have_an_upper_bound():
     with pytest.raises(ConfigError, match="beams"):
         Sampling(beams=100000).validate()
     Sampling(beams=8).validate()
+
+
+def test_resume_from_a_checkpoint_without_training_state_is_one_line(tmp_path):
+    import torch
+    from babyllama.checkpoint import save_checkpoint
+    from babyllama.errors import DataError
+    from babyllama.run_dir import open_run
+    from babyllama.runtime import Runtime
+    from model import ModelArgs, Transformer
+    from pretrain import PretrainConfig
+
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16)
+    save_checkpoint({"model": Transformer(args).state_dict(), "model_args": vars(args), "step": 3},
+                    str(tmp_path / "last.pt"))
+    cfg = PretrainConfig(out_dir=str(tmp_path), resume=True)
+    rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
+    with pytest.raises(DataError, match="no optimizer, scaler, rng, config, best_val_loss"):
+        open_run(cfg, rt, args, "")
