@@ -344,6 +344,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         print(note)
     records, data_path = load_records(cfg, kind)
     scored = all("answer" in r for r in records)
+    pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
@@ -379,7 +380,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
-    baselines = score_baselines(records, cfg.baseline_pool) if cfg.baselines else {}
+    baselines = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else {}
     total_s = time.perf_counter() - t_start
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
                           (bleu4, sacre, signature, degenerate, lengths, baselines), ppl_info, device, dtype, prompt_budget, cut,
@@ -413,10 +414,10 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
     return json_path, md_path
 
 
-def score_baselines(records: List[dict], pool_path: str) -> dict:
+def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> dict:
     """BLEU-4 and sacreBLEU of babyllama/quality.py's two model-free answers, with eval's own protocol."""
     refs = [r["answer"] for r in records]
-    answers = quality.baseline_answers([r["question"] for r in records], quality.qa_pairs(pool_path))
+    answers = quality.baseline_answers([r["question"] for r in records], pool)
     out = {}
     for name, hyps in answers.items():
         out[name] = {"bleu4": bleu.mean_sentence_bleu4(refs, hyps), "sacrebleu_zh": bleu.corpus_sacrebleu(refs, hyps)[0],

@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
+from babyllama.errors import DataError
 from babyllama.fileio import read_jsonl
 
 FIXED_ANSWER = "你好，根据你的情况，建议及时到正规医院就诊，在医生指导下用药治疗，平时注意饮食清淡，多休息，保持良好的心态。"
@@ -65,12 +66,17 @@ def char_grams(text: str) -> List[str]:
 def qa_pairs(conversations_jsonl: str) -> List[Tuple[str, str]]:
     """Every (user turn, the assistant turn after it) of a data_process.py SFT file (JSON lines of
     {"conversations": [{"role", "content"}, ...]})."""
-    pairs = []
-    for _, rec in read_jsonl(conversations_jsonl, 'a JSON object with "conversations"'):
-        turns = rec["conversations"]
+    pairs, want = [], 'a JSON object with "conversations": [{"role", "content"}, ...]'
+    for lineno, rec in read_jsonl(conversations_jsonl, want):
+        turns = rec.get("conversations")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                  for t in turns):
+            raise DataError(f"{conversations_jsonl}:{lineno}: expected {want}")
         for q, a in zip(turns, turns[1:]):
-            if q["role"] == "user" and a["role"] == "assistant":
+            if q.get("role") == "user" and a.get("role") == "assistant":
                 pairs.append((q["content"], a["content"]))
+    if not pairs:
+        raise DataError(f"{conversations_jsonl}: no user/assistant pair to retrieve answers from")
     return pairs
 
 

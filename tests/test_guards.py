@@ -52,3 +52,16 @@ def test_resume_from_a_checkpoint_without_training_state_is_one_line(tmp_path):
     rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
     with pytest.raises(DataError, match="no optimizer, scaler, rng, config, best_val_loss"):
         open_run(cfg, rt, args, "")
+
+
+@pytest.mark.parametrize("content,why", [("", "no user/assistant pair"), ("{not json\n", "not JSON"),
+                                         ('{"x": 1}\n', "expected a JSON object with \"conversations\""),
+                                         ("你好".encode("gb18030"), "not UTF-8")])
+def test_a_bad_baseline_pool_is_one_line_naming_the_file(tmp_path, content, why):
+    from babyllama import quality
+    from babyllama.errors import DataError
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=why) as e:
+        quality.qa_pairs(str(pool))
+    assert str(pool) in str(e.value)

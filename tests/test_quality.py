@@ -67,7 +67,7 @@ def test_baselines_scored_with_evals_protocol(tmp_path):
     pool = tmp_path / "train.jsonl"
     pool.write_text(json.dumps({"conversations": convs[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
     records = [{"question": "头痛得厉害怎么办", "answer": "头痛可以先休息，必要时到医院就医。"}]
-    got = ev.score_baselines(records, str(pool))
+    got = ev.score_baselines(records, str(pool), quality.qa_pairs(str(pool)))
     assert got["retrieval"]["bleu4"] == pytest.approx(
         bleu.mean_sentence_bleu4([records[0]["answer"]], ["头痛可以先休息，必要时就医。"]))
     assert got["fixed"]["sacrebleu_zh"] == pytest.approx(
