@@ -15,8 +15,8 @@ import eval as ev
 import generate
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError
-from test_eval import FakeTokenizer, tiny_ckpt, write_jsonl
-from test_model import PROMPTS, lively_model, repeats_an_ngram
+from conftest import (PROMPTS, FakeTokenizer, lively_model, repeats_an_ngram, run_main, tiny_ckpt, tiny_eval_model,
+                      write_jsonl)
 
 torch.set_num_threads(1)
 
@@ -88,15 +88,13 @@ def test_no_repeated_ngrams_and_long_prompts_keep_their_end():
     # 12 + 16 - 1 > 24: the prompt keeps its last 24 - 16 + 1 = 9 tokens
     long = PROMPTS[2]
     assert beam.beam_search(model, [long], 16, beams=3) == beam.beam_search(model, [long[-9:]], 16, beams=3)
-    with pytest.raises(ValueError, match="does not fit the model's 24-token context"):
+    with pytest.raises(ValueError, match=r"max_new_tokens 25\b.*\b24-token"):
         beam.beam_search(model, [long], 25, beams=3)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--beams=0"], "beams must be in 1..64 (1 = off), got 0"),
-    (["--beams=2", "--temperature=0.7"], "beams 2: beam search is deterministic; to sample pass --beams=1, else --temperature=0"),
-    (["--beams=2", "--top_p=0.9"], "beam search is deterministic"),
-    (["--length_penalty=nan"], "length_penalty must be a finite number"),
+    (["--beams=0"], "beams"), (["--beams=2", "--temperature=0.7"], "--beams=1"),
+    (["--beams=2", "--top_p=0.9"], "deterministic"), (["--length_penalty=nan"], "length_penalty"),
 ])
 def test_bad_beam_knobs_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as err:
@@ -137,18 +135,18 @@ def test_chat_with_beams_prints_the_beam_search_answer():
     assert out.getvalue() == f"模型> {tok.decode(want)}\n"
 
 
-def test_eval_cli_with_beams_end_to_end(tmp_path, tokenizer_path):
+def test_eval_cli_with_beams_end_to_end(tmp_path, tokenizer_path, monkeypatch, capsys):
     from chatglm_tokenizer import tokenizer_sha256
-    from conftest import run_script
     from babyllama.checkpoint import save_checkpoint
-    from test_eval import tiny_model
 
-    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    model = tiny_eval_model(max_seq_len=64, vocab_size=64793)
     save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 2)
-    r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
-                               "--val_bin=none", "--beams=2", f"--tokenizer={tokenizer_path}"], timeout=120)
-    assert "beam search (2 beams)" in r.stdout and r.stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk")
+    capsys.readouterr()
+    run_main(ev, [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8", "--val_bin=none",
+                  "--beams=2", f"--tokenizer={tokenizer_path}"], monkeypatch)  # eval.py's main, in this process
+    stdout = capsys.readouterr().out
+    assert "beam search (2 beams)" in stdout and stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk")
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
         assert json.load(f)["config"]["beams"] == 2
 

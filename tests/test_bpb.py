@@ -6,11 +6,11 @@ tokenizer, and export.py's Hugging Face tokenizer gives our own tokenizer's ids.
 The corpus tests need the shared corpora ($BABYLLAMA_SHARED_DATA); the ChatGLM2 half of the table test needs its
 tokenizer.model ($BABYLLAMA_TOKENIZER); both skip without them.
 """
+import contextlib
+import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import train_tokenizer as tt
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, load_tokenizer
-from conftest import ROOT, SHARED_DATA, gguf_tools, run_script
+from conftest import ROOT, SHARED_DATA, gguf_tools, main_error
 from dataset import PretrainData
 from model import ModelArgs, Transformer
 from babyllama.runtime import Runtime
@@ -44,18 +44,23 @@ def c4_documents(n: int = 200) -> list:
 def own(tmp_path_factory):
     """A 4,096-piece tokenizer trained on the embedded sample, the sample tokenized with it, and a tiny pretrain run
     on that (no --vocab_size) -> (tokenizer folder, data folder, run folder, pretrain.py's stdout)."""
+    import data_process
+    import pretrain
+
     base = tmp_path_factory.mktemp("own")
     cwd = os.getcwd()
-    os.chdir(ROOT)  # train_tokenizer.py's default inputs are the sample, cwd-relative
+    os.chdir(ROOT)  # train_tokenizer.py's and data_process.py's default inputs are the sample, cwd-relative
     try:
         tt.main(["--vocab_size=4096", f"--out_dir={base / 'tok'}", "--progress=false", "--num_threads=1"])
+        data_process.main(["pretrain", f"--tokenizer={base / 'tok'}", f"--out_dir={base / 'data'}", "--num_workers=1",
+                           "--progress=false"])
     finally:
         os.chdir(cwd)
-    run_script("data_process.py", ["pretrain", f"--tokenizer={base / 'tok'}", f"--out_dir={base / 'data'}",
-                                   "--num_workers=1", "--progress=false"])
-    r = run_script("pretrain.py", [*TINY, f"--data_dir={base / 'data'}", f"--tokenizer={base / 'tok'}",
-                                   f"--out_dir={base / 'run'}", "--max_steps=8", "--device=cpu"])
-    return str(base / "tok"), str(base / "data"), str(base / "run"), r.stdout
+    stdout = io.StringIO()  # in-process runs (the scripts' main): no interpreter and torch import per run
+    with contextlib.redirect_stdout(stdout):
+        pretrain.main([*TINY, f"--data_dir={base / 'data'}", f"--tokenizer={base / 'tok'}", f"--out_dir={base / 'run'}",
+                       "--max_steps=8", "--device=cpu"])
+    return str(base / "tok"), str(base / "data"), str(base / "run"), stdout.getvalue()
 
 
 def table_matches_decoding(tok: ChatGLMTokenizer, docs: list) -> None:
@@ -130,35 +135,36 @@ def test_pretrain_vocab_follows_the_tokenizer_and_logs_bpb(own):
     assert summary["val_bpb"] == val[-1]["val_bpb"] and summary["best_val_bpb"] == min(r["val_bpb"] for r in val[1:])
 
 
-def test_pretrain_vocab_flag_checks(own, tmp_path):
+def test_pretrain_vocab_flag_checks(own, tmp_path, monkeypatch, capsys):
+    import pretrain
     tok_dir, data_dir, _, _ = own
     args = [*TINY, f"--data_dir={data_dir}", f"--tokenizer={tok_dir}", "--max_steps=3", "--device=cpu"]
-    r = run_script("pretrain.py", [*args, "--vocab_size=4000", f"--out_dir={tmp_path / 'a'}"], check=False)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: --vocab_size=4000 is below the tokenizer's 4096")
-    run_script("pretrain.py", [*args, "--vocab_size=4200", f"--out_dir={tmp_path / 'b'}"])  # larger: padding rows
+    err = main_error(pretrain, [*args, "--vocab_size=4000", f"--out_dir={tmp_path / 'a'}"], monkeypatch, capsys)
+    assert err.startswith("error: --vocab_size=4000 ") and "4096" in err
+    pretrain.main([*args, "--vocab_size=4200", f"--out_dir={tmp_path / 'b'}"])  # larger: padding rows
     assert load_model(str(tmp_path / "b"))[1]["model_args"]["vocab_size"] == 4200
-    r = run_script("pretrain.py", ["--help"])
-    assert "--vocab_size" in r.stdout and "0 = the tokenizer's" in r.stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--vocab_size" in out and "0 = the tokenizer's" in out
 
 
-def test_shards_without_a_tokenizer_log_loss_only(tiny_corpus, tmp_path):
+def test_shards_without_a_tokenizer_log_loss_only(tiny_corpus, tmp_path, capsys, monkeypatch):
     """Synthetic shards name no tokenizer: their vocab comes from the sidecars, bits per byte is said unavailable."""
+    import pretrain
     out = tmp_path / "run"
-    r = run_script("pretrain.py", ["--dim=32", "--n_layers=1", "--n_heads=4", "--max_seq_len=32", "--batch_size=4",
-                                   "--max_steps=2", "--warmup_steps=0", "--eval_interval=2", "--eval_windows=4",
-                                   f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--device=cpu",
-                                   "--tokenizer=" + os.path.join(ROOT, "no_such_tokenizer")], check=False)
-    assert r.returncode == 2 and "no_such_tokenizer" in r.stderr  # a named tokenizer must exist
+    args = ["--dim=32", "--n_layers=1", "--n_heads=4", "--max_seq_len=32", "--batch_size=4", "--max_steps=2",
+            "--warmup_steps=0", "--eval_interval=2", "--eval_windows=4", f"--data_dir={tiny_corpus}", f"--out_dir={out}",
+            "--device=cpu"]
+    with pytest.raises(SystemExit) as e:
+        pretrain.main([*args, "--tokenizer=" + os.path.join(ROOT, "no_such_tokenizer")])
+    assert e.value.code == 2 and "no_such_tokenizer" in capsys.readouterr().err  # a named tokenizer must exist
     if os.path.isfile(os.path.join(ROOT, "chatglm_tokenizer", "tokenizer.model")):
         pytest.skip("a tokenizer.model sits in chatglm_tokenizer/: every run has a tokenizer here")
-    env_free = {k: v for k, v in os.environ.items() if k != "BABYLLAMA_TOKENIZER"}
-    r = subprocess.run([sys.executable, "pretrain.py", "--dim=32", "--n_layers=1", "--n_heads=4", "--max_seq_len=32",
-                        "--batch_size=4", "--max_steps=2", "--warmup_steps=0", "--eval_interval=2", "--eval_windows=4",
-                        f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--device=cpu"],
-                       cwd=ROOT, env=dict(env_free, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("bits per byte not available") == 1
+    monkeypatch.delenv("BABYLLAMA_TOKENIZER", raising=False)
+    pretrain.main(args)
+    assert capsys.readouterr().out.count("bits per byte not available") == 1
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("val_loss" in row for row in rows) and not any("val_bpb" in row for row in rows)
     assert load_model(str(out))[1]["model_args"]["vocab_size"] == 512  # the sidecars' vocab
@@ -170,7 +176,8 @@ def test_hf_export_own_tokenizer_ids_logits_and_sha(own, tmp_path):
     tok_dir, _, run_dir, _ = own
     tok = load_tokenizer(tok_dir)
     out = str(tmp_path / "hf")
-    run_script("export.py", [f"--ckpt={run_dir}", f"--out_dir={out}", f"--tokenizer={tok_dir}"])
+    import export
+    export.main([f"--ckpt={run_dir}", f"--out_dir={out}", f"--tokenizer={tok_dir}"])
     hft = AutoTokenizer.from_pretrained(out)
     docs = c4_documents() + EXTRA
     theirs = hft(docs, split_special_tokens=True)["input_ids"]  # documents are text: "</s>" in them is text

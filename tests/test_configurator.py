@@ -1,9 +1,8 @@
 """--help / -h on every script: the docstring's commands, then every config field with its type, default and the
 comment that follows it in the source (inherited fields included), exit 0, whatever other flags stand around it."""
-import dataclasses
-import inspect
-import re
-import shlex
+import os
+import runpy
+import sys
 import textwrap
 
 import pytest
@@ -14,67 +13,43 @@ import data_process
 import eval as ev
 import pretrain
 import sft
-from babyllama.config import parse_config
-from conftest import ROOT, run_script
+from conftest import ROOT, check_help, help_rows, run_script
 
 SCRIPTS = [("pretrain.py", pretrain.PretrainConfig), ("sft.py", sft.SFTConfig), ("eval.py", ev.EvalConfig),
            ("chat.py", chat.ChatConfig), ("data_process.py", data_process.Config), ("bench.py", bench.BenchConfig)]
-# one help line: "  --name=default  type  meaning" (default shell-quoted, meaning possibly empty)
-LINE = re.compile(r"^  --(?P<name>\w+)=(?P<default>'[^']*'|\S*) +(?P<type>\S+)(?: +(?P<meaning>.*))?$")
 
 
-def source_comment(cls, name: str) -> str:
-    """The field's trailing `# comment`, read with a plain regex over the class sources, most derived class first
-    (an override without a comment keeps its base's): an extractor independent of the one under test."""
-    for klass in cls.__mro__:
-        if not dataclasses.is_dataclass(klass):
-            continue
-        m = re.search(rf"^    {name}: [^\n]*?  # (.*)$", inspect.getsource(klass), re.M)
-        if m:
-            return m.group(1).strip()
-    return ""
-
-
-def help_rows(stdout: str) -> dict:
-    rows = {}
-    for line in stdout.splitlines():
-        m = LINE.match(line)
-        if m:
-            rows[m["name"]] = m
-    return rows
-
-
-def check_help(cls, stdout: str) -> None:
-    module_doc = inspect.getmodule(cls).__doc__.strip()
-    assert stdout.startswith(module_doc.splitlines()[0])
-    assert module_doc in stdout
-    rows = help_rows(stdout)
-    assert list(rows) == [f.name for f in dataclasses.fields(cls)]  # every field, in declaration order, nothing else
-    for f in dataclasses.fields(cls):
-        row = rows[f.name]
-        assert row["type"] == f.type, f.name
-        assert (row["meaning"] or "") == source_comment(cls, f.name), f.name
-        # the default is shown as it is typed: giving it back on the command line yields the field's default
-        typed = parse_config(cls, [f"--{f.name}={shlex.split(row['default'])[0] if row['default'] else ''}"])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert getattr(typed, f.name) == default, f.name
+def script_help(script: str, argv: list, capsys, monkeypatch) -> str:
+    """`python script argv` run in this process (runpy, as __main__: no new interpreter) -> stdout; it must exit 0."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script,cls", SCRIPTS, ids=[s for s, _ in SCRIPTS])
-def test_help_lists_every_flag(script, cls):
-    r = run_script(script, ["--help"], timeout=120)
-    assert r.returncode == 0
-    check_help(cls, r.stdout)
+def test_help_lists_every_flag(script, cls, capsys, monkeypatch):
+    out = script_help(script, ["--help"], capsys, monkeypatch)  # each script is also launched as a process elsewhere
+    check_help(cls, out)
     # -h is the same, also after other (even bad) flags and after data_process's mode word
     before = ["pretrain", "--num_workers=1"] if script == "data_process.py" else ["--device=cpu", "--no_such_flag=1"]
-    r2 = run_script(script, [*before, "-h"], timeout=120)
-    assert r2.returncode == 0 and r2.stdout == r.stdout
+    assert script_help(script, [*before, "-h"], capsys, monkeypatch) == out
     if script == "data_process.py":  # a leading -h is a flag, not a mode word
-        assert run_script(script, ["-h"]).stdout == r.stdout
+        assert script_help(script, ["-h"], capsys, monkeypatch) == out
 
 
-def test_help_shows_inherited_comments():
-    out = run_script("sft.py", ["-h"], timeout=120).stdout
+@pytest.mark.slow
+def test_help_of_a_launched_script_is_the_same():
+    """`python pretrain.py --help` as a user runs it: exit 0, the same text as the in-process runs above."""
+    r = run_script("pretrain.py", ["--help"], timeout=120)
+    assert r.returncode == 0
+    check_help(pretrain.PretrainConfig, r.stdout)
+
+
+def test_help_shows_inherited_comments(capsys, monkeypatch):
+    out = script_help("sft.py", ["-h"], capsys, monkeypatch)
     rows = help_rows(out)
     # SFTConfig overrides min_lr without a comment: the meaning comes from TrainConfig's field
     assert "min_lr" in vars(sft.SFTConfig)["__annotations__"]
@@ -84,6 +59,7 @@ def test_help_shows_inherited_comments():
     assert rows["out_dir"]["meaning"].startswith("where this run's checkpoints go") and rows["out_dir"]["default"] == "out/sft"
 
 
+@pytest.mark.slow
 def test_help_of_a_new_config(tmp_path, monkeypatch):
     """A script with fields added without comments, a field over several lines and a list default."""
     script = tmp_path / "toy.py"

@@ -13,8 +13,7 @@ import pytest
 from babyllama import corpora
 import data_process as dp
 from babyllama import output_dir
-from conftest import ROOT
-from test_data_process import FIX, PRE, PRE_FILES, SFT, cfg, no_temp_left, records, run_pretrain
+from conftest import FIX, PRE, PRE_FILES, ROOT, SFT, dp_cfg, dp_records, dp_run_pretrain, no_temp_left
 
 # ---------------------------------------------------------------- dead workers, output folders
 
@@ -31,7 +30,7 @@ def _no_memory(texts):  # a pool task whose worker runs out of memory (std::bad_
     raise MemoryError
 
 
-@pytest.mark.parametrize("task,message", [(_dies, "a tokenizer worker died"), (_no_memory, "out of memory")])
+@pytest.mark.parametrize("task,message", [(_dies, "worker died"), (_no_memory, "out of memory")])
 def test_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_path, monkeypatch, capsys, task, message):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"第{i}篇文章，内容足够长。"}, ensure_ascii=False) + "\n"
@@ -60,11 +59,11 @@ def test_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_path, monkeypatc
 
 def test_rerun_replaces_only_its_own_output(tmp_path, tokenizer_path, capsys):
     out = tmp_path / "pre"
-    run_pretrain(out)
+    dp_run_pretrain(out)
     first = {n: (out / n).read_bytes() for n in os.listdir(out)}
     manifest = json.loads(first["manifest.json"])
     assert manifest["mode"] == "pretrain" and sorted(manifest["files"]) == sorted(set(first) - {"manifest.json"})
-    run_pretrain(out, "--shard_tokens=30")  # our own earlier output is replaced as a whole: no stale shard stays
+    dp_run_pretrain(out, "--shard_tokens=30")  # our own earlier output is replaced as a whole: no stale shard stays
     names = set(os.listdir(out))
     assert len(names) > len(first) and names == set(json.loads((out / "manifest.json").read_text())["files"]) | {
         "manifest.json"} and no_temp_left(tmp_path)
@@ -73,17 +72,18 @@ def test_rerun_replaces_only_its_own_output(tmp_path, tokenizer_path, capsys):
         before = {n: (out / n).read_bytes() for n in os.listdir(out)}
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            run_pretrain(out)
+            dp_run_pretrain(out)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and planted in err[0] and "--overwrite" in err[0]
         assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
         (out / planted).unlink()
     (out / "train_00099.bin").write_text("old shard of another corpus")
-    run_pretrain(out, "--overwrite")
+    dp_run_pretrain(out, "--overwrite")
     assert sorted(os.listdir(out)) == sorted(first)
     with pytest.raises(SystemExit):  # an SFT run does not replace pretraining output
         dp.main(["sft", f"--inputs={os.path.join(SFT, 'reward.jsonl')}", f"--out_dir={out}"])
-    assert "did not write for sft output" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(out) in err and "did not write" in err
 
 
 def _run_killed_between_renames(out, corpus):
@@ -96,11 +96,12 @@ def _run_killed_between_renames(out, corpus):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_kill_between_renames_leaves_complete_old_or_new(tmp_path, tokenizer_path):
     out, ref = tmp_path / "pre", tmp_path / "ref"
-    run_pretrain(out, files=PRE_FILES[:1])  # the old output
+    dp_run_pretrain(out, files=PRE_FILES[:1])  # the old output
     old = {n: (out / n).read_bytes() for n in os.listdir(out)}
-    run_pretrain(ref)  # what the new output must be
+    dp_run_pretrain(ref)  # what the new output must be
     new = {n: (ref / n).read_bytes() for n in os.listdir(ref)}
     corpus = ",".join(os.path.join(PRE, f) for f in PRE_FILES)
     r = _run_killed_between_renames(out, corpus)
@@ -138,7 +139,7 @@ def test_default_run_does_not_replace_other_output(tmp_path, tokenizer_path, mon
     with pytest.raises(SystemExit) as e:
         dp.main(["pretrain", "--num_workers=1", "--progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "embedded sample would replace" in err[0] and "--overwrite" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and "embedded sample" in err[0] and "--overwrite" in err[0]
     assert {n: (real / n).read_bytes() for n in os.listdir(real)} == before
 
 
@@ -158,7 +159,8 @@ def test_sharegpt_turns_normalized_so_every_conversation_trains(tmp_path, capsys
     assert {k: s["counts"].get(k) for k in ("read", "merged_turns", "dropped_last_user", "dropped_first_assistant",
                                             "bad_missing_field")} == {
         "read": 3, "merged_turns": 4, "dropped_last_user": 2, "dropped_first_assistant": 1, "bad_missing_field": 1}
-    assert "merged 4 (consecutive turns of one role), dropped 2 unanswered" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "merged 4 " in printed and "dropped 2 " in printed
     rows = [json.loads(line) for line in open(out / "train.jsonl", encoding="utf-8")]
     assert [[(t["role"], t["content"]) for t in r["conversations"]] for r in rows] == [
         [("user", "问一"), ("assistant", "答一")],
@@ -172,8 +174,8 @@ def test_bom_array_folder_and_gb18030_inputs(tmp_path, capsys):
     rec = [{"text": "长江是中国第一长河，全长六千三百公里。"}, {"text": "黄河是中国第二长河，被称为母亲河。"}]
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec, ensure_ascii=False).encode("utf-8"))  # as Windows tools write
-    src = corpora.detect(str(bom), "", cfg())
-    assert (src.container, src.fmt) == ("array", "text") and [r for r, _, _ in records(src)] == rec
+    src = corpora.detect(str(bom), "", dp_cfg())
+    assert (src.container, src.fmt) == ("array", "text") and [r for r, _, _ in dp_records(src)] == rec
     out = tmp_path / "out"
     gb_lines = tmp_path / "gb.jsonl"
     gb_lines.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rec).encode("gb18030"))
@@ -181,8 +183,8 @@ def test_bom_array_folder_and_gb18030_inputs(tmp_path, capsys):
     gb_txt.write_bytes("长江是中国第一长河。\n".encode("gb18030"))
     gb_array = tmp_path / "gb.json"
     gb_array.write_bytes(json.dumps(rec, ensure_ascii=False).encode("gb18030"))
-    for bad, message in ((tmp_path, "is a folder; name its files"), (gb_lines, ":1: not UTF-8 (GB18030"),
-                         (gb_txt, ":1: not UTF-8 (GB18030"), (gb_array, ":1: not UTF-8 (GB18030")):
+    for bad, message in ((tmp_path, "is a folder"), (gb_lines, ":1: not UTF-8"), (gb_txt, ":1: not UTF-8"),
+                         (gb_array, ":1: not UTF-8")):
         with pytest.raises(SystemExit) as e:
             dp.main(["pretrain", f"--inputs={bad}", f"--out_dir={out}", "--progress=false"])
         err = capsys.readouterr().err.strip().splitlines()
@@ -198,7 +200,7 @@ def test_sft_reader_gb18030_is_a_one_line_error(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + (json.dumps(conv, ensure_ascii=False) + "\n").encode("utf-8"))
     assert [r for _, r in read_jsonl(str(p), "a conversation")] == [conv]  # a byte-order mark is fine
     p.write_bytes((json.dumps(conv) + "\n" + json.dumps(conv, ensure_ascii=False) + "\n").encode("gb18030"))
-    with pytest.raises(dp.DataError, match=r"train.jsonl:2: not UTF-8 \(byte \d+: GB18030 or GBK text\?\)"):
+    with pytest.raises(dp.DataError, match=r"train\.jsonl:2: not UTF-8"):
         list(read_jsonl(str(p), "a conversation"))
 
 
@@ -221,8 +223,8 @@ def test_long_records_are_skipped_and_long_documents_cut(tmp_path, capsys):
     lines.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ("短文档一，足够长了。", long_text,
                                                                                        "短文档二，也足够长了。")),
                      encoding="utf-8")
-    c = cfg(max_record_chars=4096)
-    got = records(corpora.detect(str(lines), "", c), c)
+    c = dp_cfg(max_record_chars=4096)
+    got = dp_records(corpora.detect(str(lines), "", c), c)
     assert [(r and r["text"], ln, bad and bad.split(":")[0]) for r, ln, bad in got] == [
         ("短文档一，足够长了。", 1, None), (None, 2, "too long"), ("短文档二，也足够长了。", 3, None)]
     array = tmp_path / "long.json"
@@ -230,10 +232,10 @@ def test_long_records_are_skipped_and_long_documents_cut(tmp_path, capsys):
                                 ensure_ascii=False), encoding="utf-8")
     got = list(corpora.iter_json_array(str(array), read_chars=512, max_record_chars=2048))
     assert [r and r["text"] for r, _, _ in got] == ["短文档一，足够长了。", None, "短文档二，也足够长了。"]
-    assert got[1][2].startswith("too long: an array element of more than 2,048 characters")
+    assert got[1][2].startswith("too long") and "2,048" in got[1][2]
     txt = tmp_path / "one_line.txt"
     txt.write_text("长" * 5000 + "\n", encoding="utf-8")  # one 15000-byte line: cut into documents, none lost
-    docs = [r["text"] for r, _, _ in records(corpora.detect(str(txt), "", cfg()), cfg(txt_max_chars=1024))]
+    docs = [r["text"] for r, _, _ in dp_records(corpora.detect(str(txt), "", dp_cfg()), dp_cfg(txt_max_chars=1024))]
     assert "".join(docs) == "长" * 5000 and max(len(d) for d in docs) <= 2048
     assert dp.cut_document("一二\n三四五\n六", 4) == ["一二\n", "三四五\n", "六"] and dp.cut_document("一" * 9, 4) == [
         "一" * 4, "一" * 4, "一"]
@@ -249,6 +251,7 @@ MEASURE = ("import resource, sys, data_process\n"
            "print('peak_kb', max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("container", ["lines", "array", "txt"])
 def test_peak_memory_bounded_for_a_40mb_record(tmp_path, tokenizer_path, container):
     """A 40 MB line (or array element, or plain-text line) is skipped or cut with the default limits: the peak

@@ -12,13 +12,7 @@ import pytest
 
 from babyllama import corpora, dedup
 import data_process as dp
-from conftest import ROOT
-
-FIX = os.path.join(ROOT, "tests", "fixtures_data")
-PRE = os.path.join(FIX, "pretrain")
-SFT = os.path.join(FIX, "sft")
-PRE_FILES = ["wiki_array.json", "baike.jsonl", "text_bad.jsonl", "wudao.json", "plain.txt"]
-SFT_FILES = ["alpaca.json", "belle.json", "sharegpt.jsonl", "multiturn.json", "seed.csv", "reward.jsonl"]
+from conftest import FIX, PRE, PRE_FILES, SFT, SFT_FILES, dp_cfg, dp_records, dp_run_pretrain, no_temp_left
 
 WIKI_A = "长江是中国第一长河，发源于青藏高原的唐古拉山脉。"
 WIKI_B = "黄河是中国第二长河，被称为中华民族的母亲河。"
@@ -32,22 +26,8 @@ EXPECTED_DOCS = [
 ]
 
 
-def no_temp_left(folder) -> bool:  # nothing of an unfinished run beside the output: no .new/.old folder, no .tmp file
-    return not [n for n in os.listdir(folder) if n.endswith((".new", ".old", ".tmp"))]
-
-
 def parse_inputs(c):
     return corpora.parse_inputs(c.inputs, c.manifest, "pretrain")
-
-
-def cfg(**kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 1)
-    return dp.Config(**kw)
-
-
-def records(src, c=None):
-    return list(corpora.iter_container(src, c or cfg()))
 
 
 def read_docs(out_dir):
@@ -108,21 +88,21 @@ def test_json_array_truncated(tmp_path):
     ("sft/multiturn.json", "array", "instruction"), ("sft/seed.csv", "csv", "prompt_answer"),
     ("sft/reward.jsonl", "lines", "reward")])
 def test_detect_each_format_and_gzip(tmp_path, name, container, fmt):
-    src = corpora.detect(os.path.join(FIX, name), "", cfg())
+    src = corpora.detect(os.path.join(FIX, name), "", dp_cfg())
     assert (src.container, src.fmt) == (container, fmt)
     gz = tmp_path / (os.path.basename(name) + ".gz")
     with open(os.path.join(FIX, name), "rb") as f:
         gz.write_bytes(gzip.compress(f.read()))
-    src_gz = corpora.detect(str(gz), "", cfg())
+    src_gz = corpora.detect(str(gz), "", dp_cfg())
     assert (src_gz.container, src_gz.fmt) == (container, fmt)
-    assert records(src_gz) == records(src)
+    assert dp_records(src_gz) == dp_records(src)
 
 
 def test_pretrain_documents_of_each_format():
     rep = corpora.Reporter(0)
     docs = []
     for name in PRE_FILES:
-        docs += list(corpora.iter_documents(corpora.detect(os.path.join(PRE, name), "", cfg()), cfg(), rep))
+        docs += list(corpora.iter_documents(corpora.detect(os.path.join(PRE, name), "", dp_cfg()), dp_cfg(), rep))
     assert docs == [WIKI_A, WIKI_B, "  " + WIKI_A + "\n", "短"] + EXPECTED_DOCS[2:]
     assert rep.counts == Counter({"malformed": 1, "missing_field": 2})
 
@@ -135,13 +115,13 @@ def test_instruction_and_sharegpt_as_pretrain_text():
 
 
 def test_txt_rule(tmp_path):
-    src = corpora.detect(os.path.join(PRE, "plain.txt"), "", cfg())
-    assert [(r["text"], ln) for r, ln, _ in records(src)] == [(EXPECTED_DOCS[8], 1), (EXPECTED_DOCS[9], 5)]
+    src = corpora.detect(os.path.join(PRE, "plain.txt"), "", dp_cfg())
+    assert [(r["text"], ln) for r, ln, _ in dp_records(src)] == [(EXPECTED_DOCS[8], 1), (EXPECTED_DOCS[9], 5)]
     one = tmp_path / "one.txt"
     one.write_text("第一行\n第二行\n", encoding="utf-8")
-    assert [r for r, _, _ in records(corpora.detect(str(one), "", cfg()))] == [{"text": "第一行\n第二行"}]
+    assert [r for r, _, _ in dp_records(corpora.detect(str(one), "", dp_cfg()))] == [{"text": "第一行\n第二行"}]
     # a document is cut at a line end once it holds txt_max_chars characters
-    assert [r["text"] for r, _, _ in records(corpora.detect(str(one), "", cfg()), cfg(txt_max_chars=3))] == ["第一行", "第二行"]
+    assert [r["text"] for r, _, _ in dp_records(corpora.detect(str(one), "", dp_cfg()), dp_cfg(txt_max_chars=3))] == ["第一行", "第二行"]
 
 
 def test_parquet_text_column(tmp_path):
@@ -150,70 +130,69 @@ def test_parquet_text_column(tmp_path):
 
     p = tmp_path / "c4.parquet"
     pq.write_table(pa.table({"text": ["第一篇文章。", "第二篇文章。"], "url": ["a", "b"]}), str(p))
-    src = corpora.detect(str(p), "", cfg())
+    src = corpora.detect(str(p), "", dp_cfg())
     assert (src.container, src.fmt) == ("parquet", "text")
-    assert [(r, ln) for r, ln, _ in records(src)] == [({"text": "第一篇文章。"}, 1), ({"text": "第二篇文章。"}, 2)]
+    assert [(r, ln) for r, ln, _ in dp_records(src)] == [({"text": "第一篇文章。"}, 1), ({"text": "第二篇文章。"}, 2)]
 
 
 def test_explicit_format_and_manifest(tmp_path):
     p = tmp_path / "notes.dat"
     p.write_text("一段文字\n\n另一段文字\n", encoding="utf-8")
     with pytest.raises(dp.DataError, match="unknown format"):
-        corpora.detect(str(p), "", cfg())
-    assert parse_inputs(cfg(mode="pretrain", inputs=[f"{p}:txt", "x.json"])) == [(str(p), "txt"), ("x.json", "")]
-    src = corpora.detect(str(p), "txt", cfg())
-    assert [r["text"] for r, _, _ in records(src)] == ["一段文字", "另一段文字"]
+        corpora.detect(str(p), "", dp_cfg())
+    assert parse_inputs(dp_cfg(mode="pretrain", inputs=[f"{p}:txt", "x.json"])) == [(str(p), "txt"), ("x.json", "")]
+    src = corpora.detect(str(p), "txt", dp_cfg())
+    assert [r["text"] for r, _, _ in dp_records(src)] == ["一段文字", "另一段文字"]
     m = tmp_path / "list.txt"
     m.write_text(f"# corpora\n{p} txt\nsub/b.jsonl   # relative to the manifest\n", encoding="utf-8")
-    assert parse_inputs(cfg(mode="pretrain", manifest=str(m))) == \
+    assert parse_inputs(dp_cfg(mode="pretrain", manifest=str(m))) == \
         [(str(p), "txt"), (os.path.join(str(tmp_path), "sub/b.jsonl"), "")]
     m.write_text(f"{p} nosuchformat\n", encoding="utf-8")
-    with pytest.raises(dp.DataError, match=r"list.txt:1: expected 'path' or 'path format'"):
-        parse_inputs(cfg(mode="pretrain", manifest=str(m)))
+    with pytest.raises(dp.DataError, match=r"list\.txt:1: .*'path format'"):
+        parse_inputs(dp_cfg(mode="pretrain", manifest=str(m)))
 
 
 def test_explicit_format_key_override(tmp_path):
     p = tmp_path / "mixed.jsonl"
     p.write_text('{"title": "标题", "content": "正文", "text": "文本"}\n', encoding="utf-8")
-    assert corpora.detect(str(p), "", cfg()).fmt == "wudao"
-    src = corpora.detect(str(p), "text", cfg())
-    assert list(corpora.iter_documents(src, cfg(), corpora.Reporter(0))) == ["文本"]
+    assert corpora.detect(str(p), "", dp_cfg()).fmt == "wudao"
+    src = corpora.detect(str(p), "text", dp_cfg())
+    assert list(corpora.iter_documents(src, dp_cfg(), corpora.Reporter(0))) == ["文本"]
 
 
 # ---------------------------------------------------------------- bad input
 
 def test_bad_lines_are_counted_and_reported(capsys):
-    src = corpora.detect(os.path.join(PRE, "text_bad.jsonl"), "", cfg())
+    src = corpora.detect(os.path.join(PRE, "text_bad.jsonl"), "", dp_cfg())
     rep = corpora.Reporter(2)
-    docs = list(corpora.iter_documents(src, cfg(), rep))
+    docs = list(corpora.iter_documents(src, dp_cfg(), rep))
     assert len(docs) == 2 and rep.counts == Counter({"malformed": 1, "missing_field": 2})
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith(f"warning: {src.path}:2: malformed JSON line")
-    assert err[1].startswith(f"warning: {src.path}:3: text record: expected a string field 'text' (missing)")
-    assert err[2] == "warning: more bad records skipped (counted in the summary)" and len(err) == 3
+    assert err[0].startswith(f"warning: {src.path}:2: ") and "malformed" in err[0]
+    assert err[1].startswith(f"warning: {src.path}:3: ") and "'text'" in err[1] and "missing" in err[1]
+    assert err[2].startswith("warning: ") and "more bad records" in err[2] and len(err) == 3
 
 
 def test_undecodable_bytes(tmp_path):
     lines = tmp_path / "bad.jsonl"
     lines.write_bytes('{"text": "好的"}\n'.encode() + b'{"text": "\xff\xfe"}\n' + '{"text": "也好"}\n'.encode())
-    got = records(corpora.detect(str(lines), "", cfg()))
+    got = dp_records(corpora.detect(str(lines), "", dp_cfg()))
     assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
     assert got[1][2].startswith("undecodable")
     arr = tmp_path / "bad.json"
     arr.write_bytes('[{"text": "好的"},\n'.encode() + b'{"text": "\xff"},\n' + '{"text": "也好"}]'.encode())
-    got = records(corpora.detect(str(arr), "", cfg()))
+    got = dp_records(corpora.detect(str(arr), "", dp_cfg()))
     assert [(r, ln) for r, ln, _ in got] == [({"text": "好的"}, 1), (None, 2), ({"text": "也好"}, 3)]
     assert got[1][2].startswith("undecodable")
     txt = tmp_path / "bad.txt"
     txt.write_bytes("第一行\n".encode() + b"\xc3\x28\n" + "第三行\n".encode())
-    got = records(corpora.detect(str(txt), "", cfg()))
+    got = dp_records(corpora.detect(str(txt), "", dp_cfg()))
     assert [r for r, _, _ in got] == [None, {"text": "第一行\n第三行"}] and got[0][1] == 2
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "empty input"), (b"  \n\n", "empty input"), (b"[]", "empty input (no records)"), (b"{oops\n", "1: malformed JSON line"),
-    (b"hello world\n", "unknown format"), (b'{"foo": 1}\n', "unknown format: first record has keys ['foo']"),
-    (b"[1, 2]", "expected JSON objects")])
+    (b"", "empty"), (b"  \n\n", "empty"), (b"[]", "empty"), (b"{oops\n", ":1: malformed"),
+    (b"hello world\n", "unknown format"), (b'{"foo": 1}\n', "['foo']"), (b"[1, 2]", "JSON objects")])
 def test_unknown_or_empty_input_exits_2_without_output(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.json"
     bad.write_bytes(content)
@@ -236,13 +215,14 @@ def test_truncated_gzip_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         dp.main(["sft", f"--inputs={bad}:prompt_answer", f"--out_dir={out}", "--max_reports=0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith(f"error: {bad}: cannot read (EOFError")
+    assert e.value.code == 2 and err[-1].startswith(f"error: {bad}: ") and "EOFError" in err[-1]
     # detection passed (the head is readable), the stream broke mid-file: no output folder, no temp folder
     assert not out.exists() and no_temp_left(tmp_path)
     bad.write_bytes(gz[:100])
     with pytest.raises(SystemExit):
         dp.main(["sft", f"--inputs={bad}", f"--out_dir={tmp_path / 'out2'}"])
-    assert capsys.readouterr().err.startswith(f"error: {bad}: cannot read (EOFError")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and "EOFError" in err
     assert not (tmp_path / "out2").exists()
 
 
@@ -257,7 +237,7 @@ def test_config_errors_exit_2(capsys):
 def test_sft_rejects_pretrain_only_format(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         dp.main(["sft", f"--inputs={os.path.join(PRE, 'wiki_array.json')}", f"--out_dir={tmp_path / 'o'}"])
-    assert e.value.code == 2 and "holds no conversations" in capsys.readouterr().err
+    assert e.value.code == 2 and "no conversations" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -288,7 +268,7 @@ def test_exact_dedup_and_val_split_rules():
     counts, split_tokens = Counter(), {"train": 0, "val": 0, "kept": 0}
     src = corpora.Source("/x/f.json", "array", "text")
     # val_fraction 0: val is filled only by the min-tokens rule (every 2nd kept document until val has 4 tokens)
-    c = cfg(val_fraction=0.0, val_min_tokens=4)
+    c = dp_cfg(val_fraction=0.0, val_min_tokens=4)
     dp._place_chunk(hashes, lengths, ids, None, src, c, writers, dedup.HashSet(), dedup.NearDupIndex(8), counts, split_tokens)
     assert counts == Counter({"duplicate": 2})
     assert writers["train"].written == [([10, 10, 10, 2, 13, 13, 13, 2, 15, 15, 15, 2], 3, "f.json")]
@@ -297,7 +277,7 @@ def test_exact_dedup_and_val_split_rules():
     # without dedup nothing is dropped; val_fraction ~1 sends everything to val
     writers = {"train": FakeWriter(), "val": FakeWriter()}
     counts = Counter()
-    dp._place_chunk(hashes, lengths, ids, None, src, cfg(dedup=False, val_fraction=0.999999), writers, dedup.HashSet(),
+    dp._place_chunk(hashes, lengths, ids, None, src, dp_cfg(dedup=False, val_fraction=0.999999), writers, dedup.HashSet(),
                     dedup.NearDupIndex(8), counts, {"train": 0, "val": 0, "kept": 0})
     assert counts == Counter() and writers["val"].written[0][1] == 6 and writers["train"].written == []
 
@@ -325,7 +305,7 @@ def test_minhash_near_duplicates():
 
 def test_uint16_guard():
     assert dp.to_uint16(np.array([0, 2, 64792]), 64793).tolist() == [0, 2, 64792]
-    with pytest.raises(dp.DataError, match="token id 64793 is outside the vocabulary"):
+    with pytest.raises(dp.DataError, match="token id 64793 .*vocabulary"):
         dp.to_uint16(np.array([5, 64793]), 64793)
     with pytest.raises(dp.DataError, match="token id 70000"):
         dp.to_uint16(np.array([70000]), 64793)
@@ -379,18 +359,12 @@ def test_sft_interrupted_leaves_no_output(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- pretrain end to end (real tokenizer)
 
-def run_pretrain(out, *extra, files=PRE_FILES):
-    argv = ["pretrain", "--inputs=" + ",".join(os.path.join(PRE, f) for f in files), f"--out_dir={out}",
-            "--progress=false", "--val_fraction=0", "--val_min_tokens=1"] + list(extra)
-    return dp.main(argv)[0]
-
-
 def test_pretrain_end_to_end_exact(tmp_path, tokenizer_path):
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor(model_file=tokenizer_path)
     out = tmp_path / "pre"
-    s = run_pretrain(out, "--num_workers=2", "--chunk_chars=40")  # many tiny tasks over 2 workers, order must hold
+    s = dp_run_pretrain(out, "--num_workers=2", "--chunk_chars=40")  # many tiny tasks over 2 workers, order must hold
     assert s["counts"] == {"read": 12, "too_short": 1, "duplicate": 1, "bad_malformed": 1, "bad_missing_field": 2}
     docs, sides = read_docs(out)
     # val_min_tokens=1: the 2nd kept document is the only val document
@@ -410,7 +384,7 @@ def test_pretrain_end_to_end_exact(tmp_path, tokenizer_path):
 
 
 def test_pretrain_shards_no_dedup_and_deterministic(tmp_path, tokenizer_path):
-    a = run_pretrain(tmp_path / "a", "--shard_tokens=30", "--dedup=false", "--min_chars=0", "--chunk_chars=1")
+    a = dp_run_pretrain(tmp_path / "a", "--shard_tokens=30", "--dedup=false", "--min_chars=0", "--chunk_chars=1")
     assert a["counts"]["read"] == 12 and "duplicate" not in a["counts"] and "too_short" not in a["counts"]
     names = sorted(os.listdir(tmp_path / "a"))
     bins = [n for n in names if n.startswith("train") and n.endswith(".bin")]
@@ -422,8 +396,8 @@ def test_pretrain_shards_no_dedup_and_deterministic(tmp_path, tokenizer_path):
                  "--progress=false", "--num_workers=2"])[0]
     assert s["documents"]["val"] >= 1 and s["documents"]["train"] >= 1
     # same output bytes with 1 and 2 workers (decisions are made in input order in the main process)
-    run_pretrain(tmp_path / "c", "--num_workers=1")
-    run_pretrain(tmp_path / "d", "--num_workers=2", "--chunk_chars=30")
+    dp_run_pretrain(tmp_path / "c", "--num_workers=1")
+    dp_run_pretrain(tmp_path / "d", "--num_workers=2", "--chunk_chars=30")
     for name in ("train_00000.bin", "val_00000.bin"):
         assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
 
@@ -442,7 +416,7 @@ def test_pretrain_minhash_option(tmp_path, tokenizer_path):
 
 def test_pretrain_interrupted_leaves_no_bin(tmp_path, tokenizer_path, monkeypatch):
     out = tmp_path / "pre"
-    run_pretrain(out)  # a complete earlier run
+    dp_run_pretrain(out)  # a complete earlier run
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     calls = []
     real = dp._place_chunk
@@ -455,18 +429,18 @@ def test_pretrain_interrupted_leaves_no_bin(tmp_path, tokenizer_path, monkeypatc
 
     monkeypatch.setattr(dp, "_place_chunk", fail_second)
     with pytest.raises(KeyboardInterrupt):
-        run_pretrain(out, "--chunk_chars=1", "--dedup=false", "--min_chars=0")
+        dp_run_pretrain(out, "--chunk_chars=1", "--dedup=false", "--min_chars=0")
     assert len(calls) == 2
     # no temp files left, and the earlier complete output is untouched (no half-written .bin took its place)
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before and no_temp_left(tmp_path)
     fresh = tmp_path / "fresh"
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        run_pretrain(fresh, "--chunk_chars=1")
+        dp_run_pretrain(fresh, "--chunk_chars=1")
     assert not fresh.exists() and no_temp_left(tmp_path)
 
 
-class FakeTokenizer:
+class CodePointTokenizer:
     """Stands in for ChatGLMTokenizer: the ids of a text are its characters' code points minus 19900."""
 
     def encode(self, text):
@@ -477,21 +451,21 @@ class FakeTokenizer:
 
 
 def test_worker_output_layout_and_overflow_guard(monkeypatch):
-    monkeypatch.setattr(dp, "_WORKER", {"tok": FakeTokenizer(), "vocab_size": 64793, "seed": 0, "minhash": None})
+    monkeypatch.setattr(dp, "_WORKER", {"tok": CodePointTokenizer(), "vocab_size": 64793, "seed": 0, "minhash": None})
     hashes, lengths, ids, sigs = dp.encode_chunk(["一丁", "七"])  # U+4E00 U+4E01, U+4E03
     assert lengths.tolist() == [3, 2] and ids.dtype == np.uint16 and sigs is None
     assert ids.tolist() == [68, 69, 2, 71, 2]
     assert hashes.tolist() == [dedup.text_hash("一丁"), dedup.text_hash("七")]
-    with pytest.raises(dp.DataError, match="token id 64900 is outside the vocabulary"):
+    with pytest.raises(dp.DataError, match="token id 64900 .*vocabulary"):
         dp.encode_chunk(["一\U00014b40"])  # 84800 - 19900 = 64900: fits uint16 but not the vocabulary
-    with pytest.raises(dp.DataError, match="does not fit uint16"):
+    with pytest.raises(dp.DataError, match="uint16"):
         dp.encode_chunk(["\U00016f00"])  # 93952 - 19900 = 74052 > 65535
 
 
 def test_uint16_guard_in_worker(tokenizer_path):
     dp._worker_init(tokenizer_path, 1000, 0, 0)  # pretend the vocab were 1000: ids of Chinese text exceed it
     try:
-        with pytest.raises(dp.DataError, match="outside the vocabulary"):
+        with pytest.raises(dp.DataError, match="vocabulary"):
             dp.encode_chunk(["长江是中国第一长河"])
     finally:
         dp._WORKER.clear()
@@ -548,8 +522,8 @@ def test_tokenizer_lookup_order_and_offline_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
     with pytest.raises(FileNotFoundError) as e:
         tk.find_tokenizer()
-    assert "\n" not in str(e.value) and "pass --tokenizer PATH" in str(e.value)
-    assert str(e.value).endswith("(download from THUDM/chatglm2-6b failed: Name or service not known)")
+    assert "\n" not in str(e.value) and "--tokenizer PATH" in str(e.value)
+    assert "THUDM/chatglm2-6b" in str(e.value) and str(e.value).endswith("Name or service not known)")
 
     def long_winded(*args, **kwargs):  # the Hub's own messages: several sentences on one line
         raise OSError("An error happened while trying to locate the file on the Hub. " * 4)
@@ -576,16 +550,16 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
     monkeypatch.setattr("babyllama.hub.hub_reachable", lambda: True)  # the stand-in is the Hub
     url = "hf://datasets/pleisto/wikipedia-cn-20230720-filtered/sub/dir/wikipedia-cn-20230720-filtered.json"
-    c = cfg(mode="pretrain", inputs=[url, f"{url}:text"])
+    c = dp_cfg(mode="pretrain", inputs=[url, f"{url}:text"])
     assert parse_inputs(c) == [(os.path.join(PRE, "wiki_array.json"), ""),
                                               (os.path.join(PRE, "wiki_array.json"), "text")]
     assert calls == [("pleisto/wikipedia-cn-20230720-filtered", "sub/dir/wikipedia-cn-20230720-filtered.json", "dataset")] * 2
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{url} completion\n", encoding="utf-8")  # not joined to the manifest's folder
-    assert parse_inputs(cfg(mode="pretrain", manifest=str(manifest))) == \
+    assert parse_inputs(dp_cfg(mode="pretrain", manifest=str(manifest))) == \
         [(os.path.join(PRE, "wiki_array.json"), "completion")]
-    with pytest.raises(dp.DataError, match=r"^hf://datasets/pleisto: expected hf://datasets/OWNER/NAME/PATH/IN/REPO$"):
-        parse_inputs(cfg(mode="pretrain", inputs=["hf://datasets/pleisto"]))
+    with pytest.raises(dp.DataError, match=r"^hf://datasets/pleisto: .*hf://datasets/OWNER/NAME/"):
+        parse_inputs(dp_cfg(mode="pretrain", inputs=["hf://datasets/pleisto"]))
 
     def offline(*args, **kwargs):
         raise OSError("Name or service not known\nmore detail")
@@ -595,6 +569,7 @@ def test_hf_inputs_are_fetched_before_any_output(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         dp.main(["pretrain", f"--inputs={os.path.join(PRE, 'baike.jsonl')},{url}", f"--out_dir={out}", "--progress=false"])
     assert e.value.code == 2 and not out.exists()
-    assert capsys.readouterr().err == (f"error: {url}: download failed (Name or service not known); or download it "
-                                       "yourself and pass the local path\n")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {url}: ") and "download failed" in err and "Name or service not known" in err
+    assert err.count("\n") == 1
 

@@ -289,7 +289,7 @@ def test_real_tokenizer_two_turns_and_prompt(tokenizer_path):
 
 def test_too_few_samples_for_a_batch_fail_only_when_batched():
     data = SFTData(SFTSamples(records(3), TOK, 64), Batching(batch_size=4, mode="packed"))  # 3 samples fill 1 row < 4 rows
-    assert "too few for one packed batch" in data.describe()  # a small val split in packed mode must still build (sft.py evaluates it)
+    assert "too few" in data.describe()  # a small val split in packed mode must still build (sft.py evaluates it)
     assert sum(x.shape[0] for x, _ in data.eval_batches()) == 3
     with pytest.raises(DataError, match="no full batch"):
         data.batch(0, 0)
@@ -300,8 +300,9 @@ def test_conversations_cut_at_a_short_context_are_counted_with_a_hint():
     c = short.samples.counts
     assert c["dropped"] + c["truncated"] >= 1, c
     n = c["conversations"]
-    assert (f"{c['dropped']:,} dropped, {c['truncated']:,} truncated: {c['dropped'] / n:.0%} and "
-            f"{c['truncated'] / n:.0%} of the conversations do not fit 12 tokens; a longer context") in short.describe()
+    said = short.describe()
+    assert f"{c['dropped']:,} dropped, {c['truncated']:,} truncated" in said
+    assert f"{c['dropped'] / n:.0%} and {c['truncated'] / n:.0%}" in said and "12 tokens" in said
     roomy = SFTData(SFTSamples(records(20), TOK, 128), Batching(batch_size=2))
     assert roomy.samples.counts["dropped"] + roomy.samples.counts["truncated"] == 0
     assert "do not fit" not in roomy.describe()
@@ -349,7 +350,7 @@ def test_mix_repeats_sources_per_epoch_and_empty_mix_changes_nothing():
 def test_mix_errors_name_the_sources():
     from dataset_sft import mix_repeats
     samples = SFTSamples(sourced(2, 2), TOK, 16)
-    with pytest.raises(DataError, match=r"'belle' matches no source \(sources: alpaca.json, medical-qa.jsonl\)"):
+    with pytest.raises(DataError, match=r"'belle'.*alpaca\.json, medical-qa\.jsonl"):
         mix_repeats(samples, "belle=2")
-    with pytest.raises(DataError, match="leaves no conversation"):
+    with pytest.raises(DataError, match="no conversation"):
         mix_repeats(samples, "medical=0,alpaca=0")

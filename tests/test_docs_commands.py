@@ -1,20 +1,22 @@
 """Every command in the scripts' docstrings and in README.md runs as written.
 
 Each command's flags are parsed and validated by its script's config (an unknown or renamed flag, a bad value, a
---warmup_steps longer than --max_steps fail here). The tiny CPU commands really run, in order, in a scratch copy
-of the repository: data_process.py on the embedded sample, the tiny pretrain and SFT runs, eval, chat, export.
+--warmup_steps longer than --max_steps fail here). The tiny CPU commands really run, in order (those that need only
+earlier outputs side by side), in a scratch copy of the repository: data_process.py on the embedded sample, the tiny
+pretrain and SFT runs, eval, chat, export; they start with the session, in the background (conftest.background).
 """
-import importlib
+import importlib.util
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SESSION_TOKENIZER, background, base_env
 from babyllama.config import parse_config
 
 SCRIPTS = {"data_process.py": "Config", "pretrain.py": "PretrainConfig", "sft.py": "SFTConfig",
@@ -77,8 +79,7 @@ def find(commands, script: str, *parts: str) -> str:
     return hits[0]
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
+def make_sandbox(tmp_path_factory):
     """The repository's files in a scratch folder (symlinks), with empty data/ (but the sample) and out/."""
     box = tmp_path_factory.mktemp("repo")
     for name in os.listdir(ROOT):
@@ -90,29 +91,82 @@ def sandbox(tmp_path_factory):
     return box
 
 
+def command_env(threads: int) -> dict:
+    env = base_env()
+    return dict(env, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"], OMP_NUM_THREADS=str(threads))
+
+
 def run(box, command: str, timeout: int = 600) -> str:
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="2")
-    r = subprocess.run(["bash", "-c", command], cwd=box, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(["bash", "-c", command], cwd=box, env=command_env(2), capture_output=True, text=True,
+                       timeout=timeout)
     assert r.returncode == 0, f"{command}\n--- stdout\n{r.stdout[-2000:]}\n--- stderr\n{r.stderr[-3000:]}"
     return r.stdout
 
 
-def test_tiny_docstring_commands_run_as_written(sandbox, tokenizer_path):
-    cmds = docstring_commands()
-    run(sandbox, find(cmds, "data_process.py", "python data_process.py  "))  # the bare command: the embedded sample
-    assert os.path.isfile(sandbox / "data" / "pretrain" / "val_00000.bin")
-    out = run(sandbox, find(cmds, "data_process.py", "tests/fixtures_data"))
-    assert "a JSON array of completion records" in out and os.path.isfile(sandbox / "data" / "tiny" / "train_00000.bin")
-    out = run(sandbox, find(cmds, "pretrain.py", "--out_dir=out/tiny"))
-    assert "first step:" in out and "done: best val loss" in out
-    out = run(sandbox, find(cmds, "sft.py", "--init_from=out/tiny "))
-    assert os.path.isfile(sandbox / "out" / "tiny_sft" / "last.pt") and "done: best val loss" in out
-    out = run(sandbox, find(cmds, "eval.py", "--ckpt=out/tiny "))
-    lines = out.splitlines()  # the scores come first, then where the report went
-    assert any(ln.startswith("BLEU-4 (nltk") for ln in lines) and "ppl:" in out and lines[-1].startswith("wrote ")
-    shutil.copytree(sandbox / "out" / "tiny_sft", sandbox / "out" / "sft")  # chat.py and export.py read out/sft
-    out = run(sandbox, find(cmds, "chat.py", "printf"))
-    assert "\ufffd" not in out and "sft model" in out
-    pytest.importorskip("transformers")
-    out = run(sandbox, find(cmds, "export.py", "--out_dir=out/hf "))
-    assert os.path.isfile(sandbox / "out" / "hf" / "config.json")
+def run_together(box, *commands: str, timeout: int = 600) -> list:
+    """Commands that do not depend on one another, started at once (one thread each) -> their stdouts, in order."""
+    started = []  # (command, process, its stdout file, its stderr file)
+    try:
+        for c in commands:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            started.append((c, subprocess.Popen(["bash", "-c", c], cwd=box, env=command_env(1), stdout=out, stderr=err,
+                                                text=True), out, err))
+        outs = []
+        for c, p, out, err in started:
+            p.wait(timeout=timeout)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            assert p.returncode == 0, f"{c}\n--- stdout\n{stdout[-2000:]}\n--- stderr\n{stderr[-3000:]}"
+            outs.append(stdout)
+        return outs
+    finally:
+        for _, p, out, err in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+            err.close()
+
+
+def run_tiny_commands(tmp_path_factory) -> tuple:
+    """The tiny CPU commands of the docstrings, as written, in a sandbox, in the order a reader follows them (those
+    that need only what came before them side by side) -> (sandbox, {script: stdout}, whether export.py ran)."""
+    if SESSION_TOKENIZER is None:
+        pytest.skip("needs the ChatGLM2 tokenizer.model")
+    box, cmds, out = make_sandbox(tmp_path_factory), docstring_commands(), {}
+    sample = find(cmds, "data_process.py", "python data_process.py  ")  # the bare command: the embedded sample
+    _, out["data_process.py"] = run_together(box, sample, find(cmds, "data_process.py", "tests/fixtures_data"))
+    out["pretrain.py"] = run(box, find(cmds, "pretrain.py", "--out_dir=out/tiny"))
+    out["sft.py"], out["eval.py"] = run_together(box, find(cmds, "sft.py", "--init_from=out/tiny "),
+                                                 find(cmds, "eval.py", "--ckpt=out/tiny "))  # both from out/tiny
+    shutil.copytree(box / "out" / "tiny_sft", box / "out" / "sft")  # chat.py and export.py read out/sft
+    exporting = importlib.util.find_spec("transformers") is not None
+    out["chat.py"], *_ = run_together(box, find(cmds, "chat.py", "printf"),
+                                      *([find(cmds, "export.py", "--out_dir=out/hf ")] if exporting else []))
+    return box, out, exporting
+
+
+BACKGROUND_JOBS = {"tiny_commands": run_tiny_commands}  # started with the session (conftest.background_jobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_commands(tmp_path_factory):
+    return background("tiny_commands", run_tiny_commands, tmp_path_factory).result()
+
+
+@pytest.mark.slow
+def test_tiny_docstring_commands_run_as_written(tiny_commands):
+    box, out, exporting = tiny_commands
+    assert os.path.isfile(box / "data" / "pretrain" / "val_00000.bin")  # the bare command: the embedded sample
+    assert "a JSON array of completion records" in out["data_process.py"]
+    assert os.path.isfile(box / "data" / "tiny" / "train_00000.bin")
+    assert "first step:" in out["pretrain.py"] and "done: best val loss" in out["pretrain.py"]
+    assert os.path.isfile(box / "out" / "tiny_sft" / "last.pt") and "done: best val loss" in out["sft.py"]
+    lines = out["eval.py"].splitlines()  # the scores come first, then where the report went
+    assert any(ln.startswith("BLEU-4 (nltk") for ln in lines) and "ppl:" in out["eval.py"]
+    assert lines[-1].startswith("wrote ")
+    assert "\ufffd" not in out["chat.py"] and "sft model" in out["chat.py"]
+    if not exporting:
+        pytest.skip("export.py's command needs transformers")
+    assert os.path.isfile(box / "out" / "hf" / "config.json")

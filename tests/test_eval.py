@@ -17,56 +17,13 @@ from babyllama import quality
 from babyllama import checkpoint
 from chat import ChatConfig, chat_loop, fit_history, stream_text
 from babyllama.errors import DataError
-from conftest import run_script, write_shard
+from conftest import (FAKE_VOCAB, FakeTokenizer, main_error, run_script, tiny_ckpt, tiny_eval_model, write_jsonl,
+                      write_shard)
 from dataset import PretrainData
 from chatglm_tokenizer.template import render_prompt
-from model import ModelArgs, Transformer
 
 torch.set_num_threads(1)
-V = 96  # tiny vocabulary of the fake tokenizer and tiny models
-
-
-class FakeTokenizer:
-    """Characters <-> ids 3..V-1 (ids given out in order of first sight); pad 0, bos 1, eos 2."""
-    pad_id, bos_id, eos_id = 0, 1, 2
-    vocab_size = V
-    sha256 = "f" * 64
-    path = "fake.model"
-
-    def __init__(self):
-        self.char_to_id, self.id_to_char = {}, {}
-
-    def encode(self, text, bos=False, eos=False):
-        ids = []
-        for c in text:
-            if c not in self.char_to_id:
-                i = 3 + len(self.char_to_id) % (V - 3)
-                self.char_to_id[c], self.id_to_char[i] = i, c
-            ids.append(self.char_to_id[c])
-        return ([1] if bos else []) + ids + ([2] if eos else [])
-
-    def encode_batch(self, texts, num_threads=-1):
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids):
-        return "".join(self.id_to_char.get(int(i), "?") for i in ids if int(i) > 2)
-
-
-def tiny_model(max_seq_len=16, seed=0, vocab_size=V):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=max_seq_len)).eval()
-
-
-def tiny_ckpt(model, kind="sft", sha="f" * 64):
-    return {"model": model.state_dict(), "model_args": vars(model.args).copy(), "config": {}, "kind": kind, "step": 7,
-            "val_loss": 1.0, "best_val_loss": 1.0, "tokenizer_sha256": sha}
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return str(path)
+V = FAKE_VOCAB
 
 
 # ---- BLEU ------------------------------------------------------------------------------------------
@@ -141,7 +98,7 @@ def manual_loss(model, data_dir, seq_len, max_windows=None):
 
 
 def test_perplexity_is_exp_of_mean_loss_computed_by_hand(val_dir):
-    model = tiny_model()
+    model = tiny_eval_model()
     want, n = manual_loss(model, val_dir, 16)
     assert n == 8
     got = ev.perplexity(model, val_dir, 16, 3, 0, "cpu")
@@ -158,7 +115,7 @@ def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
     from babyllama.runtime import Runtime
     from trainer import evaluate
 
-    model = tiny_model()
+    model = tiny_eval_model()
     rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
     val_loss, bpb = evaluate(model, PretrainData(val_dir, "val", 16, 5).eval_batches(6), rt)
     assert bpb is None  # no tokenizer's byte lengths given
@@ -166,25 +123,25 @@ def test_perplexity_equals_exp_of_the_trainers_val_loss(val_dir):
 
 
 def test_perplexity_rejects_shards_of_another_vocabulary(val_dir):
-    with pytest.raises(DataError, match="vocab_size 96, the model has only 64"):
-        ev.perplexity(tiny_model(vocab_size=64), val_dir, 16, 2, 0, "cpu", vocab_size=64)
+    with pytest.raises(DataError, match=r"vocab_size 96\b.*\b64\b"):
+        ev.perplexity(tiny_eval_model(vocab_size=64), val_dir, 16, 2, 0, "cpu", vocab_size=64)
 
 
 # ---- bad input -------------------------------------------------------------------------------------
 
 def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
     ok = {"question": "头疼怎么办", "answer": "多休息"}
-    with pytest.raises(DataError, match=r"empty\.jsonl: empty"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: .*empty"):
         ev.load_qa(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not JSON"):
         ev.load_qa(write_jsonl(tmp_path / "bad.jsonl", [ok, '{"question": "x", ']))
-    with pytest.raises(DataError, match=r'noq\.jsonl:3: missing field "question"'):
+    with pytest.raises(DataError, match=r'noq\.jsonl:3: .*"question"'):
         ev.load_qa(write_jsonl(tmp_path / "noq.jsonl", [ok, ok, {"answer": "a"}]))
-    with pytest.raises(DataError, match=r'noa\.jsonl:2: missing field "answer"'):
+    with pytest.raises(DataError, match=r'noa\.jsonl:2: .*"answer"'):
         ev.load_qa(write_jsonl(tmp_path / "noa.jsonl", [ok, {"question": "q"}]))
-    with pytest.raises(DataError, match=r'noa2\.jsonl:1: missing field "answer"'):
+    with pytest.raises(DataError, match=r'noa2\.jsonl:1: .*"answer"'):
         ev.load_qa(write_jsonl(tmp_path / "noa2.jsonl", [{"question": "q"}, ok]))
-    with pytest.raises(DataError, match=r"list\.jsonl:1: expected a JSON object"):
+    with pytest.raises(DataError, match=r"list\.jsonl:1: .*JSON object"):
         ev.load_qa(write_jsonl(tmp_path / "list.jsonl", ["[1, 2]"]))
     rows = ev.load_qa(write_jsonl(tmp_path / "good.jsonl", [ok, "", dict(ok, department="内科")]))
     assert [r["answer"] for r in rows] == ["多休息", "多休息"] and rows[1]["department"] == "内科"
@@ -193,31 +150,28 @@ def test_bad_data_files_are_one_line_errors_with_file_and_line(tmp_path):
 
 def test_checkpoint_of_another_vocabulary_is_rejected():
     tok = FakeTokenizer()
-    ckpt = tiny_ckpt(tiny_model())
+    ckpt = tiny_ckpt(tiny_eval_model())
     checkpoint.check_checkpoint(ckpt, tok, "x.pt")  # matches: no error
-    with pytest.raises(DataError, match="model vocab_size 64, but the tokenizer has 96"):
+    with pytest.raises(DataError, match=r"x\.pt: .*vocab_size 64\b.*\b96\b"):
         checkpoint.check_checkpoint(dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=64)), tok, "x.pt")
     padded = dict(ckpt, model_args=dict(ckpt["model_args"], vocab_size=128))
     checkpoint.check_checkpoint(padded, tok, "x.pt")  # more rows than the tokenizer's ids, and its sha256: padding
-    with pytest.raises(DataError, match="model vocab_size 128, but the tokenizer has 96"):
+    with pytest.raises(DataError, match=r"x\.pt: .*vocab_size 128\b.*\b96\b"):
         checkpoint.check_checkpoint(dict(padded, tokenizer_sha256=None), tok, "x.pt")  # no sha256 to vouch for it
     with pytest.raises(DataError, match="another vocabulary"):
         checkpoint.check_checkpoint(dict(ckpt, tokenizer_sha256="0" * 64), tok, "x.pt")
 
 
-def test_cli_bad_json_line_exits_2_with_one_line(tmp_path):
+def test_cli_bad_json_line_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, "not json"])
-    r = run_script("eval.py", [f"--data={path}", "--ckpt=/nonexistent"], check=False, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and f"{path}:2: not JSON" in r.stderr
+    err = main_error(ev, [f"--data={path}", "--ckpt=/nonexistent"], monkeypatch, capsys)
+    assert f"{path}:2: " in err and "not JSON" in err
 
 
-def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path):
-    checkpoint.save_checkpoint(tiny_ckpt(tiny_model()), str(tmp_path / "best.pt"))  # vocab 96, not the tokenizer's 64793
-    r = run_script("eval.py", [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], check=False,
-                   timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "another vocabulary" in r.stderr
+def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path, monkeypatch, capsys):
+    checkpoint.save_checkpoint(tiny_ckpt(tiny_eval_model()), str(tmp_path / "best.pt"))  # vocab 96, not the tokenizer's 64793
+    err = main_error(ev, [f"--ckpt={tmp_path}", "--device=cpu", f"--tokenizer={tokenizer_path}"], monkeypatch, capsys)
+    assert "best.pt" in err and "another vocabulary" in err
 
 
 # ---- generation and reports ------------------------------------------------------------------------
@@ -238,15 +192,15 @@ def test_generate_all_batches_by_length_and_restores_order(monkeypatch):
 
 
 def test_measure_generation_counts_every_new_token():
-    r = bench.measure_generation(tiny_model(max_seq_len=32), 3, 4, 10, True, "cpu", warmup=False)
+    r = bench.measure_generation(tiny_eval_model(max_seq_len=32), 3, 4, 10, True, "cpu", warmup=False)
     assert r["tokens"] == 30 and r["tokens_per_s"] > 0
-    r = bench.measure_generation(tiny_model(max_seq_len=32), 2, 4, 5, False, "cpu")
+    r = bench.measure_generation(tiny_eval_model(max_seq_len=32), 2, 4, 5, False, "cpu")
     assert r["tokens"] == 10 and not r["use_cache"]
 
 
 def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
     tok = FakeTokenizer()
-    model = tiny_model(max_seq_len=32)
+    model = tiny_eval_model(max_seq_len=32)
     ckpt_path = str(tmp_path / "run" / "best.pt")
     rows = [{"question": f"问题{i}是什么", "answer": f"答案{i}很长", "department": "内科"} for i in range(5)]
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
@@ -291,7 +245,7 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
 
 def test_evaluate_without_references_only_generates(tmp_path, capsys):
     tok = FakeTokenizer()
-    model = tiny_model(max_seq_len=32)
+    model = tiny_eval_model(max_seq_len=32)
     data = write_jsonl(tmp_path / "q.jsonl", [{"question": "床前明月光"}, {"question": "你好"}])
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none", max_new_tokens=4)
     out = ev.evaluate(cfg, model, tiny_ckpt(model, kind="pretrain"), tok, str(tmp_path / "best.pt"),
@@ -369,20 +323,22 @@ def test_stream_text_holds_back_unfinished_bytes_and_drops_a_cut_character():
     assert writes[:2] == ["你", "好"]  # each character written as soon as its last byte arrives
 
 
+@pytest.mark.slow
 def test_chat_cli_streams_answers_from_piped_stdin(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
-    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    model = tiny_eval_model(max_seq_len=64, vocab_size=64793)
     checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}"],
                    stdin="你好\n感冒了怎么办？\n/quit\n", timeout=120)
     assert "你> 你好" in r.stdout and "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
 
 
+@pytest.mark.slow
 def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
     from chatglm_tokenizer import tokenizer_sha256
 
-    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    model = tiny_eval_model(max_seq_len=64, vocab_size=64793)
     checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
@@ -396,7 +352,7 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
 
 def test_perplexity_never_builds_the_full_logits_and_shows_progress(val_dir, capsys, monkeypatch):
     """The loss comes chunk by chunk (fused_ce): the (rows x seq_len, vocab) logits never exist, same value."""
-    model = tiny_model()
+    model = tiny_eval_model()
     want, _ = manual_loss(model, val_dir, 16)
     monkeypatch.setattr(ev, "PPL_CHUNK", 5)  # several chunks per batch of 3 windows x 16 tokens
     monkeypatch.setattr(model, "logits", lambda h: pytest.fail("full logits built"))
@@ -408,13 +364,14 @@ def test_perplexity_never_builds_the_full_logits_and_shows_progress(val_dir, cap
 
 def test_default_max_new_tokens_adapts_to_a_short_context_with_a_note(tmp_path, capsys):
     tok = FakeTokenizer()
-    model = tiny_model(max_seq_len=16)
+    model = tiny_eval_model(max_seq_len=16)
     data = write_jsonl(tmp_path / "q.jsonl", [{"question": "你好", "answer": "好"}])
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none")  # max_new_tokens 256 > 16
     report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
                          torch.float32, progress=False)
     out = capsys.readouterr().out
-    assert "note: --max_new_tokens 256 leaves no room for a prompt in this model's 16-token context; using 8" in out
+    note = [line for line in out.splitlines() if line.startswith("note: --max_new_tokens 256")]
+    assert len(note) == 1 and "16-token" in note[0] and note[0].rstrip().endswith(" 8"), out
     assert report["config"]["max_new_tokens"] == 8 and "max_new_tokens 8," in report["protocol"]["decoding"]
 
 
@@ -422,11 +379,12 @@ def test_the_embedded_sample_fallback_is_said_on_the_console_and_in_the_report(t
     monkeypatch.chdir(tmp_path)
     os.makedirs("data/sample/eval")
     write_jsonl(ev.SAMPLE_DATA, [{"question": "你好", "answer": "好"}])
-    tok, model = FakeTokenizer(), tiny_model(max_seq_len=32)
+    tok, model = FakeTokenizer(), tiny_eval_model(max_seq_len=32)
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), val_bin="none", max_new_tokens=4)
     report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
                          torch.float32, progress=False)
-    assert f"note: no data/eval/medical_qa.jsonl: scoring the embedded sample {ev.SAMPLE_DATA}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note: no data/eval/medical_qa.jsonl" in printed and ev.SAMPLE_DATA in printed
     assert report["protocol"]["data"] == ev.SAMPLE_NOTE
     assert ev.SAMPLE_NOTE in open(tmp_path / "eval_report.md", encoding="utf-8").read()
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=ev.SAMPLE_DATA, val_bin="none", max_new_tokens=4)

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, gguf_tools, run_script
+from conftest import SHARED_DATA, gguf_tools, main_error, one_line_error, run_script
 
 import export
 import generate
@@ -144,7 +144,8 @@ def test_chat_template_equals_render(hf_dir, tok, tmp_path):
     convs = [CONV, CONV[:2]]
     sft = os.path.join(SHARED_DATA, "sft", "oasst1-zh-multiturn.json")
     if os.path.isfile(sft):  # real multi-turn conversations, as data_process.py writes them for sft.py
-        run_script("data_process.py", ["sft", f"--inputs={sft}", f"--out_dir={tmp_path}"])
+        import data_process
+        data_process.main(["sft", f"--inputs={sft}", f"--out_dir={tmp_path}", "--progress=false"])
         with open(tmp_path / "train.jsonl", encoding="utf-8") as f:
             convs += [json.loads(line)["conversations"] for line in f][:300]
         assert sum(len(c) > 2 for c in convs) > 50
@@ -182,9 +183,13 @@ def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path):
     common = ["--device=cpu", "--compile=false", "--batch_size=4", "--max_steps=1", "--warmup_steps=0",
               "--eval_interval=1", "--batch_mode=dynamic", f"--data_dir={data}"]
     losses = []
+    import sft
     for src in (ckpt_dir, f"hf:{hf_dir}"):
         out = tmp_path / f"out{len(losses)}"
-        run_script("sft.py", [*common, f"--init_from={src}", f"--out_dir={out}"], timeout=240)
+        try:
+            sft.main([*common, f"--init_from={src}", f"--out_dir={out}"])  # sft.py's main, in this process
+        except SystemExit as e:  # this random model's peaky logits (embeddings x30) lose to a uniform guess: the
+            assert e.code == 3  # divergence guard stops the run after step 0's validation, which is all we compare
         with open(out / "metrics.jsonl") as f:
             losses.append(next(r["val_loss"] for r in map(json.loads, f) if r["step"] == 0 and "val_loss" in r))
     assert abs(losses[0] - losses[1]) < 1e-5, losses
@@ -197,31 +202,35 @@ def test_import_refuses_other_llamas_in_one_line(hf_dir, tmp_path):
                           ({"intermediate_size": 100}, "intermediate_size"), ({"model_type": "gpt2"}, "model_type")]:
         with pytest.raises(DataError, match=words):
             hf_llama.args_from_config(dict(cfg, **change), "config.json")
-    r = run_script("pretrain.py", ["--init_from=out/pretrain"], check=False)
-    assert r.returncode == 2 and "hf:PATH" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_script("pretrain.py", [f"--init_from=hf:{tmp_path}"], check=False)
-    assert r.returncode == 2 and "config.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_pretrain_init_from_a_bad_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    import pretrain
+    out = f"--out_dir={tmp_path / 'run'}"
+    assert "hf:PATH" in main_error(pretrain, ["--init_from=out/pretrain", out], monkeypatch, capsys)  # exit 2, one line
+    assert "config.json" in main_error(pretrain, [f"--init_from=hf:{tmp_path}", out], monkeypatch, capsys)
+
+
+@pytest.mark.slow
 def test_push_to_hub_without_token_or_network_is_one_line(ckpt_dir, tmp_path, monkeypatch):
     base = ["export.py", f"--ckpt={ckpt_dir}", f"--out_dir={tmp_path / 'hf'}", "--push_to_hub=someone/baby-llama2"]
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     r = run_script(base[0], base[1:], check=False)
-    assert r.returncode == 2 and "no Hugging Face token" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--push_to_hub" in one_line_error(r) and "token" in r.stderr
     assert not os.path.exists(tmp_path / "hf")  # checked before any work
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the upload fails at once
     r = run_script(base[0], base[1:], check=False, timeout=120)
-    assert r.returncode == 2 and "--push_to_hub=someone/baby-llama2" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and os.path.isfile(tmp_path / "hf" / "model.safetensors")
+    assert "--push_to_hub=someone/baby-llama2" in one_line_error(r)
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
 
 
-def test_gguf_without_converter_is_one_line(ckpt_dir, tmp_path):
-    r = run_script("export.py", [f"--ckpt={ckpt_dir}", f"--out_dir={tmp_path}", "--format=gguf",
-                                 f"--llama_cpp={tmp_path / 'nowhere'}"], check=False)
-    assert r.returncode == 2 and "convert_hf_to_gguf.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_gguf_without_converter_is_one_line(ckpt_dir, tmp_path, monkeypatch, capsys):
+    err = main_error(export, [f"--ckpt={ckpt_dir}", f"--out_dir={tmp_path}", "--format=gguf",
+                              f"--llama_cpp={tmp_path / 'nowhere'}"], monkeypatch, capsys)  # exit 2, one line
+    assert "convert_hf_to_gguf.py" in err
 
 
 def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):

@@ -50,12 +50,12 @@ def test_resume_from_a_checkpoint_without_training_state_is_one_line(tmp_path):
                     str(tmp_path / "last.pt"))
     cfg = PretrainConfig(out_dir=str(tmp_path), resume=True)
     rt = Runtime(torch.device("cpu"), 0, 0, 1, torch.float32)
-    with pytest.raises(DataError, match="no optimizer, scaler, rng, config, best_val_loss"):
+    with pytest.raises(DataError, match=r"last\.pt: .*optimizer.*scaler.*rng.*config.*best_val_loss"):
         open_run(cfg, rt, args, "")
 
 
 @pytest.mark.parametrize("content,why", [("", "no user/assistant pair"), ("{not json\n", "not JSON"),
-                                         ('{"x": 1}\n', "expected a JSON object with \"conversations\""),
+                                         ('{"x": 1}\n', "conversations"),
                                          ("你好".encode("gb18030"), "not UTF-8")])
 def test_a_bad_baseline_pool_is_one_line_naming_the_file(tmp_path, content, why):
     from babyllama import quality

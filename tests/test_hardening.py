@@ -20,12 +20,12 @@ import pretrain
 from babyllama import runtime
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError, DataError
-from conftest import ROOT, run_script, write_shard
+from conftest import (ROOT, TINY, FakeTokenizer, main_error, tiny_ckpt, tiny_eval_model, write_jsonl,
+                      write_shard)
 from dataset import data_tokenizer
 from babyllama.run_dir import claim_run_dir
 from babyllama.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from babyllama.train_log import read_metrics as metrics
-from test_pretrain import TINY
 
 torch.set_num_threads(1)
 
@@ -78,24 +78,30 @@ def test_crafted_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "best.pt"
     torch.save({"model": RunsCommand(marker), "model_args": {}}, path)
-    with pytest.raises(CheckpointError, match=r"best\.pt: refused: .*tensors or plain values \(posix\.system\)"):
+    with pytest.raises(CheckpointError, match=r"best\.pt: refused\b.*posix\.system"):
         load_checkpoint(str(path))
     assert not marker.exists()
 
 
-def test_crafted_pickle_under_resume_and_eval_is_one_line_exit_2(tmp_path, tokenizer_path):
+def test_crafted_pickle_under_resume_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     (tmp_path / "run").mkdir()
     torch.save({"model": RunsCommand(marker), "model_args": {}}, tmp_path / "run" / "last.pt")
-    r = run_script("pretrain.py", [*TINY, f"--out_dir={tmp_path / 'run'}", "--resume"], check=False)
-    e = run_script("eval.py", [f"--ckpt={tmp_path / 'run' / 'last.pt'}", "--device=cpu", "--data=none"], check=False)
-    for proc in (r, e):
-        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-        assert "last.pt: refused" in proc.stderr and "Traceback" not in proc.stderr
+    err = main_error(pretrain, [*TINY, f"--out_dir={tmp_path / 'run'}", "--resume"], monkeypatch, capsys)
+    assert "last.pt: refused" in err
     assert not marker.exists()
 
 
-def test_flipped_truncated_and_foreign_files_are_one_line_errors(trained, tmp_path):
+def test_crafted_pickle_under_eval_is_one_line_exit_2(tmp_path, tokenizer_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    torch.save({"model": RunsCommand(marker), "model_args": {}}, tmp_path / "run" / "last.pt")
+    err = main_error(ev, [f"--ckpt={tmp_path / 'run' / 'last.pt'}", "--device=cpu", "--data=none"], monkeypatch, capsys)
+    assert "last.pt: refused" in err
+    assert not marker.exists()
+
+
+def test_flipped_truncated_and_foreign_files_are_one_line_errors(trained, tmp_path, monkeypatch, capsys):
     _, out = trained
     good = open(os.path.join(out, "last.pt"), "rb").read()
     # 4 KB flipped inside the biggest tensor record (an AdamW moment or a weight matrix)
@@ -107,28 +113,27 @@ def test_flipped_truncated_and_foreign_files_are_one_line_errors(trained, tmp_pa
     cases = {"flipped.pt": bytes(flipped), "truncated.pt": good[: len(good) // 2], "empty.pt": b""}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-    with pytest.raises(CheckpointError, match=r"flipped\.pt: (content does not match its checksum|not a readable)"):
+    with pytest.raises(CheckpointError, match=r"flipped\.pt: .*(checksum|not a readable)"):
         load_checkpoint(str(tmp_path / "flipped.pt"))
     for name in ("truncated.pt", "empty.pt"):
-        with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + ": not a readable checkpoint"):
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + ": not a readable"):
             load_checkpoint(str(tmp_path / name))
     # a changed value under an intact zip: only the checksum can tell
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     ckpt["optimizer"]["state"][0]["exp_avg"].add_(1.0)
     torch.save(ckpt, tmp_path / "edited.pt")
-    with pytest.raises(CheckpointError, match=r"edited\.pt: content does not match its checksum"):
+    with pytest.raises(CheckpointError, match=r"edited\.pt: .*checksum"):
         load_checkpoint(str(tmp_path / "edited.pt"))
     save_checkpoint({"weights": {}}, str(tmp_path / "foreign.pt"))
-    with pytest.raises(CheckpointError, match=r"foreign\.pt: not a checkpoint of this project"):
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: not a checkpoint"):
         load_checkpoint(str(tmp_path / "foreign.pt"))
     torch.save({"model": {}, "model_args": {}, "rng": np.random.get_state()}, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match=r"old\.pt: refused: .*older version .*retrained"):
+    with pytest.raises(CheckpointError, match=r"old\.pt: refused\b.*older version"):
         load_checkpoint(str(tmp_path / "old.pt"))
     # a resume from the corrupted file stops with one line, before any training
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(bytes(flipped))
-    r = run_script("pretrain.py", [*TINY, f"--out_dir={tmp_path / 'run'}", "--resume"], check=False)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "last.pt:" in r.stderr, r.stderr
+    assert "last.pt:" in main_error(pretrain, [*TINY, f"--out_dir={tmp_path / 'run'}", "--resume"], monkeypatch, capsys)
 
 
 def test_planted_symlink_is_not_followed(tmp_path):
@@ -154,11 +159,11 @@ def test_second_run_fresh_run_and_resume_flags_are_refused(trained, tmp_path, ca
         os.close(lock)
     assert tiny_run(data, out, "--max_steps=6") == 2  # fresh run into a finished run's folder
     err = capsys.readouterr().err
-    assert "holds last.pt of an earlier run; --resume continues it, --overwrite" in err and err.count("\n") == 1
+    assert "last.pt" in err and "--resume" in err and "--overwrite" in err and err.count("\n") == 1
     for flag in ("--batch_size=8", "--dim=64", "--max_seq_len=16", "--learning_rate=0.001"):
         assert tiny_run(data, out, "--resume", flag) == 2
         err = capsys.readouterr().err
-        assert f"{flag} (the run has" in err and err.count("\n") == 1, err
+        assert flag in err and err.count("\n") == 1, err
     # a copy resumed without the model flags takes the saved config; max_steps may change, with a note
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -167,7 +172,7 @@ def test_second_run_fresh_run_and_resume_flags_are_refused(trained, tmp_path, ca
     pretrain.main([f"--data_dir={data}", f"--out_dir={copy}", "--resume", "--max_steps=8", "--device=cpu",
                    "--compile=false"])  # (the default --warmup_steps=100 is the flags', not the run's: no error)
     printed = capsys.readouterr().out
-    assert "note: --max_steps=8 on resume (the run had 6)" in printed and "batch: 4 rows x 32 tokens" in printed
+    assert "note: --max_steps=8" in printed and "(the run had 6)" in printed and "batch: 4 rows x 32 tokens" in printed
     assert load_checkpoint(str(copy / "last.pt"))["step"] == 8
     # --overwrite starts afresh: the old log is gone
     assert tiny_run(data, str(copy), "--max_steps=2", "--eval_interval=2", "--warmup_steps=1", "--overwrite") == 0
@@ -178,10 +183,9 @@ def test_second_run_fresh_run_and_resume_flags_are_refused(trained, tmp_path, ca
 # ---- validation ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, message", [
-    ("--learning_rate=inf", "learning_rate must be a finite number"), ("--weight_decay=nan", "weight_decay must be a finite"),
-    ("--dim=0", "dim must be positive"), ("--n_heads=0", "n_heads must be positive"), ("--seed=-1", "seed must be in"),
-    ("--beta2=1.5", "beta1, beta2 must be in"), ("--n_kv_heads=-1", "n_kv_heads must be >= 0"),
-    ("--dropout=nan", "dropout must be in"), ("--device=gpu", "device must be auto, cpu, mps, cuda")])
+    ("--learning_rate=inf", "learning_rate"), ("--weight_decay=nan", "weight_decay"), ("--dim=0", "dim"),
+    ("--n_heads=0", "n_heads"), ("--seed=-1", "seed"), ("--beta2=1.5", "beta2"), ("--n_kv_heads=-1", "n_kv_heads"),
+    ("--dropout=nan", "dropout"), ("--device=gpu", "device.*'gpu'")])
 def test_bad_values_fail_validation(flag, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(pretrain.PretrainConfig, [flag])
@@ -189,14 +193,14 @@ def test_bad_values_fail_validation(flag, message):
 
 def test_bad_sft_mix_fails_validation():
     import sft
-    with pytest.raises(ConfigError, match="mix: 'medical' is not NAME=TIMES"):
+    with pytest.raises(ConfigError, match="mix: 'medical'.*NAME=TIMES"):
         parse_config(sft.SFTConfig, ["--mix=medical"])
 
 
 def test_cuda_without_cuda_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for cls in (pretrain.PretrainConfig, ev.EvalConfig, chat.ChatConfig):
-        with pytest.raises(ConfigError, match="--device=cuda: .*use --device=auto or --device=cpu"):
+        with pytest.raises(ConfigError, match="--device=cuda: .*--device=cpu"):
             parse_config(cls, ["--device=cuda"])
 
 
@@ -206,7 +210,7 @@ def test_nan_guard_never_saves_exploded_weights(tiny_corpus, tmp_path, capsys):
                     "--warmup_steps=0", "--grad_clip=0")
     assert code == 3
     log = (out / "log.txt").read_text().strip().splitlines()
-    assert log[-1].startswith("stop") and "no checkpoint of this run was saved (none is good)" in log[-1], log[-3:]
+    assert log[-1].startswith("stop") and "no checkpoint" in log[-1], log[-3:]
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
@@ -218,11 +222,11 @@ def test_shards_of_two_tokenizers_are_refused_even_without_a_tokenizer(tiny_corp
     write_shard(str(mixed / "train_00000.bin"), range(3, 200), "train", 512, tokenizer_sha256="a" * 64)
     write_shard(str(mixed / "train_00001.bin"), range(3, 200), "train", 512, tokenizer_sha256="b" * 64)
     write_shard(str(mixed / "val_00000.bin"), range(3, 200), "val", 512, tokenizer_sha256="a" * 64)
-    with pytest.raises(DataError, match="train_00001.bin: tokenizer sha256 bbbbbbbbbbbb.*but .*train_00000.bin"):
+    with pytest.raises(DataError, match="train_00001.bin: .*bbbbbbbbbbbb.*train_00000.bin"):
         data_tokenizer(str(mixed))
 
     from dataset import PretrainData
-    with pytest.raises(DataError, match="train_00001.bin: tokenizer sha256 bbbbbbbbbbbb, other train shards have another"):
+    with pytest.raises(DataError, match="train_00001.bin: .*bbbbbbbbbbbb"):
         PretrainData(str(mixed), "train", 8, 2)
 
     def no_tokenizer(*a, **k):
@@ -242,6 +246,7 @@ def test_shards_of_two_tokenizers_are_refused_even_without_a_tokenizer(tiny_corp
 # ---- Ctrl-C / SIGTERM, disk full ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_signal_finishes_the_step_saves_and_exits_130(tiny_corpus, tmp_path, sig):
     out = tmp_path / "sig"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -256,7 +261,7 @@ def test_signal_finishes_the_step_saves_and_exits_130(tiny_corpus, tmp_path, sig
     assert p.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     step = load_checkpoint(str(out / "last.pt"))["step"]
-    assert f"at step {step}: saved {out}/last.pt; continue with `python pretrain.py --resume --out_dir={out}`" in stdout
+    assert f"at step {step}: saved {out}/last.pt" in stdout and f"--resume --out_dir={out}" in stdout
     assert max(metrics(str(out))[0]) == step
 
 
@@ -274,7 +279,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_claims_no_best(trained, tmp
     monkeypatch.setattr(runtime.torch, "save", full_disk)
     assert tiny_run(data, copy, "--resume", "--max_steps=12", "--eval_interval=3") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "last.pt: checkpoint not written (no space left on device)" in err, err
+    assert err.count("\n") == 1 and "last.pt: " in err and "no space left" in err, err
     assert (copy / "last.pt").read_bytes() == before and not list(copy.glob("*.tmp"))
     assert load_checkpoint(str(copy / "last.pt"))["step"] == 6
     assert "step 9: val loss" not in (copy / "log.txt").read_text()  # never logged, let alone as "(best)"
@@ -283,8 +288,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_claims_no_best(trained, tmp
 # ---- eval and chat: unwritable folders, any bytes ------------------------------------------------------------------
 
 def test_eval_prints_scores_then_says_where_to_write(tmp_path, monkeypatch, capsys):
-    from test_eval import FakeTokenizer, tiny_ckpt, tiny_model, write_jsonl
-    model, tok = tiny_model(max_seq_len=32), FakeTokenizer()
+    model, tok = tiny_eval_model(max_seq_len=32), FakeTokenizer()
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "问题", "answer": "答案"}] * 2)
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "ro" / "best.pt"), data=data, val_bin="none", max_new_tokens=4)
 
@@ -294,8 +298,7 @@ def test_eval_prints_scores_then_says_where_to_write(tmp_path, monkeypatch, caps
         return real(path, text)
     real = ev.write_atomic
     monkeypatch.setattr(ev, "write_atomic", read_only)
-    with pytest.raises(DataError, match=r"ro: cannot write eval_report.json \(Read-only file system\); the scores are "
-                                        r"above; pass --out_dir=DIR"):
+    with pytest.raises(DataError, match=r"ro: .*eval_report.json.*Read-only file system.*--out_dir"):
         ev.evaluate(cfg, model, tiny_ckpt(model), tok, cfg.ckpt, torch.device("cpu"), torch.float32, progress=False)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("BLEU-4")
     cfg.out_dir = str(tmp_path / "elsewhere")
@@ -308,16 +311,16 @@ def test_chat_and_eval_accept_any_bytes(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
     lines = list(chat.read_lines(interactive=False))
     assert lines == ["\ufffd\ufffd\ufffd", "再见", "\ufffd\ufffd"]
-    assert capsys.readouterr().err.count("not UTF-8 were replaced") == 1
+    assert capsys.readouterr().err.count("not UTF-8") == 1
     cfg = parse_config(ev.EvalConfig, ["--prompts=" + b"\xc4\xe3\xba\xc3".decode("utf-8", "surrogateescape") + ",好"])
-    assert cfg.prompts == ["\ufffd\ufffd\ufffd", "好"] and "not UTF-8 replaced" in capsys.readouterr().err
+    assert cfg.prompts == ["\ufffd\ufffd\ufffd", "好"] and "not UTF-8" in capsys.readouterr().err
 
 
 def test_sft_jsonl_that_is_not_utf8_is_one_line(tmp_path):
     from babyllama.fileio import read_jsonl
     path = tmp_path / "train.jsonl"
     path.write_bytes('{"conversations": []}\n'.encode() + '{"conversations": [{"role": "user", "content": "你好"}]}\n'.encode("gb18030"))
-    with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8 \(byte \d+: GB18030 or GBK text\?\)"):
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8"):
         list(read_jsonl(str(path), "a JSON object"))
 
 
@@ -338,6 +341,6 @@ def test_nan_guard_names_the_last_checkpoint_that_is_truly_good(tiny_corpus, tmp
     out = tmp_path / "blowup"
     assert tiny_run(tiny_corpus, out, "--max_steps=10", "--eval_interval=2") == 3
     last = (out / "log.txt").read_text().strip().splitlines()[-1]
-    assert last.startswith("stopping at step 6: the weights exploded") and f"{out}/last.pt (step 4)" in last, last
+    assert last.startswith("stopping at step 6") and "exploded" in last and f"{out}/last.pt (step 4)" in last, last
     ckpt = load_checkpoint(str(out / "last.pt"))
     assert ckpt["step"] == 4 and max(v.abs().max().item() for v in ckpt["model"].values()) < 1e4

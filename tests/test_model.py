@@ -10,46 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from babyllama.errors import ConfigError  # noqa: E402
-import generate  # noqa: E402
-from model import ModelArgs, Transformer, apply_rope, rope_tables  # noqa: E402
+from babyllama.errors import ConfigError
+import generate
+from model import ModelArgs, Transformer, apply_rope, rope_tables
 from babyllama.checkpoint import save_checkpoint
-from generate import load_model  # noqa: E402
+from conftest import PROMPTS, ROOT, lively_model, repeats_an_ngram, tiny_args, tiny_model
+from generate import load_model
 
 torch.set_num_threads(1)
-
-
-def tiny_args(**kw) -> ModelArgs:
-    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000, multiple_of=16, max_seq_len=64, pad_vocab_multiple=64)
-    base.update(kw)
-    return ModelArgs(**base)
-
-
-def tiny_model(seed: int = 0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(tiny_args(**kw)).eval()
-
-
-def lively_model(seed: int = 0, **kw) -> Transformer:
-    """A tiny model whose next token depends on the whole context.
-
-    At init the tied embedding dominates the residual stream and greedy decoding just repeats the last
-    prompt token, which would hide masking and position bugs; unit-gain matrices with strong residual
-    branches make every earlier token matter.
-    """
-    model = tiny_model(seed, **kw)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("tok_embeddings"):
-                p.normal_(0.0, 1.0)
-            elif p.dim() == 2:
-                gain = 4.0 if name.endswith(("wo.weight", "w2.weight")) else 1.0
-                p.normal_(0.0, gain / p.size(1) ** 0.5)
-    return model
-
-
-PROMPTS = [[5, 17, 230], [9, 8, 7, 6, 5, 4, 3], [1, 900, 44, 44, 12, 600, 31, 2, 77, 501, 3, 19]]
 
 
 def test_default_param_count():
@@ -306,11 +274,6 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     torch._dynamo.reset()
 
 
-def repeats_an_ngram(tokens, n) -> bool:
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return len(grams) != len(set(grams))
-
-
 def test_no_repeat_ngram_bans_repeats_in_every_decoder():
     model = tiny_model()  # at init greedy decoding repeats the last prompt token: a loop to break
     looping = generate.generate(model, PROMPTS, 16, eos_id=None)
@@ -452,7 +415,8 @@ def test_fused_loss_compiles_without_graph_breaks():
 
 
 TRITON_CHECK = r"""
-import torch, fused_ce
+import torch
+from babyllama import fused_ce
 torch.manual_seed(0)
 logits = (torch.randn(5, 200) * 3).to(torch.bfloat16)
 targets = torch.tensor([3, -1, 189, 0, 150])
@@ -467,13 +431,13 @@ print("triton kernel ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_softmax_grad_kernel_matches_torch_in_the_interpreter():
     """The CUDA kernel's arithmetic, run by Triton's CPU interpreter (needs `pip install triton`; the GPU runs
     the same code compiled, see bench.py's parity)."""
     import subprocess
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert r.returncode == 0 and "triton kernel ok" in r.stdout, r.stderr[-2000:]
 

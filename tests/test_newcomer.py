@@ -10,7 +10,7 @@ from eval import EvalConfig
 def test_mistyped_flag_suggests_the_flag_meant():
     with pytest.raises(ConfigError, match="did you mean --temperature"):
         parse_config(EvalConfig, ["--temprature=0.5"])
-    with pytest.raises(ConfigError, match="--help lists every flag"):
+    with pytest.raises(ConfigError, match="--zzz.*--help"):
         parse_config(EvalConfig, ["--zzz=1"])
 
 

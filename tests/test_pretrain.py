@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_shard
+from conftest import ROOT, TINY, main_error, run_script, run_scripts_together, write_shard
 from model import ModelArgs, Transformer
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError
@@ -19,11 +19,6 @@ from dataset import PretrainData
 from babyllama.runtime import autocast_context
 from babyllama.train_log import read_metrics as metrics
 from trainer import TrainConfig, grad_accum_steps, lr_at
-
-TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=32", "--vocab_size=512", "--batch_size=4",
-        "--device=cpu", "--compile=false", "--log_interval=1", "--eval_windows=16", "--warmup_steps=2",
-        "--learning_rate=3e-3", "--min_lr=3e-4"]
-
 
 # ---- dataset.py -------------------------------------------------------------------------------------
 
@@ -58,19 +53,19 @@ def test_ranks_read_disjoint_data_equal_to_accumulation(tiny_corpus):
 
 
 def test_sidecar_is_checked(tiny_corpus, tmp_path):
-    with pytest.raises(DataError, match="vocab_size 512, the model has only 256"):
+    with pytest.raises(DataError, match=r"train_0000\d\.bin: .*vocab_size 512\b.*\b256\b"):
         PretrainData(tiny_corpus, "train", 32, 4, vocab_size=256)
     assert PretrainData(tiny_corpus, "train", 32, 4, vocab_size=640).n_windows > 0  # a larger model vocab pads
     bad = tmp_path / "bad"
     bad.mkdir()
     write_shard(str(bad / "val_00000.bin"), list(range(3, 200)), "val", 512, tokenizer_sha256="abc")
-    with pytest.raises(DataError, match="different tokenizer"):
+    with pytest.raises(DataError, match=r"val_00000\.bin: .*different tokenizer"):
         PretrainData(str(bad), "val", 32, 4, tokenizer_sha256="def")
     os.remove(bad / "val_00000.bin")
     write_shard(str(bad / "train_00000.bin"), list(range(3, 200)), "train", 512)
     with open(bad / "train_00000.bin", "r+b") as f:
         f.truncate(100)  # an interrupted copy
-    with pytest.raises(DataError, match="file holds 50"):
+    with pytest.raises(DataError, match=r"train_00000\.bin: .*\b197\b.*\b50\b"):  # the sidecar's count, the file's
         PretrainData(str(bad), "train", 32, 4)
     with pytest.raises(DataError, match="no val_"):
         PretrainData(str(bad), "val", 32, 4)
@@ -116,35 +111,34 @@ def test_run_length_from_epochs_and_the_token_cap():
     # max_steps given: taken as it is, whatever the data
     out, why = run_length(TrainConfig(max_steps=40, epochs=9.0, warmup_steps=4), 17.0, 1000, 1024)
     assert out.max_steps == 40 and why == "40 steps (--max_steps)"
-    with pytest.raises(ConfigError, match="epochs must be > 0"):
+    with pytest.raises(ConfigError, match="epochs"):
         parse_config(TrainConfig, ["--epochs=0"])
 
 
-def test_config_errors_are_one_line(tmp_path):
+def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from pretrain import PretrainConfig
     with pytest.raises(ConfigError, match="unknown flag --lr"):
         parse_config(PretrainConfig, ["--lr=1"])
     with pytest.raises(ConfigError, match="--batch_size: expected int"):
         parse_config(PretrainConfig, ["--batch_size=big"])
-    with pytest.raises(ConfigError, match="dim 500 must be divisible by n_heads 8"):
+    with pytest.raises(ConfigError, match=r"dim 500\b.*n_heads 8"):
         parse_config(PretrainConfig, ["--dim=500"])
-    with pytest.raises(ConfigError, match=r"--warmup_steps=100 must be below --max_steps=20 \(a short run: "
-                                          r"add --warmup_steps=2\)"):
+    with pytest.raises(ConfigError, match=r"--warmup_steps=100\b.*--max_steps=20\b.*--warmup_steps=2\b"):
         parse_config(PretrainConfig, ["--max_steps=20"])
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"dim": 64, "n_heads": 4}))
     cfg = parse_config(PretrainConfig, ["--config", str(cfg_file), "--n_heads=2"])
     assert (cfg.dim, cfg.n_heads) == (64, 2)
-    r = run_script("pretrain.py", ["--max_stpes=3"], check=False)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--max_stpes" in r.stderr
+    import pretrain
+    assert "--max_stpes" in main_error(pretrain, ["--max_stpes=3"], monkeypatch, capsys)  # exit 2, one line
 
 
 # ---- whole runs -------------------------------------------------------------------------------------
 
 def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tmp_path):
+    import pretrain
     out = str(tmp_path / "run")
-    run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60",
-                               "--eval_interval=30"])
+    pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60", "--eval_interval=30"])
     _, val = metrics(out)
     assert val[0] > math.log(512) - 0.3 and val[60] < val[0] - 1.0, val
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
@@ -158,12 +152,13 @@ def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tm
     assert "tok/s" in log and "eta" in log and "tokens/step" in log
 
 
+@pytest.mark.slow
 def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
     """Two gloo ranks, accumulation 1 == one process, accumulation 2, at the same global batch.
     Catches gradients that are not all-reduced (the seed's DDP + accumulation bug): ranks drift apart."""
     common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=20", "--eval_interval=20", "--batch_tokens=256"]
-    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'one'}"])
-    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    run_scripts_together(("pretrain.py", [*common, f"--out_dir={tmp_path / 'one'}"]),
+                         ("pretrain.py", [*common, f"--out_dir={tmp_path / 'two'}"], 2))
     one, val1 = metrics(tmp_path / "one")
     two, val2 = metrics(tmp_path / "two")
     assert sorted(one) == list(range(1, 21)) == sorted(two)
@@ -172,12 +167,14 @@ def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
     assert abs(val1[20] - val2[20]) < 1e-4
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
     common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=30", "--eval_interval=10", "--dropout=0.1"]
-    run_script("pretrain.py", [*common, f"--out_dir={tmp_path / 'full'}"])
-    full, _ = metrics(tmp_path / "full")
-    out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the uninterrupted run and the one to kill, side by side
+    reference = subprocess.Popen([sys.executable, "pretrain.py", *common, f"--out_dir={tmp_path / 'full'}"],
+                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "pretrain.py", *common, f"--out_dir={out}", "--ckpt_interval=1"],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -187,9 +184,13 @@ def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    full, _ = metrics(tmp_path / "full")
     stopped_at = torch.load(out / "last.pt", weights_only=False)["step"]
     assert 10 <= stopped_at < 30
-    run_script("pretrain.py", [*common, f"--out_dir={out}", "--resume"])
+    import pretrain
+    pretrain.main([*common, f"--out_dir={out}", "--resume"])  # pretrain.py's main, in this process (one thread)
     resumed, _ = metrics(out)
     for step in range(stopped_at + 1, 31):
         assert abs(resumed[step] - full[step]) < 1e-5, (step, resumed[step], full[step])
@@ -216,7 +217,7 @@ def test_non_finite_losses_skip_then_stop_with_checkpoint_intact(tiny_corpus, tm
                        "--eval_interval=5", "--max_bad_steps=3"])
     assert e.value.code == 3
     log = open(os.path.join(out, "log.txt")).read()
-    assert "step 3: non-finite loss" in log and "(1/3 in a row)" in log and "stopping: 3 non-finite" in log
+    assert "step 3: non-finite" in log and "1/3" in log and "stopping: 3 non-finite" in log
     train, _ = metrics(out)
     assert 3 not in train and sorted(train) == [1, 2, 4, 5, 6]
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
@@ -233,24 +234,26 @@ def test_bare_cuda_gets_this_process_index(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path):
+def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_corpus, tmp_path, capsys):
+    import pretrain
     out = tmp_path / "timed"
-    r = run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500",
-                                   "--max_minutes=0.0001"])
-    assert "stopping at step 1: max_minutes=0.0001 reached" in r.stdout
+    pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500", "--max_minutes=0.0001"])
+    stdout = capsys.readouterr().out
+    assert "stopping at step 1" in stdout and "max_minutes=0.0001" in stdout
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["step"] == 1 and ckpt["config"]["max_steps"] == 500
     train, val = metrics(out)
     assert sorted(train) == [1] and sorted(val) == [0, 1]
 
 
+@pytest.mark.slow
 def test_max_minutes_under_torchrun_stops_every_rank_at_the_same_step(tiny_corpus, tmp_path):
     """Ranks' clocks differ; a rank stopping alone would leave the other waiting in a collective (a hang). Rank 0's
     clock decides, at log steps: both stop at step 3 (the first log step), the run exits 0 with a checkpoint."""
     out = tmp_path / "timed2"
     r = run_script("pretrain.py", [*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=500",
                                    "--max_minutes=0.0001", "--log_interval=3", "--peak_tflops=1"], nproc=2)
-    assert "stopping at step 3: max_minutes=0.0001 reached" in r.stdout
+    assert "stopping at step 3" in r.stdout and "max_minutes=0.0001" in r.stdout
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
     # MFU: the logged tokens/s are both ranks', so the peak is both cards' (2 x 1 TFLOP/s here)
     line = next(l for l in r.stdout.splitlines() if l.startswith("step 3/500"))
@@ -313,7 +316,7 @@ def test_checkpoint_writer_snapshots_state_and_links_best(tmp_path):
     assert torch.load(last)["step"] == 2 and torch.load(best)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary files left
     writer.save({"model": {"w": w}, "step": 3}, str(tmp_path / "missing" / "last.pt"))
-    with pytest.raises(DataError, match=r"missing/last\.pt: checkpoint not written \(No such file"):  # surfaces in the training thread
+    with pytest.raises(DataError, match=r"missing/last\.pt\b.*not written"):  # surfaces in the training thread
         writer.wait()
 
 
@@ -362,9 +365,9 @@ def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
     from trainer import compile_mode
     assert TrainConfig().compile_mode == "reduce-overhead" and compile_mode("reduce-overhead") == "reduce-overhead"
     assert compile_mode("default") is None  # torch.compile(mode=None): inductor without CUDA graphs
-    with pytest.raises(ConfigError, match="compile_mode must be default"):
+    with pytest.raises(ConfigError, match="compile_mode.*graphs"):
         parse_config(TrainConfig, ["--compile_mode=graphs"])
-    with pytest.raises(ConfigError, match="compile_mode must be default"):
+    with pytest.raises(ConfigError, match="compile_mode.*auto"):
         parse_config(TrainConfig, ["--compile_mode=auto"])
 
 
@@ -378,7 +381,7 @@ def test_fit_minutes_sets_the_length_from_timed_steps_and_decays_to_its_end(tiny
     took = time.time() - t0
     log = (out / "log.txt").read_text()
     line = [ln for ln in log.splitlines() if ln.startswith("fit_minutes=0.1: ")]
-    assert len(line) == 1 and "ms/step after compilation" in line[0], log[-2000:]
+    assert len(line) == 1 and "ms/step" in line[0], log[-2000:]
     steps = int(line[0].split("-> ")[1].split(" steps")[0].replace(",", ""))
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss" in r and "step" in r and r.get("lr") is not None]
@@ -396,7 +399,7 @@ def test_fit_minutes_sets_the_length_from_timed_steps_and_decays_to_its_end(tiny
 
 def test_fit_minutes_with_max_steps_is_refused():
     import pretrain
-    with pytest.raises(ConfigError, match="--fit_minutes sets the number of steps"):
+    with pytest.raises(ConfigError, match="--fit_minutes.*--max_steps"):
         parse_config(pretrain.PretrainConfig, ["--fit_minutes=1", "--max_steps=1000"])
 
 

@@ -121,6 +121,7 @@ def write_sft_split(path, pairs):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
+@pytest.mark.slow
 def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     rng = np.random.default_rng(0)
     shards = tmp_path / "pretrain_data"
@@ -128,8 +129,8 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     write_shard(str(shards / "train_00000.bin"), rng.integers(3, 64793, size=4000), "train", 64793)
     write_shard(str(shards / "val_00000.bin"), rng.integers(3, 64793, size=1000), "val", 64793)
     pre = tmp_path / "pre"
-    run_script("pretrain.py", [*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"],
-               timeout=120)
+    import pretrain
+    pretrain.main([*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"])
 
     sft_data = tmp_path / "sft_data"
     sft_data.mkdir()
