@@ -7,7 +7,8 @@ Reads the run folder that speedrun.sh fills: pretrain/ and sft/ (summary.json, m
 stage), sft/eval_report.json (default decoding, with baselines), eval_original/eval_report.json (the original
 project's sampling protocol) and speedrun.jsonl (each stage's command and wall time). Writes, beside them:
   report.md     held-out loss, bits per byte and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
-                length, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
+                length, stock answers (repeated answers and openings, distinct-2, overlap with the question) of the model,
+                the baselines and the references, bits per byte of the references, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
   report.json   every number on the page (report.md is rendered from it and nothing else)
   curves.png    train and validation loss of both stages
 """
@@ -27,6 +28,7 @@ from babyllama.train_log import read_metrics
 from babyllama.fileio import write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
+STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
 
 
 @dataclass
@@ -77,8 +79,9 @@ def eval_block(rep: Optional[dict]) -> Optional[dict]:
     if rep is None:
         return None
     keep = ("bleu4", "sacrebleu_zh", "ppl", "val_loss", "bits_per_byte", "degenerate", "loop", "hit_limit", "answer_chars",
-            "reference_chars", "length_ratio")
+            "reference_chars", "length_ratio", "reference_bpb") + STOCK
     return {"scores": {k: rep["scores"].get(k) for k in keep}, "baselines": rep.get("baselines", {}),
+            "references": rep.get("references"),
             "decoding": rep["protocol"]["decoding"], "samples": rep["samples"], "data": rep["data"],
             "checkpoint": rep["checkpoint"], "step": rep["step"], "generation_s": rep["timing"]["generation_s"],
             "new_tokens_per_s": rep["timing"]["new_tokens_per_s"]}
@@ -125,25 +128,32 @@ def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def answer_row(name: str, q: dict, ref_chars: Optional[float]) -> str:
+    """One row of the answers table: BLEU, degenerate answers, length and the stock-answer metrics of one set of
+    answers (empty cells for what it lacks: a baseline has no degenerate answers, the references no BLEU)."""
+    cell = lambda k, f: "" if q.get(k) is None else f(q[k])
+    length = q["answer_chars"] / ref_chars if ref_chars and q.get("answer_chars") is not None else None
+    opening = "" if q.get("openings") is None else f"{q['openings']:,} ({pct(q['top_opening'])})"
+    return (f"| {name} | {cell('bleu4', num)} | {cell('sacrebleu_zh', num)} | {cell('degenerate', pct)} | "
+            f"{num(length)}x | {cell('duplicate', pct)} | {opening} | {cell('distinct2', lambda v: num(v, 3))} | "
+            f"{cell('question_overlap', pct)} |")
+
+
 def answers_table(r: dict) -> List[str]:
+    """Rows: the model, the model under the original protocol, each baseline, the references (the yardstick)."""
     e, o = r["eval"], r["eval_original"]
-    rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | loops | cut at limit | length vs reference |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    s = e["scores"]
-    rows.append(f"| **the model**, {e['decoding'].split(',')[0]} (default decoding) | {num(s['bleu4'])} | "
-                f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
-                f"{num(s['length_ratio'])}x |")
-    if o:
-        s = o["scores"]
-        rows.append(f"| the model, original protocol (temperature 1.0, top-k 100) | {num(s['bleu4'])} | "
-                    f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
-                    f"{num(s['length_ratio'])}x |")
     ref = e["scores"]["reference_chars"]
+    rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | length vs reference | identical to another | "
+            "distinct openings (top share) | distinct-2 | question overlap |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows.append(answer_row(f"**the model**, {e['decoding'].split(',')[0]}", e["scores"], ref))
+    if o:
+        rows.append(answer_row("the model, original protocol (temperature 1.0, top-k 100)", o["scores"], ref))
     for name, b in e["baselines"].items():
         what = "retrieval: the answer of the most similar SFT question" if name == "retrieval" else \
             "fixed: one generic sentence for every question"
-        rows.append(f"| baseline, {what} | {num(b['bleu4'])} | {num(b['sacrebleu_zh'])} | | | | "
-                    f"{num(b['answer_chars'] / ref if ref else None)}x |")
+        rows.append(answer_row(f"baseline, {what}", b, ref))
+    if e.get("references"):
+        rows.append(answer_row("the reference answers themselves", e["references"], ref))
     return rows
 
 
@@ -177,6 +187,8 @@ def markdown(r: dict) -> str:
              f"({num(p.get('best_val_bpb') if p else None, 4)}) |",
              f"| perplexity on held-out pretraining text (SFT model) | {num(s['ppl'])} |",
              f"| bits per byte on held-out pretraining text (SFT model) | {num(s.get('bits_per_byte'), 4)} |",
+             f"| bits per byte of the reference answers given their questions (SFT model) | "
+             f"{num(s.get('reference_bpb'), 4)} |",
              f"| BLEU-4 / sacreBLEU, the model | {num(s['bleu4'])} / {num(s['sacrebleu_zh'])} |"]
     for name, b in e["baselines"].items():
         lines.append(f"| BLEU-4 / sacreBLEU, baseline {name} | {num(b['bleu4'])} / {num(b['sacrebleu_zh'])} |")
@@ -185,7 +197,10 @@ def markdown(r: dict) -> str:
               f"{num(s['reference_chars'], 0)} |", "",
               "## Answers", "", f"{e['samples']} questions from `{e['data']}`; decoding: {e['decoding']}.", ""]
     lines += answers_table(r)
-    lines += ["", "A degenerate answer loops (a span of 4+ characters 4+ times in a row) or is cut at max_new_tokens.",
+    lines += ["", "A degenerate answer loops (a span of 4+ characters 4+ times in a row) or is cut at max_new_tokens. "
+              "Stock answers (whitespace removed): identical to another answer; distinct first-12-character openings "
+              "and the share that starts with the commonest; distinct-2 = distinct / all character bigrams; question "
+              "overlap = answers sharing 3+ distinct Chinese character bigrams with their question (docs/recipe.md).",
               "", "## Training", ""] + training_table(r)
     lines += ["", "## Curves", "", "![train and validation loss](curves.png)", "", "## Samples", ""]
     quote = lambda t: "\n".join("> " + ln for ln in ((t or "").splitlines() or [""]))

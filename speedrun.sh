@@ -13,13 +13,14 @@
 # --sft_mix=SPEC (sft.py --mix: default medical-finetune=3, i.e. the conversations of sft/ files whose name contains
 # "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none),
 # --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
-# in every stage; default: the ChatGLM2 tokenizer; docs/recipe.md compares them).
+# in every stage; default: the ChatGLM2 tokenizer; docs/recipe.md compares them), --eval_args="FLAGS" (added to the
+# main eval stage, e.g. --eval_args="--candidates=8 --temperature=0.7 --top_p=0.9" to score another decoding).
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
 # gets from the plain commands it prints.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB=0
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB=0 ; EVAL_ARGS=""
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -30,7 +31,8 @@ for arg in "$@"; do
     --overwrite) OVERWRITE=--overwrite ;;
     --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
     --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --eval_args=*) EVAL_ARGS="${arg#*=}" ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -95,7 +97,7 @@ stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DAT
 stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $TOK_X $PRE_X $OVERWRITE
 stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $TOK_X $MIX_X $SFT_X $OVERWRITE
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
-    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X
+    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X $EVAL_ARGS
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
 stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 --top_k=100 \
     --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $TOK_X $EVAL_X
