@@ -32,7 +32,7 @@ from generate import load_for_inference
 
 
 @dataclass
-class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, candidates, rerank (generate.Sampling); sampling by default, unlike eval.py
+class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, candidates, rerank (generate.Sampling); samples by default, unlike eval.py
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest

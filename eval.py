@@ -86,7 +86,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
     baselines: bool = False  # also score two answers made without a model (babyllama/quality.py): retrieval and a fixed sentence
     baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
-    reference_bpb: bool = True  # SFT checkpoints: bits per byte of the reference answers given their questions (scoring.py); false = skip
+    reference_bpb: bool = True  # SFT checkpoints: bits/byte of the reference answers given their questions; false = skip
 
     def validate(self):
         if self.candidates > 1 and "beams" not in getattr(self, "_explicit", frozenset()):
@@ -358,13 +358,13 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
                            f"row) or is cut at max_new_tokens without <eos>"),
             "sacrebleu": signature,
-            "stock_answers": ("babyllama/quality.answer_quality, whitespace removed: duplicate = share identical to another "
-                              "answer; openings = distinct first 12 characters, top_opening = share with the commonest; "
-                              "distinct2 = distinct / all character bigrams; question_overlap = share sharing 3+ distinct "
-                              "CJK bigrams with the question"),
-            "reference_bpb": (f"teacher-forced in the SFT template, loss on the {ref['tokens']} answer tokens and <eos> of "
-                              f"{ref['answers']} references ({ref['cut']} cut to the context), total nats / ln 2 / "
-                              f"{ref['bytes']} UTF-8 bytes of those answers" if ref else "not computed"),
+            "stock_answers": ("quality.answer_quality, whitespace removed: duplicate = share identical to another "
+                              "answer; openings = distinct first 12 characters, top_opening = share with the "
+                              "commonest; distinct2 = distinct / all character bigrams; question_overlap = share "
+                              "sharing 3+ distinct CJK bigrams with the question"),
+            "reference_bpb": (f"teacher-forced in the SFT template, loss on the {ref['tokens']} answer tokens and "
+                              f"<eos> of {ref['answers']} references ({ref['cut']} cut to the context), total nats / "
+                              f"ln 2 / {ref['bytes']} UTF-8 bytes of those answers" if ref else "not computed"),
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
                            f"as pretrain.py validates; bits per byte = total nats / ln 2 / "

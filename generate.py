@@ -47,8 +47,8 @@ class Sampling:
     no_repeat_ngram: int = 3  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
     beams: int = 1  # > 1: beam search with this many beams (deterministic: temperature 0, top_k 0, top_p 1, repetition_penalty 1); 1 = off
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
-    candidates: int = 1  # > 1: sample this many answers per question and keep one (rerank.py; needs beams 1, temperature > 0); 1 = off
-    rerank: str = "mbr"  # which candidate is kept: mbr (the most similar to the others, chrF) | likelihood (mean token log-prob)
+    candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; beams 1, temperature > 0); 1 = off
+    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob)
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")

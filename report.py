@@ -7,8 +7,9 @@ Reads the run folder that speedrun.sh fills: pretrain/ and sft/ (summary.json, m
 stage), sft/eval_report.json (default decoding, with baselines), eval_original/eval_report.json (the original
 project's sampling protocol) and speedrun.jsonl (each stage's command and wall time). Writes, beside them:
   report.md     held-out loss, bits per byte and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
-                length, stock answers (repeated answers and openings, distinct-2, overlap with the question) of the model,
-                the baselines and the references, bits per byte of the references, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
+                length, stock answers (repeated answers and openings, distinct-2, overlap with the question) of
+                the model, the baselines and the references, bits per byte of the references, 10 sample answers
+                with their references, time and tokens/s of each stage, hardware, commands
   report.json   every number on the page (report.md is rendered from it and nothing else)
   curves.png    train and validation loss of both stages
 """

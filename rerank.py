@@ -77,7 +77,8 @@ def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None) -> i
 def likelihood_select(nats: Sequence[float], n_tokens: Sequence[int], skip: Optional[Sequence[bool]] = None) -> int:
     """Index of the candidate with the highest mean log-prob per token, -nats / n_tokens (skip as mbr_select)."""
     if not nats or len(nats) != len(n_tokens):
-        raise ValueError(f"likelihood_select: need one token count per candidate (1+), got {len(nats)} and {len(n_tokens)}")
+        raise ValueError(f"likelihood_select: need one token count per candidate (1+), got {len(nats)} and "
+                         f"{len(n_tokens)}")
     return max(kept(len(nats), skip), key=lambda i: (-nats[i] / max(n_tokens[i], 1), -i))
 
 
