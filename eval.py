@@ -362,8 +362,8 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
                               "answer; openings = distinct first 12 characters, top_opening = share with the "
                               "commonest; distinct2 = distinct / all character bigrams; question_overlap = share "
                               "sharing 3+ distinct CJK bigrams with the question"),
-            "reference_bpb": (f"teacher-forced in the SFT template, loss on the {ref['tokens']} answer tokens and "
-                              f"<eos> of {ref['answers']} references ({ref['cut']} cut to the context), total nats / "
+            "reference_bpb": (f"teacher-forced in the SFT template, loss on the {ref['tokens']} tokens of {ref['answers']} "
+                              f"reference answers and their <eos> ({ref['cut']} cut to the context), total nats / "
                               f"ln 2 / {ref['bytes']} UTF-8 bytes of those answers" if ref else "not computed"),
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
