@@ -36,6 +36,7 @@ from typing import Optional
 
 import numpy as np
 
+from babyllama.children import die_with_parent
 from babyllama.config import config_or_exit
 from babyllama.errors import DataError, check, fail, user_errors
 from babyllama.corpora import PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records, parse_inputs, record_conversation
@@ -113,43 +114,17 @@ def describe_source(src: Source) -> str:
 _WORKER: dict = {}  # per-process state of a pool worker (the tokenizer, loaded once); only the worker functions use it
 
 
-def _die_with_parent(parent: int, inherited_lock: Optional[int]) -> None:
-    """A worker ends when the main process does, however it ends: SIGKILLed (the OOM killer) included, where no
-    cleanup of the main process runs. Else orphans would go on holding the output folder's lock (and memory).
-    Linux: the kernel kills the worker with its parent (PR_SET_PDEATHSIG); elsewhere a thread checks the parent
-    every second. The worker also closes its inherited copy of the output lock: only the main process holds it."""
-    import signal
-    import threading
-
-    if inherited_lock is not None:
-        try:
-            os.close(inherited_lock)
-        except OSError:
-            pass
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before the line above: nobody is left to wait for this worker
-        os._exit(1)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
 def _worker_init(tokenizer_path: str, vocab_size: int, minhash_perms: int, seed: int, parent: int = 0,
                  inherited_lock: Optional[int] = None):
+    """A worker ends with the main process however it ends (a SIGKILL included: orphans would keep the output lock),
+    and closes its forked copy of that lock, so only the main process holds it."""
     from chatglm_tokenizer.tokenizer import ChatGLMTokenizer
 
     if parent:
-        _die_with_parent(parent, inherited_lock)
+        die_with_parent(parent)
+    if inherited_lock is not None:
+        with contextlib.suppress(OSError):
+            os.close(inherited_lock)
     _WORKER["tok"] = ChatGLMTokenizer(tokenizer_path)
     _WORKER["vocab_size"] = vocab_size
     _WORKER["seed"] = seed

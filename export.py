@@ -50,6 +50,7 @@ import torch
 
 import hf_llama
 from chatglm_tokenizer.tokenizer import adds_dummy_prefix
+from babyllama.children import kill_with_parent
 from babyllama.config import config_or_exit
 from babyllama.errors import DataError, check, user_errors
 from babyllama.fileio import write_atomic, write_json
@@ -344,7 +345,8 @@ def write_gguf(converter: str, folder: str, types: List[str], max_len: int, time
         name = f"model-{t}.gguf"
         cmd = [sys.executable, converter, folder, "--outtype", t, "--outfile", os.path.join(folder, name)]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                               preexec_fn=kill_with_parent)  # a killed export leaves no converter running
         except subprocess.TimeoutExpired:
             raise DataError(f"{converter} --outtype {t}: still running after {timeout} s (--convert_timeout); "
                             "stopped") from None

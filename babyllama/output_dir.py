@@ -12,9 +12,10 @@ Library module, no command line:
 The new folder is created by this process alone (mkdir fails on anything already there) and private (mode 700) until
 the swap, so files written into it by libraries (safetensors, transformers, llama.cpp's converter) cannot be
 redirected through planted links either. commit() writes manifest.json (format, script, mode, inputs, the files)
-last, renames the old folder to <parent>/.<name>.old, the new one to <name>, then deletes the old one. A run killed
-between the two renames is finished by the next run into the same folder: a .new folder with a manifest is complete
-and takes the place, else the .old folder is put back. One lock (<parent>/.<name>.lock, babyllama/folder_lock.py)
+last, then swaps the two folders in one step (Linux renameat2 RENAME_EXCHANGE: there is never a moment without the
+folder) and deletes the old one. Where that is not available it renames the old folder to <parent>/.<name>.old, the
+new one to <name>; a run killed between the two renames is finished by the next run into the same folder: a .new
+folder with a manifest is complete and takes the place, else the .old folder is put back. One lock (<parent>/.<name>.lock, babyllama/folder_lock.py)
 keeps a second writer out; every leftover of a killed run is gone once the next run has claimed the folder.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from typing import Optional
 
 from babyllama.errors import DataError
@@ -34,6 +36,22 @@ OUTPUT_FORMAT = "baby-llama2-chinese/output-v1"
 
 def _between_renames() -> None:
     """Called after the old folder was moved aside and before the new one takes its place (tests kill here)."""
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two existing paths in one step (Linux renameat2 RENAME_EXCHANGE) -> False where the system or the
+    filesystem cannot (then commit() renames twice, and recover() finishes a swap a kill cut in two)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def read_manifest(folder: str) -> Optional[dict]:
@@ -149,11 +167,14 @@ class OutputFolder:
             raise RuntimeError(f"{self.new}: {', '.join(missing)} not written")
         write_json(self.path(MANIFEST), manifest)  # the folder is complete from here on
         os.chmod(self.new, self._mode)
-        if os.path.lexists(self.out_dir):
-            os.rename(self.out_dir, self.old)
-        _between_renames()
-        os.rename(self.new, self.out_dir)
-        _remove(self.old)
+        if os.path.lexists(self.out_dir) and _exchange(self.new, self.out_dir):
+            _remove(self.new)  # the old output, now at the .new name: a kill before this leaves it for recover()
+        else:
+            if os.path.lexists(self.out_dir):
+                os.rename(self.out_dir, self.old)
+            _between_renames()
+            os.rename(self.new, self.out_dir)
+            _remove(self.old)
         self._unlock()
         return [os.path.join(self.out_dir, n) for n in files]
 
