@@ -55,9 +55,10 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def read_manifest(folder: str) -> Optional[dict]:
-    """The folder's manifest.json when it is one of ours, else None."""
+    """The folder's manifest.json when it is one of ours (a file, not a link), else None."""
     try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+        fd = os.open(os.path.join(folder, MANIFEST), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with open(fd, encoding="utf-8") as f:
             m = json.load(f)
     except (OSError, ValueError):
         return None
