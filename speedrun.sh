@@ -95,6 +95,7 @@ if [ -n "$MIX" ]; then
   [ "$left" -gt 0 ] || die "--sft_mix=$MIX: leaves no conversation (every file of $CORPORA/sft counted 0 times)"
 fi
 MIX_X=""; [ -n "$MIX" ] && MIX_X="--mix=$MIX"
+echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 
 # the folders are this speedrun's alone: one lock over all its stages (flock on the folders themselves, held by this
 # shell until it exits, inherited by its stages), taken before anything is written; without --overwrite an earlier
@@ -112,7 +113,6 @@ if [ -z "$OVERWRITE" ]; then
   [ ${#held[@]} = 0 ] || die "${held[*]:0:3}: output of an earlier run where this speedrun writes; --overwrite" \
     "replaces it, or pick another --out/--data"
 fi
-echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 
 [ $SETUP = 1 ] && source ./setup.sh
 if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
