@@ -109,10 +109,11 @@ def main(argv=None) -> dict:
     cfg = config_or_exit(SFTConfig, argv)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
+        if not (cfg.resume or cfg.resume_from):
+            check_mix(cfg)  # before the tokenizer, the model and the data are loaded
         tok = load_tokenizer(cfg.tokenizer or None)
         init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
         if not (cfg.resume or cfg.resume_from):
-            check_mix(cfg)
             init, args = start_point(cfg, tok, rt.master)
 
         def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
