@@ -325,3 +325,31 @@ def test_train_tokenizer_refuses_a_folder_in_use(tmp_path):
     finally:
         unlock(fd, lock, remove=True)
     assert not (tmp_path / "tok").exists() and os.listdir(tmp_path) == []
+
+
+def test_data_process_never_writes_through_links_at_its_output_names(tmp_path, tokenizer_path):
+    """Links at every name data_process.py writes (shards, sidecars, SFT files in the folder; the new, old and lock
+    names beside it): the run replaces them; what they point to is untouched."""
+    sample = os.path.join(ROOT, "data", "sample")
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    (victims / "dir").mkdir()
+    for mode in ("pretrain", "sft"):
+        inputs = ",".join(os.path.join(sample, mode, n) for n in sorted(os.listdir(os.path.join(sample, mode))))
+        out = tmp_path / mode
+        argv = [mode, f"--inputs={inputs}", f"--out_dir={out}", "--progress=false", "--num_workers=1"]
+        run_script("data_process.py", argv)
+        names = sorted(set(os.listdir(out)) - {"manifest.json"})
+        for n in names:  # still this script's folder (its manifest lists the names), each file now a link
+            (victims / f"{mode}-{n}").write_text("precious")
+            (out / n).unlink()
+            os.symlink(victims / f"{mode}-{n}", out / n)
+        for side in (".new", ".old"):
+            os.symlink(victims / "dir", tmp_path / f".{mode}{side}")
+        (victims / f"{mode}.lock").write_text("precious")
+        os.symlink(victims / f"{mode}.lock", tmp_path / f".{mode}.lock")
+        run_script("data_process.py", argv)
+        assert sorted(os.listdir(out)) == sorted(names + ["manifest.json"])
+        assert not any(os.path.islink(out / n) for n in os.listdir(out))
+    assert all((victims / n).read_text() == "precious" for n in os.listdir(victims) if n != "dir")
+    assert os.listdir(victims / "dir") == [] and sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []

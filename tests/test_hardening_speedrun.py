@@ -136,3 +136,13 @@ def test_speedrun_jsonl_is_never_written_through_a_link(tmp_path, env):
     r = speedrun(f"--corpora={c}", f"--out={out}", f"--data={tmp_path}/data", "--overwrite", env=env)
     assert r.returncode == 2 and "unknown format" in r.stderr  # the first stage refuses the corpus, then it stops
     assert victim.read_text() == "precious" and not os.path.lexists(out / "speedrun.jsonl")
+
+
+def test_the_report_curves_are_never_written_through_a_link(tmp_path):
+    import report
+    victim = tmp_path / "victim.png"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "curves.png")
+    report.plot({}, str(tmp_path), str(tmp_path / "curves.png"))  # a run folder without stages: empty axes
+    assert victim.read_text() == "precious" and not os.path.islink(tmp_path / "curves.png")
+    assert open(tmp_path / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
