@@ -353,3 +353,32 @@ def test_data_process_never_writes_through_links_at_its_output_names(tmp_path, t
         assert not any(os.path.islink(out / n) for n in os.listdir(out))
     assert all((victims / n).read_text() == "precious" for n in os.listdir(victims) if n != "dir")
     assert os.listdir(victims / "dir") == [] and sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
+
+
+def test_eval_prints_its_scores_when_perplexity_then_fails(tmp_path, tokenizer_path):
+    """The answers are generated and scored first; perplexity over shards it cannot use (an id past the model's
+    vocabulary) is one line after the scores, not a loss of them."""
+    import dataclasses
+    from babyllama.checkpoint import save_checkpoint
+    from chatglm_tokenizer import ChatGLMTokenizer
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, max_seq_len=64)
+    save_checkpoint({"model": Transformer(args).state_dict(), "model_args": dataclasses.asdict(args), "kind": "sft",
+                     "step": 1, "val_loss": 9.0, "best_val_loss": 9.0, "config": {},
+                     "tokenizer_sha256": ChatGLMTokenizer(tokenizer_path).sha256}, str(tmp_path / "best.pt"))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": "多休息"}, ensure_ascii=False) + "\n"
+                          for q in ("头疼怎么办？", "感冒了怎么办？")), encoding="utf-8")
+    val = tmp_path / "val"
+    val.mkdir()
+    ids = np.full(300, 5)
+    ids[100] = 65000
+    write_shard(str(val / "val_00000.bin"), ids, "val", 64793)
+    r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={qa}", f"--val_bin={val}", "--max_new_tokens=4",
+                               "--device=cpu", "--beams=1"], check=False)
+    assert "BLEU-4 (nltk, jieba, method1):" in r.stdout and "ppl: n/a" in r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and "generating" not in ln]  # the rest: progress
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith("error: perplexity: ") and "token 100 is id 65000" in errors[0]
+    assert "scores above" in errors[0]
+    assert not (tmp_path / "eval_report.json").exists()
