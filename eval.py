@@ -420,7 +420,10 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 
-    ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress)
+    try:  # a perplexity that fails (bad --val_bin shards) must not lose the answers generated above
+        (ppl_info, ppl_s), ppl_error = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress), None
+    except DataError as e:
+        ppl_info, ppl_s, ppl_error = None, 0.0, e
     ppl = ppl_info["ppl"] if ppl_info else None
     bpb = ppl_info["bits_per_byte"] if ppl_info else None
 
@@ -429,6 +432,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
             print(f"\n[prompt] {r['question']}\n[answer] {a}")
         print()
         print(score_line(None, None, ppl, bpb))
+        if ppl_error is not None:
+            raise ppl_error
         return None
 
     refs = [r["answer"] for r in records]
@@ -457,6 +462,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
           f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
     print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
+    if ppl_error is not None:
+        raise DataError(f"perplexity: {ppl_error}; the scores above are without it (no report written)")
     json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
     print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
           f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")

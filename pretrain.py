@@ -25,7 +25,7 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
-from babyllama.errors import DataError, check, fail, user_errors
+from babyllama.errors import ConfigError, DataError, check, fail, user_errors
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
@@ -129,11 +129,12 @@ def main(argv=None) -> dict:
     try:
         return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
                      init_state=init and init["model"], token_bytes=TokenBytes(tok) if tok is not None else None)
-    except (FileNotFoundError, DataError) as e:
+    except (FileNotFoundError, DataError, ConfigError) as e:  # ConfigError: a --batch_tokens that does not divide
         fail(str(e))
     finally:
         cleanup(rt)
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
+        main()

@@ -26,7 +26,7 @@ from babyllama.config import config_or_exit
 from babyllama.errors import check, user_errors
 from babyllama.fileio import read_jsonl
 from babyllama.train_log import read_metrics
-from babyllama.fileio import write_atomic
+from babyllama.fileio import atomic_file, write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
 STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
@@ -232,7 +232,8 @@ def plot(r: dict, run: str, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as f:  # never through a link, whole or not at all
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

@@ -479,6 +479,8 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
 
     make_data(cfg, model_args, grad_accum) -> (train_src, val_src) is called once the run's config and model are
     known (a resumed run takes both, context length included, from the checkpoint, not from the flags)."""
+    if not (cfg.resume or cfg.resume_from):  # a bad --batch_tokens is one line before the run folder is claimed
+        grad_accum_steps(cfg, model_args.max_seq_len, rt.world_size)
     cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
     try:
         return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good),

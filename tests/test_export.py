@@ -184,7 +184,9 @@ def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path):
     losses = []
     for src in (ckpt_dir, f"hf:{hf_dir}"):
         out = tmp_path / f"out{len(losses)}"
-        run_script("sft.py", [*common, f"--init_from={src}", f"--out_dir={out}"], timeout=240)
+        # the random model's loss is above a uniform guess: trainer.py stops it as diverged (exit 3) after step 0
+        r = run_script("sft.py", [*common, f"--init_from={src}", f"--out_dir={out}"], timeout=240, check=False)
+        assert r.returncode in (0, 3), r.stderr[-2000:]
         with open(out / "metrics.jsonl") as f:
             losses.append(next(r["val_loss"] for r in map(json.loads, f) if r["step"] == 0 and "val_loss" in r))
     assert abs(losses[0] - losses[1]) < 1e-5, losses

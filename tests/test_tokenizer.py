@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
 def test_trains_on_the_sample_in_seconds(trained):
     out, meta, seconds = trained
     assert seconds < 30, f"training on the sample took {seconds:.1f}s"
-    assert sorted(os.listdir(out)) == [MODEL_FILE, tt.META_FILE]  # no *.tmp left behind
+    assert sorted(os.listdir(out)) == ["manifest.json", MODEL_FILE, tt.META_FILE]  # no *.tmp left behind
     with open(out / MODEL_FILE, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     with open(out / tt.META_FILE, encoding="utf-8") as f:
