@@ -546,9 +546,9 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     break
     finally:
         ckpts.settle()  # the last checkpoint is on disk before the run returns or exits
+    spent = time_spent(clock, data_s, time.time() - t_loop, outside)
     finish_lines(log, cfg, rt, kind, signals.requested, done, best_val, start_loss)
-    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start,
-              **time_spent(clock, data_s, time.time() - t_loop, outside)}
+    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start, **spent}
     if rt.master:
         write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
     return result
