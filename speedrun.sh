@@ -16,7 +16,7 @@
 # --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
 # in every stage; default: the ChatGLM2 tokenizer; docs/recipe.md compares them).
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
-# gets from the plain commands it prints, except fewer validation passes (about 5% of a stage) and last.pt saves.
+# gets from the plain commands it prints, except fewer validation passes and checkpoint saves.
 # torch.compile's caches (graphs, kernels) go to $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/babyllama/torch_compile
 # ($XDG_CACHE_HOME if set): a second speedrun reuses them instead of compiling again (docs/speed.md).
 set -euo pipefail
@@ -48,9 +48,10 @@ if [ $TINY = 1 ]; then
   ORIG_NEW=48
 else
   DATA="${DATA:-data/speedrun}"; OUT="${OUT:-out}"
-  # validation passes at about 5% of a stage (one H200: 0.9 s a pretraining pass of 200 windows, 2.7 s an SFT pass of
-  # 500 conversations), last.pt with each; eval.py answers every question in one batch (its default on a GPU)
-  PRE_X="--eval_interval=1250 --ckpt_interval=1250"; SFT_X="--eval_interval=400 --ckpt_interval=400 --eval_windows=200"
+  # fewer validations and saves than the defaults: each writes best.pt and last.pt (0.9 GB) in the background, and a
+  # save due before the previous one is on disk waits for it (SFT's default 50 steps take under a second on an H200);
+  # eval.py answers every question in one batch (its default on a GPU)
+  PRE_X="--eval_interval=1000 --ckpt_interval=1000"; SFT_X="--eval_interval=200 --ckpt_interval=200"
   EVAL_X=""
   ORIG_NEW=100
 fi
