@@ -76,7 +76,7 @@ echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 # torch.compile's caches in a folder that outlives /tmp, so a second speedrun skips most of the compilation
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/babyllama/torch_compile}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}"
-export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # on by default in torch 2.11-2.13: said, not assumed
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # torch 2.13's defaults: said, not assumed
 echo "compile cache: $TORCHINDUCTOR_CACHE_DIR"
 NPROC="${NPROC:-1}"
 if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
