@@ -78,7 +78,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     ppl_windows: int = 0  # perplexity over the first N windows in file order (0 = all; pretrain.py validates on eval_windows)
     ppl_seq_len: int = 0  # window length - 1; 0 = the model's max_seq_len (what pretrain.py validates on)
     limit: int = 0  # evaluate the first N questions (0 = all)
-    batch_size: int = 32  # prompts generated together (and windows per perplexity batch)
+    batch_size: int = 0  # prompts generated together (and windows per perplexity batch, at most 16); 0 = auto: on a GPU every question at once as memory allows (auto_batch_size), else 32
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
@@ -92,7 +92,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
         if self.candidates > 1 and "beams" not in getattr(self, "_explicit", frozenset()):
             self.beams = 1  # --candidates=K alone: the default beam search steps aside for sampling
         super().validate()
-        check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
         check(not self.baselines or os.path.isfile(self.baseline_pool),
               f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
@@ -144,6 +144,20 @@ def load_qa(path: str) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------- generation
+
+
+def auto_batch_size(beams: int, model_args: dict, n_prompts: int, device: torch.device, dtype: torch.dtype) -> int:
+    """--batch_size=0: on a GPU all the prompts in one batch (a decode step costs about the same for 1 or 500 of
+    them) when their decode state fits half the free memory, else as many as fit: per prompt, each beam's KV cache
+    over the whole context and four (rows, vocab) fp32 tensors of log-probs. 32 elsewhere."""
+    if device.type != "cuda":
+        return 32
+    a = model_args
+    n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
+    kv_row = 2 * a["n_layers"] * n_kv * head_dim * a["max_seq_len"] * torch.finfo(dtype).bits // 8
+    per_prompt = beams * (kv_row + 4 * a["vocab_size"] * 4)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(n_prompts, free // 2 // per_prompt)))
 
 
 @torch.no_grad()
@@ -397,6 +411,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     if note:
         print(note)
     records, data_path = load_records(cfg, kind)
+    cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams, ckpt["model_args"], len(records), device, dtype)
     scored = all("answer" in r for r in records)
     pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
     prompt_budget = max_seq_len - cfg.max_new_tokens

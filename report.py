@@ -9,7 +9,8 @@ project's sampling protocol) and speedrun.jsonl (each stage's command and wall t
   report.md     held-out loss, bits per byte and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
                 length, stock answers (repeated answers and openings, distinct-2, overlap with the question) of
                 the model, the baselines and the references, bits per byte of the references, 10 sample answers
-                with their references, time and tokens/s of each stage, hardware, commands
+                with their references, time and tokens/s of each stage and where each stage's time went
+                (compilation, steps, validation, checkpoint waits, data, generation), hardware, commands
   report.json   every number on the page (report.md is rendered from it and nothing else)
   curves.png    train and validation loss of both stages
 """
@@ -28,8 +29,11 @@ from babyllama.fileio import read_jsonl
 from babyllama.train_log import read_metrics
 from babyllama.fileio import atomic_file, write_atomic
 
-SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
+SECTIONS = ["Summary", "Answers", "Training", "Time", "Curves", "Samples", "Hardware", "Commands"]
 STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
+# where a stage's wall time went (report.json "time"); other_s = the rest: Python start-up and imports, loading the
+# model, building batches, scoring, writing reports and curves
+TIME_PARTS = ("data_s", "compile_s", "steps_s", "validation_s", "checkpoint_wait_s", "generation_s")
 
 
 @dataclass
@@ -88,6 +92,27 @@ def eval_block(rep: Optional[dict]) -> Optional[dict]:
             "new_tokens_per_s": rep["timing"]["new_tokens_per_s"]}
 
 
+def time_rows(run: str, stages: List[dict]) -> List[dict]:
+    """Each stage's wall time (speedrun.jsonl) split into TIME_PARTS: a training stage's from its summary.json, an
+    eval's from its eval_report.json (validation = perplexity), a tokenizing stage's all data; other_s is the rest."""
+    rows = []
+    for st in stages:
+        name, wall = st["stage"], st["seconds"]
+        parts = dict.fromkeys(TIME_PARTS)
+        if name in ("pretrain", "sft"):
+            summary = read_json(os.path.join(run, name, "summary.json")) or {}
+            parts.update({k: summary.get(k) for k in TIME_PARTS})
+        elif name in ("eval", "eval-original"):
+            rep = read_json(os.path.join(run, "sft" if name == "eval" else "eval_original", "eval_report.json")) or {}
+            timing = rep.get("timing", {})
+            parts.update(generation_s=timing.get("generation_s"), validation_s=timing.get("ppl_s"))
+        elif name in ("tokenizer", "tokenize-pretrain", "tokenize-sft"):
+            parts["data_s"] = wall
+        known = sum(v for v in parts.values() if v is not None)
+        rows.append(dict(stage=name, wall_s=wall, **parts, other_s=round(max(0.0, wall - known), 1)))
+    return rows
+
+
 def hardware() -> dict:
     import torch
 
@@ -113,6 +138,7 @@ def build(cfg: ReportConfig) -> dict:
         "samples": [{k: r.get(k) for k in ("question", "reference", "answer", "bleu4")}
                     for r in pick_samples(main["results"], cfg.samples)],
         "stages": list(times.values()),
+        "time": time_rows(cfg.run, list(times.values())),
         "total_s": round(sum(r["seconds"] for r in times.values()), 1),
         "hardware": hardware(),
     }
@@ -175,6 +201,18 @@ def training_table(r: dict) -> List[str]:
     return rows
 
 
+def time_table(r: dict) -> List[str]:
+    """report.json's "time" as a table, with a total row."""
+    cols = ("wall_s",) + TIME_PARTS + ("other_s",)
+    rows = ["| stage | wall | data | compilation | steps | validation | checkpoint waits | generation | other |",
+            "|---|" + "---:|" * len(cols)]
+    for t in r["time"] + [dict({c: sum(t[c] or 0 for t in r["time"]) for c in cols}, stage="**total**")]:
+        rows.append(f"| {t['stage']} | " + " | ".join("" if t[c] is None else f"{t[c]:,.1f} s" for c in cols) + " |")
+    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Compilation: the first steps' extra "
+                   "time. Validation: an eval's perplexity. Other: Python start-up and imports, loading the model, "
+                   "scoring, writing reports."]
+
+
 def markdown(r: dict) -> str:
     e, p = r["eval"], r["pretrain"]
     s = e["scores"]
@@ -203,6 +241,7 @@ def markdown(r: dict) -> str:
               "and the share that starts with the commonest; distinct-2 = distinct / all character bigrams; question "
               "overlap = answers sharing 3+ distinct Chinese character bigrams with their question (docs/recipe.md).",
               "", "## Training", ""] + training_table(r)
+    lines += ["", "## Time", ""] + time_table(r)
     lines += ["", "## Curves", "", "![train and validation loss](curves.png)", "", "## Samples", ""]
     quote = lambda t: "\n".join("> " + ln for ln in ((t or "").splitlines() or [""]))
     for i, smp in enumerate(r["samples"], 1):

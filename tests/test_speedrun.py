@@ -21,7 +21,8 @@ def tiny_run(tmp_path_factory):
     out, data = str(base / "out"), str(base / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", BABYLLAMA_TOKENIZER=tokenizer_path)
     r = subprocess.run(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}",
-                        "--sft_mix=medical=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                        "--sft_mix=medical=2", "--eval_original"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return out, r.stdout
 
