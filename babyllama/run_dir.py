@@ -150,7 +150,8 @@ def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
     source that names one (pretraining shards) agrees with it: a missing tokenizer does not switch the check off."""
     for src in sources:
         data_sha = getattr(src, "tokenizer_sha256", None)
-        check_same_tokenizer(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards", data_sha, run_sha)
+        split = getattr(src, "split", "")  # SFT data has neither a split name nor a tokenizer hash
+        check_same_tokenizer(f"{getattr(cfg, 'data_dir', 'the data')}: {split} shards", data_sha, run_sha)
         run_sha = run_sha or data_sha
     return run_sha or ""
 
