@@ -94,3 +94,9 @@ def gguf_tools():
     except DataError as e:
         pytest.skip(str(e))
     return llama_cpp
+
+
+def pytest_configure(config):
+    # torch's own deprecation, not this project's: torch.compile imports inductor, which imports torch/utils/mkldnn.py,
+    # which still uses torch.jit.script_method (tests/test_warnings.py keeps our own code free of them)
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
