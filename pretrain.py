@@ -18,6 +18,14 @@ Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `-
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
+    # data follow before the run's first line; a user waiting in silence thinks it hangs
+    print("pretrain: starting (importing torch, then the tokenizer, the data and the model)", flush=True)
+
 from dataclasses import dataclass
 from typing import Optional
 

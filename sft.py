@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import sys
 
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
+    # data follow before the run's first line; a user waiting in silence thinks it hangs
+    print("sft: starting (importing torch, then the tokenizer, the pretrained model and the conversations)", flush=True)
+
+from dataclasses import dataclass
 
 from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit

@@ -506,7 +506,8 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     start_loss = start_val_loss(cfg.out_dir) if start_step else val_loss
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
-    meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
+    meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None,
+                       cfg.eval_interval, None if start_step else time.time() - t_start)  # + step 0's validation time
     losses, fit = LossLog(log, cfg.max_bad_steps, ckpts), FitClock(cfg, rt, log, start_step)
     clock = CompileClock(rt.device, compiled != "eager", log)
     done, outside, t_loop = start_step, 0.0, time.time()  # outside: seconds of validation and saves in the loop
@@ -523,7 +524,7 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     log.print(first_step_line(time.time() - t_step, cfg.max_steps - done,
                                               minutes_left(cfg.max_minutes, t_start)))
                 losses.add(done, lr, loss, grad_norm)
-                meter.steps += 1
+                meter.step()
                 out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
                 stop = stop_requested(signals, done, cfg.log_interval, rt)
                 last = done == cfg.max_steps or out_of_time or stop
@@ -536,9 +537,9 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                                          minutes_left(cfg.max_minutes, t_start)))
                 ckpts.final, t_out = last, time.time()  # the run's last save is waited for
                 if (done % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, done, best_val, start_loss,
-                                                  val_bytes)
-                    meter.restart()  # keep validation out of tokens/s
+                    with meter.outside():  # validation time: out of tokens/s, into the ETA
+                        val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, done, best_val,
+                                                      start_loss, val_bytes)
                 elif done % cfg.ckpt_interval == 0 or stop:
                     ckpts.save(done, val_loss, best_val, False)
                 outside += time.time() - t_out

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_script
+from conftest import SHARED_DATA, SKIP_NO_SHARED_DATA, run_script
 from babyllama.train_log import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
@@ -21,7 +21,7 @@ def run(args):
     return run_script(args[0], args[1:], timeout=400, threads=2).stdout
 
 
-@pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason="needs ../shared/data")
+@pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason=SKIP_NO_SHARED_DATA)
 def test_tiny_cpu_run_on_the_shared_corpus_lowers_val_loss_and_eval_agrees(tmp_path, tokenizer_path):
     data, out = tmp_path / "tokens", tmp_path / "run"
     run(["data_process.py", "pretrain", f"--inputs={','.join(SHARED_FILES)}", f"--out_dir={data}", "--progress=false"])

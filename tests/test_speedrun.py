@@ -8,7 +8,7 @@ import pytest
 
 import report
 from chatglm_tokenizer import find_tokenizer
-from conftest import ROOT
+from conftest import ROOT, SKIP_NO_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def tiny_run(tmp_path_factory):
     try:
         tokenizer_path = find_tokenizer(download=False)
     except FileNotFoundError as e:
-        pytest.skip(f"needs the ChatGLM2 tokenizer.model: {e}")
+        pytest.skip(f"{SKIP_NO_TOKENIZER} ({e})")
     base = tmp_path_factory.mktemp("speedrun")
     out, data = str(base / "out"), str(base / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", BABYLLAMA_TOKENIZER=tokenizer_path)

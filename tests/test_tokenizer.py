@@ -13,7 +13,7 @@ import pytest
 
 import train_tokenizer as tt
 from chatglm_tokenizer import MODEL_FILE, TOKENIZER_ENV, ChatGLMTokenizer, bits_per_byte, find_tokenizer, load_tokenizer
-from conftest import ROOT, SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, run_script
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError, DataError
 from babyllama.corpora import ReadOptions, Reporter, detect, iter_documents
@@ -89,7 +89,7 @@ def test_round_trip_ids_and_specials(trained):
 def shared_corpus(name: str) -> str:
     path = os.path.join(SHARED_DATA, "pretrain", name)
     if not os.path.isfile(path):
-        pytest.skip(f"needs the shared corpora in {SHARED_DATA}")
+        pytest.skip(SKIP_NO_SHARED_DATA)
     return path
 
 
