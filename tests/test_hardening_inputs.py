@@ -382,3 +382,28 @@ def test_eval_prints_its_scores_when_perplexity_then_fails(tmp_path, tokenizer_p
     assert errors[0].startswith("error: perplexity: ") and "token 100 is id 65000" in errors[0]
     assert "scores above" in errors[0]
     assert not (tmp_path / "eval_report.json").exists()
+
+
+def test_an_input_inside_the_folder_that_is_replaced_is_refused(tmp_path):
+    """--overwrite replaces the output folder whole: an input read from inside it would be deleted with it."""
+    out = tmp_path / "sft"
+    out.mkdir()
+    corpus = out / "mine.jsonl"
+    corpus.write_text(json.dumps({"instruction": "头疼怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n",
+                      encoding="utf-8")
+    r = run_script("data_process.py", ["sft", f"--inputs={corpus}", f"--out_dir={out}", "--overwrite"], check=False)
+    assert f"{corpus}: an input inside --out_dir {out}" in one_line_error(r) and os.listdir(out) == ["mine.jsonl"]
+    r = run_script("train_tokenizer.py", [f"--inputs={corpus}", f"--out_dir={out}", "--overwrite"], check=False)
+    assert "an input inside --out_dir" in one_line_error(r) and os.listdir(out) == ["mine.jsonl"]
+
+
+def test_a_link_at_the_run_lock_is_not_followed(tmp_path):
+    from babyllama.run_dir import claim_run_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, run / "run.lock")
+    fd = claim_run_dir(str(run), fresh=True, overwrite=False)
+    os.close(fd)
+    assert victim.read_text() == "precious" and not os.path.islink(run / "run.lock")
