@@ -112,6 +112,7 @@ class ExportConfig:
         check(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
         bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
         check(not bad and self.gguf_types, f"gguf_types must be among {','.join(GGUF_TYPES)}, got {bad or 'none'}")
+        check(len(set(self.gguf_types)) == len(self.gguf_types), f"gguf_types names a type twice: {self.gguf_types}")
         check(self.check_tokens > 0, f"check_tokens must be > 0, got {self.check_tokens}")
         check(self.convert_timeout > 0, f"convert_timeout must be > 0 seconds, got {self.convert_timeout}")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1,
@@ -285,7 +286,7 @@ def check_finite(model, ckpt_path: str) -> None:
         bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
         if bad:
             raise DataError(f"{ckpt_path}: {bad:,} weights of {name} are not finite (NaN or inf): a diverged "
-                            "checkpoint; export an earlier one (e.g. best.pt) instead")
+                            "checkpoint; export another one (the run's best.pt, or one of an earlier run)")
 
 
 def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_path: str, folder: str) -> List[str]:

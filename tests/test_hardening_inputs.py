@@ -88,8 +88,8 @@ CASES = {
     "tie as text": (lambda d: spoil_config(d, tie_word_embeddings="yes"), 'tie_word_embeddings is "yes"; expected true'),
     "project val_loss": (lambda d: spoil_config(d, baby_llama2={"val_loss": "low"}), "baby_llama2.val_loss is \"low\""),
     "int weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t.to(torch.int32)),
-                    "tensor model.norm.weight is I32; expected floating-point weights"),
-    "bool weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t > 0), "is BOOL; expected floating"),
+                    "tensor model.norm.weight is I32; expected weights of F32, F16, BF16"),
+    "bool weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t > 0), "is BOOL; expected weights of F32"),
     "NaN weight": (lambda d: spoil_weight(d, "model.layers.0.mlp.up_proj.weight", lambda t: t.index_fill(0, torch.tensor(
         [3]), float("nan"))), "tensor model.layers.0.mlp.up_proj.weight holds values that are not finite"),
     "wrong shape": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t[:16]), "has shape (16,), config.json"),
