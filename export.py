@@ -52,7 +52,7 @@ import hf_llama
 from chatglm_tokenizer.tokenizer import adds_dummy_prefix
 from babyllama.children import kill_with_parent
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, user_errors
+from babyllama.errors import DataError, check, ctrl_c, user_errors
 from babyllama.fileio import write_atomic, write_json
 from babyllama.hub import hub_token, upload_files
 from babyllama.output_dir import MANIFEST, OutputFolder, read_manifest
@@ -484,4 +484,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()
