@@ -38,7 +38,7 @@ import numpy as np
 
 from babyllama.children import die_with_parent
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, fail, user_errors
+from babyllama.errors import DataError, check, ctrl_c, fail, user_errors
 from babyllama.corpora import PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records, parse_inputs, record_conversation
 from babyllama.dedup import HashSet, NearDupIndex, is_val, minhash_params, minhash_signature, text_hash
 from babyllama.fileio import open_exclusive, write_json
@@ -542,4 +542,5 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

@@ -52,7 +52,7 @@ import hf_llama
 from chatglm_tokenizer.tokenizer import adds_dummy_prefix
 from babyllama.children import kill_with_parent
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, user_errors
+from babyllama.errors import DataError, check, ctrl_c, user_errors
 from babyllama.fileio import write_atomic, write_json
 from babyllama.hub import hub_token, upload_files
 from babyllama.output_dir import MANIFEST, OutputFolder, read_manifest
@@ -112,6 +112,7 @@ class ExportConfig:
         check(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
         bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
         check(not bad and self.gguf_types, f"gguf_types must be among {','.join(GGUF_TYPES)}, got {bad or 'none'}")
+        check(len(set(self.gguf_types)) == len(self.gguf_types), f"gguf_types names a type twice: {self.gguf_types}")
         check(self.check_tokens > 0, f"check_tokens must be > 0, got {self.check_tokens}")
         check(self.convert_timeout > 0, f"convert_timeout must be > 0 seconds, got {self.convert_timeout}")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1,
@@ -285,7 +286,7 @@ def check_finite(model, ckpt_path: str) -> None:
         bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
         if bad:
             raise DataError(f"{ckpt_path}: {bad:,} weights of {name} are not finite (NaN or inf): a diverged "
-                            "checkpoint; export an earlier one (e.g. best.pt) instead")
+                            "checkpoint; export another one (the run's best.pt, or one of an earlier run)")
 
 
 def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_path: str, folder: str) -> List[str]:
@@ -483,4 +484,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

@@ -240,8 +240,8 @@ def _read_tensors(path: str, wanted: dict, optional: tuple = ()) -> dict:
             if tuple(sl.get_shape()) != shape:
                 raise DataError(f"{f}: tensor {name} has shape {tuple(sl.get_shape())}, config.json says {shape}")
             if sl.get_dtype() not in FLOAT_DTYPES:
-                raise DataError(f"{f}: tensor {name} is {sl.get_dtype()}; expected floating-point weights "
-                                f"({', '.join(FLOAT_DTYPES)})")
+                raise DataError(f"{f}: tensor {name} is {sl.get_dtype()}; expected weights of "
+                                f"{', '.join(FLOAT_DTYPES)}")
             t = h.get_tensor(name).float()
             if not bool(torch.isfinite(t).all()):
                 raise DataError(f"{f}: tensor {name} holds values that are not finite (NaN or inf)")

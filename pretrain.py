@@ -33,7 +33,7 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
-from babyllama.errors import ConfigError, DataError, check, fail, user_errors
+from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail, user_errors
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
@@ -144,5 +144,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    with user_errors():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
+    with ctrl_c():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
         main()

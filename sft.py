@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit
-from babyllama.errors import ConfigError, DataError, check, fail, user_errors
+from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
@@ -142,5 +142,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    with user_errors():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
+    with ctrl_c():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
         main()

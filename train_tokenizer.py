@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from chatglm_tokenizer import MODEL_FILE
-from babyllama.errors import first_line, user_errors
+from babyllama.errors import ctrl_c, first_line, user_errors
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check
 from babyllama.corpora import ReadOptions, Reporter, Source, detect, iter_documents, parse_inputs
@@ -233,4 +233,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

@@ -2,8 +2,8 @@
 
   check(cfg.dim > 0, "dim must be positive")   # in validate(): a ConfigError, printed before any work
   raise DataError(f"{path}:{line}: expected ...")  # bad input: the file (and line) and what was expected
-  with user_errors(): main_work()               # every script: DataError/ConfigError -> "error: ..." on stderr, exit 2;
-                                                #   Ctrl-C -> "interrupted (Ctrl-C)", exit 130
+  with user_errors(): main_work()               # every script: DataError/ConfigError -> "error: ..." on stderr, exit 2
+  with ctrl_c(): main()                         # under __main__: Ctrl-C -> "interrupted (Ctrl-C)", exit 130
 """
 from __future__ import annotations
 
@@ -37,19 +37,22 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def interrupted() -> None:
-    """Ctrl-C outside a training loop (which saves last.pt first): one line, exit status 130, no traceback."""
-    print("interrupted (Ctrl-C)", file=sys.stderr)
-    raise SystemExit(130)
-
-
 @contextlib.contextmanager
 def user_errors(*kinds: type):
-    """Turns the errors a user can fix (DataError, ConfigError, and `kinds`) into one line and exit status 2, and
-    Ctrl-C into one line and exit status 130 (the `finally` blocks inside have run: nothing is left half-written)."""
+    """Turns the errors a user can fix (DataError, ConfigError, and `kinds`) into one line and exit status 2."""
     try:
         yield
     except (DataError, ConfigError) + tuple(kinds) as e:
         fail(str(e))
+
+
+@contextlib.contextmanager
+def ctrl_c():
+    """A script's Ctrl-C outside a training loop (which saves last.pt first): one line, exit status 130, no
+    traceback. Only around `main()` under `if __name__ == "__main__"`: main() itself still raises KeyboardInterrupt
+    (its `finally` blocks have run: nothing is left half-written)."""
+    try:
+        yield
     except KeyboardInterrupt:
-        interrupted()
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -74,6 +74,12 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def recover(out_dir: str, new: str, old: str) -> None:
     """Finishes or undoes a swap that a kill interrupted, then removes the leftovers of earlier runs."""
     if not os.path.lexists(out_dir):
@@ -134,6 +140,10 @@ class OutputFolder:
         parent, name = os.path.split(os.path.abspath(self.out_dir))
         if not name:
             raise DataError(f"--out_dir {out_dir}: expected a folder name")
+        inside = [p for p in inputs if _within(p, self.out_dir)]
+        if inside:  # read now, deleted with the old folder at the swap
+            raise DataError(f"{inside[0]}: an input inside --out_dir {out_dir}, which {script} replaces whole; move it "
+                            "out of there or choose another --out_dir")
         self.new, self.old = os.path.join(parent, f".{name}.new"), os.path.join(parent, f".{name}.old")
         self._lock_path = os.path.join(parent, f".{name}.lock")
         try:

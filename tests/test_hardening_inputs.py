@@ -88,8 +88,8 @@ CASES = {
     "tie as text": (lambda d: spoil_config(d, tie_word_embeddings="yes"), 'tie_word_embeddings is "yes"; expected true'),
     "project val_loss": (lambda d: spoil_config(d, baby_llama2={"val_loss": "low"}), "baby_llama2.val_loss is \"low\""),
     "int weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t.to(torch.int32)),
-                    "tensor model.norm.weight is I32; expected floating-point weights"),
-    "bool weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t > 0), "is BOOL; expected floating"),
+                    "tensor model.norm.weight is I32; expected weights of F32, F16, BF16"),
+    "bool weights": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t > 0), "is BOOL; expected weights of F32"),
     "NaN weight": (lambda d: spoil_weight(d, "model.layers.0.mlp.up_proj.weight", lambda t: t.index_fill(0, torch.tensor(
         [3]), float("nan"))), "tensor model.layers.0.mlp.up_proj.weight holds values that are not finite"),
     "wrong shape": (lambda d: spoil_weight(d, "model.norm.weight", lambda t: t[:16]), "has shape (16,), config.json"),
@@ -214,40 +214,66 @@ def alive(pid: int) -> bool:
         return False
 
 
+LINE = "中文语料的一个句子，用来测试分词进程在主进程被杀死之后是否随之结束。" * 20
+
+
+def tokenizing(tmp_path) -> tuple:
+    """data_process.py pretrain on 14M characters with 2 workers, started -> (process, worker pids) once both
+    workers are tokenizing."""
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{i} {LINE}"}, ensure_ascii=False) + "\n" for i in range(20000)),
+                      encoding="utf-8")
+    args = [sys.executable, "data_process.py", "pretrain", f"--inputs={corpus}", f"--out_dir={tmp_path / 'pre'}",
+            "--num_workers=2", "--chunk_chars=20000", "--progress=false"]
+    p = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(children_of(p.pid)) < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the workers are tokenizing
+    return p, children_of(p.pid)
+
+
+def end(p, workers) -> None:
+    """The test's own processes never outlive it, even when an assertion failed."""
+    for w in workers + children_of(p.pid):
+        if alive(w):
+            os.kill(w, signal.SIGKILL)
+    if p.poll() is None:
+        p.kill()
+    p.communicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, tokenizer_path):
+    p, workers = tokenizing(tmp_path)
+    try:
+        assert len(workers) >= 2 and p.poll() is None, "the run ended before its workers could be seen"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", err[-2000:]
+    finally:
+        end(p, workers)
+    assert not any(alive(w) for w in workers) and sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_end_with_a_sigkilled_main_process_and_the_next_run_starts(tmp_path, tokenizer_path):
-    corpus = tmp_path / "big.jsonl"
-    line = "中文语料的一个句子，用来测试分词进程在主进程被杀死之后是否随之结束。" * 20
-    corpus.write_text("".join(json.dumps({"text": f"{i} {line}"}, ensure_ascii=False) + "\n" for i in range(20000)),
-                      encoding="utf-8")
     out = tmp_path / "pre"
-    args = [sys.executable, "data_process.py", "pretrain", f"--inputs={corpus}", f"--out_dir={out}", "--num_workers=2",
-            "--chunk_chars=20000", "--progress=false"]
-    p = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    workers = []
+    p, workers = tokenizing(tmp_path)
     try:
-        deadline = time.time() + 60
-        while len(children_of(p.pid)) < 2 and time.time() < deadline and p.poll() is None:
-            time.sleep(0.05)
-        workers = children_of(p.pid)
         assert len(workers) >= 2 and p.poll() is None, "the run ended before its workers could be seen"
-        time.sleep(0.3)  # the workers are tokenizing
         p.send_signal(signal.SIGKILL)  # what the OOM killer does: no cleanup of the main process runs
         p.wait()
         deadline = time.time() + 10
         while any(alive(w) for w in workers) and time.time() < deadline:
             time.sleep(0.1)
         assert not any(alive(w) for w in workers), "orphaned tokenizer workers outlived their main process"
-    finally:  # the test's own processes never outlive it, even when an assertion above fails
-        for w in workers + children_of(p.pid):
-            if alive(w):
-                os.kill(w, signal.SIGKILL)
-        if p.poll() is None:
-            p.kill()
+    finally:
+        end(p, workers)
     assert os.path.isdir(tmp_path / ".pre.new")  # the unfinished folder, never the output
     small = tmp_path / "small.jsonl"  # the lock is free and the next run cleans up (a small input: quick)
-    small.write_text(json.dumps({"text": line}, ensure_ascii=False) + "\n", encoding="utf-8")
+    small.write_text(json.dumps({"text": LINE}, ensure_ascii=False) + "\n", encoding="utf-8")
     r = run_script("data_process.py", ["pretrain", f"--inputs={small}", f"--out_dir={out}", "--num_workers=1",
                                        "--progress=false", "--val_fraction=0"])
     assert r.returncode == 0 and sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
@@ -382,3 +408,28 @@ def test_eval_prints_its_scores_when_perplexity_then_fails(tmp_path, tokenizer_p
     assert errors[0].startswith("error: perplexity: ") and "token 100 is id 65000" in errors[0]
     assert "scores above" in errors[0]
     assert not (tmp_path / "eval_report.json").exists()
+
+
+def test_an_input_inside_the_folder_that_is_replaced_is_refused(tmp_path):
+    """--overwrite replaces the output folder whole: an input read from inside it would be deleted with it."""
+    out = tmp_path / "sft"
+    out.mkdir()
+    corpus = out / "mine.jsonl"
+    corpus.write_text(json.dumps({"instruction": "头疼怎么办？", "output": "多休息。"}, ensure_ascii=False) + "\n",
+                      encoding="utf-8")
+    r = run_script("data_process.py", ["sft", f"--inputs={corpus}", f"--out_dir={out}", "--overwrite"], check=False)
+    assert f"{corpus}: an input inside --out_dir {out}" in one_line_error(r) and os.listdir(out) == ["mine.jsonl"]
+    r = run_script("train_tokenizer.py", [f"--inputs={corpus}", f"--out_dir={out}", "--overwrite"], check=False)
+    assert "an input inside --out_dir" in one_line_error(r) and os.listdir(out) == ["mine.jsonl"]
+
+
+def test_a_link_at_the_run_lock_is_not_followed(tmp_path):
+    from babyllama.run_dir import claim_run_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, run / "run.lock")
+    fd = claim_run_dir(str(run), fresh=True, overwrite=False)
+    os.close(fd)
+    assert victim.read_text() == "precious" and not os.path.islink(run / "run.lock")

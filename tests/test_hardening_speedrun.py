@@ -143,6 +143,9 @@ def test_the_report_curves_are_never_written_through_a_link(tmp_path):
     victim = tmp_path / "victim.png"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "curves.png")
-    report.plot({}, str(tmp_path), str(tmp_path / "curves.png"))  # a run folder without stages: empty axes
+    for stage in ("pretrain", "sft"):  # two tiny curves
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "val_loss": 2.5}\n')
+    report.plot({}, str(tmp_path), str(tmp_path / "curves.png"))
     assert victim.read_text() == "precious" and not os.path.islink(tmp_path / "curves.png")
     assert open(tmp_path / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
