@@ -401,6 +401,18 @@ def decoding_word(cfg: Sampling) -> str:
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
 
 
+def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
+    """(keyword arguments, decoder) for generate_all: sampling/greedy (decoder None = generate.generate), beam
+    search, or K sampled candidates with one kept (rerank.generate_best)."""
+    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
+        return dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
+    kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
+                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
+        return dict(kwargs, candidates=cfg.candidates, rerank=cfg.rerank, decode=tokenizer.decode), generate_best
+    return kwargs, None
+
+
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
              dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
     """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
@@ -416,14 +428,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
-    gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
-                      generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    decoder = None
-    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
-        gen_kwargs, decoder = dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
-    elif cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
-        gen_kwargs.update(candidates=cfg.candidates, rerank=cfg.rerank, decode=tokenizer.decode)
-        decoder = generate_best
+    gen_kwargs, decoder = decoding(cfg, tokenizer, device)
     fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
     if fallback:
         print(f"note: {SAMPLE_NOTE}")

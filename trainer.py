@@ -499,10 +499,8 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
     # validation runs the raw model eagerly: compiling no-grad graphs took 22 s (pretrain) and 45 s (SFT) on an H200
-    if start_step == 0:
-        val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
-    else:
-        val_loss = ckpt["val_loss"]
+    val_loss, best_val = (validate(raw_model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
+                          if start_step == 0 else (ckpt["val_loss"], best_val))
     start_loss = start_val_loss(cfg.out_dir) if start_step else val_loss
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
