@@ -40,7 +40,8 @@ def test_a_val_loss_above_step_0_is_said_so(monkeypatch, tmp_path):
     losses = iter([7.38, 8.47, 8.10])
     monkeypatch.setattr(trainer, "evaluate", lambda model, batches, rt, val_bytes: (next(losses), None))
     saved = []
-    ckpts = types.SimpleNamespace(save=lambda step, val, best_val, best: saved.append((step, best)))
+    ckpts = types.SimpleNamespace(save=lambda step, val, best_val, best: saved.append((step, best)),
+                                  check_loss=lambda step, val_loss: None)
     log = runlog.Logger(str(tmp_path), True, False)
     src = types.SimpleNamespace(eval_batches=lambda n: [])
     cfg = TrainConfig(out_dir=str(tmp_path))
