@@ -5,6 +5,7 @@ On one GPU, the original project's config (dim 512, 8 layers, 8 heads, seq 512, 
     python bench.py --what=parity --data_dir=data/pretrain --steps=300   # fast path vs eager fp32 losses
     python bench.py --what=sft --sft_data=data/sft/train.jsonl
     python bench.py --what=data --data_input=corpus.json --data_workers=2
+    python bench.py --what=ckpt                       # what the training loop waits for when it saves a checkpoint
 Several GPUs (data-parallel scaling of the step pretrain.py runs under torchrun, CUDA graphs included):
     torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile_ce4k_cg
 Tiny CPU run:
@@ -46,7 +47,7 @@ VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), 
 
 @dataclass
 class BenchConfig:
-    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data
+    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data, ckpt
     variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the original project's recipe, then our default
     dim: int = 512  # model: the original project's config
     n_layers: int = 8
@@ -74,7 +75,7 @@ class BenchConfig:
 
     def validate(self):
         for w in self.what.split(","):
-            check(w in ("train", "parity", "sft", "gen", "data"), f"--what: unknown benchmark {w!r}")
+            check(w in ("train", "parity", "sft", "gen", "data", "ckpt"), f"--what: unknown benchmark {w!r}")
         for v in self.variants.split(","):
             check(v in VARIANTS, f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
         check(self.steps > 0 and self.warmup >= 0, "need steps > 0 and warmup >= 0")
@@ -246,6 +247,30 @@ def bench_gen(cfg: BenchConfig, rt, emit) -> None:
             emit({"bench": "gen", **r})
 
 
+def bench_ckpt(cfg: BenchConfig, base_rt, emit) -> None:
+    """Three saves as trainer.py makes them at an improving validation, each after a step: best.pt (the weights) and
+    last.pt (+ AdamW moments) through babyllama.checkpoint.Checkpoints. loop_ms: what the training loop waits for
+    (the weight check, the copies queued to pinned memory); write_s: until the background thread has both on disk."""
+    from babyllama.checkpoint import Checkpoints
+    from babyllama.train_log import Logger
+    args, rt = cfg.model_args(), dataclasses.replace(base_rt, dtype=resolve_dtype("auto", base_rt.device))
+    model, run, opt, scaler = build(args, rt, False, ce_chunk=4096)
+    batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
+    out = os.path.join(os.path.dirname(cfg.out) or ".", "ckpt_bench")
+    os.makedirs(out, exist_ok=True)
+    run_cfg = TrainConfig(out_dir=out, max_steps=100)
+    ckpts = Checkpoints(run_cfg, rt, args, "pretrain", "", model, opt, scaler, cfg.batch_size, Logger(out, False, False),
+                        None, run_cfg)
+    for save in range(1, 4):
+        train_step(run, opt, scaler, batches, 1, 3e-4, 1.0, rt)  # queued on the device, as in the loop
+        t0 = time.perf_counter()
+        ckpts.save(save, 3.0, 3.0, True)
+        loop = time.perf_counter() - t0
+        ckpts.writer.wait()
+        mb = {f"{n}_mb": os.path.getsize(os.path.join(out, f"{n}.pt")) / 1e6 if rt.master else None for n in ("best", "last")}
+        emit({"bench": "ckpt", "save": save, "loop_ms": 1000 * loop, "write_s": time.perf_counter() - t0, **mb})
+
+
 def bench_data(cfg: BenchConfig, emit) -> None:
     """data_process.py end to end on one file, as a subprocess (its own timing line)."""
     out = os.path.join(os.path.dirname(cfg.out) or ".", "data_bench")
@@ -285,11 +310,13 @@ def main() -> None:
         bench_gen(cfg, rt, emit)
     if "data" in whats and rt.master:
         bench_data(cfg, emit)
+    if "ckpt" in whats:
+        bench_ckpt(cfg, rt, emit)
     if rt.master:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         write_json(cfg.out, {"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows})
         print(f"\n{'bench':<7}{'what':<16}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
-        for r in rows:
+        for r in [r for r in rows if r["bench"] != "ckpt"]:  # checkpoints: the JSON lines above
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"

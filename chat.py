@@ -4,6 +4,7 @@
     python chat.py --ckpt=out/sft/last.pt --temperature=0 --max_new_tokens=128
     python chat.py --device=cpu --system="你是一名医生。"
     python chat.py --beams=4 --temperature=0 --top_p=1.0 --repetition_penalty=1.0   # beam search: whole answers, not streamed
+    python chat.py --candidates=8 --rerank=mbr      # 8 sampled answers, the one most like the others shown (rerank.py)
     printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way (at the
@@ -25,12 +26,13 @@ from babyllama.errors import check, user_errors
 from chatglm_tokenizer import template
 from beam import beam_search
 from generate import Sampling, stream
+from rerank import generate_best
 from babyllama.runtime import autocast_context, device_problem
 from generate import load_for_inference
 
 
 @dataclass
-class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty (generate.Sampling); sampling by default, unlike eval.py
+class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, candidates, rerank (generate.Sampling); samples by default, unlike eval.py
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest
@@ -160,6 +162,9 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         with torch.no_grad(), autocast_context(device, dtype):
             if cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
                 tokens = iter(beam_search(model, [ids], **cfg.beam_kwargs(), eos_id=tokenizer.eos_id)[0])
+            elif cfg.candidates > 1:  # so do candidates: K sampled in one batch, one kept (rerank.py)
+                tokens = iter(generate_best(model, [ids], **knobs, candidates=cfg.candidates, rerank=cfg.rerank,
+                                            decode=tokenizer.decode)[0])
             else:
                 tokens = stream(model, ids, **knobs)
             answer = stream_text(tokens, tokenizer, out)

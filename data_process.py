@@ -20,6 +20,8 @@ output is swapped in whole with its manifest.json (babyllama/output_dir.py); fil
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import multiprocessing as mp
@@ -34,10 +36,12 @@ from typing import Optional
 
 import numpy as np
 
+from babyllama.children import die_with_parent
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, fail, user_errors
+from babyllama.errors import DataError, check, ctrl_c, fail, user_errors
 from babyllama.corpora import PRETRAIN_ONLY, BadRecord, ReadOptions, Reporter, Source, detect, iter_documents, iter_records, parse_inputs, record_conversation
 from babyllama.dedup import HashSet, NearDupIndex, is_val, minhash_params, minhash_signature, text_hash
+from babyllama.fileio import open_exclusive, write_json
 from babyllama.output_dir import OutputFolder
 
 TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
@@ -110,9 +114,17 @@ def describe_source(src: Source) -> str:
 _WORKER: dict = {}  # per-process state of a pool worker (the tokenizer, loaded once); only the worker functions use it
 
 
-def _worker_init(tokenizer_path: str, vocab_size: int, minhash_perms: int, seed: int):
+def _worker_init(tokenizer_path: str, vocab_size: int, minhash_perms: int, seed: int, parent: int = 0,
+                 inherited_lock: Optional[int] = None):
+    """A worker ends with the main process however it ends (a SIGKILL included: orphans would keep the output lock),
+    and closes its forked copy of that lock, so only the main process holds it."""
     from chatglm_tokenizer.tokenizer import ChatGLMTokenizer
 
+    if parent:
+        die_with_parent(parent)
+    if inherited_lock is not None:
+        with contextlib.suppress(OSError):
+            os.close(inherited_lock)
     _WORKER["tok"] = ChatGLMTokenizer(tokenizer_path)
     _WORKER["vocab_size"] = vocab_size
     _WORKER["seed"] = seed
@@ -176,7 +188,7 @@ class ShardWriter:
         if documents == 0:
             return
         if self.f is None:
-            self.f = open(self.out.path(self._name(len(self.done), ".bin")), "wb")
+            self.f = open_exclusive(self.out.path(self._name(len(self.done), ".bin")))
         self.f.write(ids.tobytes())
         self.tokens += ids.size
         self.documents += documents
@@ -190,8 +202,7 @@ class ShardWriter:
         index = len(self.done)
         side = dict(self.meta, split=self.split, tokens=self.tokens, documents=self.documents, shard=index,
                     sources=sorted(self.sources), documents_per_source=dict(sorted(self.sources.items())))
-        with open(self.out.path(self._name(index, ".json")), "w", encoding="utf-8") as f:
-            json.dump(side, f, ensure_ascii=False, indent=1)
+        write_json(self.out.path(self._name(index, ".json")), side)
         self.done.append(self._name(index, ".bin"))
         self.total_tokens += self.tokens
         self.total_documents += self.documents
@@ -279,7 +290,8 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     # concurrent.futures, not mp.Pool: a worker that dies (killed, out of memory) fails its task at once
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed))
+                               initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed,
+                                         os.getpid(), out.lock_fd if ctx.get_start_method() == "fork" else None))
     ok = False
     try:
         try:
@@ -294,13 +306,16 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
         names = writers["train"].finish() + writers["val"].finish()
         paths = out.commit(names + [n[:-4] + ".json" for n in names])[:len(names)]
         ok = True
+    except OSError as e:  # a full disk: the old output stays
+        raise write_error(e, out_dir) from None
     finally:
         if bar is not None:
             bar.close()
         if not ok:
             _stop_pool(pool)
             for w in writers.values():
-                w.close()
+                with contextlib.suppress(OSError):
+                    w.close()
             out.abort()
     return _pretrain_summary(out_dir, counts, rep, writers, split_tokens, encoded, paths, time.perf_counter() - t0)
 
@@ -414,10 +429,12 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
     seen = HashSet()
     stats = {split: Counter() for split in ("train", "val")}
     srcs = {split: Counter() for split in ("train", "val")}
-    files = {split: open(folder.path(f"{split}.jsonl"), "w", encoding="utf-8") for split in ("train", "val")}
+    files = {}
     t0 = time.perf_counter()
     ok = False
     try:
+        for split in ("train", "val"):
+            files[split] = io.TextIOWrapper(open_exclusive(folder.path(f"{split}.jsonl")), encoding="utf-8")
         for src in sources:
             for ln, rec in iter_records(src, cfg, rep):
                 conv = _conversation(rec, src, ln, cfg, rep, counts)
@@ -446,10 +463,13 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
             _write_sft_sidecar(folder.path(f"{split}.json"), split, stats[split], srcs[split], cfg)
         paths = folder.commit(["train.jsonl", "val.jsonl", "train.json", "val.json"])[:2]
         ok = True
+    except OSError as e:  # a full disk: the old output stays
+        raise write_error(e, out_dir) from None
     finally:
         if not ok:
             for f in files.values():
-                f.close()
+                with contextlib.suppress(OSError):
+                    f.close()
             folder.abort()
     elapsed = time.perf_counter() - t0
     counts.update({f"bad_{k}": v for k, v in rep.counts.items()})
@@ -496,8 +516,13 @@ def _write_sft_sidecar(path: str, split: str, stats: Counter, sources: Counter, 
             "filters": {"sft_max_chars": cfg.sft_max_chars, "sft_min_answer_chars": cfg.sft_min_answer_chars,
                         "dedup": cfg.dedup, "val_fraction": cfg.val_fraction,
                         "val_min_records": cfg.val_min_records, "seed": cfg.seed}}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(side, f, ensure_ascii=False, indent=1)
+    write_json(path, side)
+
+
+def write_error(e: OSError, out_dir: str) -> DataError:
+    """A write that failed (no space left, a quota) -> one line naming the file; the old output is unchanged."""
+    return DataError(f"{e.filename or out_dir}: {e.strerror or e}; nothing was written to {out_dir} (its earlier "
+                     "content, if any, is unchanged)")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -517,4 +542,5 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

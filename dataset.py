@@ -62,6 +62,18 @@ def data_tokenizer(data_dir: str) -> Tuple[Optional[str], Optional[int]]:
     return next(iter(seen))
 
 
+def check_ids(path: str, ids: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> None:
+    """DataError naming the shard, the position and the id when a token id is >= vocab_size: a damaged file or
+    another tokenizer's ids would otherwise index past the embedding at the step that reads it (an IndexError, or
+    a device-side assert on a GPU), or train silently on a padding row. One pass over the shard, in chunks."""
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        if part.size and int(part.max()) >= vocab_size:
+            pos = start + int(np.argmax(part >= vocab_size))
+            raise DataError(f"{path}: token {pos:,} is id {int(ids[pos])}, outside the model's vocabulary "
+                            f"[0, {vocab_size}) (another tokenizer's ids, or a damaged file); rerun data_process.py")
+
+
 class PretrainData:
     """Random windows over every shard of one split; `batch(step, micro_step)` is the trainer's interface."""
 
@@ -95,6 +107,8 @@ class PretrainData:
             if n < seq_len + 1:
                 continue  # too short for one window; counted in the summary, not an error
             self.maps.append(np.memmap(path, dtype=np.uint16, mode="r"))
+            if vocab_size is not None:
+                check_ids(path, self.maps[-1], vocab_size)
             self.tokens.append(n)
             counts.append((n - 1) // seq_len)
         if not counts:

@@ -5,6 +5,7 @@
     python eval.py --data=data/eval/medical_qa.jsonl --val_bin=data/pretrain --ppl_windows=200
     python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the original project's prompts
     python eval.py --beams=4 --length_penalty=1.0           # beam search (4 beams) instead of greedy decoding
+    python eval.py --candidates=8 --temperature=0.7 --top_p=0.9 --rerank=mbr   # keep one of 8 sampled answers (rerank.py)
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
 
@@ -20,7 +21,11 @@ Protocol (also written into the report):
             3-grams of answer tokens (--no_repeat_ngram=3: a small model loops otherwise); both chosen on held-out
             questions (docs/recipe.md). --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched,
             sorted by prompt length, KV cache; stops at <eos>.
+            --candidates=K: K sampled answers per question, one kept by --rerank (rerank.py).
   BLEU-4    see babyllama/bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
+  stock     babyllama/quality.answer_quality of the model's answers, of each baseline's and of the references: answers
+            identical to another, distinct 12-character openings, distinct-2, overlap with the question (docs/recipe.md).
+  ref. bpb  SFT checkpoints: bits per byte of the reference answers given their questions, teacher-forced (scoring.py).
   ppl       exp(mean token cross-entropy) over the val_*.bin windows of a data_process.py output directory,
             read exactly as pretrain.py's validation reads them (dataset.PretrainData.eval_batches: windows of
             max_seq_len + 1 tokens starting at multiples of max_seq_len), so it equals exp(val loss) there.
@@ -49,6 +54,8 @@ from babyllama.errors import DataError, check, user_errors
 from babyllama.fileio import read_jsonl
 from beam import beam_search
 from generate import Sampling, generate
+from rerank import generate_best
+from scoring import reference_bpb
 from babyllama.fileio import write_atomic
 from babyllama.runtime import autocast_context as autocast, device_problem, resolve_dtype, synchronize
 from generate import load_for_inference
@@ -71,7 +78,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     ppl_windows: int = 0  # perplexity over the first N windows in file order (0 = all; pretrain.py validates on eval_windows)
     ppl_seq_len: int = 0  # window length - 1; 0 = the model's max_seq_len (what pretrain.py validates on)
     limit: int = 0  # evaluate the first N questions (0 = all)
-    batch_size: int = 32  # prompts generated together (and windows per perplexity batch)
+    batch_size: int = 0  # prompts generated together (and windows per perplexity batch, at most 16); 0 = auto: on a GPU every question at once as memory allows (auto_batch_size), else 32
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
@@ -79,10 +86,13 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
     baselines: bool = False  # also score two answers made without a model (babyllama/quality.py): retrieval and a fixed sentence
     baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
+    reference_bpb: bool = True  # SFT checkpoints: bits/byte of the reference answers given their questions; false = skip
 
     def validate(self):
+        if self.candidates > 1 and "beams" not in getattr(self, "_explicit", frozenset()):
+            self.beams = 1  # --candidates=K alone: the default beam search steps aside for sampling
         super().validate()
-        check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
         check(not self.baselines or os.path.isfile(self.baseline_pool),
               f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
@@ -134,6 +144,20 @@ def load_qa(path: str) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------- generation
+
+
+def auto_batch_size(beams: int, model_args: dict, n_prompts: int, device: torch.device, dtype: torch.dtype) -> int:
+    """--batch_size=0: on a GPU all the prompts in one batch (a decode step costs about the same for 1 or 500 of
+    them) when their decode state fits half the free memory, else as many as fit: per prompt, each beam's KV cache
+    over the whole context and four (rows, vocab) fp32 tensors of log-probs. 32 elsewhere."""
+    if device.type != "cuda":
+        return 32
+    a = model_args
+    n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
+    kv_row = 2 * a["n_layers"] * n_kv * head_dim * a["max_seq_len"] * torch.finfo(dtype).bits // 8
+    per_prompt = beams * (kv_row + 4 * a["vocab_size"] * 4)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(n_prompts, free // 2 // per_prompt)))
 
 
 @torch.no_grad()
@@ -226,9 +250,11 @@ def markdown_report(report: dict) -> str:
              f"| validation loss (mean CE, nats) | {fmt(s['val_loss'], 4)} |",
              f"| bits per UTF-8 byte of the validation text | {fmt(s.get('bits_per_byte'), 4)} |",
              f"| degenerate answers (loop or cut at max_new_tokens) | {100 * s['degenerate']:.1f}% |",
-             f"| mean answer length / reference length (characters) | {s['answer_chars']:.0f} / {s['reference_chars']:.0f} |"]
+             f"| mean answer length / reference length (characters) | {s['answer_chars']:.0f} / {s['reference_chars']:.0f} |",
+             f"| bits per UTF-8 byte of the reference answers given their questions | {fmt(s.get('reference_bpb'), 4)} |"]
     lines += [f"| baseline `{k}`: BLEU-4 / sacreBLEU | {b['bleu4']:.2f} / {b['sacrebleu_zh']:.2f} |"
               for k, b in report.get("baselines", {}).items()]
+    lines += ["", "## Stock answers", ""] + stock_table(report)
     lines += ["",
              "## Protocol", ""]
     lines += [f"- **{k}**: {v}" for k, v in p.items()]
@@ -242,6 +268,24 @@ def markdown_report(report: dict) -> str:
         lines += [f"### {i}{extra}", "", "**Question**", "", quote(r["question"]), "", "**Reference**", "",
                   quote(r["reference"]), "", f"**Answer** (sentence BLEU-4 {100 * r['bleu4']:.2f})", "", quote(r["answer"]), ""]
     return "\n".join(lines)
+
+
+def stock_table(report: dict) -> List[str]:
+    """Markdown rows of the stock-answer metrics (quality.answer_quality): the model, each baseline, the references."""
+    rows = ["| answers | identical to another | distinct openings (top share) | distinct-2 | question overlap |",
+            "|---|---:|---:|---:|---:|"]
+    named = [("the model", report["scores"])] + [(f"baseline `{k}`", b) for k, b in report.get("baselines", {}).items()]
+    for name, q in named + [("the references", report["references"])]:
+        rows.append(f"| {name} | {100 * q['duplicate']:.1f}% | {q['openings']} ({100 * q['top_opening']:.1f}%) | "
+                    f"{q['distinct2']:.3f} | {100 * q['question_overlap']:.1f}% |")
+    return rows
+
+
+def stock_line(name: str, q: dict) -> str:
+    """One console line of quality.answer_quality's metrics."""
+    return (f"{name:<10} identical to another {100 * q['duplicate']:.1f}% | {q['openings']} openings (top "
+            f"{100 * q['top_opening']:.1f}%) | distinct-2 {q['distinct2']:.3f} | question overlap "
+            f"{100 * q['question_overlap']:.1f}%")
 
 
 def score_line(bleu4: Optional[float], sacre: Optional[float], ppl: Optional[float], bpb: Optional[float] = None) -> str:
@@ -282,14 +326,27 @@ def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.
     return info, time.perf_counter() - t0
 
 
+def reference_score(cfg: EvalConfig, model, kind: str, tokenizer, records: List[dict], device: torch.device,
+                    dtype: torch.dtype) -> tuple:
+    """scoring.reference_bpb of the scored records -> (its dict, or None when --reference_bpb is off or the checkpoint
+    is not an SFT one (no template to score in), seconds)."""
+    if not cfg.reference_bpb or kind != "sft":
+        return None, 0.0
+    t0 = time.perf_counter()
+    info = reference_bpb(model, tokenizer, [r["question"] for r in records], [r["answer"] for r in records],
+                         cfg.batch_size, device, dtype)
+    return info, time.perf_counter() - t0
+
+
 def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: str, data_path: Optional[str],
                  records: List[dict], answers: List[str], per_sample: List[float], scores: tuple,
                  ppl_info: Optional[dict], device: torch.device, dtype: torch.dtype, prompt_budget: int, cut: int,
                  timing: dict) -> dict:
     """The eval_report.json contents: scores, the protocol that produced them, timings and every answer.
 
-    scores: (bleu4, sacreBLEU, its signature, quality.degenerate_stats, quality.length_stats, score_baselines)."""
-    bleu4, sacre, signature, degenerate, lengths, baselines = scores
+    scores: (bleu4, sacreBLEU, its signature, quality.degenerate_stats, quality.length_stats, score_baselines,
+    quality.answer_quality, scoring.reference_bpb or None)."""
+    bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref = scores
     gen_s = timing["generation_s"]
     ppl = ppl_info["ppl"] if ppl_info else None
     report = {
@@ -301,8 +358,10 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
                    "bits_per_byte": ppl_info["bits_per_byte"] if ppl_info else None,
                    **degenerate, "answer_chars": lengths["answer_chars"], "reference_chars": lengths["reference_chars"],
-                   "length_ratio": lengths["ratio"]},
+                   "length_ratio": lengths["ratio"], **stock, "reference_bpb": ref["bits_per_byte"] if ref else None},
         "baselines": baselines,
+        "references": dict(quality.answer_quality([r["answer"] for r in records], [r["question"] for r in records]),
+                           answer_chars=lengths["reference_chars"]),
         "protocol": {
             "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "template.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
@@ -313,6 +372,13 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
                            f"row) or is cut at max_new_tokens without <eos>"),
             "sacrebleu": signature,
+            "stock_answers": ("quality.answer_quality, whitespace removed: duplicate = share identical to another "
+                              "answer; openings = distinct first 12 characters, top_opening = share with the "
+                              "commonest; distinct2 = distinct / all character bigrams; question_overlap = share "
+                              "sharing 3+ distinct CJK bigrams with the question"),
+            "reference_bpb": (f"teacher-forced in the SFT template, loss on the {ref['tokens']} tokens of {ref['answers']} "
+                              f"reference answers and their <eos> ({ref['cut']} cut to the context), total nats / "
+                              f"ln 2 / {ref['bytes']} UTF-8 bytes of those answers" if ref else "not computed"),
             "perplexity": (f"exp(mean CE) over {ppl_info['windows']} windows of {ppl_info['seq_len']}+1 tokens "
                            f"(stride {ppl_info['seq_len']}, first in file order) of {ppl_info['data']}/val_*.bin, "
                            f"as pretrain.py validates; bits per byte = total nats / ln 2 / "
@@ -330,7 +396,21 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
 def decoding_word(cfg: Sampling) -> str:
     if cfg.beams > 1:
         return f"beam search ({cfg.beams} beams)"
+    if cfg.candidates > 1:
+        return f"{cfg.candidates} candidates at temperature {cfg.temperature}, kept by {cfg.rerank}"
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
+
+
+def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
+    """(keyword arguments, decoder) for generate_all: sampling/greedy (decoder None = generate.generate), beam
+    search, or K sampled candidates with one kept (rerank.generate_best)."""
+    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
+        return dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
+    kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
+                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
+        return dict(kwargs, candidates=cfg.candidates, rerank=cfg.rerank, decode=tokenizer.decode), generate_best
+    return kwargs, None
 
 
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
@@ -343,15 +423,12 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     if note:
         print(note)
     records, data_path = load_records(cfg, kind)
+    cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams, ckpt["model_args"], len(records), device, dtype)
     scored = all("answer" in r for r in records)
     pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
-    gen_kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
-                      generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    decoder = None
-    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
-        gen_kwargs, decoder = dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
+    gen_kwargs, decoder = decoding(cfg, tokenizer, device)
     fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
     if fallback:
         print(f"note: {SAMPLE_NOTE}")
@@ -363,7 +440,10 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 
-    ppl_info, ppl_s = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress)
+    try:  # a perplexity that fails (bad --val_bin shards) must not lose the answers generated above
+        (ppl_info, ppl_s), ppl_error = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress), None
+    except DataError as e:
+        ppl_info, ppl_s, ppl_error = None, 0.0, e
     ppl = ppl_info["ppl"] if ppl_info else None
     bpb = ppl_info["bits_per_byte"] if ppl_info else None
 
@@ -372,6 +452,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
             print(f"\n[prompt] {r['question']}\n[answer] {a}")
         print()
         print(score_line(None, None, ppl, bpb))
+        if ppl_error is not None:
+            raise ppl_error
         return None
 
     refs = [r["answer"] for r in records]
@@ -381,18 +463,27 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
     baselines = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else {}
+    stock = quality.answer_quality(answers, [r["question"] for r in records])
+    ref, ref_s = reference_score(cfg, model, kind, tokenizer, records, device, dtype)
     total_s = time.perf_counter() - t_start
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
-                          (bleu4, sacre, signature, degenerate, lengths, baselines), ppl_info, device, dtype, prompt_budget, cut,
-                          {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s, "new_tokens": new_tokens})
+                          (bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref), ppl_info, device, dtype,
+                          prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
+                                               "new_tokens": new_tokens, "reference_bpb_s": ref_s})
+    print(stock_line("answers", stock))
+    print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
+                                                           f"questions" if ref and ref["bits_per_byte"] else ""))
     # the first sample whose answer is not empty: an early <eos> on sample 0 would show nothing
     shown = next((i for i, a in enumerate(answers) if a.strip()), 0)
     print(f"\n[question {shown + 1}/{len(records)}] {records[shown]['question']}\n[answer] {answers[shown]}\n")
     for name, b in baselines.items():
-        print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f}")
+        print(f"baseline {name:<9} BLEU-4 {b['bleu4']:.2f} | sacreBLEU {b['sacrebleu_zh']:.2f} | identical to another "
+              f"{100 * b['duplicate']:.1f}% | question overlap {100 * b['question_overlap']:.1f}%")
     print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
           f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
     print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
+    if ppl_error is not None:
+        raise DataError(f"perplexity: {ppl_error}; the scores above are without it (no report written)")
     json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
     print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
           f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
@@ -415,13 +506,15 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
 
 
 def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> dict:
-    """BLEU-4 and sacreBLEU of babyllama/quality.py's two model-free answers, with eval's own protocol."""
+    """BLEU-4, sacreBLEU and the stock-answer metrics of babyllama/quality.py's two model-free answers, with eval's own
+    protocol."""
     refs = [r["answer"] for r in records]
     answers = quality.baseline_answers([r["question"] for r in records], pool)
     out = {}
     for name, hyps in answers.items():
         out[name] = {"bleu4": bleu.mean_sentence_bleu4(refs, hyps), "sacrebleu_zh": bleu.corpus_sacrebleu(refs, hyps)[0],
-                     "answer_chars": quality.length_stats(hyps, refs)["answer_chars"]}
+                     "answer_chars": quality.length_stats(hyps, refs)["answer_chars"],
+                     **quality.answer_quality(hyps, [r["question"] for r in records])}
     out["retrieval"]["pool"] = pool_path
     return out
 

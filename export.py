@@ -20,10 +20,16 @@
 --format=gguf also runs llama.cpp's own converter (convert_hf_to_gguf.py) on that folder, once per --gguf_types, into
 out_dir/model-<type>.gguf, plus an Ollama Modelfile. It needs `pip install gguf` and the converter script, looked up in this order: --llama_cpp=PATH
 (a llama.cpp checkout, or llama-cpp-python's unpacked source: `pip download llama-cpp-python --no-binary :all:
---no-deps` then `tar xzf llama_cpp_python-*.tar.gz`; the script is in vendor/llama.cpp/), $LLAMA_CPP_DIR, ./llama.cpp,
-then convert_hf_to_gguf.py on $PATH.
+--no-deps` then `tar xzf llama_cpp_python-*.tar.gz`; the script is in vendor/llama.cpp/), $LLAMA_CPP_DIR, then
+convert_hf_to_gguf.py in a folder of $PATH given as an absolute path (never the working directory); it runs for at
+most --convert_timeout seconds.
 --check (on by default) loads the export back (transformers; llama-cpp-python for the GGUF files when installed) and
-prints the largest logit difference against the checkpoint and how many of five greedy continuations are the same.
+prints the largest logit difference against the checkpoint and how many of five greedy continuations are the same;
+logits that are not finite stop the export.
+The folder is out_dir's alone: it is built beside it (<parent>/.<name>.new), checked, then swapped in whole with a
+manifest.json listing its files (babyllama/output_dir.py), so a kill at any moment leaves the old or the new export;
+a folder holding files export.py did not write is replaced only with --overwrite. --push_to_hub uploads exactly the
+files of the manifest. A checkpoint with non-finite weights is refused before anything is written.
 The checkpoint is read through the loader eval.py and chat.py use (runtime.load_for_inference), the tokenizer as
 every script finds it.
 Flags are the fields of ExportConfig below (`--key=value`, or --config x.json).
@@ -32,11 +38,11 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -44,8 +50,12 @@ import torch
 
 import hf_llama
 from chatglm_tokenizer.tokenizer import adds_dummy_prefix
+from babyllama.children import kill_with_parent
 from babyllama.config import config_or_exit
-from babyllama.errors import DataError, check, user_errors
+from babyllama.errors import DataError, check, ctrl_c, user_errors
+from babyllama.fileio import write_atomic, write_json
+from babyllama.hub import hub_token, upload_files
+from babyllama.output_dir import MANIFEST, OutputFolder, read_manifest
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from eval import EvalConfig  # generation_config.json decodes as eval.py does by default
 from generate import generate
@@ -90,17 +100,21 @@ class ExportConfig:
     gguf_types: List[str] = field(default_factory=lambda: ["f16", "q8_0"])  # converter --outtype, one file each
     llama_cpp: str = ""  # folder holding convert_hf_to_gguf.py (see the docstring); "" = look it up
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
-    push_to_hub: str = ""  # OWNER/NAME: upload out_dir to this Hugging Face Hub model repo (needs a token)
+    push_to_hub: str = ""  # OWNER/NAME: upload the export's files (its manifest) to this Hub model repo (needs a token)
     private: bool = False  # create the Hub repo as private
     check: bool = True  # reload the export and compare with the checkpoint: logits and greedy tokens (see check_export)
     check_tokens: int = 32  # new tokens per prompt in that comparison
+    overwrite: bool = False  # replace an out_dir holding files export.py did not write (they are deleted)
+    convert_timeout: int = 1800  # seconds llama.cpp's converter may run per GGUF file before it is stopped
 
     def validate(self):
         check(self.format in FORMATS, f"format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
         check(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
         bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
         check(not bad and self.gguf_types, f"gguf_types must be among {','.join(GGUF_TYPES)}, got {bad or 'none'}")
+        check(len(set(self.gguf_types)) == len(self.gguf_types), f"gguf_types names a type twice: {self.gguf_types}")
         check(self.check_tokens > 0, f"check_tokens must be > 0, got {self.check_tokens}")
+        check(self.convert_timeout > 0, f"convert_timeout must be > 0 seconds, got {self.convert_timeout}")
         check(not self.push_to_hub or self.push_to_hub.count("/") == 1,
               f"push_to_hub must be OWNER/NAME, got {self.push_to_hub!r}")
 
@@ -174,31 +188,38 @@ def write_tokenizer(model_path: str, out_dir: str, max_len: int) -> None:
     if os.path.isfile(chat_file):  # transformers >= 4.5x saves the template beside; older ones read only the config
         os.remove(chat_file)
     cfg["chat_template"] = CHAT_TEMPLATE
-    with open(cfg_path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, ensure_ascii=False, indent=1)
-    shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))  # llama.cpp's converter reads this one
+    write_json(cfg_path, cfg)
+    with open(model_path, "rb") as f:  # llama.cpp's converter reads this one
+        write_atomic(os.path.join(out_dir, "tokenizer.model"), f.read())
 
 
 # ----------------------------------------------------------------------------- model card
+
+
+def _json_object(path: str) -> Optional[dict]:
+    """A JSON object file beside the checkpoint or its data (sidecar, eval report), or None when it is missing or
+    unreadable: the model card then says so instead of quoting it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _data_summary(data_dir: str, kind: str) -> str:
     """One line about the training data, from data_process.py's sidecars when they are still there."""
     name = os.path.basename(os.path.normpath(data_dir)) or data_dir
     if kind == "sft":
-        side = os.path.join(data_dir, "train.json")
-        if os.path.isfile(side):
-            with open(side, encoding="utf-8") as f:
-                s = json.load(f)
+        s = _json_object(os.path.join(data_dir, "train.json"))
+        if s is not None:
             return (f"{s.get('conversations', 0):,} conversations ({s.get('turns', 0):,} turns) from "
                     f"{', '.join(s.get('sources', [])) or 'unknown sources'}")
         return f"conversations of `{name}` (its sidecar was not found at export time)"
-    sides = sorted(glob.glob(os.path.join(data_dir, "train_*.json")))
-    if sides:
+    sides = [_json_object(p) for p in sorted(glob.glob(os.path.join(data_dir, "train_*.json")))]
+    if sides and None not in sides:
         tokens, docs, sources = 0, 0, set()
-        for p in sides:
-            with open(p, encoding="utf-8") as f:
-                s = json.load(f)
+        for s in sides:
             tokens, docs = tokens + s.get("tokens", 0), docs + s.get("documents", 0)
             sources.update(s.get("sources", []))
         return f"{tokens:,} tokens in {docs:,} documents from {', '.join(sorted(sources)) or 'unknown sources'}"
@@ -207,17 +228,14 @@ def _data_summary(data_dir: str, kind: str) -> str:
 
 def _eval_lines(ckpt_path: str, step: Optional[int]) -> List[str]:
     """Scores of eval_report.json beside the checkpoint, when it was made from this checkpoint's step."""
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval_report.json")
-    if not os.path.isfile(path):
+    rep = _json_object(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval_report.json"))
+    if rep is None:
         return ["No eval_report.json beside the checkpoint: run `python eval.py` to score it."]
-    with open(path, encoding="utf-8") as f:
-        rep = json.load(f)
     if rep.get("step") != step:
         return [f"eval_report.json beside the checkpoint is from step {rep.get('step')}, not {step}: not quoted."]
-    sc = rep.get("scores", {})
-    fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"
-    proto = rep.get("protocol", {})
-    return [f"| samples | BLEU-4 | sacreBLEU (zh) | perplexity |", "|---|---|---|---|",
+    sc, proto = [rep.get(k) if isinstance(rep.get(k), dict) else {} for k in ("scores", "protocol")]
+    fmt = lambda v, d: f"{v:.{d}f}" if isinstance(v, (int, float)) else "n/a"
+    return ["| samples | BLEU-4 | sacreBLEU (zh) | perplexity |", "|---|---|---|---|",
             f"| {rep.get('samples')} of `{os.path.basename(rep.get('data') or '?')}` | {fmt(sc.get('bleu4'), 2)} | "
             f"{fmt(sc.get('sacrebleu_zh'), 2)} | {fmt(sc.get('ppl'), 1)} |", "",
             f"Decoding: {proto.get('decoding', '?')}. BLEU-4: {proto.get('bleu4', '?')}."]
@@ -262,10 +280,18 @@ def model_card(model, ckpt: dict, ckpt_path: str, repo_id: str) -> str:
 # ----------------------------------------------------------------------------- formats
 
 
-def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_path: str) -> List[str]:
-    """Writes the Hugging Face folder: every file is complete in a temporary folder before it replaces its old
-    version in out_dir. Returns the written paths."""
-    from safetensors.torch import save_file
+def check_finite(model, ckpt_path: str) -> None:
+    """One-line DataError when a weight of the checkpoint is NaN or infinite: a diverged model is never exported."""
+    for name, t in model.state_dict().items():
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            raise DataError(f"{ckpt_path}: {bad:,} weights of {name} are not finite (NaN or inf): a diverged "
+                            "checkpoint; export another one (the run's best.pt, or one of an earlier run)")
+
+
+def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_path: str, folder: str) -> List[str]:
+    """Writes the Hugging Face files into `folder` (the new export, built aside: OutputFolder) -> their names."""
+    from safetensors.torch import save
 
     dtype = getattr(torch, cfg.dtype)
     a = model.args
@@ -280,70 +306,88 @@ def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_pat
         gen.update(num_beams=ev.beams, length_penalty=ev.length_penalty, early_stopping=False)
     if ev.temperature > 0:
         gen.update(temperature=ev.temperature, top_k=ev.top_k or None, top_p=ev.top_p)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix=".export-") as tmp:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_llama.hf_config(a, dtype, project), f, indent=1)
-        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(gen, f, indent=1)
-        save_file(hf_llama.to_hf_state(model, dtype), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        write_tokenizer(tokenizer_path, tmp, a.max_seq_len)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(model, ckpt, ckpt_path, cfg.push_to_hub))
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes owner-only files; a model folder is shared
-            os.replace(os.path.join(tmp, name), os.path.join(cfg.out_dir, name))
-    return [os.path.join(cfg.out_dir, n) for n in names]
+    write_json(os.path.join(folder, "config.json"), hf_llama.hf_config(a, dtype, project))
+    write_json(os.path.join(folder, "generation_config.json"), gen)
+    weights = save(hf_llama.to_hf_state(model, dtype), metadata={"format": "pt"})
+    write_atomic(os.path.join(folder, "model.safetensors"), weights)
+    write_tokenizer(tokenizer_path, folder, a.max_seq_len)
+    write_atomic(os.path.join(folder, "README.md"), model_card(model, ckpt, ckpt_path, cfg.push_to_hub))
+    names = sorted(os.listdir(folder))  # the folder is new and private: exactly what was written above
+    for name in names:
+        os.chmod(os.path.join(folder, name), 0o644)  # transformers may write owner-only files; a model folder is shared
+    return names
 
 
 def find_converter(llama_cpp: str) -> str:
-    """Path of llama.cpp's convert_hf_to_gguf.py, by the lookup order in the module docstring."""
+    """Path of llama.cpp's convert_hf_to_gguf.py, by the lookup order in the module docstring: only where the user
+    pointed (--llama_cpp, $LLAMA_CPP_DIR, absolute $PATH folders), never the working directory."""
     script = "convert_hf_to_gguf.py"
-    roots = [llama_cpp] if llama_cpp else [os.environ.get("LLAMA_CPP_DIR", ""), "llama.cpp"]
-    for root in filter(None, roots):
+    root = llama_cpp or os.environ.get("LLAMA_CPP_DIR", "")
+    if root:
         for path in (os.path.join(root, script), os.path.join(root, "vendor", "llama.cpp", script)):
             if os.path.isfile(path):
                 return os.path.abspath(path)
-    if llama_cpp:
-        raise DataError(f"--llama_cpp={llama_cpp}: no {script} there or in its vendor/llama.cpp/")
-    on_path = shutil.which(script)
+        flag = "--llama_cpp" if llama_cpp else "$LLAMA_CPP_DIR"
+        raise DataError(f"{flag}={root}: no {script} there or in its vendor/llama.cpp/")
+    folders = [d for d in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(d)]  # not "" or "."
+    on_path = shutil.which(script, path=os.pathsep.join(folders)) if folders else None
     if on_path:
         return on_path
     raise DataError(f"no {script}: pass --llama_cpp=PATH (a llama.cpp checkout, or llama-cpp-python's source from "
-                      f"`pip download llama-cpp-python --no-binary :all: --no-deps`, unpacked)")
+                    f"`pip download llama-cpp-python --no-binary :all: --no-deps`, unpacked)")
 
 
-def write_gguf(converter: str, hf_dir: str, types: List[str], max_len: int) -> List[str]:
-    """Runs llama.cpp's converter on the Hugging Face folder once per type -> model-<type>.gguf paths, and writes an
-    Ollama Modelfile for the last of them (the chat template, stop at </s>, chat.py's sampling: llama.cpp has no
-    n-gram ban, and greedy answers of a small model loop)."""
+def write_gguf(converter: str, folder: str, types: List[str], max_len: int, timeout: int) -> List[str]:
+    """Runs llama.cpp's converter on the Hugging Face files in `folder` once per type (at most `timeout` seconds
+    each) -> names of model-<type>.gguf and of an Ollama Modelfile for the last of them (the chat template, stop at
+    </s>, chat.py's sampling: llama.cpp has no n-gram ban, and greedy answers of a small model loop)."""
     out = []
     for t in types:
-        path = os.path.join(hf_dir, f"model-{t}.gguf")
-        tmp = path + ".tmp"
-        cmd = [sys.executable, converter, hf_dir, "--outtype", t, "--outfile", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.isfile(tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        name = f"model-{t}.gguf"
+        cmd = [sys.executable, converter, folder, "--outtype", t, "--outfile", os.path.join(folder, name)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                               preexec_fn=kill_with_parent)  # a killed export leaves no converter running
+        except subprocess.TimeoutExpired:
+            raise DataError(f"{converter} --outtype {t}: still running after {timeout} s (--convert_timeout); "
+                            "stopped") from None
+        if r.returncode != 0 or not os.path.isfile(os.path.join(folder, name)):
             lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
             raise DataError(f"{os.path.basename(converter)} --outtype {t} failed: {lines[-1] if lines else r.returncode}")
-        os.replace(tmp, path)
-        out.append(path)
-    modelfile = os.path.join(hf_dir, "Modelfile")  # `ollama create NAME -f Modelfile` in that folder
-    with open(modelfile, "w", encoding="utf-8") as f:
-        f.write(f"FROM ./{os.path.basename(out[-1])}\nTEMPLATE \"\"\"{OLLAMA_TEMPLATE}\"\"\"\n"
-                f"PARAMETER stop \"</s>\"\nPARAMETER temperature 0.7\nPARAMETER top_p 0.9\n"
-                f"PARAMETER repeat_penalty 1.1\nPARAMETER num_ctx {max_len}\n")
-    return out + [modelfile]
+        os.chmod(os.path.join(folder, name), 0o644)
+        out.append(name)
+    # `ollama create NAME -f Modelfile` in that folder
+    write_atomic(os.path.join(folder, "Modelfile"),
+                 f"FROM ./{out[-1]}\nTEMPLATE \"\"\"{OLLAMA_TEMPLATE}\"\"\"\n"
+                 f"PARAMETER stop \"</s>\"\nPARAMETER temperature 0.7\nPARAMETER top_p 0.9\n"
+                 f"PARAMETER repeat_penalty 1.1\nPARAMETER num_ctx {max_len}\n")
+    return out + ["Modelfile"]
+
+
+def max_abs_diff(pairs) -> float:
+    """max |a - b| over pairs of logit tensors; NaN as soon as one value is not finite, so a broken export never
+    reads as a small difference (max() over NaN depends on the order)."""
+    worst = 0.0
+    for a, b in pairs:
+        d = (a.float() - b.float()).abs()
+        if not bool(torch.isfinite(d).all()):
+            return math.nan
+        worst = max(worst, d.max().item())
+    return worst
+
+
+def finite_or_stop(diff: float, what: str) -> None:
+    if not math.isfinite(diff):
+        raise DataError(f"check: {what} gives logits that are not finite (NaN or inf) where they should match the "
+                        "checkpoint's: the export is broken (try --dtype=float32); the old export is unchanged")
 
 
 @torch.no_grad()
 def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str], new_tokens: int) -> dict:
     """Reloads the export as its users will and compares it with the checkpoint on five prompts (eval.py's prompt
     format): max |logit difference| over prompt + greedy continuation, and whether greedy decoding picks the same
-    tokens. transformers always; llama.cpp for each GGUF file when llama-cpp-python is installed."""
+    tokens. transformers always; llama.cpp for each GGUF file when llama-cpp-python is installed. Logits that are not
+    finite are a DataError (finite_or_stop): never printed as a match."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -358,7 +402,8 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
         out = hf.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                           no_repeat_ngram_size=0)[0, len(p):].tolist()  # plain greedy on both sides
         same += (out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out) == w
-    diff = max((o - hf(x).logits[0]).abs().max().item() for o, x in zip(ours, rows))
+    diff = max_abs_diff((o, hf(x).logits[0]) for o, x in zip(ours, rows))
+    finite_or_stop(diff, "transformers")
     result = {"transformers": {"max_abs_logit_diff": diff, "greedy_equal": same, "prompts": len(prompts)}}
     print(f"check: transformers (fp32) max |logit diff| {diff:.2e}; greedy {new_tokens} tokens equal on "
           f"{same}/{len(prompts)} prompts")
@@ -371,14 +416,15 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
     for path in gguf_paths:
         llm = llama_cpp.Llama(model_path=path, n_ctx=model.args.max_seq_len, logits_all=True, verbose=False)
         same, diff, first = 0, 0.0, None
+        name = os.path.basename(path)
         for p, w, x, o in zip(prompts, want, rows, ours):
             llm.reset()
             llm.eval(x[0].tolist())
-            diff = max(diff, (o - torch.from_numpy(llm.scores[: x.shape[1]]).float()).abs().max().item())
+            diff = max(diff, max_abs_diff([(o, torch.from_numpy(llm.scores[: x.shape[1]]))]))
+            finite_or_stop(diff, f"llama.cpp {name}")
             got = llama_greedy(llm, p, new_tokens, tokenizer.eos_id)
             same += got == w
             first = first if first is not None else tokenizer.decode(got)
-        name = os.path.basename(path)
         result[name] = {"max_abs_logit_diff": diff, "greedy_equal": same, "prompts": len(prompts), "answer_0": first}
         print(f"check: llama.cpp {name} max |logit diff| {diff:.2e}; greedy equal on {same}/{len(prompts)} prompts; "
               f"{CHECK_PROMPTS[kind][0]!r} -> {first!r}")
@@ -395,57 +441,40 @@ def llama_greedy(llm, ids: List[int], max_new_tokens: int, eos_id: int) -> List[
     return got
 
 
-def hub_token() -> str:
-    """The Hugging Face token huggingface_hub would use; one-line DataError when there is none or it is offline."""
-    try:
-        from huggingface_hub import get_token
-        from huggingface_hub.constants import HF_HUB_OFFLINE
-    except ImportError:
-        raise DataError("--push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
-    if HF_HUB_OFFLINE:
-        raise DataError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
-    token = get_token()
-    if not token:
-        raise DataError("--push_to_hub: no Hugging Face token; run `huggingface-cli login` or set HF_TOKEN")
-    return token
-
-
-def push(out_dir: str, repo_id: str, private: bool, token: str) -> str:
-    """Creates (if needed) and uploads to the Hub model repo -> its URL; any failure -> one-line DataError."""
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=out_dir, repo_id=repo_id, commit_message="Upload baby-llama2-chinese export")
-    except Exception as e:  # offline, a bad token, no write access: the first line says which
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--push_to_hub={repo_id}: {reason[:200]}") from None
-    return f"https://huggingface.co/{repo_id}"
-
-
 def export(cfg: ExportConfig) -> dict:
     """Runs the export -> {"files": {path: bytes}, "check": check_export's dict or None, "url": Hub URL or None}.
-    Raises DataError on bad input."""
+    Raises DataError on bad input, before out_dir is touched where it can be told beforehand."""
     token = hub_token() if cfg.push_to_hub else None  # before any work: no token, no half-done upload
     converter = find_converter(cfg.llama_cpp) if cfg.format == "gguf" else None
     model, ckpt, ckpt_path, tokenizer, _, _ = load_for_inference(cfg.ckpt, cfg.tokenizer, "cpu", "float32")
+    check_finite(model, ckpt_path)
+    out = OutputFolder(cfg.out_dir, "export", [ckpt_path], cfg.overwrite, script="export.py", leftovers=(".export-",))
     print(f"export: {ckpt_path} ({ckpt.get('kind')} step {ckpt.get('step')}, {model.num_params():,} parameters) "
           f"-> {cfg.out_dir}")
-    paths = write_hf(cfg, model, ckpt, ckpt_path, tokenizer.path)
-    if converter:
-        paths += write_gguf(converter, cfg.out_dir, cfg.gguf_types, model.args.max_seq_len)
-    files = {p: os.path.getsize(p) for p in paths}
-    for p, n in files.items():
-        print(f"  {os.path.basename(p):28s} {n / 1e6:10.2f} MB")
-    checked = None
-    if cfg.check:
-        checked = check_export(model, ckpt.get("kind", "pretrain"), tokenizer, cfg.out_dir,
-                               [p for p in paths if p.endswith(".gguf")], cfg.check_tokens)
-    url = push(cfg.out_dir, cfg.push_to_hub, cfg.private, token) if cfg.push_to_hub else None
-    if url:
-        print(f"uploaded to {url}")
-    return {"files": files, "check": checked, "url": url}
+    ok, checked = False, None
+    try:
+        names = write_hf(cfg, model, ckpt, ckpt_path, tokenizer.path, out.new)
+        if converter:
+            names += write_gguf(converter, out.new, cfg.gguf_types, model.args.max_seq_len, cfg.convert_timeout)
+        for n in names:
+            print(f"  {n:28s} {os.path.getsize(out.path(n)) / 1e6:10.2f} MB")
+        if cfg.check:  # on the new folder, before it replaces the old one: a broken export replaces nothing
+            checked = check_export(model, ckpt.get("kind", "pretrain"), tokenizer, out.new,
+                                   [out.path(n) for n in names if n.endswith(".gguf")], cfg.check_tokens)
+        paths = out.commit(names)
+        ok = True
+    except OSError as e:  # a full disk: the old export stays
+        raise DataError(f"{e.filename or cfg.out_dir}: {e.strerror or e}; the old export in {cfg.out_dir} is "
+                        "unchanged") from None
+    finally:
+        if not ok:
+            out.abort()
+    url = None
+    if cfg.push_to_hub:  # exactly the files the manifest lists (not the manifest: it names local paths)
+        listed = [n for n in (read_manifest(cfg.out_dir) or {}).get("files", []) if n != MANIFEST]
+        url = upload_files(cfg.out_dir, listed, cfg.push_to_hub, cfg.private, token)
+        print(f"uploaded {len(listed)} files to {url}")
+    return {"files": {p: os.path.getsize(p) for p in paths}, "check": checked, "url": url}
 
 
 def main(argv=None) -> dict:
@@ -455,4 +484,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

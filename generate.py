@@ -32,6 +32,8 @@ from model import ModelArgs, Transformer
 
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
+MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
+RERANK_RULES = ("mbr", "likelihood")  # how rerank.py keeps one of the candidates
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Sampling:
     no_repeat_ngram: int = 3  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
     beams: int = 1  # > 1: beam search with this many beams (deterministic: temperature 0, top_k 0, top_p 1, repetition_penalty 1); 1 = off
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
+    candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; beams 1, temperature > 0); 1 = off
+    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob)
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -61,6 +65,13 @@ class Sampling:
               f"--top_k=0 --top_p=1.0 --repetition_penalty=1.0 (got {self.temperature}, {self.top_k}, {self.top_p}, "
               f"{self.repetition_penalty})")
         check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
+        k = self.candidates
+        check(1 <= k <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES} (1 = off), got {k}")
+        check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
+        check(k == 1 or self.beams == 1, f"candidates {k} and beams {self.beams}: sampled candidates and beam search "
+              f"exclude each other; pass --beams=1 or --candidates=1")
+        check(k == 1 or self.temperature > 0, f"candidates {k}: greedy decoding would give {k} identical answers; "
+              f"sample with --temperature > 0 (e.g. --temperature=0.7)")
 
     def fit_context(self, max_seq_len: int) -> str:
         """Cuts max_new_tokens to half a context it would fill (the default 256 on a 128-token model) -> a note
@@ -88,7 +99,8 @@ class Sampling:
         if self.beams > 1:
             return (f"beam search, {self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
                     f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}")
-        return (f"{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
+        pick = f"{self.candidates} sampled candidates kept by {self.rerank}, " if self.candidates > 1 else ""
+        return (f"{pick}{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
                 f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "
                 f"{self.repetition_penalty}, no_repeat_ngram {self.no_repeat_ngram or 'off'}, max_new_tokens "
                 f"{self.max_new_tokens}")

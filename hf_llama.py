@@ -13,6 +13,7 @@ convert_llama_weights_to_hf.py) and the logits stay the same; the inverse permut
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from chatglm_tokenizer import tokenizer_sha256
-from babyllama.errors import DataError  # a folder this project cannot load: one line naming the file and what was expected
+from babyllama.errors import DataError, first_line  # a folder this project cannot load: one line naming the file and what was expected
 from model import ModelArgs
 
 ROPE_THETA = 10000.0  # model.rope_tables' default base; a Llama folder with another base is refused
@@ -108,15 +109,54 @@ def to_hf_state(model, dtype: torch.dtype = torch.float32) -> dict:
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 
+# config.json keys read as sizes (whole numbers, never true/false) -> the largest accepted: a folder naming a model far
+# beyond what this project trains is refused before any weight is read. The first five are required.
+INT_KEYS = {"hidden_size": 1 << 16, "num_attention_heads": 1 << 10, "num_hidden_layers": 1 << 10,
+            "intermediate_size": 1 << 18, "vocab_size": 1 << 16, "num_key_value_heads": 1 << 10,
+            "max_position_embeddings": 1 << 20, "head_dim": 1 << 12}
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtypes a weight may have (int or bool weights are refused)
+
+
 def _read_json(path: str) -> dict:
+    """A JSON object file of the folder, or a one-line DataError naming it and what was expected."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; expected a Hugging Face Llama folder (config.json, "
-                            f"model.safetensors)") from None
+                        f"model.safetensors)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected a JSON object") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got a JSON {type(obj).__name__}")
+    return obj
+
+
+def check_types(cfg: dict, where: str) -> None:
+    """Sizes are whole numbers within INT_KEYS' bounds (an optional one may be null), eps and theta positive numbers,
+    flags true/false, nested settings objects: else a one-line DataError naming the key and what was expected."""
+    def bad(key: str, expected: str) -> DataError:
+        return DataError(f"{where}: {key} is {json.dumps(cfg.get(key))}; expected {expected}")
+
+    for key, most in INT_KEYS.items():
+        v = cfg.get(key)
+        if v is None and key not in REQUIRED:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= most:
+            raise bad(key, f"a whole number in 1..{most:,}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        v = cfg.get(key)
+        if key in cfg and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise bad(key, "a positive number")
+    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
+    for key in ("rope_scaling", "rope_parameters", PROJECT_KEY):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "a JSON object or null")
 
 
 def args_from_config(cfg: dict, where: str) -> ModelArgs:
@@ -126,7 +166,9 @@ def args_from_config(cfg: dict, where: str) -> ModelArgs:
             raise DataError(f"{where}: {what}; model.py cannot load this Llama")
 
     need(cfg.get("model_type") == "llama", f"model_type {cfg.get('model_type')!r}, expected 'llama'")
+    check_types(cfg, where)
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    need(dim % heads == 0, f"hidden_size {dim} is not a multiple of num_attention_heads {heads}")
     need(cfg.get("hidden_act", "silu") == "silu", f"hidden_act {cfg.get('hidden_act')!r}, expected silu")
     need(not cfg.get("attention_bias") and not cfg.get("mlp_bias"), "biases in attention or MLP")
     need(cfg.get("head_dim") in (None, dim // heads), f"head_dim {cfg.get('head_dim')} != hidden_size / heads")
@@ -140,62 +182,103 @@ def args_from_config(cfg: dict, where: str) -> ModelArgs:
     # itself gives that width whenever it is at least int(8 * dim / 3)
     inter, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
     need(inter >= base, f"intermediate_size {inter} < int(8 * hidden_size / 3) = {base}")
-    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads,
-                     n_kv_heads=None if cfg.get("num_key_value_heads", heads) == heads else cfg["num_key_value_heads"],
+    multiple_of, kv = project.get("multiple_of", inter), cfg.get("num_key_value_heads") or heads
+    need(isinstance(multiple_of, int) and not isinstance(multiple_of, bool) and multiple_of > 0,
+         f"{PROJECT_KEY}.multiple_of is {json.dumps(multiple_of)}, expected a whole number >= 1")
+    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
                      vocab_size=cfg["vocab_size"],
-                     multiple_of=project.get("multiple_of", inter), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     multiple_of=multiple_of, norm_eps=cfg.get("rms_norm_eps", 1e-6),
                      max_seq_len=cfg.get("max_position_embeddings", 2048))
     need(args.hidden_dim == inter, f"intermediate_size {inter} != model.py's {args.hidden_dim}")
     args.validate()
     return args
 
 
-def _read_tensors(path: str) -> dict:
-    """All tensors of model.safetensors or of the shards a model.safetensors.index.json lists."""
-    from safetensors.torch import load_file
-
+def weight_files(path: str) -> list:
+    """The safetensors files holding the folder's weights: model.safetensors, or the shards its
+    model.safetensors.index.json lists, each a file inside the folder (no absolute path, no "..", no link out)."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        tensors = {}
-        for shard in sorted(set(_read_json(index)["weight_map"].values())):
-            tensors.update(load_file(os.path.join(path, shard)))
-        return tensors
-    raise DataError(f"{path}: no model.safetensors (or model.safetensors.index.json); "
+        return [single]
+    if not os.path.isfile(index):
+        raise DataError(f"{path}: no model.safetensors (or model.safetensors.index.json); "
                         f"save the model with safe_serialization")
+    wmap = _read_json(index).get("weight_map")
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise DataError(f"{index}: weight_map must be an object of tensor name -> file name")
+    root, files = os.path.realpath(path), []
+    for shard in sorted(set(wmap.values())):
+        real = os.path.realpath(os.path.join(path, shard))
+        if os.path.isabs(shard) or os.path.dirname(real) != root or not os.path.isfile(real):
+            raise DataError(f"{index}: weight file {shard!r} is not a file inside {path}")
+        files.append(real)
+    return files
+
+
+def _read_tensors(path: str, wanted: dict, optional: tuple = ()) -> dict:
+    """The tensors named in `wanted` (name -> shape; those in `optional` may be absent) from the folder's weight
+    files, each checked before it is read (present, that shape, a float dtype) and after (finite)."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in weight_files(path):
+            try:
+                h = stack.enter_context(safe_open(f, framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise DataError(f"{f}: not a safetensors file ({first_line(e)})") from None
+            for k in h.keys():
+                where.setdefault(k, (f, h))
+        for name, shape in wanted.items():
+            if name not in where:
+                if name in optional:
+                    continue
+                raise DataError(f"{path}: tensor {name} missing")
+            f, h = where[name]
+            sl = h.get_slice(name)
+            if tuple(sl.get_shape()) != shape:
+                raise DataError(f"{f}: tensor {name} has shape {tuple(sl.get_shape())}, config.json says {shape}")
+            if sl.get_dtype() not in FLOAT_DTYPES:
+                raise DataError(f"{f}: tensor {name} is {sl.get_dtype()}; expected weights of "
+                                f"{', '.join(FLOAT_DTYPES)}")
+            t = h.get_tensor(name).float()
+            if not bool(torch.isfinite(t).all()):
+                raise DataError(f"{f}: tensor {name} holds values that are not finite (NaN or inf)")
+            out[name] = t
+    return out
 
 
 def read_hf(path: str) -> tuple:
-    """A Hugging Face Llama folder -> (ModelArgs, state dict for model.Transformer, config.json dict)."""
+    """A Hugging Face Llama folder -> (ModelArgs, state dict for model.Transformer, config.json dict). Checked before
+    any weight is read: the config's types and sizes, where the weight files are, each tensor's name, shape and
+    dtype; then that every weight is finite."""
     cfg = _read_json(os.path.join(path, "config.json"))
     try:
         args = args_from_config(cfg, os.path.join(path, "config.json"))
-    except (KeyError, ValueError) as e:
-        raise DataError(f"{path}/config.json: {e}") from None
-    t = {k: v.float() for k, v in _read_tensors(path).items()}
-
-    def get(name: str, shape: tuple) -> torch.Tensor:
-        if name not in t:
-            raise DataError(f"{path}: tensor {name} missing")
-        if tuple(t[name].shape) != shape:
-            raise DataError(f"{path}: tensor {name} has shape {tuple(t[name].shape)}, config.json says {shape}")
-        return t[name]
-
-    hd, kv, hidden = args.dim // args.n_heads, args.kv_heads, args.hidden_dim
-    shapes = {"attention.wq.weight": (args.dim, args.dim), "attention.wk.weight": (kv * hd, args.dim),
-              "attention.wv.weight": (kv * hd, args.dim), "attention.wo.weight": (args.dim, args.dim),
-              "feed_forward.w1.weight": (hidden, args.dim), "feed_forward.w3.weight": (hidden, args.dim),
-              "feed_forward.w2.weight": (args.dim, hidden), "attention_norm.weight": (args.dim,),
-              "ffn_norm.weight": (args.dim,)}
-    emb = torch.zeros(args.padded_vocab_size, args.dim)  # padded rows stay zero, as model.py keeps them
-    emb[: args.vocab_size] = get("model.embed_tokens.weight", (args.vocab_size, args.dim))
+    except DataError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:  # model.py's own checks (ConfigError)
+        raise DataError(f"{path}/config.json: {first_line(e)}") from None
+    hd, kv, hidden, dim = args.dim // args.n_heads, args.kv_heads, args.hidden_dim, args.dim
+    shapes = {"attention.wq.weight": (dim, dim), "attention.wk.weight": (kv * hd, dim),
+              "attention.wv.weight": (kv * hd, dim), "attention.wo.weight": (dim, dim),
+              "feed_forward.w1.weight": (hidden, dim), "feed_forward.w3.weight": (hidden, dim),
+              "feed_forward.w2.weight": (dim, hidden), "attention_norm.weight": (dim,),
+              "ffn_norm.weight": (dim,)}
+    wanted = {"model.embed_tokens.weight": (args.vocab_size, dim), "model.norm.weight": (dim,),
+              "lm_head.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        wanted.update({f"model.layers.{i}.{theirs}": shapes[ours] for ours, theirs in LAYER_NAMES.items()})
+    t = _read_tensors(path, wanted, optional=("lm_head.weight",))
+    emb = torch.zeros(args.padded_vocab_size, dim)  # padded rows stay zero, as model.py keeps them
+    emb[: args.vocab_size] = t["model.embed_tokens.weight"]
     if "lm_head.weight" in t and not torch.equal(t["lm_head.weight"], emb[: args.vocab_size]):
         raise DataError(f"{path}: lm_head.weight differs from embed_tokens; model.py ties them")
-    state = {"tok_embeddings.weight": emb, "output.weight": emb, "norm.weight": get("model.norm.weight", (args.dim,))}
+    state = {"tok_embeddings.weight": emb, "output.weight": emb, "norm.weight": t["model.norm.weight"]}
     for i in range(args.n_layers):
         for ours, theirs in LAYER_NAMES.items():
-            w = get(f"model.layers.{i}.{theirs}", shapes[ours])
+            w = t[f"model.layers.{i}.{theirs}"]
             if ours == "attention.wq.weight":
                 w = half_to_interleaved(w, args.n_heads)
             elif ours == "attention.wk.weight":
@@ -214,6 +297,11 @@ def load_init(spec: str) -> dict:
         raise DataError(f"--init_from={spec}: {path} is not a folder")
     args, state, cfg = read_hf(path)
     project = cfg.get(PROJECT_KEY) or {}
+    for key, types in (("kind", str), ("step", int), ("val_loss", (int, float)), ("tokenizer_sha256", str)):
+        v = project.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            raise DataError(f"{path}/config.json: {PROJECT_KEY}.{key} is {json.dumps(v)}; expected a "
+                            f"{'text' if types is str else 'number'} or null")
     tok = os.path.join(path, "tokenizer.model")
     sha = tokenizer_sha256(tok) if os.path.isfile(tok) else project.get("tokenizer_sha256")
     val = project.get("val_loss")

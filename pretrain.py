@@ -18,6 +18,14 @@ Flags are the fields of PretrainConfig below (`--key=value`), or a JSON file: `-
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
+    # data follow before the run's first line; a user waiting in silence thinks it hangs
+    print("pretrain: starting (importing torch, then the tokenizer, the data and the model)", flush=True)
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +33,7 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
-from babyllama.errors import DataError, check, fail, user_errors
+from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail, user_errors
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
@@ -129,11 +137,12 @@ def main(argv=None) -> dict:
     try:
         return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
                      init_state=init and init["model"], token_bytes=TokenBytes(tok) if tok is not None else None)
-    except (FileNotFoundError, DataError) as e:
+    except (FileNotFoundError, DataError, ConfigError) as e:  # ConfigError: a --batch_tokens that does not divide
         fail(str(e))
     finally:
         cleanup(rt)
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
+        main()

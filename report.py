@@ -7,7 +7,10 @@ Reads the run folder that speedrun.sh fills: pretrain/ and sft/ (summary.json, m
 stage), sft/eval_report.json (default decoding, with baselines), eval_original/eval_report.json (the original
 project's sampling protocol) and speedrun.jsonl (each stage's command and wall time). Writes, beside them:
   report.md     held-out loss, bits per byte and perplexity, BLEU next to the model-free baselines, degenerate answers, answer
-                length, 10 sample answers with their references, time and tokens/s of each stage, hardware, commands
+                length, stock answers (repeated answers and openings, distinct-2, overlap with the question) of
+                the model, the baselines and the references, bits per byte of the references, 10 sample answers
+                with their references, time and tokens/s of each stage and where each stage's time went
+                (compilation, steps, validation, checkpoint waits, data, generation), hardware, commands
   report.json   every number on the page (report.md is rendered from it and nothing else)
   curves.png    train and validation loss of both stages
 """
@@ -24,9 +27,13 @@ from babyllama.config import config_or_exit
 from babyllama.errors import check, user_errors
 from babyllama.fileio import read_jsonl
 from babyllama.train_log import read_metrics
-from babyllama.fileio import write_atomic
+from babyllama.fileio import atomic_file, write_atomic
 
-SECTIONS = ["Summary", "Answers", "Training", "Curves", "Samples", "Hardware", "Commands"]
+SECTIONS = ["Summary", "Answers", "Training", "Time", "Curves", "Samples", "Hardware", "Commands"]
+STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
+# where a stage's wall time went (report.json "time"); other_s = the rest: Python start-up and imports, loading the
+# model, building batches, scoring, writing reports and curves
+TIME_PARTS = ("data_s", "compile_s", "steps_s", "validation_s", "checkpoint_wait_s", "generation_s")
 
 
 @dataclass
@@ -77,11 +84,33 @@ def eval_block(rep: Optional[dict]) -> Optional[dict]:
     if rep is None:
         return None
     keep = ("bleu4", "sacrebleu_zh", "ppl", "val_loss", "bits_per_byte", "degenerate", "loop", "hit_limit", "answer_chars",
-            "reference_chars", "length_ratio")
+            "reference_chars", "length_ratio", "reference_bpb") + STOCK
     return {"scores": {k: rep["scores"].get(k) for k in keep}, "baselines": rep.get("baselines", {}),
+            "references": rep.get("references"),
             "decoding": rep["protocol"]["decoding"], "samples": rep["samples"], "data": rep["data"],
             "checkpoint": rep["checkpoint"], "step": rep["step"], "generation_s": rep["timing"]["generation_s"],
             "new_tokens_per_s": rep["timing"]["new_tokens_per_s"]}
+
+
+def time_rows(run: str, stages: List[dict]) -> List[dict]:
+    """Each stage's wall time (speedrun.jsonl) split into TIME_PARTS: a training stage's from its summary.json, an
+    eval's from its eval_report.json (validation = perplexity), a tokenizing stage's all data; other_s is the rest."""
+    rows = []
+    for st in stages:
+        name, wall = st["stage"], st["seconds"]
+        parts = dict.fromkeys(TIME_PARTS)
+        if name in ("pretrain", "sft"):
+            summary = read_json(os.path.join(run, name, "summary.json")) or {}
+            parts.update({k: summary.get(k) for k in TIME_PARTS})
+        elif name in ("eval", "eval-original"):
+            rep = read_json(os.path.join(run, "sft" if name == "eval" else "eval_original", "eval_report.json")) or {}
+            timing = rep.get("timing", {})
+            parts.update(generation_s=timing.get("generation_s"), validation_s=timing.get("ppl_s"))
+        elif name in ("tokenizer", "tokenize-pretrain", "tokenize-sft"):
+            parts["data_s"] = wall
+        known = sum(v for v in parts.values() if v is not None)
+        rows.append(dict(stage=name, wall_s=wall, **parts, other_s=round(max(0.0, wall - known), 1)))
+    return rows
 
 
 def hardware() -> dict:
@@ -109,6 +138,7 @@ def build(cfg: ReportConfig) -> dict:
         "samples": [{k: r.get(k) for k in ("question", "reference", "answer", "bleu4")}
                     for r in pick_samples(main["results"], cfg.samples)],
         "stages": list(times.values()),
+        "time": time_rows(cfg.run, list(times.values())),
         "total_s": round(sum(r["seconds"] for r in times.values()), 1),
         "hardware": hardware(),
     }
@@ -125,25 +155,32 @@ def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def answer_row(name: str, q: dict, ref_chars: Optional[float]) -> str:
+    """One row of the answers table: BLEU, degenerate answers, length and the stock-answer metrics of one set of
+    answers (empty cells for what it lacks: a baseline has no degenerate answers, the references no BLEU)."""
+    cell = lambda k, f: "" if q.get(k) is None else f(q[k])
+    length = q["answer_chars"] / ref_chars if ref_chars and q.get("answer_chars") is not None else None
+    opening = "" if q.get("openings") is None else f"{q['openings']:,} ({pct(q['top_opening'])})"
+    return (f"| {name} | {cell('bleu4', num)} | {cell('sacrebleu_zh', num)} | {cell('degenerate', pct)} | "
+            f"{num(length)}x | {cell('duplicate', pct)} | {opening} | {cell('distinct2', lambda v: num(v, 3))} | "
+            f"{cell('question_overlap', pct)} |")
+
+
 def answers_table(r: dict) -> List[str]:
+    """Rows: the model, the model under the original protocol, each baseline, the references (the yardstick)."""
     e, o = r["eval"], r["eval_original"]
-    rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | loops | cut at limit | length vs reference |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    s = e["scores"]
-    rows.append(f"| **the model**, {e['decoding'].split(',')[0]} (default decoding) | {num(s['bleu4'])} | "
-                f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
-                f"{num(s['length_ratio'])}x |")
-    if o:
-        s = o["scores"]
-        rows.append(f"| the model, original protocol (temperature 1.0, top-k 100) | {num(s['bleu4'])} | "
-                    f"{num(s['sacrebleu_zh'])} | {pct(s['degenerate'])} | {pct(s['loop'])} | {pct(s['hit_limit'])} | "
-                    f"{num(s['length_ratio'])}x |")
     ref = e["scores"]["reference_chars"]
+    rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | length vs reference | identical to another | "
+            "distinct openings (top share) | distinct-2 | question overlap |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows.append(answer_row(f"**the model**, {e['decoding'].split(',')[0]}", e["scores"], ref))
+    if o:
+        rows.append(answer_row("the model, original protocol (temperature 1.0, top-k 100)", o["scores"], ref))
     for name, b in e["baselines"].items():
         what = "retrieval: the answer of the most similar SFT question" if name == "retrieval" else \
             "fixed: one generic sentence for every question"
-        rows.append(f"| baseline, {what} | {num(b['bleu4'])} | {num(b['sacrebleu_zh'])} | | | | "
-                    f"{num(b['answer_chars'] / ref if ref else None)}x |")
+        rows.append(answer_row(f"baseline, {what}", b, ref))
+    if e.get("references"):
+        rows.append(answer_row("the reference answers themselves", e["references"], ref))
     return rows
 
 
@@ -164,6 +201,18 @@ def training_table(r: dict) -> List[str]:
     return rows
 
 
+def time_table(r: dict) -> List[str]:
+    """report.json's "time" as a table, with a total row."""
+    cols = ("wall_s",) + TIME_PARTS + ("other_s",)
+    rows = ["| stage | wall | data | compilation | steps | validation | checkpoint waits | generation | other |",
+            "|---|" + "---:|" * len(cols)]
+    for t in r["time"] + [dict({c: sum(t[c] or 0 for t in r["time"]) for c in cols}, stage="**total**")]:
+        rows.append(f"| {t['stage']} | " + " | ".join("" if t[c] is None else f"{t[c]:,.1f} s" for c in cols) + " |")
+    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Compilation: the first steps' extra "
+                   "time. Validation: an eval's perplexity. Other: Python start-up and imports, loading the model, "
+                   "scoring, writing reports."]
+
+
 def markdown(r: dict) -> str:
     e, p = r["eval"], r["pretrain"]
     s = e["scores"]
@@ -177,6 +226,8 @@ def markdown(r: dict) -> str:
              f"({num(p.get('best_val_bpb') if p else None, 4)}) |",
              f"| perplexity on held-out pretraining text (SFT model) | {num(s['ppl'])} |",
              f"| bits per byte on held-out pretraining text (SFT model) | {num(s.get('bits_per_byte'), 4)} |",
+             f"| bits per byte of the reference answers given their questions (SFT model) | "
+             f"{num(s.get('reference_bpb'), 4)} |",
              f"| BLEU-4 / sacreBLEU, the model | {num(s['bleu4'])} / {num(s['sacrebleu_zh'])} |"]
     for name, b in e["baselines"].items():
         lines.append(f"| BLEU-4 / sacreBLEU, baseline {name} | {num(b['bleu4'])} / {num(b['sacrebleu_zh'])} |")
@@ -185,8 +236,12 @@ def markdown(r: dict) -> str:
               f"{num(s['reference_chars'], 0)} |", "",
               "## Answers", "", f"{e['samples']} questions from `{e['data']}`; decoding: {e['decoding']}.", ""]
     lines += answers_table(r)
-    lines += ["", "A degenerate answer loops (a span of 4+ characters 4+ times in a row) or is cut at max_new_tokens.",
+    lines += ["", "A degenerate answer loops (a span of 4+ characters 4+ times in a row) or is cut at max_new_tokens. "
+              "Stock answers (whitespace removed): identical to another answer; distinct first-12-character openings "
+              "and the share that starts with the commonest; distinct-2 = distinct / all character bigrams; question "
+              "overlap = answers sharing 3+ distinct Chinese character bigrams with their question (docs/recipe.md).",
               "", "## Training", ""] + training_table(r)
+    lines += ["", "## Time", ""] + time_table(r)
     lines += ["", "## Curves", "", "![train and validation loss](curves.png)", "", "## Samples", ""]
     quote = lambda t: "\n".join("> " + ln for ln in ((t or "").splitlines() or [""]))
     for i, smp in enumerate(r["samples"], 1):
@@ -216,7 +271,8 @@ def plot(r: dict, run: str, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as f:  # never through a link, whole or not at all
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

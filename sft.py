@@ -14,13 +14,20 @@ The training loop is trainer.py's, shared with pretrain.py.
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import sys
 
+if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
+    # data follow before the run's first line; a user waiting in silence thinks it hangs
+    print("sft: starting (importing torch, then the tokenizer, the pretrained model and the conversations)", flush=True)
+
+from dataclasses import dataclass
 
 from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit
-from babyllama.errors import ConfigError, DataError, check, fail
+from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
@@ -61,6 +68,30 @@ class SFTConfig(TrainConfig):
             raise ConfigError(str(e)) from None
 
 
+def check_mix(cfg: SFTConfig) -> None:
+    """--mix against the sources the data's train.json sidecar lists (data_process.py writes it), before the model
+    is loaded or the run folder claimed: a part matching no source, or a mix leaving nothing, is one line now, not
+    after minutes of tokenizing (mix_repeats checks the conversations themselves again)."""
+    if not cfg.mix:
+        return
+    side = os.path.join(cfg.data_dir, "train.json")
+    try:
+        with open(side, encoding="utf-8") as f:
+            sources = json.load(f).get("sources")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable sidecar: the data itself is checked when it is read
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        return
+    parts = parse_mix(cfg.mix)
+    for name, _ in parts:
+        if not any(name in src for src in sources):
+            raise DataError(f"--mix={cfg.mix}: {name!r} matches no source of {side} (sources: "
+                            f"{', '.join(sources) or 'none'})")
+    times = [next((t for name, t in parts if name in src), 1) for src in sources]  # the first matching part wins
+    if sources and not any(times):
+        raise DataError(f"--mix={cfg.mix}: leaves no conversation of {side} (every source 0 times)")
+
+
 def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
     """The pretrained model SFT starts from -> (its checkpoint dict, model args with this run's context length)."""
     if cfg.init_from.startswith("hf:"):
@@ -84,6 +115,8 @@ def main(argv=None) -> dict:
     cfg = config_or_exit(SFTConfig, argv)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
+        if not (cfg.resume or cfg.resume_from):
+            check_mix(cfg)  # before the tokenizer, the model and the data are loaded
         tok = load_tokenizer(cfg.tokenizer or None)
         init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
         if not (cfg.resume or cfg.resume_from):
@@ -109,4 +142,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # Ctrl-C before the training loop (or a second one in it): one line, exit 130
+        main()

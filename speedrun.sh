@@ -7,19 +7,24 @@
 #
 # DIR/pretrain/*: corpora in any format data_process.py reads; DIR/sft/*: instruction data; DIR/eval/*.jsonl: held-out
 # {"question", "answer"} lines (the first file is used). Writes data under --data (default data/speedrun), runs under
-# --out (default out): out/pretrain, out/sft, out/eval_original, and the report card out/report.md with report.json
-# and curves.png beside it. Other flags: --overwrite (replace the data and runs of an earlier speedrun in the same
-# folders; without it a second run stops where it would replace a finished run), --skip_setup (use the current Python as it is),
+# --out (default out): out/pretrain, out/sft, and the report card out/report.md with report.json and curves.png
+# beside it. Other flags: --overwrite (replace the data and runs of an earlier speedrun in the same folders; without it
+# a speedrun stops at once where earlier output is; a running speedrun's folders are locked), --skip_setup (use the
+# current Python as it is), --eval_original (also score the original project's sampling protocol into
+# out/eval_original, for comparison),
 # --sft_mix=SPEC (sft.py --mix: default medical-finetune=3, i.e. the conversations of sft/ files whose name contains
 # "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none),
 # --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
-# in every stage; default: the ChatGLM2 tokenizer; docs/recipe.md compares them).
+# in every stage; default 8192, --tiny 0; 0 = the ChatGLM2 tokenizer; docs/recipe.md compares them), --eval_args="FLAGS" (added to the
+# main eval stage, e.g. --eval_args="--candidates=8 --temperature=0.7 --top_p=0.9" to score another decoding).
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
-# gets from the plain commands it prints.
+# gets from the plain commands it prints, except fewer validation passes and checkpoint saves.
+# torch.compile's caches (graphs, kernels) go to $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/babyllama/torch_compile
+# ($XDG_CACHE_HOME if set): a second speedrun reuses them instead of compiling again (docs/speed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB=0
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB="" ; EVAL_ARGS="" ; EVAL_ORIG=0
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -30,7 +35,9 @@ for arg in "$@"; do
     --overwrite) OVERWRITE=--overwrite ;;
     --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
     --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --eval_args=*) EVAL_ARGS="${arg#*=}" ;;
+    --eval_original) EVAL_ORIG=1 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,31 +51,91 @@ if [ $TINY = 1 ]; then
   ORIG_NEW=48
 else
   DATA="${DATA:-data/speedrun}"; OUT="${OUT:-out}"
-  PRE_X=""; SFT_X=""; EVAL_X="--batch_size=128"  # 500 questions in four batches of 128 prompts x 8 beams
+  # fewer validations and saves than the defaults: each writes best.pt and last.pt (0.9 GB) in the background, and a
+  # save due before the previous one is on disk waits for it (SFT's default 50 steps take under a second on an H200);
+  # eval.py answers every question in one batch (its default on a GPU)
+  PRE_X="--eval_interval=1000 --ckpt_interval=1000"; SFT_X="--eval_interval=200 --ckpt_interval=200"
+  EVAL_X=""
   ORIG_NEW=100
 fi
+# our own 8K tokenizer by default: measured better and faster than ChatGLM2's at this size (docs/recipe.md); the
+# tiny run keeps ChatGLM2's (the embedded sample is too small to learn a vocabulary from)
+if [ -z "$TOK_VOCAB" ]; then TOK_VOCAB=$([ $TINY = 1 ] && echo 0 || echo 8192); fi
 [[ "$TOK_VOCAB" =~ ^[0-9]+$ ]] && { [ "$TOK_VOCAB" = 0 ] || [ "$TOK_VOCAB" -ge 300 -a "$TOK_VOCAB" -le 65535 ]; } || {
   echo "error: --tokenizer_vocab=$TOK_VOCAB: expected 0 (the ChatGLM2 tokenizer) or a vocabulary size in 300..65535" >&2; exit 2; }
 [ -n "$CORPORA" ] || { echo "error: give --corpora=DIR (a folder with pretrain/, sft/ and eval/; see README) or --tiny" >&2; exit 2; }
-for sub in pretrain sft eval; do
-  [ -d "$CORPORA/$sub" ] || { echo "error: $CORPORA/$sub: no such folder (expected $CORPORA/{pretrain,sft,eval})" >&2; exit 2; }
+# every check below comes before any work (setup, tokenizing, training): a bad argument costs nothing
+die() { echo "error: $*" >&2; exit 2; }
+# the stages take comma-separated file lists and space-separated flags: a path with a space or a comma in it would
+# be split into two; such paths are refused here rather than misread later
+for pair in "--corpora=$CORPORA" "--data=$DATA" "--out=$OUT"; do
+  case "$pair" in *[[:space:],]*) die "${pair%%=*}=${pair#*=}: a path with spaces or commas; give one without (e.g. a link to it)" ;; esac
 done
+NPROC="${NPROC:-1}"
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: expected the number of GPUs, 1 or more"
+for sub in pretrain sft eval; do
+  [ -d "$CORPORA/$sub" ] || die "$CORPORA/$sub: no such folder (expected $CORPORA/{pretrain,sft,eval})"
+done
+odd=$(find "$CORPORA/pretrain" "$CORPORA/sft" "$CORPORA/eval" -maxdepth 1 -type f -name '*[[:space:],]*' | head -n 1)
+[ -z "$odd" ] || die "$odd: a file name with spaces or commas; rename it"
 files() { find "$1" -maxdepth 1 -type f ! -name '.*' ! -name '*.md' | sort | paste -sd, -; }
 PRE_IN=$(files "$CORPORA/pretrain"); SFT_IN=$(files "$CORPORA/sft")
 EVAL_FILE=$(find "$CORPORA/eval" -maxdepth 1 -name '*.jsonl' | sort | head -n 1)
-[ -n "$PRE_IN" ] && [ -n "$SFT_IN" ] && [ -n "$EVAL_FILE" ] || {
-  echo "error: $CORPORA needs files in pretrain/ and sft/ and a .jsonl in eval/" >&2; exit 2; }
+[ -n "$PRE_IN" ] && [ -n "$SFT_IN" ] && [ -n "$EVAL_FILE" ] || die "$CORPORA needs files in pretrain/ and sft/ and a .jsonl in eval/"
 
-# the SFT mix: by default only when a file it names is there (a mix naming no file is an error in sft.py)
-if [ -n "$MIX" ] && [ $MIX_SET = 0 ] && ! ls "$CORPORA/sft" | grep -q "${MIX%%=*}"; then MIX=""; fi
+# the SFT mix (sft.py --mix), checked here against the sft/ file names, not after pretraining: NAME=TIMES parts
+# (TIMES 0-100; spaces around them are dropped), each NAME part of a file name; the first matching part sets a file's
+# count, others count once, and a mix must leave something. The default applies only when a file it names is there.
+SFT_NAMES=$(find "$CORPORA/sft" -maxdepth 1 -type f ! -name '.*' ! -name '*.md' -exec basename {} \;)
+if [ -n "$MIX" ] && [ $MIX_SET = 0 ] && ! grep -qF -- "${MIX%%=*}" <<< "$SFT_NAMES"; then MIX=""; fi
+parts=() ; IFS=, read -ra raw <<< "$MIX"
+for part in ${raw[@]+"${raw[@]}"}; do
+  part=$(echo "$part" | sed 's/^[[:space:]]*//; s/[[:space:]]*$//; s/[[:space:]]*=[[:space:]]*/=/')
+  [ -n "$part" ] || continue
+  [[ "$part" =~ ^([^=[:space:]]+)=([0-9]+)$ ]] && [ "${BASH_REMATCH[2]}" -le 100 ] ||
+    die "--sft_mix=$MIX: '$part' is not NAME=TIMES (TIMES a whole number 0-100, NAME without spaces), e.g. medical=3"
+  grep -qF -- "${BASH_REMATCH[1]}" <<< "$SFT_NAMES" ||
+    die "--sft_mix=$MIX: '${BASH_REMATCH[1]}' is in no file name of $CORPORA/sft ($(echo $SFT_NAMES | tr ' ' ','))"
+  parts+=("$part")
+done
+MIX=$(IFS=,; echo "${parts[*]:-}")
+if [ -n "$MIX" ]; then
+  left=0
+  while read -r name; do
+    times=1
+    for part in "${parts[@]}"; do [[ "$name" == *"${part%=*}"* ]] && { times=${part##*=}; break; }; done
+    left=$(( left + times ))
+  done <<< "$SFT_NAMES"
+  [ "$left" -gt 0 ] || die "--sft_mix=$MIX: leaves no conversation (every file of $CORPORA/sft counted 0 times)"
+fi
 MIX_X=""; [ -n "$MIX" ] && MIX_X="--mix=$MIX"
 echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 
+# the folders are this speedrun's alone: one lock over all its stages (flock on the folders themselves, held by this
+# shell until it exits, inherited by its stages), taken before anything is written; without --overwrite an earlier
+# run's output (or anything at the names a speedrun writes) is left alone
+mkdir -p -- "$DATA" "$OUT" 2>/dev/null || die "--data=$DATA / --out=$OUT: cannot create these folders"
+exec 8<"$DATA" 9<"$OUT"
+python3 -m babyllama.folder_lock 8 "$DATA" speedrun.sh || exit 2
+[ "$DATA" -ef "$OUT" ] || python3 -m babyllama.folder_lock 9 "$OUT" speedrun.sh || exit 2
+if [ -z "$OVERWRITE" ]; then
+  held=()
+  for path in "$OUT"/{speedrun.jsonl,pretrain,sft,eval_original,report.md,report.json,curves.png} \
+      "$DATA"/{pretrain,sft} $([ "$TOK_VOCAB" = 0 ] || echo "$DATA/tokenizer"); do
+    if [ -e "$path" ] || [ -L "$path" ]; then held+=("$path"); fi
+  done
+  [ ${#held[@]} = 0 ] || die "${held[*]:0:3}: output of an earlier run where this speedrun writes; --overwrite" \
+    "replaces it, or pick another --out/--data"
+fi
+
 [ $SETUP = 1 ] && source ./setup.sh
-NPROC="${NPROC:-1}"
+# torch.compile's caches in a folder that outlives /tmp, so a second speedrun skips most of the compilation
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/babyllama/torch_compile}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}"
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # torch 2.13's defaults: said, not assumed
+echo "compile cache: $TORCHINDUCTOR_CACHE_DIR"
 if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
-mkdir -p "$OUT"
-LOG="$OUT/speedrun.jsonl"; : > "$LOG"
+LOG="$OUT/speedrun.jsonl"; rm -f -- "$LOG"  # a new log (a link there is removed, not followed)
 T0=$(date +%s)
 
 # stage NAME COMMAND...: runs it, prints it first, appends {"stage","command","seconds"} to speedrun.jsonl
@@ -80,14 +147,15 @@ stage() {
   python - "$LOG" "$name" "$t" "$*" <<'PY'
 import json, sys, time
 log, name, start, cmd = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-with open(log, "a", encoding="utf-8") as f:
+from babyllama.fileio import open_append  # never through a link
+with open_append(log) as f:
     f.write(json.dumps({"stage": name, "command": cmd, "seconds": round(time.time() - start, 1)}, ensure_ascii=False) + "\n")
 PY
 }
 
 TOK_X=""  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
 if [ "$TOK_VOCAB" != 0 ]; then
-  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer"
+  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer" $OVERWRITE
   TOK_X="--tokenizer=$DATA/tokenizer"
 fi
 stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $TOK_X $OVERWRITE
@@ -95,9 +163,13 @@ stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DAT
 stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $TOK_X $PRE_X $OVERWRITE
 stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $TOK_X $MIX_X $SFT_X $OVERWRITE
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
-    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X
+    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X $EVAL_ARGS
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
-stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 --top_k=100 \
-    --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $TOK_X $EVAL_X
+if [ $EVAL_ORIG = 1 ]; then
+  stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 \
+    --top_k=100 --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $TOK_X $EVAL_X
+else  # an earlier speedrun's (--overwrite) is not this run's: the card must not show it
+  rm -f "$OUT/eval_original/eval_report.json" "$OUT/eval_original/eval_report.md"
+fi
 stage report python report.py --run="$OUT"
 echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"

@@ -21,9 +21,12 @@ The model (what the rest of the project expects of a tokenizer.model):
   every id fits the uint16 shards; every id is a piece (the model's vocab_size is the piece count).
 
 Output (out_dir): tokenizer.model and tokenizer_meta.json (format baby-llama2-chinese/tokenizer-v1: sha256 of
-tokenizer.model, vocab size, special ids, settings, sources with documents and characters read from each). Both are
-written under *.tmp names and renamed at the end; a bad input (unknown format, empty input, a vocabulary larger
-than the text supports) is a one-line error (exit 2) and writes nothing.
+tokenizer.model, vocab size, special ids, settings, sources with documents and characters read from each), with a
+manifest.json. The folder is locked while the tokenizer trains, built beside out_dir and swapped in whole at the end
+(babyllama/output_dir.py): a kill leaves the old tokenizer or the new one, never one file of each. A folder holding
+files train_tokenizer.py did not write, or another tokenizer, is replaced only with --overwrite (the data and runs
+made with a tokenizer need that very tokenizer). A bad input (unknown format, empty input, a vocabulary larger than
+the text supports) is a one-line error (exit 2) and writes nothing.
 """
 from __future__ import annotations
 
@@ -36,11 +39,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from chatglm_tokenizer import MODEL_FILE
-from babyllama.errors import first_line, user_errors
+from babyllama.errors import ctrl_c, first_line, user_errors
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check
 from babyllama.corpora import ReadOptions, Reporter, Source, detect, iter_documents, parse_inputs
 from babyllama.fileio import write_atomic, write_json
+from babyllama.output_dir import OutputFolder
 
 TOKENIZER_FORMAT = "baby-llama2-chinese/tokenizer-v1"
 META_FILE = "tokenizer_meta.json"
@@ -62,6 +66,7 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
     max_reports: int = 5  # bad records reported individually (file:line); all are counted
     progress: bool = True  # a line per 10% of the budget (or per 10M characters) while reading
     verbose: bool = False  # SentencePiece's own log (every merge) on stderr
+    overwrite: bool = False  # replace an out_dir holding a tokenizer (or files this script did not write)
 
     def validate(self):
         check(not (self.inputs and self.manifest), "give --inputs or --manifest, not both")
@@ -160,26 +165,42 @@ def train_model(sentences: list[str], cfg: Config) -> bytes:
     return out.getvalue()
 
 
-def write_outputs(out_dir: str, model: bytes, meta: dict) -> list[str]:
-    """tokenizer.model and tokenizer_meta.json, each written whole or not at all (the sidecar first, as data_process.py
-    does with shards), so a stopped run leaves no half-written file under the final names."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, META_FILE), os.path.join(out_dir, MODEL_FILE)]
-    write_json(paths[0], meta)
-    write_atomic(paths[1], model)
-    return paths
+def write_outputs(out: OutputFolder, model: bytes, meta: dict) -> list:
+    """tokenizer_meta.json and tokenizer.model into the new folder, then the swap -> their final paths."""
+    write_json(out.path(META_FILE), meta)
+    write_atomic(out.path(MODEL_FILE), model)
+    return out.commit([META_FILE, MODEL_FILE])
 
 
 def run(cfg: Config) -> dict:
     """Reads, trains, checks and writes; returns the sidecar's content."""
-    import sentencepiece as spm
-
     sources = [detect(p, f, cfg) for p, f in parse_inputs(cfg.inputs, cfg.manifest, "pretrain")]
     print(f"train_tokenizer: {len(sources)} inputs -> {cfg.out_dir} | BPE, vocab {cfg.vocab_size:,}, "
           f"budget {cfg.max_chars:,} characters")
     for s in sources:
         print(f"  {s.path}: {s.container} of {s.fmt}")
     rep, stats = Reporter(cfg.max_reports), {s.path: Counter() for s in sources}
+    # the folder is claimed before the text is read: a refused or busy folder costs nothing
+    out = OutputFolder(cfg.out_dir, "tokenizer", [s.path for s in sources], cfg.overwrite, script="train_tokenizer.py",
+                       replace_own=False)
+    try:
+        meta, paths, train_s, chars, sample = train_and_describe(sources, cfg, rep, stats, out)
+    except OSError as e:  # a full disk: the old tokenizer stays
+        out.abort()
+        raise DataError(f"{e.filename or cfg.out_dir}: {e.strerror or e}; {cfg.out_dir} is unchanged") from None
+    except BaseException:
+        out.abort()
+        raise
+    print(f"train_tokenizer: {meta['vocab_size']:,} pieces in {train_s:.1f}s ({chars:,} characters read in "
+          f"{meta['seconds']['read']:.1f}s); {meta['bytes_per_token_on_training_sample']} bytes per token on the first "
+          f"{sample:,} sentences; sha256 {meta['tokenizer_sha256'][:12]}... -> {', '.join(paths)}")
+    return meta
+
+
+def train_and_describe(sources: list, cfg: Config, rep: Reporter, stats: dict, out: OutputFolder) -> tuple:
+    """run()'s work once the folder is claimed -> (meta, written paths, training seconds, characters, sample size)."""
+    import sentencepiece as spm
+
     t0 = time.perf_counter()
     sentences = read_sentences(sources, cfg, rep, stats)
     chars = sum(c["chars"] for c in stats.values())
@@ -201,11 +222,8 @@ def run(cfg: Config) -> dict:
             "characters": chars, "sentences": len(sentences), "bad_records": dict(rep.counts),
             "bytes_per_token_on_training_sample": round(n_bytes / max(n_tokens, 1), 4),
             "seconds": {"read": round(t1 - t0, 3), "train": round(train_s, 3)}}
-    paths = write_outputs(cfg.out_dir, model, meta)
-    print(f"train_tokenizer: {sp.vocab_size():,} pieces in {train_s:.1f}s ({chars:,} characters read in {t1 - t0:.1f}s); "
-          f"{meta['bytes_per_token_on_training_sample']} bytes per token on the first {len(sample):,} sentences; "
-          f"sha256 {meta['tokenizer_sha256'][:12]}... -> {', '.join(paths)}")
-    return meta
+    paths = write_outputs(out, model, meta)
+    return meta, paths, train_s, chars, len(sample)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -215,4 +233,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130: the output folder's unfinished copy is already removed
+        main()

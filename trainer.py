@@ -24,6 +24,7 @@ from babyllama.errors import check
 from model import ModelArgs, Transformer
 from babyllama.train_log import Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss, write_summary
 from babyllama.checkpoint import Checkpoints
+from babyllama.clocks import CompileClock, FitClock
 from babyllama.run_dir import StopSignals, check_data_tokenizer, open_run, stop_requested
 from babyllama.runtime import Runtime, autocast_context, device_problem, set_rng_state
 
@@ -325,7 +326,7 @@ class LossLog:
             self.log.print(f"step {done}: non-finite loss {loss} / grad norm {gn}; step skipped "
                            f"({self.bad}/{self.max_bad_steps} in a row)")
             if self.bad >= self.max_bad_steps:
-                self.ckpts.writer.wait()
+                self.ckpts.settle()
                 self.log.print(f"stopping: {self.bad} non-finite steps in a row; {self.ckpts.last_good()} "
                                f"(lower learning_rate or use dtype=bfloat16)")
                 raise SystemExit(3)
@@ -386,14 +387,18 @@ def validate(model, val_src, cfg: TrainConfig, rt: Runtime, log: "Logger", ckpts
         ckpts.check_loss(step, val_loss)  # a diverged run stops here: no last.pt or best.pt of it
         best_val = min(best_val, val_loss)
         t1 = time.time()
-        ckpts.save(step, val_loss, best_val, improved)  # a best.pt is on disk before the log calls it best
+        pending = ckpts.save(step, val_loss, best_val, improved)  # True: best.pt is still being written
         times["save_s"] = round(time.time() - t1, 3)
     log.metric(step=step, val_loss=val_loss, **({"val_bpb": bpb} if bpb is not None else {}), **times)
     if step == 0:
         log.print(f"step 0: {loss} (before training)")
         return val_loss, best_val
     worse = f" (above step 0's {start_loss:.4f}: no better than the starting point)" if val_loss >= start_loss else ""
-    log.print(f"step {step}: {loss}{' (best)' if improved else ''}{worse}")
+    line = f"step {step}: {loss}{' (best)' if improved else ''}{worse}"
+    if improved and pending:  # called best once it is on disk (a few log lines later), never if its write fails
+        ckpts.log_when_written(line)
+    else:
+        log.print(line)
     return val_loss, best_val
 
 
@@ -406,42 +411,6 @@ def bytes_of_val(val_src, token_bytes, log: Logger) -> Optional[ValBytes]:
         log.print(f"bits per byte not available: {why}; validation logs the loss per token only")
         return None
     return ValBytes(token_bytes)
-
-
-class FitClock:
-    """--fit_minutes: times the training steps after compilation (from step FIRST) until the warmup ends (at least
-    step MIN_END), then sets cfg.max_steps, in place, so that all the steps take about fit_minutes of wall time from
-    the loop's start. The LR of a step before the fit does not depend on max_steps (warmup), so the schedule is the
-    one a run told that many steps would follow. Validation after the fit comes on top. Under torchrun rank 0's
-    count is broadcast: every rank stops at the same step. A resumed run keeps the count it was given."""
-    FIRST, MIN_END = 5, 20  # steps 1-5 compile and capture CUDA graphs: not timed; time at least 15 steps
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, log: Logger, start_step: int):
-        self.cfg, self.rt, self.log = cfg, rt, log
-        self.active = cfg.fit_minutes > 0 and start_step == 0
-        self.end = max(cfg.warmup_steps, self.MIN_END)
-        if self.active:  # until the fit: long enough to reach it, the epochs' count for the first ETAs
-            cfg.max_steps = max(cfg.max_steps, self.end + 1)
-        self.t_loop, self.t_first = time.time(), 0.0
-
-    def tick(self, done: int) -> None:
-        """Call after each step; `done` = steps completed."""
-        if not self.active or done not in (self.FIRST, self.end):
-            return
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize()  # the steps are queued ahead of the host: wait for them to time them
-        now = time.time()
-        if done == self.FIRST:
-            self.t_first = now
-            return
-        per_step = (now - self.t_first) / (self.end - self.FIRST)
-        left = 60 * self.cfg.fit_minutes - (now - self.t_loop)
-        steps = torch.tensor(float(self.end + max(1, int(left / per_step))), device=self.rt.device)
-        if self.rt.world_size > 1:
-            dist.broadcast(steps, src=0)
-        self.cfg.max_steps, self.active = int(steps.item()), False
-        self.log.print(f"fit_minutes={self.cfg.fit_minutes:g}: {1000 * per_step:.1f} ms/step after compilation -> "
-                       f"{self.cfg.max_steps:,} steps in all")
 
 
 def run_length(cfg: TrainConfig, epoch_steps: float, params: int, tokens_per_step: int) -> tuple[TrainConfig, str]:
@@ -479,6 +448,8 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
 
     make_data(cfg, model_args, grad_accum) -> (train_src, val_src) is called once the run's config and model are
     known (a resumed run takes both, context length included, from the checkpoint, not from the flags)."""
+    if not (cfg.resume or cfg.resume_from):  # a bad --batch_tokens is one line before the run folder is claimed
+        grad_accum_steps(cfg, model_args.max_seq_len, rt.world_size)
     cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
     try:
         return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good),
@@ -511,9 +482,10 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
     start_step, best_val = (ckpt["step"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
     for line in notes + ([f"resuming from {path} at step {start_step} (best val {best_val:.4f})"] if ckpt else []):
         log.print(line)
-    seq_len = model_args.max_seq_len
+    seq_len, t_data = model_args.max_seq_len, time.time()
     accum = grad_accum_steps(cfg, seq_len, rt.world_size)
     train_src, val_src = make_data(cfg, model_args, accum)
+    data_s = time.time() - t_data  # reading (SFT: tokenizing) the data
     saved_sha = (ckpt or {}).get("tokenizer_sha256")  # a resumed run without the tokenizer keeps its hash
     tokenizer_sha256 = check_data_tokenizer(cfg, (train_src, val_src), tokenizer_sha256 or saved_sha)
     val_bytes = bytes_of_val(val_src, token_bytes, log)
@@ -527,16 +499,16 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                         tokens_per_step // seq_len, log, good, given)
     t_start = time.time()
     # validation runs the raw model eagerly: compiling no-grad graphs took 22 s (pretrain) and 45 s (SFT) on an H200
-    if start_step == 0:
-        val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
-    else:
-        val_loss = ckpt["val_loss"]
+    val_loss, best_val = (validate(raw_model, val_src, cfg, rt, log, ckpts, 0, best_val, val_bytes=val_bytes)
+                          if start_step == 0 else (ckpt["val_loss"], best_val))
     start_loss = start_val_loss(cfg.out_dir) if start_step else val_loss
     batches = DeviceBatches(train_src, start_step, accum, rt.device)
     peak = peak_flops(rt.device, cfg.peak_tflops)
-    meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None)
+    meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None,
+                       cfg.eval_interval, None if start_step else time.time() - t_start)  # + step 0's validation time
     losses, fit = LossLog(log, cfg.max_bad_steps, ckpts), FitClock(cfg, rt, log, start_step)
-    done = start_step
+    clock = CompileClock(rt.device, compiled != "eager", log)
+    done, outside, t_loop = start_step, 0.0, time.time()  # outside: seconds of validation and saves in the loop
     try:
         with StopSignals() as signals:
             while done < cfg.max_steps:  # --fit_minutes may set max_steps during the run
@@ -544,38 +516,52 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                 lr, t_step = lr_at(step, cfg), time.time()
                 loss, grad_norm = train_step(model, optimizer, scaler, batches, accum, lr, cfg.grad_clip, rt)
                 done = step + 1
+                clock.step_done(t_step)
                 fit.tick(done)
                 if done == start_step + 1 and rt.device.type != "cuda" and done % cfg.log_interval:
                     log.print(first_step_line(time.time() - t_step, cfg.max_steps - done,
                                               minutes_left(cfg.max_minutes, t_start)))
                 losses.add(done, lr, loss, grad_norm)
-                meter.steps += 1
+                meter.step()
                 out_of_time = out_of_minutes(cfg.max_minutes, t_start, done, cfg.log_interval, rt)
                 stop = stop_requested(signals, done, cfg.log_interval, rt)
                 last = done == cfg.max_steps or out_of_time or stop
                 if done % cfg.log_interval and done % cfg.eval_interval and done % cfg.ckpt_interval and not last:
                     continue  # the losses stay on the device: no host sync on this step
                 grad_norm = losses.flush()  # before any checkpoint: a run that must stop never saves after its bad steps
+                ckpts.poll()  # a best.pt written since is called best now; a failed write stops the run here
                 if done % cfg.log_interval == 0 or last:
                     log.print(meter.line(done, cfg.max_steps, lr, grad_norm, losses.mean(),
                                          minutes_left(cfg.max_minutes, t_start)))
+                ckpts.final, t_out = last, time.time()  # the run's last save is waited for
                 if (done % cfg.eval_interval == 0 or last) and not stop:
-                    val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, done, best_val, start_loss,
-                                                  val_bytes)
-                    meter.restart()  # keep validation out of tokens/s
+                    with meter.outside():  # validation time: out of tokens/s, into the ETA
+                        val_loss, best_val = validate(raw_model, val_src, cfg, rt, log, ckpts, done, best_val,
+                                                      start_loss, val_bytes)
                 elif done % cfg.ckpt_interval == 0 or stop:
                     ckpts.save(done, val_loss, best_val, False)
+                outside += time.time() - t_out
                 if out_of_time:
                     log.print(f"stopping at step {done}: max_minutes={cfg.max_minutes} reached (resume with --resume)")
                 if out_of_time or stop:
                     break
     finally:
-        ckpts.writer.wait()  # the last checkpoint is on disk before the run returns or exits
+        ckpts.settle()  # the last checkpoint is on disk before the run returns or exits
+    spent = time_spent(clock, data_s, time.time() - t_loop, outside)
     finish_lines(log, cfg, rt, kind, signals.requested, done, best_val, start_loss)
-    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start}
+    result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start, **spent}
     if rt.master:
         write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
     return result
+
+
+def time_spent(clock: CompileClock, data_s: float, loop_s: float, outside_s: float) -> dict:
+    """Where this process's time went, for summary.json: compile_s (the first steps' extra time, 0 for an eager
+    model), data_s (reading the data), steps_s (the loop's time less validation, saves and compilation)."""
+    clock.say()  # a run shorter than the clock's window logs it here
+    compile_s = (clock.seconds() or 0.0) if clock.compiled else 0.0
+    return {"compile_s": round(compile_s, 2), "data_s": round(data_s, 2),
+            "steps_s": round(max(0.0, loop_s - outside_s - compile_s), 2)}
 
 
 def finish_lines(log: Logger, cfg: TrainConfig, rt: Runtime, kind: str, signal: Optional[str], done: int,

@@ -4,7 +4,7 @@ saves diverged weights.
   checkpoint_file("out/sft")                        # a run folder -> out/sft/best.pt (else last.pt)
   save_checkpoint(state, "x.pt"); load_checkpoint("x.pt")  # atomic, with a checksum; weights_only, verified
   CheckpointWriter().save(state, "out/x/last.pt")   # the same, written on a background thread
-  Checkpoints(...).save(step, val_loss, best_val, best)  # a run's whole training state, never diverged weights
+  Checkpoints(...).save(step, val_loss, best_val, best)  # last.pt (training state), best.pt (weights); never diverged
   check_checkpoint(ckpt, tokenizer, path)           # the one tokenizer-identity check
 """
 from __future__ import annotations
@@ -150,25 +150,33 @@ def load_checkpoint(path: str) -> dict:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread, so training only waits for the copy of the state to host memory
-    (about 0.8 GB at the default model: weights + AdamW moments), not for the disk. GPU tensors are copied into
-    pinned buffers kept from one save to the next (fast, asynchronous copies). One write at a time; wait() before
-    exiting. best.pt is a hard link to the same file as last.pt when both are written (no second copy)."""
+    """Writes checkpoints on a background thread, so training never waits for the disk, nor for the copy of the
+    state to host memory: GPU tensors are copied into pinned buffers (kept from one save to the next) by
+    asynchronous copies queued behind the steps already launched, and the thread waits for those copies, not the
+    training loop. One batch of files at a time, written in order; the next save, wait() or finished() re-raises a
+    failed write in the caller's thread. save(state, last, best) hard-links `best` to the same file as `last`."""
 
     def __init__(self):
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.pinned: dict = {}  # position in the state -> pinned host tensor
+        self.written: list = []  # paths of the batch in flight already on disk, in order (the thread appends)
 
     def save(self, state: dict, last: str, best: Optional[str] = None) -> None:
+        self.save_files([(state, last, best)])
+
+    def save_files(self, files: list) -> None:
+        """files: [(state, path, hard link or None), ...], written in this order. Returns once the copies are
+        queued; a tensor shared by several states (the weights of best.pt and last.pt) is copied once."""
         self.wait()  # the previous write has finished with the buffers
-        snapshot = self._snapshot(state, (), {})
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies have landed
-        self.thread = threading.Thread(target=self._write, args=(snapshot, last, best))
+        seen, devices = {}, set()
+        snapshots = [(self._snapshot(state, (), seen, devices), path, link) for state, path, link in files]
+        ready = [torch.cuda.current_stream(d).record_event() for d in devices]  # the copies, in stream order
+        self.written = []
+        self.thread = threading.Thread(target=self._write, args=(snapshots, ready))
         self.thread.start()
 
-    def _snapshot(self, obj, key: tuple, seen: dict):
+    def _snapshot(self, obj, key: tuple, seen: dict, devices: set):
         if isinstance(obj, torch.Tensor):
             # the tied embedding/output matrix appears twice in the state dict: copy (and save) it once
             alias = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
@@ -177,21 +185,35 @@ class CheckpointWriter:
                     seen[alias] = obj.detach().clone()  # even on CPU: the live tensors change while the thread writes
                 else:
                     buf = self.pinned.get(key)
-                    if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                    # a buffer already holding another tensor of this snapshot (two states, one key) is not reused
+                    if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype or \
+                            any(buf is v for v in seen.values()):
                         buf = self.pinned[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
                     seen[alias] = buf.copy_(obj.detach(), non_blocking=True)
+                    devices.add(obj.device)
             return seen[alias]
         if isinstance(obj, dict):
-            return {k: self._snapshot(v, key + (k,), seen) for k, v in obj.items()}
+            return {k: self._snapshot(v, key + (k,), seen, devices) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._snapshot(v, key + (i,), seen) for i, v in enumerate(obj))
+            return type(obj)(self._snapshot(v, key + (i,), seen, devices) for i, v in enumerate(obj))
         return obj
 
-    def _write(self, state: dict, last: str, best: Optional[str]) -> None:
+    def _write(self, files: list, ready: list) -> None:
         try:
-            save_checkpoint(state, last, best)
+            for event in ready:
+                event.synchronize()
+            for state, path, link in files:
+                save_checkpoint(state, path, link)
+                self.written.append(path)
         except BaseException as e:  # re-raised in the training thread by wait()
             self.error = e
+
+    def finished(self) -> bool:
+        """True when no write is in flight; a failed one raises here, as in wait()."""
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.wait()
+        return True
 
     def wait(self) -> None:
         if self.thread is not None:
@@ -229,8 +251,14 @@ def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
 
 
 class Checkpoints:
-    """The run's checkpoints: the whole training state (model, optimizer, scaler, data position, every rank's RNG),
-    written by a CheckpointWriter to out_dir/last.pt, and best.pt when the validation loss improved."""
+    """The run's checkpoints, written in the background by a CheckpointWriter: out_dir/last.pt, the whole training
+    state (model, optimizer, scaler, data position, every rank's RNG: what --resume needs), and out_dir/best.pt when
+    the validation loss improved, the weights only (what eval.py, chat.py, export.py and sft.py --init_from
+    read; a third of last.pt's bytes). best.pt is written before last.pt: a kill between the two leaves
+    a best.pt newer than last.pt, and the resumed run recomputes the same steps and writes the same best.pt.
+
+    Nothing is called best before it is on disk: a line about a best.pt waits in log_when_written() until its write
+    has completed (poll() at the loop's log steps). The run's last save (final) is waited for before it returns."""
 
     def __init__(self, cfg, rt: Runtime, model_args, kind: str, tokenizer_sha256: str,
                  model: torch.nn.Module, optimizer, scaler, samples_per_step: int, log,
@@ -240,6 +268,8 @@ class Checkpoints:
         self.log, self.good_step = log, good_step  # the step of out_dir/last.pt, None before this run saved one
         self.given = dataclasses.asdict(given_cfg)  # the config before the run length was derived (resume checks it)
         self.writer = CheckpointWriter()
+        self.final = False  # set by the loop for the run's last save: wait for it (the process ends next)
+        self.lines: list = []  # (path, line): logged once that file is on disk
 
     def last_good(self) -> str:
         if self.good_step is None:
@@ -264,25 +294,54 @@ class Checkpoints:
                        f"(lower learning_rate or use dtype=bfloat16)")
         raise SystemExit(3)
 
+    def weights(self, step: int, val_loss: float) -> dict:
+        """best.pt: the weights and what describes them, no training state."""
+        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
+                "config": dataclasses.asdict(self.cfg), "kind": self.kind, "step": step, "val_loss": val_loss,
+                "tokenizer_sha256": self.tokenizer_sha256}
+
     def state(self, step: int, val_loss: float, best_val: float) -> dict:
+        """last.pt: the weights and the whole training state."""
         rngs = [rng_state()]
         if self.rt.world_size > 1:  # every rank's RNG, so dropout resumes exactly on each
             rngs = [None] * self.rt.world_size
             dist.all_gather_object(rngs, rng_state())
-        return {"model": self.model.state_dict(), "model_args": dataclasses.asdict(self.model_args),
-                "config": dataclasses.asdict(self.cfg), "given_config": self.given, "kind": self.kind, "step": step,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "data_position": {"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step},
-                "rng": rngs, "best_val_loss": best_val, "val_loss": val_loss, "tokenizer_sha256": self.tokenizer_sha256}
+        return dict(self.weights(step, val_loss), given_config=self.given, optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), rng=rngs, best_val_loss=best_val,
+                    data_position={"step": step, "seed": self.cfg.seed, "samples_per_step": self.samples_per_step})
 
-    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> None:
-        """Every rank calls this (the RNG gather is collective); rank 0 writes. A best checkpoint is on disk when
-        this returns (the log may then call it best); others are written in the background."""
+    def save(self, step: int, val_loss: float, best_val: float, best: bool) -> bool:
+        """Every rank calls this (the RNG gather is collective); rank 0 queues best.pt (when `best`) and last.pt for
+        the background writer. -> True while that best.pt is still being written: log_when_written() holds the line
+        that calls it best. The loop waits only when the previous write has not finished, and at the final save."""
         self.check_weights(step)
         st = self.state(step, val_loss, best_val)
+        pending = False
         if self.rt.master:
             out = self.cfg.out_dir
-            self.writer.save(st, os.path.join(out, "last.pt"), os.path.join(out, "best.pt") if best else None)
-            if best:
+            best_file = [(self.weights(step, val_loss), os.path.join(out, "best.pt"), None)] if best else []
+            self.settle()  # the previous batch: its lines, or its error
+            self.writer.save_files(best_file + [(st, os.path.join(out, "last.pt"), None)])
+            if self.final:
                 self.writer.wait()
+            pending = best and not self.final
         self.good_step = step
+        return pending
+
+    def log_when_written(self, line: str) -> None:
+        """Logs `line` once the best.pt queued by the last save() is on disk (never if its write fails)."""
+        self.lines.append((os.path.join(self.cfg.out_dir, "best.pt"), line))
+        self.poll()
+
+    def poll(self) -> None:
+        """Logs the lines whose file is written; a failed write raises here (one CheckpointError line, exit 2)."""
+        done = set(self.writer.written)
+        for _, line in [item for item in self.lines if item[0] in done]:
+            self.log.print(line)
+        self.lines = [item for item in self.lines if item[0] not in done]
+        self.writer.finished()
+
+    def settle(self) -> None:
+        """Waits for the write in flight, then logs its lines."""
+        self.writer.wait()
+        self.poll()

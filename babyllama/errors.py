@@ -3,6 +3,7 @@
   check(cfg.dim > 0, "dim must be positive")   # in validate(): a ConfigError, printed before any work
   raise DataError(f"{path}:{line}: expected ...")  # bad input: the file (and line) and what was expected
   with user_errors(): main_work()               # every script: DataError/ConfigError -> "error: ..." on stderr, exit 2
+  with ctrl_c(): main()                         # under __main__: Ctrl-C -> "interrupted (Ctrl-C)", exit 130
 """
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def user_errors(*kinds: type):
         yield
     except (DataError, ConfigError) + tuple(kinds) as e:
         fail(str(e))
+
+
+@contextlib.contextmanager
+def ctrl_c():
+    """A script's Ctrl-C outside a training loop (which saves last.pt first): one line, exit status 130, no
+    traceback. Only around `main()` under `if __name__ == "__main__"`: main() itself still raises KeyboardInterrupt
+    (its `finally` blocks have run: nothing is left half-written)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None

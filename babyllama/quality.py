@@ -8,7 +8,11 @@ involve no model at all, scored with the same protocol.
 A model worth using beats both.
 
 Degenerate answers are the failure of small models that BLEU hides: a phrase looped until the token limit.
-    python -c "import quality; print(quality.is_loop('头痛，头痛，头痛，头痛，'))"
+    python -c "from babyllama import quality; print(quality.is_loop('头痛，头痛，头痛，头痛，'))"
+
+Stock answers are the other one: the same sentence for many questions, which BLEU rewards when it is a likely one.
+answer_quality measures it over a list of answers (the model's, a baseline's, or the references as a yardstick):
+    python -c "from babyllama import quality; print(quality.answer_quality(['多喝水。', '多喝水。'], ['感冒', '发烧']))"
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ FIXED_ANSWER = "你好，根据你的情况，建议及时到正规医院就诊�
 LOOP_SPAN, LOOP_REPEATS = 4, 4  # an answer loops when a span of 4+ characters comes 4+ times in a row
 # (.{4,}?) a span of at least LOOP_SPAN characters, \1{3,} the same span again 3+ times right after it
 LOOP_RE = re.compile(r"(.{%d,}?)\1{%d,}" % (LOOP_SPAN, LOOP_REPEATS - 1), re.S)
+OPENING_CHARS = 12  # an answer's opening: its first 12 characters (whitespace removed)
+OVERLAP_BIGRAMS = 3  # an answer overlaps its question when they share 3+ distinct CJK character bigrams
+CJK = re.compile(r"[\u4e00-\u9fff]")  # CJK Unified Ideographs: the Chinese characters of a bigram
 
 
 def is_loop(text: str) -> bool:
@@ -52,6 +59,61 @@ def length_stats(answers: Sequence[str], references: Sequence[str]) -> dict:
     ans = sum(map(count, answers)) / max(len(answers), 1)
     ref = sum(map(count, references)) / max(len(references), 1)
     return {"answer_chars": ans, "reference_chars": ref, "ratio": ans / ref if ref else float("nan")}
+
+
+# ----------------------------------------------------------------------------- stock answers
+
+
+def squeeze(text: str) -> str:
+    """The text without any whitespace: what two answers are compared on."""
+    return "".join(text.split())
+
+
+def duplicate_share(answers: Sequence[str]) -> float:
+    """Share of answers identical (whitespace removed) to at least one other answer of the list (0-1)."""
+    counts = Counter(map(squeeze, answers))
+    return sum(c for c in counts.values() if c > 1) / len(answers) if answers else 0.0
+
+
+def openings(answers: Sequence[str], chars: int = OPENING_CHARS) -> Tuple[int, float]:
+    """(number of distinct openings, share of answers that start with the most common one); an opening is the
+    first `chars` characters without whitespace (a shorter answer is its own opening)."""
+    counts = Counter(squeeze(a)[:chars] for a in answers)
+    return len(counts), (counts.most_common(1)[0][1] / len(answers) if answers else 0.0)
+
+
+def distinct_2(answers: Sequence[str]) -> float:
+    """Distinct character bigrams / all character bigrams over every answer (whitespace removed, bigrams inside
+    one answer); 0 when no answer has two characters. Low = the answers reuse the same phrases."""
+    grams = [s[i:i + 2] for s in map(squeeze, answers) for i in range(len(s) - 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def cjk_bigrams(text: str) -> set:
+    """Distinct pairs of adjacent characters (whitespace removed) that are both CJK ideographs (U+4E00-U+9FFF):
+    `头痛怎么办？` -> {头痛, 痛怎, 怎么, 么办}; punctuation, digits and Latin letters break pairs."""
+    s = squeeze(text)
+    return {s[i:i + 2] for i in range(len(s) - 1) if CJK.match(s[i]) and CJK.match(s[i + 1])}
+
+
+def question_overlap(questions: Sequence[str], answers: Sequence[str], min_shared: int = OVERLAP_BIGRAMS) -> float:
+    """Share of answers sharing at least `min_shared` distinct CJK bigrams (cjk_bigrams) with their own question:
+    an answer that takes up the question's terms, not one that would fit any question."""
+    if len(questions) != len(answers):
+        raise ValueError(f"need one question per answer, got {len(questions)} and {len(answers)}")
+    hits = [len(cjk_bigrams(q) & cjk_bigrams(a)) >= min_shared for q, a in zip(questions, answers)]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def answer_quality(answers: Sequence[str], questions: Sequence[str]) -> dict:
+    """The stock-answer metrics of one list of answers to `questions`:
+    duplicate         share of answers identical to another answer (duplicate_share)
+    openings          number of distinct 12-character openings; top_opening: share starting with the commonest one
+    distinct2         distinct character bigrams / all character bigrams (distinct_2)
+    question_overlap  share of answers sharing 3+ distinct CJK bigrams with their question (question_overlap)"""
+    n_open, top = openings(answers)
+    return {"duplicate": duplicate_share(answers), "openings": n_open, "top_opening": top,
+            "distinct2": distinct_2(answers), "question_overlap": question_overlap(questions, answers)}
 
 
 # ----------------------------------------------------------------------------- retrieval baseline

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint
 from babyllama.errors import DataError
+from babyllama.folder_lock import lock_file
 from babyllama.runtime import Runtime
 
 # may differ on --resume (each change is printed): how long and how often, not what is computed
@@ -44,23 +45,11 @@ def claim_run_dir(out_dir: str, fresh: bool, overwrite: bool) -> int:
     A second run into the same folder is refused. A fresh run into a folder holding a checkpoint is refused unless
     `overwrite`; a fresh run removes the earlier run's files (RUN_FILES), so its logs start afresh."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "run.lock")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        raise RunDirError(f"{path}: cannot create the run lock ({e.strerror})") from None
-    try:
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no flock (Windows): the folder is not locked
-        pass
-    except OSError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise RunDirError(f"{out_dir}: another run (pid {pid}) is writing to this folder; wait for it to end "
-                          f"or pick another --out_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+        fd = lock_file(os.path.join(out_dir, "run.lock"), f"{out_dir}: another run (pid {{pid}}) is writing to this "
+                       "folder; wait for it to end or pick another --out_dir")
+    except DataError as e:
+        raise RunDirError(str(e)) from None
     if fresh:
         held = [n for n in ("last.pt", "best.pt") if os.path.lexists(os.path.join(out_dir, n))]
         if held and not overwrite:
@@ -150,6 +139,8 @@ def check_data_tokenizer(cfg, sources: tuple, run_sha: Optional[str]) -> str:
     source that names one (pretraining shards) agrees with it: a missing tokenizer does not switch the check off."""
     for src in sources:
         data_sha = getattr(src, "tokenizer_sha256", None)
+        if data_sha is None:  # SFT data (tokenized by this run's tokenizer) or synthetic ids: nothing to compare
+            continue
         check_same_tokenizer(f"{getattr(cfg, 'data_dir', 'the data')}: {src.split} shards", data_sha, run_sha)
         run_sha = run_sha or data_sha
     return run_sha or ""

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import time
+from collections import deque
+from contextlib import contextmanager
 from typing import Optional
 
 from babyllama.fileio import atomic_file, open_append, read_jsonl, write_atomic
@@ -82,39 +84,90 @@ def plot_losses(out_dir: str, kind: str = "") -> Optional[str]:
 
 
 class Throughput:
-    """Steps, time and real tokens since the last log line (validation excluded) -> ms/step, tokens/s, MFU."""
+    """Steps, time and real tokens since the last log line -> ms/step, tokens/s, MFU, and the ETA.
 
-    def __init__(self, batches, world_size: int, flops_per_token: int, peak: Optional[float]):
+    ms/step and tokens/s are the steps' own: the run's first step (compilation, allocation: the slowest by far on a
+    GPU) and the time the loop spends outside the steps (validation passes and the checkpoint saves they wait for)
+    are left out. The ETA puts that time back: the pace of the last RECENT log intervals times the steps left, plus
+    the validation passes left times the length of the recent ones. trainer.py calls step() after every optimizer
+    step, wraps every validation pass in outside() and calls line() at log steps."""
+    RECENT = 4  # log intervals and validation passes the ETA averages: it follows a change of pace within a few lines
+
+    def __init__(self, batches, world_size: int, flops_per_token: int, peak: Optional[float], eval_interval: int = 0,
+                 val_s: Optional[float] = None):
         # batches: trainer.DeviceBatches, whose .tokens counts the real (non-padding) tokens fed so far
         self.batches, self.world_size, self.flops_per_token, self.peak = batches, world_size, flops_per_token, peak
+        self.eval_interval = eval_interval  # validation every N steps and at the last (0: at the last step only)
         self.rates: list[float] = []  # tokens/s of every logged interval (summary.json takes the median)
+        self.recent: deque = deque(maxlen=self.RECENT)  # (seconds, steps) of the last logged intervals
+        self.passes: deque = deque(maxlen=self.RECENT)  # seconds of the last validation passes of the loop
+        self.val_s = val_s  # step 0's validation (no checkpoint to wait for): the estimate until a pass is measured
+        self.first: Optional[tuple] = None  # (seconds, tokens) of the run's first step
         self.restart()
 
     def restart(self) -> None:
         self.t, self.steps, self.tokens = time.time(), 0, self.batches.tokens
 
+    def step(self) -> None:
+        """One optimizer step done. The first is set apart: the rates use it only until another step is measured."""
+        self.steps += 1
+        if self.first is None:
+            self.first = (time.time() - self.t, self.batches.tokens - self.tokens)
+            self.restart()
+
+    @contextmanager
+    def outside(self):
+        """`with meter.outside():` around time the loop spends outside the steps (a validation pass and the checkpoint
+        it waits for): kept out of ms/step and tokens/s (the interval goes on after it), counted in the ETA."""
+        t0 = time.time()
+        yield
+        seconds = time.time() - t0
+        self.passes.append(seconds)
+        self.t += seconds
+
     def line(self, done: int, max_steps: int, lr: float, grad_norm: float, loss: str, left_s: Optional[float]) -> str:
         """left_s: the seconds --max_minutes leaves (None = no limit); the ETA is the sooner of it and the steps'."""
-        now = time.time()
-        dt = (now - self.t) / max(1, self.steps)
-        tok_s = (self.batches.tokens - self.tokens) * self.world_size / (now - self.t)  # real tokens (SFT: no padding)
+        if self.steps:
+            seconds, steps, tokens = max(1e-9, time.time() - self.t), self.steps, self.batches.tokens - self.tokens
+            self.recent.append((seconds, steps))
+        else:  # no step measured but the first (a log line at step 1)
+            (seconds, tokens), steps = self.first, 1
+        tok_s = tokens * self.world_size / max(1e-9, seconds)  # real tokens (SFT: no padding)
         self.rates.append(tok_s)
         self.restart()
         mfu = f" | mfu {100 * self.flops_per_token * tok_s / self.peak:.1f}%" if self.peak else ""
-        return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | {dt * 1000:.0f} ms/step | "
-                f"{tok_s:,.0f} tok/s{mfu} | {eta(max_steps - done, dt, left_s)}")
+        return (f"step {done}/{max_steps} | loss {loss} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+                f"{1000 * seconds / steps:.0f} ms/step | {tok_s:,.0f} tok/s{mfu} | "
+                f"{eta(max_steps - done, self.step_s(), left_s, self.outside_s(done, max_steps))}")
+
+    def step_s(self) -> float:
+        """Seconds per step over the recent log intervals (the first step alone while nothing else is measured)."""
+        if not self.recent:
+            return self.first[0] if self.first else 0.0
+        return sum(s for s, _ in self.recent) / sum(n for _, n in self.recent)
+
+    def outside_s(self, done: int, max_steps: int) -> float:
+        """Seconds the validation passes still to come will take (the one at `done` included: it follows the line)."""
+        pass_s = sum(self.passes) / len(self.passes) if self.passes else self.val_s
+        if not pass_s or done > max_steps:
+            return 0.0
+        every = self.eval_interval or max_steps
+        left = max_steps // every - (done - 1) // every + (1 if max_steps % every else 0)
+        return left * pass_s
 
 
-def eta(steps_left: int, step_s: float, left_s: Optional[float]) -> str:
-    """'eta 12.3 min', or the --max_minutes stop when that comes first."""
-    steps_s = steps_left * step_s
+def eta(steps_left: int, step_s: float, left_s: Optional[float], outside_s: float = 0.0) -> str:
+    """'eta 12.3 min' (the steps left, plus outside_s seconds of validation), or the --max_minutes stop when that
+    comes first."""
+    steps_s = steps_left * step_s + outside_s
     if left_s is not None and left_s < steps_s:
         return f"eta {max(0.0, left_s) / 60:.1f} min (max_minutes; {steps_s / 60:.1f} min for every step)"
     return f"eta {steps_s / 60:.1f} min"
 
 
 def first_step_line(step_s: float, steps_left: int, left_s: Optional[float]) -> str:
-    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)}"
+    """On a CPU, after the first step (before any log line): its time and the ETA it gives, an upper bound."""
+    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)} at most"
 
 
 def start_val_loss(out_dir: str) -> float:

@@ -34,6 +34,9 @@ from chatglm_tokenizer import find_tokenizer  # noqa: E402 (needs ROOT on sys.pa
 SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared"))
 # real corpora for end-to-end tests: $BABYLLAMA_SHARED_DATA (set by .ci/run), else ../shared/data
 SHARED_DATA = os.environ.get("BABYLLAMA_SHARED_DATA") or os.path.join(SHARED, "data")
+# skip reasons name the variable that enables the tests
+SKIP_NO_SHARED_DATA = f"needs the real corpora: set BABYLLAMA_SHARED_DATA to their folder (pretrain/, sft/, eval/; not in {SHARED_DATA})"
+SKIP_NO_TOKENIZER = "needs the ChatGLM2 tokenizer: set BABYLLAMA_TOKENIZER=/path/to/tokenizer.model"
 _shared_tokenizer = os.path.join(SHARED, "chatglm_tokenizer", "tokenizer.model")
 if not os.environ.get("BABYLLAMA_TOKENIZER") and os.path.isfile(_shared_tokenizer):
     os.environ["BABYLLAMA_TOKENIZER"] = _shared_tokenizer  # also seen by the scripts the tests run
@@ -59,6 +62,9 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: launches a process (a script, torchrun, speedrun.sh); "
                                        "-m \"not slow\" leaves these out")
+    # torch's own deprecation, not this project's: torch.compile imports inductor, which imports torch/utils/mkldnn.py,
+    # which still uses torch.jit.script_method (tests/test_warnings.py keeps our own code free of them)
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 # ---- the slowest end-to-end runs, in the background -----------------------------------------------------------------
@@ -218,7 +224,7 @@ def tokenizer_path():
     try:
         return find_tokenizer(download=False)
     except FileNotFoundError as e:
-        pytest.skip(f"needs the ChatGLM2 tokenizer.model: {e}")
+        pytest.skip(f"{SKIP_NO_TOKENIZER} ({e})")
 
 
 @pytest.fixture

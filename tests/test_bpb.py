@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import train_tokenizer as tt
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, load_tokenizer
-from conftest import ROOT, SHARED_DATA, gguf_tools, main_error
+from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, gguf_tools, main_error
 from dataset import PretrainData
 from model import ModelArgs, Transformer
 from babyllama.runtime import Runtime
@@ -35,7 +35,7 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=64", "--batch_
 def c4_documents(n: int = 200) -> list:
     path = os.path.join(SHARED_DATA, "pretrain", "c4-style-csl-abstracts.jsonl")
     if not os.path.isfile(path):
-        pytest.skip(f"needs the shared corpora in {SHARED_DATA}")
+        pytest.skip(SKIP_NO_SHARED_DATA)
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()][:n]
 

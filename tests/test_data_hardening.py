@@ -89,6 +89,7 @@ def test_rerun_replaces_only_its_own_output(tmp_path, tokenizer_path, capsys):
 def _run_killed_between_renames(out, corpus):
     """Runs data_process.py in a child that is killed (SIGKILL) after the old folder is moved aside."""
     code = ("import os, signal, sys, data_process\nfrom babyllama import output_dir\n"
+            "output_dir._exchange = lambda a, b: False\n"  # the two-rename swap (no RENAME_EXCHANGE)
             "output_dir._between_renames = lambda: os.kill(os.getpid(), signal.SIGKILL)\n"
             "data_process.main(sys.argv[1:])\n")
     return subprocess.run([sys.executable, "-c", code, "pretrain", f"--inputs={corpus}", f"--out_dir={out}",

@@ -214,7 +214,8 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
         assert key in saved, key
     assert saved["samples"] == 4 and saved["step"] == 7 and len(saved["results"]) == 4
     assert set(saved["scores"]) == {"bleu4", "sacrebleu_zh", "ppl", "val_loss", "bits_per_byte", "loop", "hit_limit", "degenerate",
-                                    "answer_chars", "reference_chars", "length_ratio"}
+                                    "answer_chars", "reference_chars", "length_ratio", "duplicate", "openings",
+                                    "top_opening", "distinct2", "question_overlap", "reference_bpb"}
     answers = [r["answer"] for r in saved["results"]]
     cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6,
                                  no_repeat_ngram=cfg.no_repeat_ngram)[0]) == 6 for r in rows[:4]]

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, gguf_tools, main_error, one_line_error, run_script
+from conftest import SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, gguf_tools, main_error, one_line_error, run_script
 
 import export
 import generate
@@ -36,7 +36,7 @@ def tok():
     try:
         return load_tokenizer()  # finds it as the scripts do; the Hub download fails fast offline
     except (FileNotFoundError, OSError) as e:
-        pytest.skip(f"needs the ChatGLM2 tokenizer.model: {e}")
+        pytest.skip(f"{SKIP_NO_TOKENIZER} ({e})")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_tokenizer_ids_equal_on_shared_corpora(hf_dir, tok):
     paths = [os.path.join(SHARED_DATA, "pretrain", n)
              for n in ("c4-style-csl-abstracts.jsonl", "medical-encyclopedia-style.jsonl")]
     if not all(os.path.isfile(p) for p in paths):
-        pytest.skip(f"needs the shared corpora in {SHARED_DATA}")
+        pytest.skip(SKIP_NO_SHARED_DATA)
     extra = ["", " lead", "  two spaces", "tab\tand\nnewline  ", "x</s> y", "数字 2024 年 3.14 ％ ①", "emoji 🙂 ok"]
     for path in paths:
         with open(path, encoding="utf-8") as f:

@@ -279,7 +279,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_claims_no_best(trained, tmp
     monkeypatch.setattr(runtime.torch, "save", full_disk)
     assert tiny_run(data, copy, "--resume", "--max_steps=12", "--eval_interval=3") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "last.pt: " in err and "no space left" in err, err
+    assert err.count("\n") == 1 and "best.pt: " in err and "no space left" in err, err
     assert (copy / "last.pt").read_bytes() == before and not list(copy.glob("*.tmp"))
     assert load_checkpoint(str(copy / "last.pt"))["step"] == 6
     assert "step 9: val loss" not in (copy / "log.txt").read_text()  # never logged, let alone as "(best)"

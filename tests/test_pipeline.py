@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import SESSION_TOKENIZER, SHARED_DATA, background, run_script
+from conftest import SESSION_TOKENIZER, SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, background, run_script
 from babyllama.train_log import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
@@ -25,9 +25,9 @@ def shared_corpus_run(tmp_path_factory) -> tuple:
     """data_process.py on two shared corpora, a tiny pretrain.py run on them, eval.py's perplexity of its checkpoint
     -> (data folder, run folder, eval.py's stdout)."""
     if not all(os.path.isfile(f) for f in SHARED_FILES):
-        pytest.skip("needs ../shared/data")
+        pytest.skip(SKIP_NO_SHARED_DATA)
     if SESSION_TOKENIZER is None:
-        pytest.skip("needs the ChatGLM2 tokenizer.model")
+        pytest.skip(SKIP_NO_TOKENIZER)
     base = tmp_path_factory.mktemp("pipeline")
     data, out = base / "tokens", base / "run"
     run(["data_process.py", "pretrain", f"--inputs={','.join(SHARED_FILES)}", f"--out_dir={data}", "--progress=false"])

@@ -141,7 +141,7 @@ def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tm
     pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=60", "--eval_interval=30"])
     _, val = metrics(out)
     assert val[0] > math.log(512) - 0.3 and val[60] < val[0] - 1.0, val
-    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)  # the training state: last.pt
     for key in ("model", "model_args", "config", "optimizer", "scaler", "step", "data_position", "rng",
                 "best_val_loss", "kind"):
         assert key in ckpt

@@ -40,8 +40,8 @@ def run_both_speedruns(tmp_path_factory) -> dict:
     """Both tiny speedruns at once: with the ChatGLM2 tokenizer (None without one), and with a tokenizer of its own."""
     env = dict(base_env(), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     env.pop("BABYLLAMA_TOKENIZER", None)  # the run with its own tokenizer: nothing may fall back to ChatGLM2's
-    own = Speedrun(tmp_path_factory.mktemp("speedrun_own"), ["--tokenizer_vocab=4096"], env)
-    chatglm = SESSION_TOKENIZER and Speedrun(tmp_path_factory.mktemp("speedrun"), ["--sft_mix=medical=2"],
+    own = Speedrun(tmp_path_factory.mktemp("speedrun_own"), ["--tokenizer_vocab=4096", "--eval_original"], env)
+    chatglm = SESSION_TOKENIZER and Speedrun(tmp_path_factory.mktemp("speedrun"), ["--sft_mix=medical=2", "--eval_original"],
                                              dict(env, BABYLLAMA_TOKENIZER=SESSION_TOKENIZER))
     try:
         return {"chatglm": chatglm and chatglm.wait(), "own": own.wait()}

@@ -13,7 +13,7 @@ import pytest
 
 import train_tokenizer as tt
 from chatglm_tokenizer import MODEL_FILE, TOKENIZER_ENV, ChatGLMTokenizer, bits_per_byte, find_tokenizer, load_tokenizer
-from conftest import ROOT, SHARED_DATA, check_help, main_error
+from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, check_help, main_error
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError, DataError
 from babyllama.corpora import ReadOptions, Reporter, detect, iter_documents
@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
 def test_trains_on_the_sample_in_seconds(trained):
     out, meta, seconds = trained
     assert seconds < 30, f"training on the sample took {seconds:.1f}s"
-    assert sorted(os.listdir(out)) == [MODEL_FILE, tt.META_FILE]  # no *.tmp left behind
+    assert sorted(os.listdir(out)) == ["manifest.json", MODEL_FILE, tt.META_FILE]  # no *.tmp left behind
     with open(out / MODEL_FILE, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     with open(out / tt.META_FILE, encoding="utf-8") as f:
@@ -89,7 +89,7 @@ def test_round_trip_ids_and_specials(trained):
 def shared_corpus(name: str) -> str:
     path = os.path.join(SHARED_DATA, "pretrain", name)
     if not os.path.isfile(path):
-        pytest.skip(f"needs the shared corpora in {SHARED_DATA}")
+        pytest.skip(SKIP_NO_SHARED_DATA)
     return path
 
 

@@ -1,0 +1,114 @@
+"""Candidate decoding: sample K answers per prompt in one batched generate() call, keep one of them.
+
+Library module, no command line; eval.py and chat.py use it through --candidates and --rerank:
+    python eval.py --beams=1 --temperature=0.7 --top_p=0.9 --candidates=8 --rerank=mbr
+    python chat.py --candidates=8 --rerank=likelihood
+    rerank.mbr_select(["要多喝水。", "要多喝水，多休息。", "多休息。", "去医院检查。"])   # -> 1, the closest to the others
+
+Each prompt becomes K rows of one generate() call (the sampling knobs as given: temperature, top_k, top_p,
+repetition_penalty, no_repeat_ngram; one generator, so the same --seed gives the same answers). One candidate is kept:
+  mbr         minimum Bayes risk: the candidate with the highest mean chrF to the other candidates. The samples are
+              draws from the model's answer distribution; the one that agrees most with them is its consensus answer,
+              without the one stock phrasing beam search converges to. chrF here: character 1-4-grams (whitespace
+              removed), precision and recall each averaged over the orders, then their harmonic mean (beta 1:
+              symmetric, so each pair is computed once).
+  likelihood  the highest mean log-probability per token under the model (teacher-forced, scoring.answer_nats; the
+              <eos> counts as a token when the answer ended).
+Degenerate candidates (empty, a loop as quality.is_loop says, or cut at max_new_tokens) are never kept, and are no
+evidence for MBR either, unless every candidate is degenerate. Ties go to the earlier candidate.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from babyllama import quality
+from generate import RERANK_RULES as RULES, generate
+from scoring import answer_nats
+
+CHRF_ORDER = 4  # chrF over character 1..4-grams
+
+
+def char_ngrams(text: str, max_n: int = CHRF_ORDER) -> List[Counter]:
+    """[Counter of 1-grams, ..., Counter of max_n-grams] of the text's characters, whitespace removed."""
+    s = quality.squeeze(text)
+    return [Counter(s[i:i + n] for i in range(len(s) - n + 1)) for n in range(1, max_n + 1)]
+
+
+def chrf(a: List[Counter], b: List[Counter]) -> float:
+    """chrF (beta 1) of two char_ngrams lists, 0-1: precision and recall of matched n-grams averaged over the orders
+    both texts are long enough for, then their harmonic mean. chrf(a, b) == chrf(b, a)."""
+    precs, recs = [], []
+    for ga, gb in zip(a, b):
+        na, nb = sum(ga.values()), sum(gb.values())
+        if na and nb:
+            m = sum((ga & gb).values())
+            precs.append(m / na), recs.append(m / nb)
+    if not precs:
+        return 0.0
+    p, r = sum(precs) / len(precs), sum(recs) / len(recs)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def kept(n: int, skip: Optional[Sequence[bool]]) -> List[int]:
+    """Indices of the candidates not skipped; all of them when every one is skipped."""
+    return [i for i in range(n) if not (skip and skip[i])] or list(range(n))
+
+
+def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None) -> int:
+    """Index of the candidate with the highest mean chrF to the other kept candidates (skip: True = not chosen and
+    not counted as evidence)."""
+    if not texts:
+        raise ValueError("mbr_select: no candidates")
+    keep = kept(len(texts), skip)
+    if len(keep) == 1:
+        return keep[0]
+    grams = {i: char_ngrams(texts[i]) for i in keep}
+    sim = {}
+    for a, i in enumerate(keep):
+        for j in keep[a + 1:]:
+            sim[i, j] = sim[j, i] = chrf(grams[i], grams[j])
+    score = {i: sum(sim[i, j] for j in keep if j != i) / (len(keep) - 1) for i in keep}
+    return max(keep, key=lambda i: (score[i], -i))
+
+
+def likelihood_select(nats: Sequence[float], n_tokens: Sequence[int], skip: Optional[Sequence[bool]] = None) -> int:
+    """Index of the candidate with the highest mean log-prob per token, -nats / n_tokens (skip as mbr_select)."""
+    if not nats or len(nats) != len(n_tokens):
+        raise ValueError(f"likelihood_select: need one token count per candidate (1+), got {len(nats)} and "
+                         f"{len(n_tokens)}")
+    return max(kept(len(nats), skip), key=lambda i: (-nats[i] / max(n_tokens[i], 1), -i))
+
+
+def generate_best(model, prompts: List[List[int]], max_new_tokens: int, *, candidates: int, rerank: str,
+                  decode: Callable[[List[int]], str], eos_id: int, **knobs) -> List[List[int]]:
+    """New tokens of the kept candidate for each prompt (as generate() returns them, <eos> excluded).
+
+    knobs: generate()'s sampling keywords (temperature > 0, top_k, top_p, generator, ...); decode: ids -> text (the
+    tokenizer's), for MBR and the loop check."""
+    if rerank not in RULES:
+        raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {rerank!r}")
+    k = candidates
+    rows = [p for p in prompts for _ in range(k)]  # (B * K) rows: prompt b's candidates are rows b*K .. b*K + K-1
+    outs = generate(model, rows, max_new_tokens, eos_id=eos_id, **knobs)
+    texts = [decode(o).strip() for o in outs]
+    ended = [len(o) < max_new_tokens for o in outs]  # stopped at <eos>, not at the limit
+    skip = [not t or not e or quality.is_loop(t) for t, e in zip(texts, ended)]
+    if rerank == "likelihood":
+        scored = [o + [eos_id] if e else o for o, e in zip(outs, ended)]
+        device = model.rope_cos.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else model.tok_embeddings.weight.dtype  # the caller's autocast (eval.py, chat.py), else the weights'
+        nats = answer_nats(model, rows, scored, len(prompts), device, dtype)
+    chosen = []
+    for b in range(len(prompts)):
+        span = range(b * k, (b + 1) * k)
+        if rerank == "mbr":
+            best = mbr_select([texts[i] for i in span], [skip[i] for i in span])
+        else:
+            best = likelihood_select([nats[i] for i in span], [len(scored[i]) for i in span], [skip[i] for i in span])
+        chosen.append(outs[b * k + best])
+    return chosen
+

@@ -1,0 +1,239 @@
+"""Candidate decoding (rerank.py), teacher-forced scores (scoring.py), and --candidates in eval.py and chat.py."""
+import json
+import math
+
+import pytest
+import torch
+
+import eval as ev
+import generate
+import rerank
+import scoring
+from babyllama import checkpoint
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError
+from chat import ChatConfig
+from chatglm_tokenizer.template import render
+from conftest import run_script
+from model import ModelArgs, Transformer
+
+torch.set_num_threads(1)
+V = 96  # vocabulary of the fake tokenizer and the tiny models
+
+
+class FakeTokenizer:
+    """Characters <-> ids 3..V-1 (given out in order of first sight); pad 0, bos 1, eos 2."""
+    pad_id, bos_id, eos_id, vocab_size, sha256 = 0, 1, 2, V, "f" * 64
+
+    def __init__(self):
+        self.char_to_id, self.id_to_char = {}, {}
+
+    def encode(self, text, bos=False, eos=False):
+        for c in text:
+            if c not in self.char_to_id:
+                i = 3 + len(self.char_to_id) % (V - 3)
+                self.char_to_id[c], self.id_to_char[i] = i, c
+        return ([1] if bos else []) + [self.char_to_id[c] for c in text] + ([2] if eos else [])
+
+    def encode_batch(self, texts, num_threads=-1):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return "".join(self.id_to_char.get(int(i), "?") for i in ids if int(i) > 2)
+
+
+def tiny_model(max_seq_len=32, seed=0, vocab_size=V):
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=max_seq_len)).eval()
+
+
+def tiny_ckpt(model, sha="f" * 64):
+    return {"model": model.state_dict(), "model_args": vars(model.args).copy(), "config": {}, "kind": "sft", "step": 7,
+            "val_loss": 1.0, "best_val_loss": 1.0, "tokenizer_sha256": sha}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def nats_by_hand(model, prompt, answer):
+    """-sum log p(answer | prompt) in float64 from the full logits of one unpadded row."""
+    seq = torch.tensor(prompt + answer)[None]
+    with torch.no_grad():
+        logits, _ = model(seq[:, :-1], seq[:, 1:])
+    logp = torch.log_softmax(logits.double(), -1)[0]
+    pos = torch.arange(len(prompt) - 1, seq.size(1) - 1)
+    return -logp[pos, torch.tensor(answer)].sum().item()
+
+
+# ---- choosing a candidate ---------------------------------------------------------------------------
+
+def test_chrf_by_hand_symmetric_and_bounded():
+    a, b = rerank.char_ngrams("ab"), rerank.char_ngrams("a b c")
+    # 1-grams: 2 of 2 and 2 of 3 match; 2-grams: 1 of 1 and 1 of 2; no 3- or 4-grams in "ab": P 1, R 7/12
+    assert rerank.chrf(a, b) == pytest.approx(14 / 19) and rerank.chrf(b, a) == pytest.approx(14 / 19)
+    assert rerank.chrf(a, a) == 1.0 and rerank.chrf(a, rerank.char_ngrams("xyz")) == 0.0
+    assert rerank.chrf(a, rerank.char_ngrams("")) == 0.0
+
+
+def test_mbr_picks_the_consensus_candidate_and_never_a_skipped_one():
+    cands = ["感冒了要多喝水。", "感冒了要多喝水，多休息。", "感冒了多休息。", "建议去医院做个胃镜检查。"]
+    assert rerank.mbr_select(cands) == 1  # it shares most with each of the others; the outlier least
+    g = [rerank.char_ngrams(c) for c in cands]
+    mean = [sum(rerank.chrf(g[i], g[j]) for j in range(4) if j != i) / 3 for i in range(4)]
+    assert max(range(4), key=mean.__getitem__) == 1 and min(range(4), key=mean.__getitem__) == 3
+    # the consensus one skipped (e.g. cut at max_new_tokens): neither chosen nor evidence for the others
+    assert rerank.mbr_select(cands, skip=[False, True, False, False]) in (0, 2)
+    assert rerank.mbr_select(cands, skip=[True, True, True, False]) == 3  # the only one left
+    assert rerank.mbr_select(cands, skip=[True] * 4) == 1  # all degenerate: all count again
+    assert rerank.mbr_select(["同一个回答", "同一个回答"]) == 0  # ties go to the earlier candidate
+    with pytest.raises(ValueError):
+        rerank.mbr_select([])
+
+
+def test_likelihood_picks_the_best_mean_log_prob_per_token():
+    nats, n = [10.0, 6.0, 3.0], [5, 2, 3]  # mean log-probs -2, -3, -1
+    assert rerank.likelihood_select(nats, n) == 2
+    assert rerank.likelihood_select(nats, n, skip=[False, False, True]) == 0
+    assert rerank.likelihood_select([4.0, 2.0], [2, 1]) == 0  # a tie goes to the earlier one
+    with pytest.raises(ValueError):
+        rerank.likelihood_select([1.0], [1, 2])
+
+
+# ---- teacher-forced scores --------------------------------------------------------------------------
+
+def test_answer_nats_equals_log_probs_by_hand_in_padded_chunked_batches(monkeypatch):
+    model = tiny_model()
+    prompts = [[5, 6, 1], [7, 8, 9, 10, 11, 1], [12, 1]]
+    answers = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 27, 2]]
+    want = [nats_by_hand(model, p, a) for p, a in zip(prompts, answers)]
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", 4)  # several logit chunks per batch
+    got = scoring.answer_nats(model, prompts, answers, 2, "cpu", torch.float32)  # padded rows of mixed lengths
+    assert got == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="<= 32 tokens"):
+        scoring.answer_nats(model, [[5] * 30], [[6] * 4], 2, "cpu", torch.float32)
+
+
+def test_fit_pair_keeps_the_questions_end_and_the_answers_start():
+    p, a = list(range(100, 110)), list(range(200, 210))
+    assert scoring.fit_pair(p, a, 20) == (p, a, False)
+    assert scoring.fit_pair(p, a, 12) == (p[-6:], a[:6], True)  # the prompt keeps half the room at least
+    assert scoring.fit_pair(p[:3], a, 12) == (p[:3], a[:9], True)  # a short prompt stays whole
+
+
+def test_reference_bpb_is_answer_nats_over_answer_bytes():
+    model, tok = tiny_model(max_seq_len=16), FakeTokenizer()
+    questions, refs = ["头痛怎么办", "发烧"], ["多休息。", "多喝水，退烧后观察两三天，不退再去医院。"]
+    info = scoring.reference_bpb(model, tok, questions, refs, 8, "cpu", torch.float32)
+    # question <bos> answer <eos> in the template; the second is 2 + 1 + 20 + 1 = 24 > 17 tokens: its answer is cut
+    ids0, sup0 = render(tok, [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": refs[0]}])
+    first = sup0.index(True)
+    ids1 = render(tok, [{"role": "user", "content": questions[1]}, {"role": "assistant", "content": refs[1]}])[0]
+    kept1 = ids1[3:17]  # the prompt "发烧" <bos> whole, then the first 14 answer tokens (no <eos>)
+    nats = nats_by_hand(model, ids0[:first], ids0[first:]) + nats_by_hand(model, ids1[:3], kept1)
+    n_bytes = len(refs[0].encode()) + len(refs[1][:14].encode())
+    assert info["cut"] == 1 and info["answers"] == 2 and info["tokens"] == 5 + 14 and info["bytes"] == n_bytes
+    assert info["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+# ---- candidate decoding -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["mbr", "likelihood"])
+def test_generate_best_keeps_the_candidate_its_rule_picks_and_is_seeded(rule):
+    model = tiny_model()
+    decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)  # a distinct character per id
+    prompts, k, new = [[5, 6, 7, 1], [8, 9, 1]], 5, 6
+    knobs = dict(temperature=1.0, top_k=4, no_repeat_ngram=3)  # top-4: candidates that share tokens, so MBR has a say
+    rows = [p for p in prompts for _ in range(k)]
+    outs = generate.generate(model, rows, new, eos_id=2, generator=torch.Generator().manual_seed(3), **knobs)
+    texts = [decode(o) for o in outs]
+    skip = [not t or len(o) >= new for o, t in zip(outs, texts)]
+    if rule == "mbr":
+        picks = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k]) for b in range(2)]
+    else:
+        scored = [o + [2] if len(o) < new else o for o in outs]
+        nats = [nats_by_hand(model, p, s) for p, s in zip(rows, scored)]
+        picks = [rerank.likelihood_select(nats[b * k:(b + 1) * k], [len(s) for s in scored[b * k:(b + 1) * k]],
+                                          skip[b * k:(b + 1) * k]) for b in range(2)]
+    want = [outs[b * k + picks[b]] for b in range(2)]
+    best = lambda seed: rerank.generate_best(model, prompts, new, candidates=k, rerank=rule, decode=decode, eos_id=2,
+                                             generator=torch.Generator().manual_seed(seed), **knobs)
+    assert best(3) == want and best(3) == want  # the same seed, the same answers
+    assert picks != [0, 0] and len(set(map(tuple, outs))) == 2 * k  # not merely the first of distinct candidates
+    with pytest.raises(ValueError, match="rerank must be"):
+        rerank.generate_best(model, prompts, new, candidates=k, rerank="best", decode=decode, eos_id=2, **knobs)
+
+
+def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
+    """A stand-in generate() returns, per prompt: a loop, an empty answer, one cut at the limit, three good answers."""
+    texts = ["多喝水。" * 4, "", "多喝水，多休息，必要时就医。多", "多喝水，多休息。", "多喝水，必要时就医。", "必要时就医。"]
+    tok = FakeTokenizer()
+    ids = [tok.encode(t) for t in texts]  # the loop and the cut one reach the limit of 15 tokens
+    monkeypatch.setattr(rerank, "generate", lambda model, rows, new, **kw: [list(i) for _ in range(len(rows) // 6) for i in ids])
+    best = lambda rule: rerank.generate_best(tiny_model(), [[5, 1], [6, 1]], 15, candidates=6, rerank=rule,
+                                             decode=tok.decode, eos_id=2, temperature=1.0)
+    assert rerank.mbr_select(texts) == 2  # counted, the cut one would be the consensus
+    assert best("mbr") == [ids[4], ids[4]]  # the consensus of the good three
+    # likelihood: the loop, the empty and the cut answers are the likeliest per token, then the last good one
+    monkeypatch.setattr(rerank, "answer_nats", lambda model, rows, answers, *a: [0.1, 0.0, 0.2, 9.0, 6.0, 1.0] * 2)
+    assert best("likelihood") == [ids[5], ids[5]]
+
+
+def test_candidate_flags_are_validated_in_one_line():
+    cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--temperature=0.7"])
+    assert cfg.beams == 1 and cfg.candidates == 4  # the default beam search steps aside for --candidates alone
+    assert "4 sampled candidates kept by mbr, sampling temperature 0.7" in cfg.describe()
+    assert parse_config(ev.EvalConfig, []).beams == 8 and parse_config(ChatConfig, ["--candidates=3"]).candidates == 3
+    for argv, msg in [(["--candidates=4", "--beams=4"], "candidates 4 and beams 4: sampled candidates and beam search "
+                                                        "exclude each other; pass --beams=1 or --candidates=1"),
+                      (["--candidates=4"], "candidates 4: greedy decoding would give 4 identical answers; sample with "
+                                           "--temperature > 0 (e.g. --temperature=0.7)"),
+                      (["--rerank=best"], "rerank must be mbr|likelihood, got 'best'"),
+                      (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0")]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(ev.EvalConfig, argv)
+        assert str(e.value) == msg
+    with pytest.raises(ConfigError, match="exclude each other"):
+        parse_config(ChatConfig, ["--candidates=2", "--beams=2"])
+    r = run_script("eval.py", ["--candidates=4", "--beams=2"], check=False, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "exclude each other" in r.stderr
+
+
+def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
+    model, tok = tiny_model(), FakeTokenizer()
+    rows = [{"question": f"问题{i}怎么办", "answer": f"答案{i}。"} for i in range(5)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    tok.encode("".join(r["question"] + r["answer"] for r in rows))  # every id named before the first answer is decoded
+
+    def run(seed, out):
+        cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=data, val_bin="none", max_new_tokens=6, batch_size=2,
+                            beams=1, candidates=3, temperature=1.0, rerank="likelihood", seed=seed,
+                            out_dir=str(tmp_path / out))
+        cfg.validate()
+        return ev.evaluate(cfg, model, tiny_ckpt(model), tok, cfg.ckpt, torch.device("cpu"), torch.float32,
+                           progress=False)
+
+    a, b = run(1, "a"), run(1, "b")
+    assert [r["answer"] for r in a["results"]] == [r["answer"] for r in b["results"]]
+    assert a["protocol"]["decoding"].startswith("3 sampled candidates kept by likelihood, sampling temperature 1.0")
+    assert a["scores"]["reference_bpb"] > 0 and a["references"]["openings"] == 5  # "答案0。" ... all distinct
+    assert "## Stock answers" in (tmp_path / "a" / "eval_report.md").read_text(encoding="utf-8")
+
+
+def test_eval_and_chat_cli_with_candidates(tmp_path, tokenizer_path):
+    from chatglm_tokenizer import tokenizer_sha256
+
+    model = tiny_model(max_seq_len=64, vocab_size=64793)
+    checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
+    r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
+                               "--val_bin=none", f"--tokenizer={tokenizer_path}", "--candidates=3", "--temperature=0.8",
+                               "--rerank=mbr"], timeout=120)
+    assert "3 candidates at temperature 0.8, kept by mbr" in r.stdout
+    saved = json.loads((tmp_path / "eval_report.json").read_text(encoding="utf-8"))
+    assert saved["samples"] == 3 and saved["protocol"]["decoding"].startswith("3 sampled candidates kept by mbr")
+    assert saved["references"]["duplicate"] == 1.0 and saved["scores"]["reference_bpb"] > 0
+    r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}",
+                               "--candidates=3", "--rerank=likelihood"], stdin="你好\n感冒了怎么办？\n", timeout=120)
+    assert "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
