@@ -41,6 +41,11 @@ for arg in "$@"; do
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
+# torch.compile's caches in a folder that outlives /tmp, so a second speedrun skips most of the compilation
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/babyllama/torch_compile}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}"
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # torch 2.13's defaults: said, not assumed
+echo "compile cache: $TORCHINDUCTOR_CACHE_DIR"
 if [ $TINY = 1 ]; then
   CORPORA="${CORPORA:-data/sample}"; DATA="${DATA:-data/speedrun-tiny}"; OUT="${OUT:-out/speedrun-tiny}"
   # a 4M-parameter model, short runs, a short eval: the pipeline and the report, not a good model
@@ -129,11 +134,6 @@ if [ -z "$OVERWRITE" ]; then
 fi
 
 [ $SETUP = 1 ] && source ./setup.sh
-# torch.compile's caches in a folder that outlives /tmp, so a second speedrun skips most of the compilation
-export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/babyllama/torch_compile}"
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}"
-export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # torch 2.13's defaults: said, not assumed
-echo "compile cache: $TORCHINDUCTOR_CACHE_DIR"
 if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
 LOG="$OUT/speedrun.jsonl"; rm -f -- "$LOG"  # a new log (a link there is removed, not followed)
 T0=$(date +%s)

@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, SESSION_TOKENIZER, background, base_env
+from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background, base_env
 from babyllama.config import parse_config
 
 SCRIPTS = {"data_process.py": "Config", "pretrain.py": "PretrainConfig", "sft.py": "SFTConfig",
@@ -133,7 +133,7 @@ def run_tiny_commands(tmp_path_factory) -> tuple:
     """The tiny CPU commands of the docstrings, as written, in a sandbox, in the order a reader follows them (those
     that need only what came before them side by side) -> (sandbox, {script: stdout}, whether export.py ran)."""
     if SESSION_TOKENIZER is None:
-        pytest.skip("needs the ChatGLM2 tokenizer.model")
+        pytest.skip(SKIP_NO_TOKENIZER)
     box, cmds, out = make_sandbox(tmp_path_factory), docstring_commands(), {}
     sample = find(cmds, "data_process.py", "python data_process.py  ")  # the bare command: the embedded sample
     _, out["data_process.py"] = run_together(box, sample, find(cmds, "data_process.py", "tests/fixtures_data"))

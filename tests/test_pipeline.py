@@ -49,7 +49,7 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason="needs ../shared/data")
+@pytest.mark.skipif(not all(os.path.isfile(f) for f in SHARED_FILES), reason=SKIP_NO_SHARED_DATA)
 def test_tiny_cpu_run_on_the_shared_corpus_lowers_val_loss_and_eval_agrees(tokenizer_path, pipeline):
     data, out, stdout = pipeline
     meta = json.load(open(data / "train_00000.json"))

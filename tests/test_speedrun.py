@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 import report
-from conftest import ROOT, SESSION_TOKENIZER, background, base_env
+from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background, base_env
 
 pytestmark = pytest.mark.slow  # every test here runs speedrun.sh
 
@@ -62,7 +62,7 @@ def speedruns(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(speedruns):
     if speedruns["chatglm"] is None:
-        pytest.skip("needs the ChatGLM2 tokenizer.model")
+        pytest.skip(SKIP_NO_TOKENIZER)
     out, _, stdout, stderr, code = speedruns["chatglm"]
     assert code == 0, (stdout[-3000:], stderr[-3000:])
     return out, stdout
