@@ -11,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
 start=$(date +%s)
+# one thread unless you say otherwise: a tiny model's matrices gain little from a second, and where other processes
+# share the cores two threads stall each other (3-4x slower steps at load 5; docs/training.md)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 D=data/demo
 O=out/demo
 TOK="--tokenizer=$D/tokenizer"

@@ -5,9 +5,9 @@ One GPU (or CPU / Apple MPS; the device is picked for you):
 Several GPUs on one node (the global batch in tokens stays the same; accumulation shrinks):
     torchrun --standalone --nproc_per_node=4 pretrain.py
 Several nodes: add torchrun's --nnodes/--node_rank/--rdzv_endpoint flags; nothing else changes.
-Tiny CPU smoke run on the embedded sample (`python data_process.py` first; about a minute on 2 CPU cores):
+Tiny CPU smoke run on the embedded sample (`python data_process.py` first; 2 min on 2 CPU cores at load 5):
     python pretrain.py --dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8 --max_steps=30 --warmup_steps=3 \
-        --eval_interval=15 --eval_windows=16 --log_interval=5 --out_dir=out/tiny
+        --eval_interval=15 --eval_windows=16 --log_interval=5 --out_dir=out/tiny --overwrite
 Start from the weights of a Hugging Face Llama folder (export.py's, or any of a shape model.py can hold):
     python pretrain.py --init_from=hf:out/hf    (its config.json sets the model shape; the model flags are ignored)
 Continue a stopped run exactly where it stopped:

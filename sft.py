@@ -6,7 +6,7 @@ One GPU (or CPU / Apple MPS):
 Several GPUs:
     torchrun --standalone --nproc_per_node=4 sft.py
 Tiny CPU run after the tiny pretrain run in pretrain.py's docstring:
-    python sft.py --init_from=out/tiny --out_dir=out/tiny_sft --batch_size=8 --max_steps=20 --warmup_steps=2 --eval_interval=10 --log_interval=5
+    python sft.py --init_from=out/tiny --out_dir=out/tiny_sft --batch_size=8 --max_steps=20 --warmup_steps=2 --eval_interval=10 --log_interval=5 --overwrite
 From a Hugging Face Llama folder instead (export.py's, or any of a shape model.py can hold):
     python sft.py --init_from=hf:out/hf_base
 Continue a stopped run: `python sft.py --resume` (the saved config; Ctrl-C / SIGTERM save last.pt first, exit 130). Flags are the fields of SFTConfig (`--key=value`, or --config x.json).

@@ -48,7 +48,9 @@ export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1  # torch 2.
 echo "compile cache: $TORCHINDUCTOR_CACHE_DIR"
 if [ $TINY = 1 ]; then
   CORPORA="${CORPORA:-data/sample}"; DATA="${DATA:-data/speedrun-tiny}"; OUT="${OUT:-out/speedrun-tiny}"
-  # a 4M-parameter model, short runs, a short eval: the pipeline and the report, not a good model
+  # a 4M-parameter model, short runs, a short eval: the pipeline and the report, not a good model; one thread unless
+  # set (tiny matrices gain little from two, and two stall each other on shared cores: 4 min instead of 1 at load 4)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   MODEL="--dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8"
   PRE_X="$MODEL --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=10 --eval_interval=20 --eval_windows=32 --log_interval=10"
   SFT_X="--batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=5 --eval_interval=20 --log_interval=10"
