@@ -20,7 +20,7 @@ TOK="--tokenizer=$D/tokenizer"
 TINY="--dim=128 --n_layers=4 --n_heads=4 --max_seq_len=128 --batch_size=16"
 
 echo "== 1/5 train_tokenizer: a 3,000-piece tokenizer of our own on the sample's pretraining text"
-python train_tokenizer.py --vocab_size=3000 --out_dir=$D/tokenizer --progress=false
+python train_tokenizer.py --vocab_size=3000 --out_dir=$D/tokenizer --progress=false --overwrite
 
 echo "== 2/5 data_process: tokenize the sample corpus and normalize the sample instructions"
 python data_process.py pretrain $TOK --out_dir=$D/pretrain --progress=false --overwrite
