@@ -51,6 +51,7 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check, user_errors
+from babyllama.clocks import process_start
 from babyllama.fileio import read_jsonl
 from beam import beam_search
 from generate import Sampling, generate
@@ -456,20 +457,26 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
             raise ppl_error
         return None
 
+    t_score = time.perf_counter()
     refs = [r["answer"] for r in records]
     per_sample = [bleu.sentence_bleu4(ref, hyp) for ref, hyp in zip(refs, answers)]
     bleu4 = 100.0 * sum(per_sample) / len(per_sample)
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
+    t_base = time.perf_counter()
     baselines = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else {}
+    baselines_s = time.perf_counter() - t_base
     stock = quality.answer_quality(answers, [r["question"] for r in records])
     ref, ref_s = reference_score(cfg, model, kind, tokenizer, records, device, dtype)
     total_s = time.perf_counter() - t_start
+    scoring_s = time.perf_counter() - t_score - baselines_s - ref_s
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
                           (bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref), ppl_info, device, dtype,
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
-                                               "new_tokens": new_tokens, "reference_bpb_s": ref_s})
+                                               "new_tokens": new_tokens, "reference_bpb_s": ref_s,
+                                               "baselines_s": baselines_s, "scoring_s": scoring_s,
+                                               "startup_s": t_start - process_start()})
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))
