@@ -417,7 +417,7 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
              dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
     """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
-    t_start = time.perf_counter()
+    t_start, startup_s = time.perf_counter(), time.time() - process_start()
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
     note = cfg.fit_context(max_seq_len)  # as chat.py: the default 256 on a 128-token model answers in 64
@@ -476,7 +476,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
                                                "new_tokens": new_tokens, "reference_bpb_s": ref_s,
                                                "baselines_s": baselines_s, "scoring_s": scoring_s,
-                                               "startup_s": t_start - process_start()})
+                                               "startup_s": startup_s})
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))
