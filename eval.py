@@ -58,7 +58,7 @@ from generate import Sampling, generate
 from rerank import generate_best
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
-from babyllama.runtime import autocast_context as autocast, device_problem, resolve_dtype, synchronize
+from babyllama.runtime import autocast_context as autocast, device_problem, hardware, resolve_dtype, synchronize
 from generate import load_for_inference
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
@@ -354,7 +354,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
         "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "hardware": hardware(),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
                    "bits_per_byte": ppl_info["bits_per_byte"] if ppl_info else None,

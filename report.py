@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -118,14 +117,10 @@ def time_rows(run: str, stages: List[dict]) -> List[dict]:
     return rows
 
 
-def hardware() -> dict:
-    import torch
+def runtime_hardware() -> dict:
+    from babyllama.runtime import hardware  # imports torch
 
-    hw = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
-          "platform": platform.platform(), "gpus": []}
-    if torch.cuda.is_available():
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
+    return hardware()
 
 
 def build(cfg: ReportConfig) -> dict:
@@ -145,7 +140,8 @@ def build(cfg: ReportConfig) -> dict:
         "stages": list(times.values()),
         "time": time_rows(cfg.run, list(times.values())),
         "total_s": round(sum(r["seconds"] for r in times.values()), 1),
-        "hardware": hardware(),
+        # eval.py's (torch is loaded there); importing torch here only for this took seconds of a speedrun
+        "hardware": main.get("hardware") or runtime_hardware(),
     }
 
 
