@@ -135,11 +135,14 @@ def kill_at_random(base, flags, env) -> dict:
 
 
 def run_both_speedruns(tmp_path_factory) -> dict:
-    """Both tiny speedruns at once: with a tokenizer of its own, and with the ChatGLM2 tokenizer (None without one),
-    the latter on paths with spaces and after a first speedrun into its folders killed at a random point."""
+    """Both tiny speedruns at once, in folders whose names have a space: with a tokenizer of its own, and with the
+    ChatGLM2 tokenizer (None without one), the latter on corpora with spaces in their names too, after a first
+    speedrun into its folders killed at a random point."""
     env = dict(base_env(), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     env.pop("BABYLLAMA_TOKENIZER", None)  # the run with its own tokenizer: nothing may fall back to ChatGLM2's
-    own = Speedrun(tmp_path_factory.mktemp("speedrun_own"), ["--tokenizer_vocab=4096", "--eval_original"], env)
+    own_base = tmp_path_factory.mktemp("speedrun_own") / "own run"  # its --tokenizer=... too: a path with a space
+    own_base.mkdir()
+    own = Speedrun(own_base, ["--tokenizer_vocab=4096", "--eval_original"], env)
     chatglm = killed = None
     try:
         if SESSION_TOKENIZER:
@@ -334,4 +337,8 @@ def test_speedrun_with_a_tokenizer_of_its_own(speedruns):
     meta = json.load(open(os.path.join(data, "tokenizer", "tokenizer_meta.json"), encoding="utf-8"))
     ev = json.load(open(os.path.join(out, "sft", "eval_report.json"), encoding="utf-8"))
     assert ev["tokenizer_sha256"] == meta["tokenizer_sha256"] and ev["model_args"]["vocab_size"] == 4096
+    tokenizer = os.path.join(data, "tokenizer")
+    assert " " in tokenizer and all(f"'--tokenizer={tokenizer}'" in json.loads(line)["command"]
+                                    for line in open(os.path.join(out, "speedrun.jsonl"), encoding="utf-8")
+                                    if json.loads(line)["stage"] not in ("tokenizer", "report"))
     assert ev["scores"]["bits_per_byte"] > 0
