@@ -21,10 +21,14 @@
 # gets from the plain commands it prints, except fewer validation passes and checkpoint saves.
 # torch.compile's caches (graphs, kernels) go to $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/babyllama/torch_compile
 # ($XDG_CACHE_HOME if set): a second speedrun reuses them instead of compiling again (docs/speed.md).
+# Paths may hold spaces (each stage gets every path as one argument); --corpora and its file names may not hold a
+# comma (the stages take comma-separated file lists), and no path a line break.
 set -euo pipefail
 cd "$(dirname "$0")"
+# every stage's command is an array (each path one word, whatever it holds): empty ones need bash 4.4
+(( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404 )) || { echo "error: speedrun.sh needs bash 4.4 or newer" >&2; exit 2; }
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE="" ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB="" ; EVAL_ARGS="" ; EVAL_ORIG=0
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE=() ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB="" ; EVAL_ARGS="" ; EVAL_ORIG=0
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -32,12 +36,12 @@ for arg in "$@"; do
     --out=*) OUT="${arg#*=}" ;;
     --tiny) TINY=1 ;;
     --skip_setup) SETUP=0 ;;
-    --overwrite) OVERWRITE=--overwrite ;;
+    --overwrite) OVERWRITE=(--overwrite) ;;
     --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
     --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
     --eval_args=*) EVAL_ARGS="${arg#*=}" ;;
     --eval_original) EVAL_ORIG=1 ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,18 +55,18 @@ if [ $TINY = 1 ]; then
   # a 4M-parameter model, short runs, a short eval: the pipeline and the report, not a good model; one thread unless
   # set (tiny matrices gain little from two, and two stall each other on shared cores: 4 min instead of 1 at load 4)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  MODEL="--dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8"
-  PRE_X="$MODEL --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=10 --eval_interval=20 --eval_windows=32 --log_interval=10"
-  SFT_X="--batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=5 --eval_interval=20 --log_interval=10"
-  EVAL_X="--max_new_tokens=48 --ppl_windows=32 --limit=12"
+  MODEL=(--dim=64 --n_layers=2 --n_heads=4 --max_seq_len=128 --batch_size=8)
+  PRE_X=("${MODEL[@]}" --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=10 --eval_interval=20 --eval_windows=32 --log_interval=10)
+  SFT_X=(--batch_size=8 --learning_rate=3e-3 --min_lr=3e-4 --epochs=2 --warmup_steps=5 --eval_interval=20 --log_interval=10)
+  EVAL_X=(--max_new_tokens=48 --ppl_windows=32 --limit=12)
   ORIG_NEW=48
 else
   DATA="${DATA:-data/speedrun}"; OUT="${OUT:-out}"
   # fewer validations and saves than the defaults: each writes best.pt and last.pt (0.9 GB) in the background, and a
   # save due before the previous one is on disk waits for it (SFT's default 50 steps take under a second on an H200);
   # eval.py answers every question in one batch (its default on a GPU)
-  PRE_X="--eval_interval=1000 --ckpt_interval=1000"; SFT_X="--eval_interval=200 --ckpt_interval=200"
-  EVAL_X=""
+  PRE_X=(--eval_interval=1000 --ckpt_interval=1000); SFT_X=(--eval_interval=200 --ckpt_interval=200)
+  EVAL_X=()
   ORIG_NEW=100
 fi
 # our own 8K tokenizer by default: measured better and faster than ChatGLM2's at this size (docs/recipe.md); the
@@ -73,18 +77,22 @@ if [ -z "$TOK_VOCAB" ]; then TOK_VOCAB=$([ $TINY = 1 ] && echo 0 || echo 8192); 
 [ -n "$CORPORA" ] || { echo "error: give --corpora=DIR (a folder with pretrain/, sft/ and eval/; see README) or --tiny" >&2; exit 2; }
 # every check below comes before any work (setup, tokenizing, training): a bad argument costs nothing
 die() { echo "error: $*" >&2; exit 2; }
-# the stages take comma-separated file lists and space-separated flags: a path with a space or a comma in it would
-# be split into two; such paths are refused here rather than misread later
-for pair in "--corpora=$CORPORA" "--data=$DATA" "--out=$OUT"; do
-  case "$pair" in *[[:space:],]*) die "${pair%%=*}=${pair#*=}: a path with spaces or commas; give one without (e.g. a link to it)" ;; esac
+# spaces are fine (every path is passed as one argument), but the stages take comma-separated corpus lists and the
+# corpus files are listed one per line: a comma in the corpus paths, or a line break in any path, is refused here
+# rather than misread later
+NL=$'\n'
+case "$CORPORA" in *[,$NL]*) die "--corpora=$CORPORA: a path with a comma or a line break; give one without (e.g. a link to it)" ;; esac
+for pair in "--data=$DATA" "--out=$OUT"; do
+  case "$pair" in *$NL*) die "${pair%%=*}: a path with a line break; give one without (e.g. a link to it)" ;; esac
 done
 NPROC="${NPROC:-1}"
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: expected the number of GPUs, 1 or more"
 for sub in pretrain sft eval; do
   [ -d "$CORPORA/$sub" ] || die "$CORPORA/$sub: no such folder (expected $CORPORA/{pretrain,sft,eval})"
 done
-odd=$(find "$CORPORA/pretrain" "$CORPORA/sft" "$CORPORA/eval" -maxdepth 1 -type f -name '*[[:space:],]*' | head -n 1)
-[ -z "$odd" ] || die "$odd: a file name with spaces or commas; rename it"
+odd=$(find "$CORPORA/pretrain" "$CORPORA/sft" "$CORPORA/eval" -maxdepth 1 -type f \( -name '*,*' -o -name "*$NL*" \) \
+  | head -n 1)
+[ -z "$odd" ] || die "$odd: a file name with a comma or a line break; rename it"
 files() { find "$1" -maxdepth 1 -type f ! -name '.*' ! -name '*.md' | sort | paste -sd, -; }
 PRE_IN=$(files "$CORPORA/pretrain"); SFT_IN=$(files "$CORPORA/sft")
 EVAL_FILE=$(find "$CORPORA/eval" -maxdepth 1 -name '*.jsonl' | sort | head -n 1)
@@ -102,7 +110,7 @@ for part in ${raw[@]+"${raw[@]}"}; do
   [[ "$part" =~ ^([^=[:space:]]+)=([0-9]+)$ ]] && [ "${BASH_REMATCH[2]}" -le 100 ] ||
     die "--sft_mix=$MIX: '$part' is not NAME=TIMES (TIMES a whole number 0-100, NAME without spaces), e.g. medical=3"
   grep -qF -- "${BASH_REMATCH[1]}" <<< "$SFT_NAMES" ||
-    die "--sft_mix=$MIX: '${BASH_REMATCH[1]}' is in no file name of $CORPORA/sft ($(echo $SFT_NAMES | tr ' ' ','))"
+    die "--sft_mix=$MIX: '${BASH_REMATCH[1]}' is in no file name of $CORPORA/sft ($(paste -sd, - <<< "$SFT_NAMES"))"
   parts+=("$part")
 done
 MIX=$(IFS=,; echo "${parts[*]:-}")
@@ -115,7 +123,7 @@ if [ -n "$MIX" ]; then
   done <<< "$SFT_NAMES"
   [ "$left" -gt 0 ] || die "--sft_mix=$MIX: leaves no conversation (every file of $CORPORA/sft counted 0 times)"
 fi
-MIX_X=""; [ -n "$MIX" ] && MIX_X="--mix=$MIX"
+MIX_X=(); [ -n "$MIX" ] && MIX_X=("--mix=$MIX")
 echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 
 # the folders are this speedrun's alone: one lock over all its stages (flock on the folders themselves, held by this
@@ -125,10 +133,10 @@ mkdir -p -- "$DATA" "$OUT" 2>/dev/null || die "--data=$DATA / --out=$OUT: cannot
 exec 8<"$DATA" 9<"$OUT"
 python3 -m babyllama.folder_lock 8 "$DATA" speedrun.sh || exit 2
 [ "$DATA" -ef "$OUT" ] || python3 -m babyllama.folder_lock 9 "$OUT" speedrun.sh || exit 2
-if [ -z "$OVERWRITE" ]; then
-  held=()
-  for path in "$OUT"/{speedrun.jsonl,pretrain,sft,eval_original,report.md,report.json,curves.png} \
-      "$DATA"/{pretrain,sft} $([ "$TOK_VOCAB" = 0 ] || echo "$DATA/tokenizer"); do
+if [ ${#OVERWRITE[@]} = 0 ]; then
+  held=() ; writes=("$OUT"/{speedrun.jsonl,pretrain,sft,eval_original,report.md,report.json,curves.png} "$DATA"/{pretrain,sft})
+  [ "$TOK_VOCAB" = 0 ] || writes+=("$DATA/tokenizer")
+  for path in "${writes[@]}"; do
     if [ -e "$path" ] || [ -L "$path" ]; then held+=("$path"); fi
   done
   [ ${#held[@]} = 0 ] || die "${held[*]:0:3}: output of an earlier run where this speedrun writes; --overwrite" \
@@ -136,17 +144,31 @@ if [ -z "$OVERWRITE" ]; then
 fi
 
 [ $SETUP = 1 ] && source ./setup.sh
-if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="python"; fi
+if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC"); else LAUNCH=(python); fi
 LOG="$OUT/speedrun.jsonl"; rm -f -- "$LOG"  # a new log (a link there is removed, not followed)
 T0=$(date +%s)
+
+# quoted WORD...: the words as one command line a shell reads back as the same words (as Python's shlex.join): a
+# word of these characters as it is, any other in single quotes; what the console, speedrun.jsonl and the card show
+quoted() {
+  local word line=""
+  for word in "$@"; do
+    case "$word" in
+      ""|*[!ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-]*) word="'${word//\'/\'\"\'\"\'}'" ;;
+    esac
+    line+="${line:+ }$word"
+  done
+  printf '%s' "$line"
+}
 
 # stage NAME COMMAND...: runs it, prints it first, appends {"stage","command","seconds"} to speedrun.jsonl
 stage() {
   local name=$1; shift
-  echo; echo "== [$(( $(date +%s) - T0 ))s] $name: $*"
+  local cmd; cmd=$(quoted "$@")
+  echo; echo "== [$(( $(date +%s) - T0 ))s] $name: $cmd"
   local t=$(date +%s.%N)
   "$@"
-  python - "$LOG" "$name" "$t" "$*" <<'PY'
+  python - "$LOG" "$name" "$t" "$cmd" <<'PY'
 import json, sys, time
 log, name, start, cmd = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 from babyllama.fileio import open_append  # never through a link
@@ -155,23 +177,29 @@ with open_append(log) as f:
 PY
 }
 
-TOK_X=""  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
+TOK_X=()  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
 if [ "$TOK_VOCAB" != 0 ]; then
-  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer" $OVERWRITE
-  TOK_X="--tokenizer=$DATA/tokenizer"
+  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer" \
+    "${OVERWRITE[@]}"
+  TOK_X=(--tokenizer="$DATA/tokenizer")
 fi
-stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" $TOK_X $OVERWRITE
-stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" $TOK_X $OVERWRITE
-stage pretrain $LAUNCH pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" $TOK_X $PRE_X $OVERWRITE
-stage sft $LAUNCH sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" $TOK_X $MIX_X $SFT_X $OVERWRITE
+read -ra EVAL_USER <<< "$EVAL_ARGS"  # --eval_args: flags separated by spaces (not expanded as file patterns)
+stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" "${TOK_X[@]}" \
+  "${OVERWRITE[@]}"
+stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" "${TOK_X[@]}" "${OVERWRITE[@]}"
+stage pretrain "${LAUNCH[@]}" pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" \
+  "${PRE_X[@]}" "${OVERWRITE[@]}"
+stage sft "${LAUNCH[@]}" sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" \
+  "${MIX_X[@]}" "${SFT_X[@]}" "${OVERWRITE[@]}"
 stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
-    --baseline_pool="$DATA/sft/train.jsonl" $TOK_X $EVAL_X $EVAL_ARGS
+    --baseline_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}"
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
 if [ $EVAL_ORIG = 1 ]; then
   stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 \
-    --top_k=100 --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" $TOK_X $EVAL_X
-else  # an earlier speedrun's (--overwrite) is not this run's: the card must not show it
-  rm -f "$OUT/eval_original/eval_report.json" "$OUT/eval_original/eval_report.md"
+    --top_k=100 --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" "${TOK_X[@]}" "${EVAL_X[@]}"
+else  # an earlier speedrun's (--overwrite) is not this run's: the card must not show it (a link there goes, not its files)
+  if [ -L "$OUT/eval_original" ]; then rm -f -- "$OUT/eval_original"
+  else rm -f -- "$OUT/eval_original/eval_report.json" "$OUT/eval_original/eval_report.md"; fi
 fi
 stage report python report.py --run="$OUT"
 echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"

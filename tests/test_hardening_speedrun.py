@@ -1,6 +1,8 @@
 """speedrun.sh owns its folders: one lock over all stages (a second speedrun in the same folders refuses at once),
-an earlier run's output is left alone without --overwrite, and bad arguments (paths with spaces, a malformed or
-unmatched SFT mix, a bad NPROC) are one line before any work; speedrun.jsonl is never written through a link.
+an earlier run's output is left alone without --overwrite, and bad arguments (a comma in the corpus paths, a line
+break in a path, a malformed or unmatched SFT mix, a bad NPROC) are one line before any work; speedrun.jsonl is never
+written through a link. Paths with spaces are fine: the concurrent runs here use one (tests/test_speedrun.py runs a
+whole speedrun on such paths).
 
     python -m pytest tests/test_hardening_speedrun.py -q
 Runs speedrun.sh --tiny --skip_setup on the embedded sample; no run goes past its first stages.
@@ -51,7 +53,7 @@ def env():
 
 
 def test_a_second_speedrun_in_the_same_folders_refuses_at_once(tmp_path, env):
-    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    out, data = str(tmp_path / "my runs" / "out"), str(tmp_path / "my runs" / "data")  # a space: paths passed whole
     first = subprocess.Popen(["bash", "speedrun.sh", "--tiny", "--skip_setup", f"--out={out}", f"--data={data}"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              start_new_session=True)  # its own process group: the test ends all of it
@@ -69,8 +71,8 @@ def test_a_second_speedrun_in_the_same_folders_refuses_at_once(tmp_path, env):
             err = one_error(r)
             assert f"error: {data}: another speedrun.sh is using this folder" in err and time.time() - t0 < 30
         # another --data, the same --out: the run folder is locked too
-        err = one_error(speedrun(f"--out={out}", f"--data={tmp_path}/data2", env=env))
-        assert f"error: {out}: another speedrun.sh is using this folder" in err and os.listdir(tmp_path / "data2") == []
+        err = one_error(speedrun(f"--out={out}", f"--data={tmp_path}/data 2", env=env))
+        assert f"error: {out}: another speedrun.sh is using this folder" in err and os.listdir(tmp_path / "data 2") == []
         assert open(log, encoding="utf-8").read() == before  # not truncated, nothing tokenized again
         assert {n: os.path.getmtime(os.path.join(data, "pretrain", n)) for n in os.listdir(os.path.join(data, "pretrain"))} == shards
         assert first.poll() is None  # the first one runs on
@@ -97,9 +99,9 @@ def test_an_earlier_runs_output_is_refused_at_once_without_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("args,extra,env_add,message", [
-    (["--out={tmp}/my out"], None, {}, "--out={tmp}/my out: a path with spaces or commas"),
-    (["--data={tmp}/a,b"], None, {}, "--data={tmp}/a,b: a path with spaces or commas"),
-    (["--corpora={corpora}"], {"sft/my data.json": "[]"}, {}, "{corpora}/sft/my data.json: a file name with spaces"),
+    (["--corpora={tmp}/my,corpora"], None, {}, "--corpora={tmp}/my,corpora: a path with a comma or a line break"),
+    (["--out={tmp}/my\nout"], None, {}, "--out: a path with a line break"),
+    (["--corpora={corpora}"], {"sft/my,data.json": "[]"}, {}, "{corpora}/sft/my,data.json: a file name with a comma"),
     ([], None, {"NPROC": "0"}, "NPROC=0: expected the number of GPUs, 1 or more"),
     (["--sft_mix=medical=3,alpaca"], None, {}, "'alpaca' is not NAME=TIMES"),
     (["--sft_mix=medical=300"], None, {}, "'medical=300' is not NAME=TIMES (TIMES a whole number 0-100"),
