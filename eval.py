@@ -51,13 +51,14 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check, user_errors
+from babyllama.clocks import process_start
 from babyllama.fileio import read_jsonl
 from beam import beam_search
 from generate import Sampling, generate
 from rerank import generate_best
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
-from babyllama.runtime import autocast_context as autocast, device_problem, resolve_dtype, synchronize
+from babyllama.runtime import autocast_context as autocast, device_problem, hardware, resolve_dtype, synchronize
 from generate import load_for_inference
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
@@ -353,7 +354,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
         "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
         "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "hardware": hardware(),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "scores": {"bleu4": bleu4, "sacrebleu_zh": sacre, "ppl": ppl, "val_loss": ppl_info["loss"] if ppl_info else None,
                    "bits_per_byte": ppl_info["bits_per_byte"] if ppl_info else None,
@@ -416,7 +417,7 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
              dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
     """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
-    t_start = time.perf_counter()
+    t_start, startup_s = time.perf_counter(), time.time() - process_start()
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
     note = cfg.fit_context(max_seq_len)  # as chat.py: the default 256 on a 128-token model answers in 64
@@ -456,20 +457,26 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
             raise ppl_error
         return None
 
+    t_score = time.perf_counter()
     refs = [r["answer"] for r in records]
     per_sample = [bleu.sentence_bleu4(ref, hyp) for ref, hyp in zip(refs, answers)]
     bleu4 = 100.0 * sum(per_sample) / len(per_sample)
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
+    t_base = time.perf_counter()
     baselines = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else {}
+    baselines_s = time.perf_counter() - t_base
     stock = quality.answer_quality(answers, [r["question"] for r in records])
     ref, ref_s = reference_score(cfg, model, kind, tokenizer, records, device, dtype)
     total_s = time.perf_counter() - t_start
+    scoring_s = time.perf_counter() - t_score - baselines_s - ref_s
     report = build_report(cfg, ckpt, ckpt_path, tokenizer, kind, data_path, records, answers, per_sample,
                           (bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref), ppl_info, device, dtype,
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
-                                               "new_tokens": new_tokens, "reference_bpb_s": ref_s})
+                                               "new_tokens": new_tokens, "reference_bpb_s": ref_s,
+                                               "baselines_s": baselines_s, "scoring_s": scoring_s,
+                                               "startup_s": startup_s})
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -31,9 +30,11 @@ from babyllama.fileio import atomic_file, write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Time", "Curves", "Samples", "Hardware", "Commands"]
 STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
-# where a stage's wall time went (report.json "time"); other_s = the rest: Python start-up and imports, loading the
-# model, building batches, scoring, writing reports and curves
-TIME_PARTS = ("data_s", "compile_s", "steps_s", "validation_s", "checkpoint_wait_s", "generation_s")
+# where a stage's wall time went (report.json "time"): start-up = the process's start to its first work (interpreter,
+# imports, CUDA, loading the model); scoring = eval's BLEU, baselines and reference bits/byte; other_s = the rest
+# (the curve's plot, writing reports, the process's exit)
+TIME_PARTS = ("data_s", "startup_s", "compile_s", "steps_s", "validation_s", "checkpoint_wait_s", "generation_s",
+              "scoring_s")
 
 
 @dataclass
@@ -105,7 +106,10 @@ def time_rows(run: str, stages: List[dict]) -> List[dict]:
         elif name in ("eval", "eval-original"):
             rep = read_json(os.path.join(run, "sft" if name == "eval" else "eval_original", "eval_report.json")) or {}
             timing = rep.get("timing", {})
-            parts.update(generation_s=timing.get("generation_s"), validation_s=timing.get("ppl_s"))
+            scoring = [timing.get(k) for k in ("scoring_s", "baselines_s", "reference_bpb_s")]
+            parts.update(generation_s=timing.get("generation_s"), validation_s=timing.get("ppl_s"),
+                         startup_s=timing.get("startup_s"),
+                         scoring_s=sum(v for v in scoring if v is not None) if timing.get("scoring_s") is not None else None)
         elif name in ("tokenizer", "tokenize-pretrain", "tokenize-sft"):
             parts["data_s"] = wall
         known = sum(v for v in parts.values() if v is not None)
@@ -113,14 +117,10 @@ def time_rows(run: str, stages: List[dict]) -> List[dict]:
     return rows
 
 
-def hardware() -> dict:
-    import torch
+def runtime_hardware() -> dict:
+    from babyllama.runtime import hardware  # imports torch
 
-    hw = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
-          "platform": platform.platform(), "gpus": []}
-    if torch.cuda.is_available():
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
+    return hardware()
 
 
 def build(cfg: ReportConfig) -> dict:
@@ -140,7 +140,8 @@ def build(cfg: ReportConfig) -> dict:
         "stages": list(times.values()),
         "time": time_rows(cfg.run, list(times.values())),
         "total_s": round(sum(r["seconds"] for r in times.values()), 1),
-        "hardware": hardware(),
+        # eval.py's (torch is loaded there); importing torch here only for this took seconds of a speedrun
+        "hardware": main.get("hardware") or runtime_hardware(),
     }
 
 
@@ -204,13 +205,15 @@ def training_table(r: dict) -> List[str]:
 def time_table(r: dict) -> List[str]:
     """report.json's "time" as a table, with a total row."""
     cols = ("wall_s",) + TIME_PARTS + ("other_s",)
-    rows = ["| stage | wall | data | compilation | steps | validation | checkpoint waits | generation | other |",
+    rows = ["| stage | wall | data | start-up | compilation | steps | validation | checkpoint waits | generation | "
+            "scoring | other |",
             "|---|" + "---:|" * len(cols)]
     for t in r["time"] + [dict({c: sum(t[c] or 0 for t in r["time"]) for c in cols}, stage="**total**")]:
         rows.append(f"| {t['stage']} | " + " | ".join("" if t[c] is None else f"{t[c]:,.1f} s" for c in cols) + " |")
-    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Compilation: the first steps' extra "
-                   "time. Validation: an eval's perplexity. Other: Python start-up and imports, loading the model, "
-                   "scoring, writing reports."]
+    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Start-up: from the process's start "
+                   "to its first work (interpreter, imports, CUDA, loading the model). Compilation: the first steps' "
+                   "extra time. Validation: an eval's perplexity. Scoring: BLEU, the baselines, the references' bits "
+                   "per byte. Other: the rest (plots, reports, the process's exit)."]
 
 
 def markdown(r: dict) -> str:

@@ -144,9 +144,24 @@ if [ ${#OVERWRITE[@]} = 0 ]; then
 fi
 
 [ $SETUP = 1 ] && source ./setup.sh
+# Python's bytecode: where torch's has no .pyc that Python can reuse or write (a read-only install, or
+# PYTHONDONTWRITEBYTECODE, as in some container images), every stage and every compile worker compiles torch's modules
+# from source again, seconds each (docs/speed.md); the speedrun then keeps the bytecode in its own cache folder
+WARM_TORCH=0
+if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python -m babyllama.pycache torch; then
+  export PYTHONPYCACHEPREFIX="${XDG_CACHE_HOME:-$HOME/.cache}/babyllama/pycache"
+  unset PYTHONDONTWRITEBYTECODE
+  WARM_TORCH=1
+  echo "bytecode cache: $PYTHONPYCACHEPREFIX (torch's own bytecode cannot be reused here)"
+fi
 if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC"); else LAUNCH=(python); fi
 LOG="$OUT/speedrun.jsonl"; rm -f -- "$LOG"  # a new log (a link there is removed, not followed)
 T0=$(date +%s)
+# in the background while the first stages use a core or two: matplotlib's font list (a fresh machine builds it at its
+# first plot, seconds at the end of pretraining) and, where the bytecode is kept here, torch's and torch.compile's
+# modules compiled once for every later stage
+(python -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot" >/dev/null 2>&1 &)
+[ $WARM_TORCH = 0 ] || (python -c "import torch._dynamo, torch._inductor.compile_fx" >/dev/null 2>&1 &)
 
 # quoted WORD...: the words as one command line a shell reads back as the same words (as Python's shlex.join): a
 # word of these characters as it is, any other in single quotes; what the console, speedrun.jsonl and the card show
@@ -179,8 +194,10 @@ PY
 
 TOK_X=()  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
 if [ "$TOK_VOCAB" != 0 ]; then
-  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --out_dir="$DATA/tokenizer" \
-    "${OVERWRITE[@]}"
+  # on 5M characters drawn from every file in turn: 6 s instead of 20 s for 8K pieces on an H200 host's CPU, for 5%
+  # more tokens on the corpora than a vocabulary learnt from all 19M (docs/speed.md)
+  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --max_chars=5000000 \
+    --out_dir="$DATA/tokenizer" "${OVERWRITE[@]}"
   TOK_X=(--tokenizer="$DATA/tokenizer")
 fi
 read -ra EVAL_USER <<< "$EVAL_ARGS"  # --eval_args: flags separated by spaces (not expanded as file patterns)

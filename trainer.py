@@ -24,7 +24,7 @@ from babyllama.errors import check
 from model import ModelArgs, Transformer
 from babyllama.train_log import Logger, Throughput, count, first_step_line, minutes_left, plot_losses, start_val_loss, write_summary
 from babyllama.checkpoint import Checkpoints
-from babyllama.clocks import CompileClock, FitClock
+from babyllama.clocks import CompileClock, FitClock, process_start
 from babyllama.run_dir import StopSignals, check_data_tokenizer, open_run, stop_requested
 from babyllama.runtime import Runtime, autocast_context, device_problem, set_rng_state
 
@@ -547,8 +547,12 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     break
     finally:
         ckpts.settle()  # the last checkpoint is on disk before the run returns or exits
-    spent = time_spent(clock, data_s, time.time() - t_loop, outside)
+    t_end = time.time()
+    spent = time_spent(clock, data_s, t_end - t_loop, outside)
     finish_lines(log, cfg, rt, kind, signals.requested, done, best_val, start_loss)
+    # start-up: the process's start to step 0 (interpreter, imports, CUDA, the model) less reading the data;
+    # finish: the loop's end to here (the curve's plot)
+    spent.update(startup_s=round(max(0.0, t_start - process_start() - data_s), 2), finish_s=round(time.time() - t_end, 2))
     result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start, **spent}
     if rt.master:
         write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)

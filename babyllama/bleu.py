@@ -12,6 +12,7 @@ Corpus BLEU: sacrebleu `BLEU(tokenize="zh")` (every CJK character a token), one 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, Sequence, Tuple
 
@@ -28,7 +29,12 @@ SENTENCE_PROTOCOL = ("nltk sentence_bleu, weights (0.25,0.25,0.25,0.25), Smoothi
 
 def words(text: str) -> List[str]:
     """Lower-cased jieba words without the whitespace tokens jieba keeps between words."""
-    return [w for w in jieba.lcut(text.lower()) if w.strip()]
+    return list(_words(text))
+
+
+@functools.lru_cache(maxsize=8192)  # eval scores the model and two baselines against the same references
+def _words(text: str) -> Tuple[str, ...]:
+    return tuple(w for w in jieba.lcut(text.lower()) if w.strip())
 
 
 def sentence_bleu4_words(reference: Sequence[str], hypothesis: Sequence[str]) -> float:

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -10,6 +11,21 @@ import torch
 import torch.distributed as dist
 
 from babyllama.runtime import Runtime, synchronize
+
+_IMPORTED = time.time()
+
+
+def process_start() -> float:
+    """time.time() at which this process started, to count start-up (interpreter, imports, CUDA): from /proc on
+    Linux, elsewhere when this module was imported (a script imports it among its first)."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22 = start time in clock ticks after boot; the name may hold ")"
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
 
 
 class CompileClock:

@@ -153,17 +153,19 @@ def retrieve(queries: Sequence[str], pool_questions: Sequence[str], batch: int =
     p_grams = [Counter(char_grams(p)) for p in pool_questions]
     df = Counter(g for c in p_grams for g in c)
     n = len(pool_questions)
-    idf_of = lambda g: math.log((1 + n) / (1 + df.get(g, 0))) + 1.0
-    idf = torch.tensor([idf_of(g) for g in vocab], dtype=torch.float32) if vocab else torch.zeros(0)
+    idf_of = lambda d: math.log((1 + n) / (1 + d)) + 1.0  # d = the gram's document frequency in the pool
+    idf_pool = {g: idf_of(d) for g, d in df.items()}  # once per gram: the loops below visit each millions of times
+    idf = torch.tensor([idf_of(df.get(g, 0)) for g in vocab], dtype=torch.float32) if vocab else torch.zeros(0)
+    idf_q = idf.tolist()  # the float32 weights as Python floats
 
     # pool rows: full-vocabulary norms (every gram counts towards the length), but only query-gram columns stored
     rows, cols, vals, norms = [], [], [], []
     for r, c in enumerate(p_grams):
-        norms.append(math.sqrt(sum((k * idf_of(g)) ** 2 for g, k in c.items())) or 1.0)
+        norms.append(math.sqrt(sum((k * idf_pool[g]) ** 2 for g, k in c.items())) or 1.0)
         for g, k in c.items():
             j = vocab.get(g)
             if j is not None:
-                rows.append(r), cols.append(j), vals.append(k * float(idf[j]))
+                rows.append(r), cols.append(j), vals.append(k * idf_q[j])
     with warnings.catch_warnings():  # torch calls its sparse CSR support "beta" on every construction
         warnings.simplefilter("ignore", UserWarning)
         pool = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 import re
 from dataclasses import dataclass
@@ -131,3 +132,12 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def hardware() -> dict:
+    """The machine, for report cards: Python, torch, CPU cores, platform, GPU names."""
+    hw = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
+          "platform": platform.platform(), "gpus": []}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw

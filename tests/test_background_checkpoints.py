@@ -5,6 +5,8 @@ import dataclasses
 import errno
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -18,6 +20,7 @@ from babyllama import checkpoint
 from babyllama.checkpoint import CheckpointError, Checkpoints, load_checkpoint
 from babyllama.clocks import CompileClock
 from babyllama.run_dir import RESUME_KEYS
+from conftest import ROOT
 from babyllama.runtime import Runtime
 from babyllama.train_log import Logger
 from model import ModelArgs, Transformer
@@ -178,3 +181,13 @@ def test_checkpoints_state_is_the_weights_plus_the_training_state(tmp_path):
     assert set(w) == WEIGHT_KEYS and set(st) - set(w) == {"given_config", "optimizer", "scaler", "rng",
                                                           "best_val_loss", "data_position"}
     assert dataclasses.asdict(ck.cfg) == st["config"] == w["config"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process's start time comes from /proc (Linux)")
+def test_process_start_counts_the_time_before_the_module_was_imported():
+    # start-up in the card's time table runs from the process's start, so torch's import and the interpreter count
+    code = ("import time; time.sleep(0.6); t = time.time(); from babyllama.clocks import process_start; "
+            "print(t - process_start())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 0.6 <= float(r.stdout) < 60
