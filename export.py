@@ -58,7 +58,7 @@ from babyllama.hub import hub_token, upload_files
 from babyllama.output_dir import MANIFEST, OutputFolder, read_manifest
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from eval import EvalConfig  # generation_config.json decodes as eval.py does by default
-from generate import generate
+from generate import Sampling, generate
 from generate import load_for_inference  # the project's one way to open a checkpoint
 
 FORMATS = ("hf", "gguf")
@@ -393,7 +393,7 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
 
     hf_logging.disable_progress_bar()  # one line per check, not a loading bar
     prompts, _ = build_prompts(tokenizer, CHECK_PROMPTS[kind], kind, model.args.max_seq_len - new_tokens)
-    want = generate(model, prompts, new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+    want = generate(model, prompts, Sampling(max_new_tokens=new_tokens, no_repeat_ngram=0), eos_id=tokenizer.eos_id)
     rows = [torch.tensor([p + w]) for p, w in zip(prompts, want)]  # (1, T): every position the answers used
     ours = [model(x, x)[0][0] for x in rows]  # (T, vocab) fp32
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

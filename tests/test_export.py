@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, gguf_tools, main_error, one_line_error, run_script
+from conftest import (SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, gguf_tools, main_error, one_line_error,
+                      run_script, sampling)
 
 import export
 import generate
@@ -107,7 +108,7 @@ def test_transformers_logits_and_greedy_equal_model(hf_dir, ckpt_dir, tok):
     assert (ours - theirs).abs().max().item() <= 1e-4
     for p in PROMPTS:
         ids = tok.encode(p)
-        want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
+        want = generate.generate(model, [ids], sampling(24))[0]
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, num_beams=1,
                               no_repeat_ngram_size=0)[0, len(ids):].tolist()
@@ -241,13 +242,13 @@ def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
     for p in PROMPTS:
         ids = tok.encode(p)
         assert llm.tokenize(p.encode("utf-8"), add_bos=False, special=False) == ids  # llama.cpp's own tokenizer
-        want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
+        want = generate.generate(model, [ids], sampling(24))[0]
         assert export.llama_greedy(llm, ids, 24, eos_id=2) == want and len(want) > 0
     # a chat through llama.cpp's own use of the chat template stored in the GGUF file
     assert llm.metadata["tokenizer.chat_template"] == export.CHAT_TEMPLATE
     assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
     prompt = render_prompt(tok, CONV[:2], CONV[2]["content"])
-    want = tok.decode(generate.generate(model, [prompt], max_new_tokens=16, temperature=0.0)[0])
+    want = tok.decode(generate.generate(model, [prompt], sampling(16))[0])
     r = llm.create_chat_completion(messages=CONV[:3], temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=16)
     assert r["usage"]["prompt_tokens"] == len(prompt) and r["choices"][0]["message"]["content"] == want
     modelfile = (tmp_path / "Modelfile").read_text()
