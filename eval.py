@@ -53,7 +53,7 @@ from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check, user_errors
 from babyllama.fileio import read_jsonl
 from beam import beam_search
-from generate import Sampling, generate
+from generate import EVAL_BEAMS, Sampling, generate
 from rerank import generate_best
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
@@ -70,7 +70,7 @@ DEFAULT_VAL = "data/pretrain"
 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
-    beams: int = 8  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
+    beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only

@@ -37,6 +37,7 @@ from model import ModelArgs, Transformer
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
 RERANK_RULES = ("mbr", "likelihood")  # how rerank.py keeps one of the candidates
+EVAL_BEAMS = 8  # eval.py decodes with beam search of 8 beams by default (docs/recipe.md: 8 beat 4 and greedy)
 
 
 @dataclass
