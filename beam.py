@@ -2,9 +2,12 @@
 
 Library module, no command line:
   import beam
-  beam.beam_search(model, [[5, 6, 7], [8, 9]], 32, beams=4)               # new tokens per prompt, eos excluded
-  beam.beam_search(model, prompts, 64, beams=4, length_penalty=0.6, no_repeat_ngram=0)
+  from generate import Sampling
+  beam.beam_search(model, [[5, 6, 7], [8, 9]], Sampling(max_new_tokens=32, beams=4))   # new tokens per prompt
+  beam.beam_search(model, prompts, Sampling(max_new_tokens=64, beams=4, length_penalty=0.6, no_repeat_ngram=0))
   python eval.py --beams=4 --length_penalty=1.0                            # the same from the command line
+Of the Sampling knobs, beam search reads max_new_tokens, beams, length_penalty and no_repeat_ngram; temperature, top_k,
+top_p and repetition_penalty are not used (Sampling.validate requires them off when beams > 1).
 Each prompt keeps the K best partial answers (beams) by summed token log-probability; an answer that ends in <eos>
 is scored sum_logprob / length ** length_penalty (length counts the new tokens, <eos> included, as Hugging Face
 transformers does), and the best of those is returned. Uses only the model's public methods (hidden, logits, args)
@@ -17,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from generate import KVCache, check_generate_args, decode_attention_backends, ngram_ban, prompt_positions
+from generate import KVCache, Sampling, check_generate_args, decode_attention_backends, ngram_ban, prompt_positions
 from chatglm_tokenizer.template import fit_prompt
 from model import Transformer
 
@@ -107,22 +110,23 @@ def start(model: Transformer, prompts: list[list[int]], beams: int, max_new_toke
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, beams: int = 4,
-                length_penalty: float = 1.0, no_repeat_ngram: int = 3, eos_id: Optional[int] = 2) -> list[list[int]]:
+def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling, *,
+                eos_id: Optional[int] = 2) -> list[list[int]]:
     """New tokens of the best beam-search answer for each prompt (eos excluded). Runs in eval mode, under the
     caller's autocast.
 
-    The B prompts run once, then as B x K beam rows (start). Each step scores every beam's next token (sum of fp32
-    log-softmax), takes per prompt the 2K best of its K x V candidates (select), and reorders the cache, the token
-    history and the scores by the chosen beams' rows (index_select); a prompt that is done leaves the batch. At
-    step 0 only beam 0 is alive (the others start at -inf), so the K beams differ. A prompt is done when it holds
-    K finished answers that its best alive beam cannot beat (Hypotheses.done); at max_new_tokens the alive beams
-    are finished as they are. no_repeat_ngram >= 2: no beam repeats an n-gram of its own new tokens
+    The B prompts run once, then as B x K beam rows (K = sampling.beams; start). Each step scores every beam's next
+    token (sum of fp32 log-softmax), takes per prompt the 2K best of its K x V candidates (select), and reorders the
+    cache, the token history and the scores by the chosen beams' rows (index_select); a prompt that is done leaves
+    the batch. At step 0 only beam 0 is alive (the others start at -inf), so the K beams differ. A prompt is done
+    when it holds K finished answers that its best alive beam cannot beat (Hypotheses.done); at max_new_tokens the
+    alive beams are finished as they are. no_repeat_ngram >= 2: no beam repeats an n-gram of its own new tokens
     (generate.ngram_ban; the prompt may be quoted). Context: a prompt keeps its last max_seq_len - max_new_tokens
     + 1 tokens (fit_prompts), so no forward sees more than max_seq_len tokens; max_new_tokens > max_seq_len is a
     ValueError. beams=1 gives greedy decoding's tokens (generate.generate with temperature 0).
     """
-    a = model.args
+    a, max_new_tokens, beams = model.args, sampling.max_new_tokens, sampling.beams
+    length_penalty, no_repeat_ngram = sampling.length_penalty, sampling.no_repeat_ngram
     check_generate_args(prompts, max_new_tokens, 0.0, None, None, 1.0, a.vocab_size, no_repeat_ngram)
     if beams < 1 or not math.isfinite(length_penalty):
         raise ValueError(f"beam_search: need beams >= 1 and a finite length_penalty; got {beams}, {length_penalty}")

@@ -28,7 +28,7 @@ import torch
 
 from babyllama.config import config_or_exit
 from babyllama.errors import check
-from generate import generate
+from generate import Sampling, generate
 from model import ModelArgs, Transformer
 from babyllama.runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
 from babyllama.fileio import write_json
@@ -222,14 +222,15 @@ def measure_generation(model, batch_size: int, prompt_len: int, new_tokens: int,
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, vocab, (batch_size, prompt_len), generator=g).tolist()  # skip pad/bos/eos
     gen = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(temperature=1.0, eos_id=-1, use_cache=use_cache, generator=gen, compile=compile)  # eos -1: no stop
+    knobs = Sampling(max_new_tokens=new_tokens, temperature=1.0, no_repeat_ngram=0)
+    kw = dict(eos_id=-1, use_cache=use_cache, generator=gen, compile=compile)  # eos -1: no stop
     if warmup:  # first CUDA calls pay for kernels and allocator growth
         with autocast(device, dt):
-            generate(model, prompts, max_new_tokens=min(8, new_tokens), **kw)
+            generate(model, prompts, dataclasses.replace(knobs, max_new_tokens=min(8, new_tokens)), **kw)
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dt):
-        outs = generate(model, prompts, max_new_tokens=new_tokens, **kw)
+        outs = generate(model, prompts, knobs, **kw)
     sync(device)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o) for o in outs)

@@ -142,7 +142,6 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
     history: List[dict] = []
     budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    knobs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, generator=gen)
     for line in lines:
         question = line.strip()
         if not question:
@@ -161,12 +160,12 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         out.flush()
         with torch.no_grad(), autocast_context(device, dtype):
             if cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
-                tokens = iter(beam_search(model, [ids], **cfg.beam_kwargs(), eos_id=tokenizer.eos_id)[0])
+                tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id)[0])
             elif cfg.candidates > 1:  # so do candidates: K sampled in one batch, one kept (rerank.py)
-                tokens = iter(generate_best(model, [ids], **knobs, candidates=cfg.candidates, rerank=cfg.rerank,
-                                            decode=tokenizer.decode)[0])
+                tokens = iter(generate_best(model, [ids], cfg, decode=tokenizer.decode, eos_id=tokenizer.eos_id,
+                                            generator=gen)[0])
             else:
-                tokens = stream(model, ids, **knobs)
+                tokens = stream(model, ids, cfg, eos_id=tokenizer.eos_id, generator=gen)
             answer = stream_text(tokens, tokenizer, out)
         if not answer:  # an undertrained model often picks <eos> first; say so instead of showing a blank line
             hint = "; try sampling, e.g. --temperature=0.7" if cfg.temperature == 0 and cfg.beams == 1 else ""

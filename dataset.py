@@ -24,9 +24,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from babyllama.checkpoint import check_same_tokenizer
 from babyllama.errors import DataError
 
 FORMAT = "baby-llama2-chinese/tokens-v1"
+ONE_TOKENIZER = "shards of one run come from one tokenizer (rerun data_process.py into an empty folder)"
 
 
 def read_sidecar(bin_path: str) -> dict:
@@ -49,17 +51,15 @@ def find_shards(data_dir: str, split: str) -> List[str]:
 def data_tokenizer(data_dir: str) -> Tuple[Optional[str], Optional[int]]:
     """(tokenizer_sha256, vocab_size) that every train_*/val_* sidecar in data_dir names (sha None: synthetic ids).
     Shards that disagree (two tokenizers, or two vocabulary sizes) are a DataError naming both files."""
-    seen = {}  # (tokenizer_sha256, vocab_size) -> first shard with it
+    first = None  # (path, tokenizer_sha256, vocab_size) of the first shard
     for path in find_shards(data_dir, "train") + find_shards(data_dir, "val"):
         meta = read_sidecar(path)
-        seen.setdefault((meta.get("tokenizer_sha256"), meta.get("vocab_size")), path)
-        if len(seen) > 1:
-            (sha_a, voc_a), (sha_b, voc_b) = list(seen)[:2]
-            a, b = list(seen.values())[:2]
-            raise DataError(f"{b}: tokenizer sha256 {str(sha_b)[:12]}, vocab_size {voc_b}, but {a} has "
-                            f"{str(sha_a)[:12]}, vocab_size {voc_a}: shards of one run come from one tokenizer "
-                            f"(rerun data_process.py into an empty folder)")
-    return next(iter(seen))
+        sha, vocab = meta.get("tokenizer_sha256"), meta.get("vocab_size")
+        first = first or (path, sha, vocab)
+        check_same_tokenizer(path, sha, first[1], f"{first[0]}'s tokenizer", unnamed_ok=False, advice=ONE_TOKENIZER)
+        if vocab != first[2]:
+            raise DataError(f"{path}: vocab_size {vocab}, but {first[0]} has vocab_size {first[2]}: {ONE_TOKENIZER}")
+    return first[1], first[2]
 
 
 def check_ids(path: str, ids: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> None:
@@ -83,22 +83,20 @@ class PretrainData:
         self.data_dir, self.split, self.seq_len, self.batch_size = data_dir, split, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
         self.shards, self.tokens = find_shards(data_dir, split), []
-        self.maps, counts, hashes = [], [], set()
+        self.maps, counts, first = [], [], None  # first: (path, tokenizer_sha256) of the split's first shard
         for path in self.shards:
             meta = read_sidecar(path)
-            hashes.add(meta.get("tokenizer_sha256"))
+            sha = meta.get("tokenizer_sha256")
+            first = first or (path, sha)
+            check_same_tokenizer(path, sha, first[1], f"{first[0]}'s tokenizer", unnamed_ok=False, advice=ONE_TOKENIZER)
+            check_same_tokenizer(path, sha, tokenizer_sha256)  # the run's tokenizer (eval.py: the one it decodes with)
             problems = []
-            if len(hashes) > 1:
-                problems.append(f"tokenizer sha256 {str(meta.get('tokenizer_sha256'))[:12]}, other {split} shards "
-                                f"have another (shards of one run come from one tokenizer)")
             if meta.get("dtype") != "uint16":
                 problems.append(f"dtype {meta.get('dtype')!r}, expected 'uint16'")
             if vocab_size is not None and not isinstance(meta.get("vocab_size"), int):
                 problems.append(f"vocab_size {meta.get('vocab_size')!r}, expected an integer")
             elif vocab_size is not None and meta["vocab_size"] > vocab_size:  # a larger model vocab is padding
                 problems.append(f"vocab_size {meta['vocab_size']}, the model has only {vocab_size}")
-            if tokenizer_sha256 and meta.get("tokenizer_sha256") not in (None, tokenizer_sha256):
-                problems.append("tokenized with a different tokenizer.model than this run's")
             n = os.path.getsize(path) // 2
             if meta.get("tokens") not in (None, n):
                 problems.append(f"sidecar says {meta.get('tokens')} tokens, file holds {n} (truncated copy?)")
@@ -114,7 +112,7 @@ class PretrainData:
         if not counts:
             raise DataError(f"{data_dir}: {split} split has fewer than {seq_len + 1} tokens in every shard; "
                              f"lower max_seq_len or add data")
-        self.tokenizer_sha256 = hashes.pop()  # the shards' common tokenizer hash (None: synthetic ids)
+        self.tokenizer_sha256 = first[1]  # the shards' common tokenizer hash (None: synthetic ids)
         self.window_offsets = np.cumsum([0] + counts)  # window k of the split lives in shard searchsorted(k)
         self.n_windows = int(self.window_offsets[-1])
         self._perm_epoch, self._perm = -1, None

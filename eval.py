@@ -54,7 +54,7 @@ from babyllama.errors import DataError, check, user_errors
 from babyllama.clocks import process_start
 from babyllama.fileio import read_jsonl
 from beam import beam_search
-from generate import Sampling, generate
+from generate import EVAL_BEAMS, Sampling, generate
 from rerank import generate_best
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
@@ -71,7 +71,7 @@ DEFAULT_VAL = "data/pretrain"
 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
-    beams: int = 8  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
+    beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -162,12 +162,13 @@ def auto_batch_size(beams: int, model_args: dict, n_prompts: int, device: torch.
 
 
 @torch.no_grad()
-def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: dict, device: torch.device,
-                 dtype: torch.dtype, progress: bool = True, decoder=None) -> tuple:
+def generate_all(model, prompts: List[List[int]], batch_size: int, sampling: Sampling, gen_kwargs: dict,
+                 device: torch.device, dtype: torch.dtype, progress: bool = True, decoder=None) -> tuple:
     """New-token lists for every prompt, in input order -> (outputs, seconds).
 
     Batches are cut from prompts sorted by length, so the left padding inside a batch stays small.
-    decoder: generate.generate (None) or beam.beam_search, called with gen_kwargs."""
+    decoder: generate.generate (None), beam.beam_search or rerank.generate_best, called with the knobs (sampling)
+    and gen_kwargs (the rest: eos_id, generator, ...)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: List[Optional[List[int]]] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress, file=sys.stderr)
@@ -176,7 +177,7 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, gen_kwargs: d
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with autocast(device, dtype):
-            outs = (decoder or generate)(model, [prompts[i] for i in idx], **gen_kwargs)
+            outs = (decoder or generate)(model, [prompts[i] for i in idx], sampling, **gen_kwargs)
         for i, out in zip(idx, outs):
             outputs[i] = list(out)
         bar.update(len(idx))
@@ -403,14 +404,15 @@ def decoding_word(cfg: Sampling) -> str:
 
 
 def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
-    """(keyword arguments, decoder) for generate_all: sampling/greedy (decoder None = generate.generate), beam
-    search, or K sampled candidates with one kept (rerank.generate_best)."""
-    if cfg.beams > 1:  # deterministic: no sampling knobs, no generator
-        return dict(cfg.beam_kwargs(), eos_id=tokenizer.eos_id), beam_search
-    kwargs = dict(cfg.kwargs(), eos_id=tokenizer.eos_id, use_cache=True,
+    """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (decoder None =
+    generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
+    cfg's own (an EvalConfig is a Sampling)."""
+    if cfg.beams > 1:  # deterministic: no generator
+        return dict(eos_id=tokenizer.eos_id), beam_search
+    kwargs = dict(eos_id=tokenizer.eos_id, use_cache=True,
                   generator=torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
-        return dict(kwargs, candidates=cfg.candidates, rerank=cfg.rerank, decode=tokenizer.decode), generate_best
+        return dict(kwargs, decode=tokenizer.decode), generate_best
     return kwargs, None
 
 
@@ -437,7 +439,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
           f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}, "
           f"{decoding_word(cfg)}, KV cache on")
-    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, gen_kwargs, device, dtype, progress, decoder)
+    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder)
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 

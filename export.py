@@ -57,8 +57,7 @@ from babyllama.fileio import write_atomic, write_json
 from babyllama.hub import hub_token, upload_files
 from babyllama.output_dir import MANIFEST, OutputFolder, read_manifest
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
-from eval import EvalConfig  # generation_config.json decodes as eval.py does by default
-from generate import generate
+from generate import EVAL_BEAMS, Sampling, generate  # generation_config.json decodes as eval.py does by default
 from generate import load_for_inference  # the project's one way to open a checkpoint
 
 FORMATS = ("hf", "gguf")
@@ -297,7 +296,7 @@ def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_pat
     a = model.args
     project = {"kind": ckpt.get("kind"), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
                "multiple_of": a.multiple_of, "tokenizer_sha256": ckpt.get("tokenizer_sha256")}
-    ev = EvalConfig()
+    ev = Sampling(beams=EVAL_BEAMS)  # eval.py's default decoding (its EvalConfig extends Sampling)
     gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": ev.max_new_tokens,
            "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty,
            # transformers' rule also counts the prompt's n-grams, eval.py's only the answer's: close, not equal
@@ -393,7 +392,7 @@ def check_export(model, kind: str, tokenizer, hf_dir: str, gguf_paths: List[str]
 
     hf_logging.disable_progress_bar()  # one line per check, not a loading bar
     prompts, _ = build_prompts(tokenizer, CHECK_PROMPTS[kind], kind, model.args.max_seq_len - new_tokens)
-    want = generate(model, prompts, new_tokens, temperature=0.0, eos_id=tokenizer.eos_id)
+    want = generate(model, prompts, Sampling(max_new_tokens=new_tokens, no_repeat_ngram=0), eos_id=tokenizer.eos_id)
     rows = [torch.tensor([p + w]) for p, w in zip(prompts, want)]  # (1, T): every position the answers used
     ours = [model(x, x)[0][0] for x in rows]  # (T, vocab) fp32
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -2,13 +2,16 @@
 
 Library module, no command line (eval.py and chat.py are the scripts):
   import generate
-  generate.generate(model, [[5, 6, 7], [8, 9]], 32, temperature=0.7, top_p=0.9)   # new tokens per prompt
-  for tok in generate.stream(model, [5, 6, 7], 32): ...                          # one prompt, token by token
-  generate.generate(model, prompts, 256, compile=True)    # GPU: each decode step replays one CUDA graph
+  knobs = generate.Sampling(max_new_tokens=32, temperature=0.7, top_p=0.9)   # the knobs eval.py and chat.py take
+  generate.generate(model, [[5, 6, 7], [8, 9]], knobs)      # new tokens per prompt
+  for tok in generate.stream(model, [5, 6, 7], knobs): ...  # one prompt, token by token
+  generate.generate(model, prompts, knobs, compile=True)   # GPU: each decode step replays one CUDA graph
   generate.compile_decode(model, backend="aot_eager")      # choose the compiler (default: inductor + CUDA graphs)
-  knobs = generate.Sampling(temperature=0.7, top_p=0.9)    # the knobs eval.py and chat.py share: knobs.kwargs()
   model, ckpt, path, tokenizer, device, dtype = generate.load_for_inference("out/sft", "", "auto", "auto")
-Beam search (Sampling.beams > 1) is in beam.py, which builds on this module.
+The knobs travel as one Sampling object (eval.py's and chat.py's configs extend it; its defaults: greedy, 256 new
+tokens, no repeated 3-gram); what is not a knob (eos_id, generator, use_cache, compile) is an argument of its own.
+Beam search (Sampling.beams > 1) is in beam.py, candidate decoding (Sampling.candidates > 1) in rerank.py; both build
+on this module, which imports neither.
 Two decoders: decode_static (fixed shapes over a max_seq_len cache, one compiled step per token; used whenever
 prompt + new tokens fit max_seq_len) and decode (growing cache, crops the context from the left; the reference).
 Both give the same tokens. Only the model's public methods are used (hidden, logits, args); the compiled step and
@@ -34,11 +37,13 @@ from model import ModelArgs, Transformer
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
 RERANK_RULES = ("mbr", "likelihood")  # how rerank.py keeps one of the candidates
+EVAL_BEAMS = 8  # eval.py decodes with beam search of 8 beams by default (docs/recipe.md: 8 beat 4 and greedy)
 
 
 @dataclass
 class Sampling:
-    """How answers are decoded: the knobs eval.py and chat.py share (their configs extend this class)."""
+    """How answers are decoded: the knobs eval.py and chat.py share (their configs extend this class), passed whole
+    to generate(), stream(), beam.beam_search() and rerank.generate_best()."""
     max_new_tokens: int = 256  # tokens generated per answer at most (stops earlier at <eos>)
     temperature: float = 0.0  # 0 = greedy; > 0 samples
     top_k: int = 0  # sample from the k most likely tokens only; 0 = off
@@ -84,16 +89,10 @@ class Sampling:
         self.max_new_tokens = fitted
         return note
 
-    def kwargs(self) -> dict:
-        """The keyword arguments of generate() and stream() for these knobs (0 / 1.0 = off become None)."""
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k or None,
-                    top_p=self.top_p if self.top_p < 1 else None, repetition_penalty=self.repetition_penalty,
-                    no_repeat_ngram=self.no_repeat_ngram)
-
-    def beam_kwargs(self) -> dict:
-        """The keyword arguments of beam.beam_search() for these knobs (used when beams > 1)."""
-        return dict(max_new_tokens=self.max_new_tokens, beams=self.beams, length_penalty=self.length_penalty,
-                    no_repeat_ngram=self.no_repeat_ngram)
+    def sampler(self) -> tuple:
+        """(temperature, top_k, top_p, repetition_penalty) as sample_tokens takes them: top_k 0 and top_p 1.0 (off)
+        become None."""
+        return self.temperature, self.top_k or None, self.top_p if self.top_p < 1 else None, self.repetition_penalty
 
     def describe(self) -> str:
         if self.beams > 1:
@@ -106,32 +105,29 @@ class Sampling:
                 f"{self.max_new_tokens}")
 
 
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-             eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-             compile: bool = False, no_repeat_ngram: int = 0) -> list[list[int]]:
-    """New tokens for each prompt (eos excluded; a row stops at eos). See decode for the knobs.
+def generate(model: Transformer, prompts: list[list[int]], sampling: Sampling, *, eos_id: Optional[int] = 2,
+             use_cache: bool = True, generator: Optional[torch.Generator] = None,
+             compile: bool = False) -> list[list[int]]:
+    """New tokens for each prompt (eos excluded; a row stops at eos), at most sampling.max_new_tokens, chosen by its
+    temperature, top_k, top_p, repetition_penalty and no_repeat_ngram (see decode); its beams and candidates are
+    beam.py's and rerank.py's business, not read here.
 
     compile=True runs each decode step through torch.compile (CUDA graphs on a GPU, see compile_decode); the
     tokens are the same as without it. The GPU is asked for tokens only every 16 steps."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, eos_id=eos_id,
-                      use_cache=use_cache, generator=generator, compile=compile, sync_every=16):
+    for step in steps(model, prompts, sampling, eos_id=eos_id, use_cache=use_cache, generator=generator,
+                      compile=compile, sync_every=16):
         for row, tok in enumerate(step):
             if tok is not None:
                 out[row].append(tok)
     return out
 
 
-def stream(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-           top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-           eos_id: Optional[int] = 2, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-           compile: bool = False, no_repeat_ngram: int = 0) -> Iterator[int]:
+def stream(model: Transformer, prompt: list[int], sampling: Sampling, *, eos_id: Optional[int] = 2,
+           use_cache: bool = True, generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[int]:
     """generate() for one prompt, yielding each new token id as soon as it is chosen (for chat)."""
-    for step in steps(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, eos_id=eos_id,
-                      use_cache=use_cache, generator=generator, compile=compile, sync_every=1):
+    for step in steps(model, [prompt], sampling, eos_id=eos_id, use_cache=use_cache, generator=generator,
+                      compile=compile, sync_every=1):
         if step[0] is not None:
             yield step[0]
 
@@ -289,19 +285,16 @@ def cumsum_rows(x: torch.Tensor, block: int = 256) -> torch.Tensor:
     return (within + before[..., None]).view(B, n)[:, :V]
 
 
-def steps(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
-          no_repeat_ngram: int, eos_id, use_cache: bool, generator, compile: bool,
+def steps(model: Transformer, prompts, sampling: Sampling, *, eos_id, use_cache: bool, generator, compile: bool,
           sync_every: int) -> Iterator[list[Optional[int]]]:
     """Picks the decoder: the static-shape one (decode_static) when the cache is on and prompt + new tokens
     fit max_seq_len (no context crop needed), else the general one (decode), which crops the context."""
-    check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.args.vocab_size,
-                        no_repeat_ngram)
-    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                 no_repeat_ngram=no_repeat_ngram)
-    if use_cache and max(len(p) for p in prompts) + max_new_tokens - 1 <= model.args.max_seq_len:
-        return decode_static(model, prompts, max_new_tokens, **knobs, eos_id=eos_id, generator=generator,
-                             compile=compile, sync_every=sync_every)
-    return decode(model, prompts, max_new_tokens, **knobs, eos_id=eos_id, use_cache=use_cache, generator=generator)
+    new = sampling.max_new_tokens
+    check_generate_args(prompts, new, *sampling.sampler(), model.args.vocab_size, sampling.no_repeat_ngram)
+    if use_cache and max(len(p) for p in prompts) + new - 1 <= model.args.max_seq_len:
+        return decode_static(model, prompts, sampling, eos_id=eos_id, generator=generator, compile=compile,
+                             sync_every=sync_every)
+    return decode(model, prompts, sampling, eos_id=eos_id, use_cache=use_cache, generator=generator)
 
 
 class _Compiled:
@@ -389,8 +382,7 @@ def prompt_positions(pad: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
-                  no_repeat_ngram: int = 0, eos_id, generator, compile: bool,
+def decode_static(model: Transformer, prompts, sampling: Sampling, *, eos_id, generator, compile: bool,
                   sync_every: int) -> Iterator[list[Optional[int]]]:
     """decode's results (same tokens, same per-step lists) with fixed shapes; needs prompt + new - 1 <= max_seq_len.
 
@@ -399,7 +391,8 @@ def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperatu
     on the device (cache.out) and are copied to the host every sync_every steps (1 for stream), which is also
     when a batch whose rows all emitted eos stops; the steps run past an eos in between are discarded.
     """
-    a = model.args
+    a, max_new_tokens, no_repeat_ngram = model.args, sampling.max_new_tokens, sampling.no_repeat_ngram
+    temperature, top_k, top_p, repetition_penalty = sampling.sampler()
     if max_new_tokens == 0:
         return
     device, B, S = model.rope_cos.device, len(prompts), max(len(p) for p in prompts)
@@ -464,8 +457,8 @@ def decode_static(model: Transformer, prompts, max_new_tokens: int, *, temperatu
 
 
 @torch.inference_mode()
-def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top_k, top_p, repetition_penalty,
-           no_repeat_ngram: int = 0, eos_id, use_cache: bool, generator) -> Iterator[list[Optional[int]]]:
+def decode(model: Transformer, prompts, sampling: Sampling, *, eos_id, use_cache: bool,
+           generator) -> Iterator[list[Optional[int]]]:
     """Yields, per step, one token per row (None once the row has emitted eos). Runs in eval mode.
 
     Prompts are left-padded to a common length; pad slots are masked out of attention and each row's
@@ -475,12 +468,13 @@ def decode(model: Transformer, prompts, max_new_tokens: int, *, temperature, top
     and at least max_seq_len // 2 tokens), and the cache is refilled from the cropped context; the
     no-cache path crops identically, so both give the same tokens. Rows of a batch share the crop,
     so after a crop a short row may see less history than it would alone.
-    Sampling: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in the row),
-    then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p;
+    The knobs of `sampling`: repetition penalty (CTRL: positive logits / p, negative * p, over ids already in
+    the row), then temperature 0 = argmax, else softmax(logits / temperature) restricted to top_k and top_p;
     no_repeat_ngram >= 2 never lets a row repeat an n-gram of its new tokens (the prompt may be quoted).
     generator must live on the model's device (torch.Generator(device="cuda") on a GPU).
     """
-    a = model.args
+    a, max_new_tokens, no_repeat_ngram = model.args, sampling.max_new_tokens, sampling.no_repeat_ngram
+    temperature, top_k, top_p, repetition_penalty = sampling.sampler()
     check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, a.vocab_size,
                         no_repeat_ngram)
     device, L, B = model.rope_cos.device, a.max_seq_len, len(prompts)

@@ -4,9 +4,12 @@ Library module, no command line; eval.py and chat.py use it through --candidates
     python eval.py --beams=1 --temperature=0.7 --top_p=0.9 --candidates=8 --rerank=mbr
     python chat.py --candidates=8 --rerank=likelihood
     rerank.mbr_select(["要多喝水。", "要多喝水，多休息。", "多休息。", "去医院检查。"])   # -> 1, the closest to the others
+    rerank.generate_best(model, prompts, Sampling(temperature=0.7, candidates=8, rerank="mbr"), decode=tok.decode,
+                         eos_id=tok.eos_id, generator=torch.Generator().manual_seed(1337))   # one answer per prompt
 
-Each prompt becomes K rows of one generate() call (the sampling knobs as given: temperature, top_k, top_p,
-repetition_penalty, no_repeat_ngram; one generator, so the same --seed gives the same answers). One candidate is kept:
+Each prompt becomes K = Sampling.candidates rows of one generate() call (its knobs as given: temperature, top_k, top_p,
+repetition_penalty, no_repeat_ngram; one generator, so the same --seed gives the same answers). One candidate is kept,
+by Sampling.rerank:
   mbr         minimum Bayes risk: the candidate with the highest mean chrF to the other candidates. The samples are
               draws from the model's answer distribution; the one that agrees most with them is its consensus answer,
               without the one stock phrasing beam search converges to. chrF here: character 1-4-grams (whitespace
@@ -25,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from babyllama import quality
-from generate import RERANK_RULES as RULES, generate
+from generate import RERANK_RULES as RULES, Sampling, generate
 from scoring import answer_nats
 
 CHRF_ORDER = 4  # chrF over character 1..4-grams
@@ -82,17 +85,19 @@ def likelihood_select(nats: Sequence[float], n_tokens: Sequence[int], skip: Opti
     return max(kept(len(nats), skip), key=lambda i: (-nats[i] / max(n_tokens[i], 1), -i))
 
 
-def generate_best(model, prompts: List[List[int]], max_new_tokens: int, *, candidates: int, rerank: str,
-                  decode: Callable[[List[int]], str], eos_id: int, **knobs) -> List[List[int]]:
-    """New tokens of the kept candidate for each prompt (as generate() returns them, <eos> excluded).
+def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode: Callable[[List[int]], str],
+                  eos_id: int, generator: Optional[torch.Generator] = None,
+                  use_cache: bool = True) -> List[List[int]]:
+    """New tokens of the kept candidate for each prompt (as generate() returns them, <eos> excluded): K =
+    sampling.candidates answers sampled with its knobs (temperature > 0, top_k, top_p, ...), one kept by
+    sampling.rerank.
 
-    knobs: generate()'s sampling keywords (temperature > 0, top_k, top_p, generator, ...); decode: ids -> text (the
-    tokenizer's), for MBR and the loop check."""
-    if rerank not in RULES:
-        raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {rerank!r}")
-    k = candidates
+    decode: ids -> text (the tokenizer's), for MBR and the loop check; eos_id, generator, use_cache: generate()'s."""
+    if sampling.rerank not in RULES:
+        raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {sampling.rerank!r}")
+    k, rerank, max_new_tokens = sampling.candidates, sampling.rerank, sampling.max_new_tokens
     rows = [p for p in prompts for _ in range(k)]  # (B * K) rows: prompt b's candidates are rows b*K .. b*K + K-1
-    outs = generate(model, rows, max_new_tokens, eos_id=eos_id, **knobs)
+    outs = generate(model, rows, sampling, eos_id=eos_id, generator=generator, use_cache=use_cache)
     texts = [decode(o).strip() for o in outs]
     ended = [len(o) < max_new_tokens for o in outs]  # stopped at <eos>, not at the limit
     skip = [not t or not e or quality.is_loop(t) for t, e in zip(texts, ended)]

@@ -5,7 +5,8 @@ saves diverged weights.
   save_checkpoint(state, "x.pt"); load_checkpoint("x.pt")  # atomic, with a checksum; weights_only, verified
   CheckpointWriter().save(state, "out/x/last.pt")   # the same, written on a background thread
   Checkpoints(...).save(step, val_loss, best_val, best)  # last.pt (training state), best.pt (weights); never diverged
-  check_checkpoint(ckpt, tokenizer, path)           # the one tokenizer-identity check
+  check_checkpoint(ckpt, tokenizer, path)           # a checkpoint of this tokenizer's vocabulary
+  check_same_tokenizer(what, theirs, ours)          # the one tokenizer-identity check: checkpoints, resume, shards
 """
 from __future__ import annotations
 
@@ -230,12 +231,20 @@ def diverged_loss(val_loss: float, vocab_size: int) -> bool:
     return not math.isfinite(val_loss) or val_loss > math.log(vocab_size) + 1
 
 
-def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], ours_name: str = "this run's tokenizer") -> None:
-    """The one tokenizer-identity check: `what` (a checkpoint, shards) was made with the tokenizer of sha256 `theirs`;
-    a DataError when both hashes are known and differ (ids of another vocabulary mean other text)."""
-    if theirs and ours and theirs != ours:
-        raise DataError(f"{what}: made with a tokenizer of sha256 {theirs[:12]}..., but {ours_name} is "
-                        f"{ours[:12]}... (another vocabulary)")
+def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], ours_name: str = "this run's tokenizer",
+                         *, unnamed_ok: bool = True, advice: str = "") -> None:
+    """The one tokenizer-identity check: `what` (a checkpoint, a shard) was made with the tokenizer of sha256 `theirs`,
+    `ours_name` has sha256 `ours` (None: unknown, or synthetic ids that name no tokenizer). A DataError naming `what`
+    when both hashes are known and differ (ids of another vocabulary mean other text); with unnamed_ok=False (shards
+    of one run compared with each other) also when only one of the two names a tokenizer. advice: what to do about it,
+    appended to the message."""
+    theirs, ours = theirs or None, ours or None
+    if theirs == ours or (unnamed_ok and not (theirs and ours)):
+        return
+    theirs_text = f"a tokenizer of sha256 {theirs[:12]}..." if theirs else "no named tokenizer (synthetic ids)"
+    ours_text = f"{ours[:12]}..." if ours else "none (synthetic ids)"
+    raise DataError(f"{what}: made with {theirs_text}, but {ours_name} is {ours_text} (another vocabulary)"
+                    f"{': ' + advice if advice else ''}")
 
 
 def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:

@@ -307,6 +307,13 @@ def lively_model(seed: int = 0, **kw):
 PROMPTS = [[5, 17, 230], [9, 8, 7, 6, 5, 4, 3], [1, 900, 44, 44, 12, 600, 31, 2, 77, 501, 3, 19]]
 
 
+def sampling(max_new_tokens: int, **knobs):
+    """generate.Sampling for max_new_tokens with no n-gram rule unless knobs set one (Sampling's own default bans
+    repeated 3-grams, as eval.py and chat.py decode): plain greedy decoding, or the sampling knobs given."""
+    from generate import Sampling
+    return Sampling(max_new_tokens=max_new_tokens, **{"no_repeat_ngram": 0, **knobs})
+
+
 def repeats_an_ngram(tokens, n) -> bool:
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) != len(set(grams))

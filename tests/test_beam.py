@@ -15,8 +15,9 @@ import eval as ev
 import generate
 from babyllama.config import parse_config
 from babyllama.errors import ConfigError
-from conftest import (PROMPTS, FakeTokenizer, lively_model, repeats_an_ngram, run_main, tiny_ckpt, tiny_eval_model,
-                      write_jsonl)
+from conftest import (PROMPTS, FakeTokenizer, lively_model, repeats_an_ngram, run_main, sampling, tiny_ckpt,
+                      tiny_eval_model, write_jsonl)
+from generate import Sampling
 
 torch.set_num_threads(1)
 
@@ -25,8 +26,9 @@ torch.set_num_threads(1)
 def test_one_beam_is_greedy_decoding(no_repeat_ngram):
     model = lively_model()
     for eos in (None, 2, 7):
-        greedy = generate.generate(model, PROMPTS, 14, eos_id=eos, no_repeat_ngram=no_repeat_ngram)
-        assert beam.beam_search(model, PROMPTS, 14, beams=1, eos_id=eos, no_repeat_ngram=no_repeat_ngram) == greedy
+        greedy = generate.generate(model, PROMPTS, sampling(14, no_repeat_ngram=no_repeat_ngram), eos_id=eos)
+        one_beam = Sampling(max_new_tokens=14, beams=1, no_repeat_ngram=no_repeat_ngram)
+        assert beam.beam_search(model, PROMPTS, one_beam, eos_id=eos) == greedy
 
 
 def sequence_logprob(model, prompt, tokens) -> float:
@@ -58,38 +60,40 @@ def test_beams_covering_the_tree_find_the_best_scored_answer(length_penalty):
             s = sequence_logprob(model, prompt, ans) / len(ans) ** length_penalty
             if s > best_score:
                 best, best_score = ans, s
-        got = beam.beam_search(model, [prompt], depth, beams=400, length_penalty=length_penalty, no_repeat_ngram=0,
-                               eos_id=eos)[0]
+        every = Sampling(max_new_tokens=depth, beams=400, length_penalty=length_penalty, no_repeat_ngram=0)
+        got = beam.beam_search(model, [prompt], every, eos_id=eos)[0]
         assert got == [t for t in best if t != eos], (seed, got, best)
-        differs |= got != generate.generate(model, [prompt], depth, eos_id=eos)[0]
+        differs |= got != generate.generate(model, [prompt], sampling(depth), eos_id=eos)[0]
     assert differs  # seeds 2 and 6: the best answer starts with a token greedy decoding does not follow up
 
 
 def test_a_prompt_alone_equals_it_in_a_batch_of_other_lengths():
     model = lively_model()
     for k, lp in ((3, 1.0), (4, 0.5)):
-        batch = beam.beam_search(model, PROMPTS, 12, beams=k, length_penalty=lp, eos_id=7)
-        alone = [beam.beam_search(model, [p], 12, beams=k, length_penalty=lp, eos_id=7)[0] for p in PROMPTS]
+        knobs = Sampling(max_new_tokens=12, beams=k, length_penalty=lp)
+        batch = beam.beam_search(model, PROMPTS, knobs, eos_id=7)
+        alone = [beam.beam_search(model, [p], knobs, eos_id=7)[0] for p in PROMPTS]
         assert batch == alone
     # an eos the model likes: prompts finish at different steps and leave the batch
-    eos = generate.generate(model, [PROMPTS[0]], 1)[0][0]
-    batch = beam.beam_search(model, PROMPTS, 12, beams=3, eos_id=eos)
-    assert batch == [beam.beam_search(model, [p], 12, beams=3, eos_id=eos)[0] for p in PROMPTS]
+    eos = generate.generate(model, [PROMPTS[0]], sampling(1))[0][0]
+    batch = beam.beam_search(model, PROMPTS, Sampling(max_new_tokens=12, beams=3), eos_id=eos)
+    assert batch == [beam.beam_search(model, [p], Sampling(max_new_tokens=12, beams=3), eos_id=eos)[0] for p in PROMPTS]
     assert all(eos not in r for r in batch) and len(batch[0]) < 12
 
 
 def test_no_repeated_ngrams_and_long_prompts_keep_their_end():
     model = lively_model(max_seq_len=24)
-    free = beam.beam_search(model, PROMPTS, 16, beams=3, no_repeat_ngram=0, eos_id=None)
+    free = beam.beam_search(model, PROMPTS, Sampling(max_new_tokens=16, beams=3, no_repeat_ngram=0), eos_id=None)
     for n in (2, 3):
-        out = beam.beam_search(model, PROMPTS, 16, beams=3, no_repeat_ngram=n, eos_id=None)
+        out = beam.beam_search(model, PROMPTS, Sampling(max_new_tokens=16, beams=3, no_repeat_ngram=n), eos_id=None)
         assert all(len(r) == 16 and not repeats_an_ngram(r, n) for r in out), (n, out)
     assert any(repeats_an_ngram(r, 2) for r in free)  # the ban changed something
     # 12 + 16 - 1 > 24: the prompt keeps its last 24 - 16 + 1 = 9 tokens
     long = PROMPTS[2]
-    assert beam.beam_search(model, [long], 16, beams=3) == beam.beam_search(model, [long[-9:]], 16, beams=3)
+    knobs = Sampling(max_new_tokens=16, beams=3)
+    assert beam.beam_search(model, [long], knobs) == beam.beam_search(model, [long[-9:]], knobs)
     with pytest.raises(ValueError, match=r"max_new_tokens 25\b.*\b24-token"):
-        beam.beam_search(model, [long], 25, beams=3)
+        beam.beam_search(model, [long], Sampling(max_new_tokens=25, beams=3))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -101,7 +105,7 @@ def test_bad_beam_knobs_are_one_line_errors(argv, message):
         parse_config(ev.EvalConfig, argv)
     assert message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="beams >= 1"):
-        beam.beam_search(lively_model(), PROMPTS, 4, beams=0)
+        beam.beam_search(lively_model(), PROMPTS, Sampling(max_new_tokens=4, beams=0))
 
 
 def test_eval_with_beams_records_them_and_answers_with_beam_search(tmp_path):
@@ -117,7 +121,7 @@ def test_eval_with_beams_records_them_and_answers_with_beam_search(tmp_path):
     assert saved["protocol"]["decoding"].startswith("beam search, 2 beams, length_penalty 1.0, no_repeat_ngram 3")
     from chatglm_tokenizer.template import render_prompt
     prompts = [render_prompt(tok, [], r["question"], max_len=32 - 6) for r in rows]
-    want = beam.beam_search(model, prompts, 6, beams=2, eos_id=tok.eos_id)
+    want = beam.beam_search(model, prompts, Sampling(max_new_tokens=6, beams=2), eos_id=tok.eos_id)
     assert [r["answer"] for r in saved["results"]] == [tok.decode(w).strip() for w in want]
 
 
@@ -130,7 +134,8 @@ def test_chat_with_beams_prints_the_beam_search_answer():
     cfg = parse_config(ChatConfig, ["--beams=3", "--temperature=0", "--top_p=1.0", "--repetition_penalty=1.0",
                                     "--max_new_tokens=6"])
     history = chat_loop(model, tok, "sft", cfg, iter(["头疼怎么办"]), 32, torch.device("cpu"), torch.float32, out)
-    want = beam.beam_search(model, [render_prompt(tok, [], "头疼怎么办")], 6, beams=3, eos_id=tok.eos_id)[0]
+    want = beam.beam_search(model, [render_prompt(tok, [], "头疼怎么办")], Sampling(max_new_tokens=6, beams=3),
+                            eos_id=tok.eos_id)[0]
     assert history[1]["content"] == tok.decode(want).strip() != ""
     assert out.getvalue() == f"模型> {tok.decode(want)}\n"
 
@@ -156,8 +161,8 @@ def test_prompts_shorter_than_the_ngram_ban():
     beam search and the reference decoder)."""
     model = lively_model()
     for prompt in ([5], [5, 6]):
-        got = beam.beam_search(model, [prompt], 8, beams=3, eos_id=None, no_repeat_ngram=3)[0]
+        got = beam.beam_search(model, [prompt], Sampling(max_new_tokens=8, beams=3, no_repeat_ngram=3), eos_id=None)[0]
         assert len(got) == 8 and not repeats_an_ngram(got, 3)
-        steps = list(generate.decode(model, [prompt], 8, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                                     no_repeat_ngram=3, eos_id=None, use_cache=True, generator=None))
-        assert [s[0] for s in steps] == generate.generate(model, [prompt], 8, eos_id=None, no_repeat_ngram=3)[0]
+        knobs = sampling(8, no_repeat_ngram=3)
+        steps = list(generate.decode(model, [prompt], knobs, eos_id=None, use_cache=True, generator=None))
+        assert [s[0] for s in steps] == generate.generate(model, [prompt], knobs, eos_id=None)[0]

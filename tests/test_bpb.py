@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import train_tokenizer as tt
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, load_tokenizer
-from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, gguf_tools, main_error
+from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, gguf_tools, main_error, sampling
 from dataset import PretrainData
 from model import ModelArgs, Transformer
 from babyllama.runtime import Runtime
@@ -213,5 +213,5 @@ def test_gguf_export_own_tokenizer_tokenizes_and_decodes_like_ours(own, tmp_path
     import generate
     for d in docs[:3]:
         ids = tok.encode(d)[:24]
-        want = generate.generate(model, [ids], max_new_tokens=12, temperature=0.0)[0]
+        want = generate.generate(model, [ids], sampling(12))[0]
         assert export.llama_greedy(llm, ids, 12, eos_id=2) == want

@@ -1,4 +1,5 @@
 """Candidate decoding (rerank.py), teacher-forced scores (scoring.py), and --candidates in eval.py and chat.py."""
+import dataclasses
 import json
 import math
 
@@ -144,9 +145,11 @@ def test_generate_best_keeps_the_candidate_its_rule_picks_and_is_seeded(rule):
     model = tiny_model()
     decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)  # a distinct character per id
     prompts, k, new = [[5, 6, 7, 1], [8, 9, 1]], 5, 6
-    knobs = dict(temperature=1.0, top_k=4, no_repeat_ngram=3)  # top-4: candidates that share tokens, so MBR has a say
+    # top-4: candidates that share tokens, so MBR has a say
+    knobs = generate.Sampling(max_new_tokens=new, temperature=1.0, top_k=4, no_repeat_ngram=3, candidates=k,
+                              rerank=rule)
     rows = [p for p in prompts for _ in range(k)]
-    outs = generate.generate(model, rows, new, eos_id=2, generator=torch.Generator().manual_seed(3), **knobs)
+    outs = generate.generate(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(3))
     texts = [decode(o) for o in outs]
     skip = [not t or len(o) >= new for o, t in zip(outs, texts)]
     if rule == "mbr":
@@ -157,12 +160,12 @@ def test_generate_best_keeps_the_candidate_its_rule_picks_and_is_seeded(rule):
         picks = [rerank.likelihood_select(nats[b * k:(b + 1) * k], [len(s) for s in scored[b * k:(b + 1) * k]],
                                           skip[b * k:(b + 1) * k]) for b in range(2)]
     want = [outs[b * k + picks[b]] for b in range(2)]
-    best = lambda seed: rerank.generate_best(model, prompts, new, candidates=k, rerank=rule, decode=decode, eos_id=2,
-                                             generator=torch.Generator().manual_seed(seed), **knobs)
+    best = lambda seed: rerank.generate_best(model, prompts, knobs, decode=decode, eos_id=2,
+                                             generator=torch.Generator().manual_seed(seed))
     assert best(3) == want and best(3) == want  # the same seed, the same answers
     assert picks != [0, 0] and len(set(map(tuple, outs))) == 2 * k  # not merely the first of distinct candidates
     with pytest.raises(ValueError, match="rerank must be"):
-        rerank.generate_best(model, prompts, new, candidates=k, rerank="best", decode=decode, eos_id=2, **knobs)
+        rerank.generate_best(model, prompts, dataclasses.replace(knobs, rerank="best"), decode=decode, eos_id=2)
 
 
 def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
@@ -170,9 +173,10 @@ def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
     texts = ["多喝水。" * 4, "", "多喝水，多休息，必要时就医。多", "多喝水，多休息。", "多喝水，必要时就医。", "必要时就医。"]
     tok = FakeTokenizer()
     ids = [tok.encode(t) for t in texts]  # the loop and the cut one reach the limit of 15 tokens
-    monkeypatch.setattr(rerank, "generate", lambda model, rows, new, **kw: [list(i) for _ in range(len(rows) // 6) for i in ids])
-    best = lambda rule: rerank.generate_best(tiny_model(), [[5, 1], [6, 1]], 15, candidates=6, rerank=rule,
-                                             decode=tok.decode, eos_id=2, temperature=1.0)
+    monkeypatch.setattr(rerank, "generate", lambda model, rows, knobs, **kw: [list(i) for _ in range(len(rows) // 6)
+                                                                            for i in ids])
+    knobs = lambda rule: generate.Sampling(max_new_tokens=15, temperature=1.0, candidates=6, rerank=rule)
+    best = lambda rule: rerank.generate_best(tiny_model(), [[5, 1], [6, 1]], knobs(rule), decode=tok.decode, eos_id=2)
     assert rerank.mbr_select(texts) == 2  # counted, the cut one would be the consensus
     assert best("mbr") == [ids[4], ids[4]]  # the consensus of the good three
     # likelihood: the loop, the empty and the cut answers are the likeliest per token, then the last good one

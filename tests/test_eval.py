@@ -17,8 +17,8 @@ from babyllama import quality
 from babyllama import checkpoint
 from chat import ChatConfig, chat_loop, fit_history, stream_text
 from babyllama.errors import DataError
-from conftest import (FAKE_VOCAB, FakeTokenizer, main_error, run_script, tiny_ckpt, tiny_eval_model, write_jsonl,
-                      write_shard)
+from conftest import (FAKE_VOCAB, FakeTokenizer, main_error, run_script, sampling, tiny_ckpt, tiny_eval_model,
+                      write_jsonl, write_shard)
 from dataset import PretrainData
 from chatglm_tokenizer.template import render_prompt
 
@@ -180,13 +180,14 @@ def test_generate_all_batches_by_length_and_restores_order(monkeypatch):
     """A stand-in generate() answers each prompt with the prompt reversed and records the batches' lengths."""
     batches = []
 
-    def reversing(model, prompts, **kw):
+    def reversing(model, prompts, knobs, **kw):
         batches.append([len(p) for p in prompts])
         return [list(reversed(p)) for p in prompts]
 
     monkeypatch.setattr(ev, "generate", reversing)
     prompts = [[5] * n + [n] for n in (7, 2, 9, 1, 4)]
-    outs, seconds = ev.generate_all(None, prompts, 2, {}, torch.device("cpu"), torch.float32, progress=False)
+    outs, seconds = ev.generate_all(None, prompts, 2, ev.Sampling(), {}, torch.device("cpu"), torch.float32,
+                                    progress=False)
     assert outs == [list(reversed(p)) for p in prompts] and seconds >= 0
     assert batches == [[2, 3], [5, 8], [10]]  # sorted by length, cut into batches of 2
 
@@ -217,8 +218,9 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
                                     "answer_chars", "reference_chars", "length_ratio", "duplicate", "openings",
                                     "top_opening", "distinct2", "question_overlap", "reference_bpb"}
     answers = [r["answer"] for r in saved["results"]]
-    cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], 6,
-                                 no_repeat_ngram=cfg.no_repeat_ngram)[0]) == 6 for r in rows[:4]]
+    knobs = sampling(6, no_repeat_ngram=cfg.no_repeat_ngram)
+    cut = [len(generate.generate(model, [render_prompt(tok, [], r["question"], max_len=26)], knobs)[0]) == 6
+           for r in rows[:4]]
     assert saved["scores"]["degenerate"] == quality.degenerate_stats(answers, cut)["degenerate"]
     assert saved["scores"]["length_ratio"] == pytest.approx(
         quality.length_stats(answers, [r["answer"] for r in rows[:4]])["ratio"])
@@ -229,7 +231,7 @@ def test_evaluate_prints_scores_then_writes_reports(tmp_path, val_dir, capsys):
     assert saved["results"][2]["reference"] == "答案2很长" and saved["results"][2]["department"] == "内科"
     # the answers are what the model generates for the SFT prompt of each question, greedily
     prompt = render_prompt(tok, [], rows[1]["question"], max_len=32 - 6)
-    assert saved["results"][1]["answer"] == tok.decode(generate.generate(model, [prompt], 6, no_repeat_ngram=cfg.no_repeat_ngram)[0]).strip()
+    assert saved["results"][1]["answer"] == tok.decode(generate.generate(model, [prompt], knobs)[0]).strip()
     assert saved["scores"]["ppl"] == pytest.approx(math.exp(manual_loss(model, val_dir, 32)[0]), rel=1e-5)
     assert 0 <= saved["scores"]["bleu4"] <= 100 and saved["timing"]["new_tokens"] > 0
     with open(tmp_path / "run" / "eval_report.md", encoding="utf-8") as f:
@@ -284,7 +286,7 @@ def test_chat_loop_keeps_history_resets_and_quits(monkeypatch):
     tok = FakeTokenizer()
     prompts, answer_ids = [], tok.encode("多喝水")
 
-    def scripted(model, prompt, **kw):
+    def scripted(model, prompt, knobs, **kw):
         prompts.append(list(prompt))
         yield from answer_ids
 

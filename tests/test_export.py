@@ -13,8 +13,10 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, gguf_tools, main_error, one_line_error, run_script
+from conftest import (SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, gguf_tools, main_error, one_line_error,
+                      run_script, sampling)
 
+import eval as ev
 import export
 import generate
 import hf_llama
@@ -76,8 +78,8 @@ def test_config_files_and_card(hf_dir, ckpt_dir):
 
     gen = GenerationConfig.from_pretrained(hf_dir)
     assert (gen.do_sample, gen.max_new_tokens, gen.eos_token_id, gen.pad_token_id) == (False, 256, 2, 0)
-    assert gen.no_repeat_ngram_size == export.EvalConfig().no_repeat_ngram == 3  # eval.py's default decoding
-    assert (gen.num_beams, gen.length_penalty) == (export.EvalConfig().beams, 1.0) == (8, 1.0)
+    assert gen.no_repeat_ngram_size == ev.EvalConfig().no_repeat_ngram == 3  # eval.py's default decoding
+    assert (gen.num_beams, gen.length_penalty) == (ev.EvalConfig().beams, 1.0) == (8, 1.0)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 0)
     card = open(os.path.join(hf_dir, "README.md"), encoding="utf-8").read()
@@ -107,7 +109,7 @@ def test_transformers_logits_and_greedy_equal_model(hf_dir, ckpt_dir, tok):
     assert (ours - theirs).abs().max().item() <= 1e-4
     for p in PROMPTS:
         ids = tok.encode(p)
-        want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
+        want = generate.generate(model, [ids], sampling(24))[0]
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, num_beams=1,
                               no_repeat_ngram_size=0)[0, len(ids):].tolist()
@@ -241,13 +243,13 @@ def test_gguf_f16_greedy_equals_model(ckpt_dir, tok, tmp_path):
     for p in PROMPTS:
         ids = tok.encode(p)
         assert llm.tokenize(p.encode("utf-8"), add_bos=False, special=False) == ids  # llama.cpp's own tokenizer
-        want = generate.generate(model, [ids], max_new_tokens=24, temperature=0.0)[0]
+        want = generate.generate(model, [ids], sampling(24))[0]
         assert export.llama_greedy(llm, ids, 24, eos_id=2) == want and len(want) > 0
     # a chat through llama.cpp's own use of the chat template stored in the GGUF file
     assert llm.metadata["tokenizer.chat_template"] == export.CHAT_TEMPLATE
     assert llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
     prompt = render_prompt(tok, CONV[:2], CONV[2]["content"])
-    want = tok.decode(generate.generate(model, [prompt], max_new_tokens=16, temperature=0.0)[0])
+    want = tok.decode(generate.generate(model, [prompt], sampling(16))[0])
     r = llm.create_chat_completion(messages=CONV[:3], temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=16)
     assert r["usage"]["prompt_tokens"] == len(prompt) and r["choices"][0]["message"]["content"] == want
     modelfile = (tmp_path / "Modelfile").read_text()

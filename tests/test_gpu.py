@@ -58,12 +58,12 @@ def test_compiled_decoding_equals_eager_on_the_gpu():
     model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, max_seq_len=128)).cuda().eval()
     model.cast_for_inference(torch.bfloat16)
     prompts = [[5, 6, 7, 8], [9, 10]]
+    knobs = generate.Sampling(max_new_tokens=40, temperature=0.8, top_p=0.9, repetition_penalty=1.1, no_repeat_ngram=0)
     outs = []
     for compile in (False, True, True):  # the second compiled call replays the recorded graphs
         g = torch.Generator(device="cuda").manual_seed(1)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs.append(generate.generate(model, prompts, 40, temperature=0.8, top_p=0.9, repetition_penalty=1.1, eos_id=-1,
-                                       generator=g, compile=compile))
+            outs.append(generate.generate(model, prompts, knobs, eos_id=-1, generator=g, compile=compile))
     assert outs[0] == outs[1] == outs[2]
     assert all(len(o) == 40 for o in outs[0])
 

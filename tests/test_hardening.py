@@ -228,6 +228,14 @@ def test_shards_of_two_tokenizers_are_refused_even_without_a_tokenizer(tiny_corp
     from dataset import PretrainData
     with pytest.raises(DataError, match="train_00001.bin: .*bbbbbbbbbbbb"):
         PretrainData(str(mixed), "train", 8, 2)
+    # a shard that names no tokenizer (synthetic ids) beside one that does; two vocabulary sizes
+    for sha, vocab, says in ((None, 512, r"no named tokenizer \(synthetic ids\)"), ("a" * 64, 640, "vocab_size 640")):
+        odd = tmp_path / f"odd_{vocab}"
+        odd.mkdir()
+        write_shard(str(odd / "train_00000.bin"), range(3, 200), "train", 512, tokenizer_sha256="a" * 64)
+        write_shard(str(odd / "val_00000.bin"), range(3, 200), "val", vocab, tokenizer_sha256=sha)
+        with pytest.raises(DataError, match=f"val_00000.bin: .*{says}.*train_00000.bin"):
+            data_tokenizer(str(odd))
 
     def no_tokenizer(*a, **k):
         raise FileNotFoundError("no tokenizer.model")

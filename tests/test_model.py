@@ -14,7 +14,7 @@ from babyllama.errors import ConfigError
 import generate
 from model import ModelArgs, Transformer, apply_rope, rope_tables
 from babyllama.checkpoint import save_checkpoint
-from conftest import PROMPTS, ROOT, lively_model, repeats_an_ngram, tiny_args, tiny_model
+from conftest import PROMPTS, ROOT, lively_model, repeats_an_ngram, sampling, tiny_args, tiny_model
 from generate import load_model
 
 torch.set_num_threads(1)
@@ -58,14 +58,14 @@ def test_padded_rows_never_scored_or_sampled():
     assert logits.shape == (2, 16, 1000)
     loss.backward()
     assert model.tok_embeddings.weight.grad[1000:].abs().sum() == 0
-    before = generate.generate(model, [[3, 4, 5]], 8, eos_id=None)
+    before = generate.generate(model, [[3, 4, 5]], sampling(8), eos_id=None)
     with torch.no_grad():  # padded rows so large that they would win every argmax and dominate the softmax
         model.tok_embeddings.weight[1000:] = 50.0 * torch.randn(24, 64)
         logits2, loss2 = model(x, y)
     assert torch.equal(logits, logits2) and loss.item() == loss2.item()
-    assert generate.generate(model, [[3, 4, 5]], 8, eos_id=None) == before
+    assert generate.generate(model, [[3, 4, 5]], sampling(8), eos_id=None) == before
     g = torch.Generator().manual_seed(0)
-    sampled = generate.generate(model, [[3, 4, 5]] * 4, 16, temperature=5.0, eos_id=None, generator=g)
+    sampled = generate.generate(model, [[3, 4, 5]] * 4, sampling(16, temperature=5.0), eos_id=None, generator=g)
     assert max(max(row) for row in sampled) < 1000
 
 
@@ -121,9 +121,9 @@ def test_rope_is_a_relative_rotation():
 
 def test_kv_cache_equals_no_cache_and_single_prompts():
     model = lively_model()
-    cached = generate.generate(model, PROMPTS, 12, eos_id=None)
-    assert cached == generate.generate(model, PROMPTS, 12, eos_id=None, use_cache=False)
-    alone = [generate.generate(model, [p], 12, eos_id=None)[0] for p in PROMPTS]
+    cached = generate.generate(model, PROMPTS, sampling(12), eos_id=None)
+    assert cached == generate.generate(model, PROMPTS, sampling(12), eos_id=None, use_cache=False)
+    alone = [generate.generate(model, [p], sampling(12), eos_id=None)[0] for p in PROMPTS]
     assert cached == alone
     assert [len(r) for r in cached] == [12, 12, 12]
     # the reference everything must match: greedy argmax over the full forward, one token at a time
@@ -136,18 +136,19 @@ def test_kv_cache_equals_no_cache_and_single_prompts():
 
 def test_kv_cache_equals_no_cache_when_sampling():
     model = lively_model(seed=1)
-    knobs = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3, eos_id=None)
-    a = generate.generate(model, PROMPTS, 12, generator=torch.Generator().manual_seed(3), **knobs)
-    b = generate.generate(model, PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
+    knobs = sampling(12, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    a = generate.generate(model, PROMPTS, knobs, eos_id=None, generator=torch.Generator().manual_seed(3))
+    b = generate.generate(model, PROMPTS, knobs, eos_id=None, use_cache=False,
+                          generator=torch.Generator().manual_seed(3))
     assert a == b
-    assert a != generate.generate(model, PROMPTS, 12, eos_id=None)  # sampling really sampled
+    assert a != generate.generate(model, PROMPTS, sampling(12), eos_id=None)  # sampling really sampled
 
 
 def test_context_window_crop():
     model = lively_model(max_seq_len=16)
     prompts = [list(range(10, 30)), [5, 6, 7]]  # the first prompt alone is longer than max_seq_len
-    a = generate.generate(model, prompts, 30, eos_id=None)
-    assert a == generate.generate(model, prompts, 30, eos_id=None, use_cache=False)
+    a = generate.generate(model, prompts, sampling(30), eos_id=None)
+    assert a == generate.generate(model, prompts, sampling(30), eos_id=None, use_cache=False)
     assert [len(r) for r in a] == [30, 30]
 
 
@@ -163,28 +164,28 @@ def test_gqa_equals_mha_with_shared_heads():
     mha.load_state_dict(state)
     x = torch.randint(0, 1000, (2, 12))
     assert torch.allclose(gqa(x, x)[0], mha(x, x)[0], atol=1e-5)
-    out = generate.generate(gqa, PROMPTS, 8, eos_id=None)
-    assert out == generate.generate(gqa, PROMPTS, 8, eos_id=None, use_cache=False)
-    assert out == generate.generate(mha, PROMPTS, 8, eos_id=None)
+    out = generate.generate(gqa, PROMPTS, sampling(8), eos_id=None)
+    assert out == generate.generate(gqa, PROMPTS, sampling(8), eos_id=None, use_cache=False)
+    assert out == generate.generate(mha, PROMPTS, sampling(8), eos_id=None)
 
 
 def test_stops_at_eos_per_row():
     model = lively_model()
-    free = generate.generate(model, PROMPTS, 12, eos_id=None)
+    free = generate.generate(model, PROMPTS, sampling(12), eos_id=None)
     eos = next(t for t in free[1] if free[1].index(t) >= 2)  # a token row 1 first produces after a few steps
-    stopped = generate.generate(model, PROMPTS, 12, eos_id=eos)
+    stopped = generate.generate(model, PROMPTS, sampling(12), eos_id=eos)
     for row, full in zip(stopped, free):
         assert row == (full[: full.index(eos)] if eos in full else full)
     assert 2 <= len(stopped[1]) < 12 and max(len(r) for r in stopped) > len(stopped[1])  # other rows went on
-    assert list(generate.stream(model, PROMPTS[1], 12, eos_id=eos)) == stopped[1]
+    assert list(generate.stream(model, PROMPTS[1], sampling(12), eos_id=eos)) == stopped[1]
 
 
 def test_top_k1_and_tiny_top_p_equal_greedy():
     model = lively_model()
-    greedy = generate.generate(model, PROMPTS, 10, eos_id=None)
+    greedy = generate.generate(model, PROMPTS, sampling(10), eos_id=None)
     g = torch.Generator().manual_seed(0)
-    assert generate.generate(model, PROMPTS, 10, temperature=1.0, top_k=1, eos_id=None, generator=g) == greedy
-    assert generate.generate(model, PROMPTS, 10, temperature=1.0, top_p=1e-6, eos_id=None, generator=g) == greedy
+    assert generate.generate(model, PROMPTS, sampling(10, temperature=1.0, top_k=1), eos_id=None, generator=g) == greedy
+    assert generate.generate(model, PROMPTS, sampling(10, temperature=1.0, top_p=1e-6), eos_id=None, generator=g) == greedy
 
 
 def test_sampling_rules():
@@ -204,17 +205,15 @@ def test_sampling_rules():
     assert draws == {0, 1, 2}
 
 
-def general_steps(model, prompts, new, eos_id, **knobs):
+def general_steps(model, prompts, new, eos_id, generator=None, **knobs):
     """Per-step lists of the general decoder (growing cache, crops), the reference for the static one."""
-    k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
-    k.update(knobs)
-    return list(generate.decode(model, prompts, new, eos_id=eos_id, use_cache=True, **k))
+    return list(generate.decode(model, prompts, sampling(new, **knobs), eos_id=eos_id, use_cache=True,
+                                generator=generator))
 
 
-def static_steps(model, prompts, new, eos_id, sync_every, compile=False, **knobs):
-    k = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None)
-    k.update(knobs)
-    return list(generate.decode_static(model, prompts, new, eos_id=eos_id, compile=compile, sync_every=sync_every, **k))
+def static_steps(model, prompts, new, eos_id, sync_every, compile=False, generator=None, **knobs):
+    return list(generate.decode_static(model, prompts, sampling(new, **knobs), eos_id=eos_id, generator=generator,
+                                       compile=compile, sync_every=sync_every))
 
 
 def test_static_decoder_equals_general_decoder_step_for_step():
@@ -241,47 +240,54 @@ def test_static_path_only_where_the_context_fits(monkeypatch):
     model = lively_model(max_seq_len=16)
     prompts = [list(range(10, 22)), [5, 6, 7]]  # S = 12: 5 new tokens fit exactly (12 + 5 - 1 = 16), 6 need a crop
     for new in (5, 6):
-        assert generate.generate(model, prompts, new, eos_id=None) == generate.generate(model, prompts, new, eos_id=None, use_cache=False)
+        knobs = sampling(new)
+        assert generate.generate(model, prompts, knobs, eos_id=None) == \
+            generate.generate(model, prompts, knobs, eos_id=None, use_cache=False)
     # 6 new tokens must not take the static path (it would fail to run)
     monkeypatch.setattr(generate, "decode_static", None)
-    generate.generate(model, prompts, 6, eos_id=None)
+    generate.generate(model, prompts, sampling(6), eos_id=None)
 
 
 def test_compiled_decode_step_compiles_once_and_matches_eager():
     from torch._dynamo.utils import counters
 
     model = lively_model()
-    eager = generate.generate(model, PROMPTS, 12, eos_id=None)
+    eager = generate.generate(model, PROMPTS, sampling(12), eos_id=None)
     torch._dynamo.reset()
     counters.clear()
     generate.compile_decode(model, backend="aot_eager")  # inductor on CPU takes ~40 s; the graph is the same
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert generate.generate(model, PROMPTS, 12, eos_id=None, compile=True) == eager
+        assert generate.generate(model, PROMPTS, sampling(12), eos_id=None, compile=True) == eager
         # other prompt lengths, other lengths of output, an eos stop: same shapes for the step, no recompile
         shorter = [PROMPTS[1], PROMPTS[0], PROMPTS[2][:5]]
-        assert generate.generate(model, shorter, 20, eos_id=None, compile=True) == generate.generate(model, shorter, 20, eos_id=None)
+        assert generate.generate(model, shorter, sampling(20), eos_id=None, compile=True) == \
+            generate.generate(model, shorter, sampling(20), eos_id=None)
         eos = eager[1][4]
-        assert generate.generate(model, PROMPTS, 12, eos_id=eos, compile=True) == generate.generate(model, PROMPTS, 12, eos_id=eos)
+        assert generate.generate(model, PROMPTS, sampling(12), eos_id=eos, compile=True) == \
+            generate.generate(model, PROMPTS, sampling(12), eos_id=eos)
     assert counters["stats"]["unique_graphs"] == 1
     # another batch size is another graph (dynamic=False keeps every shape static for CUDA graphs)
-    assert list(generate.stream(model, PROMPTS[1], 12, eos_id=eos, compile=True)) == generate.generate(model, [PROMPTS[1]], 12, eos_id=eos)[0]
+    assert list(generate.stream(model, PROMPTS[1], sampling(12), eos_id=eos, compile=True)) == \
+        generate.generate(model, [PROMPTS[1]], sampling(12), eos_id=eos)[0]
     assert counters["stats"]["unique_graphs"] == 2
     with torch._dynamo.config.patch(error_on_recompile=True):  # batch 3 again: its graph and cache were kept
-        assert generate.generate(model, PROMPTS, 12, eos_id=None, compile=True) == eager
-    knobs = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3, eos_id=None)
-    a = generate.generate(model, PROMPTS, 12, generator=torch.Generator().manual_seed(3), compile=True, **knobs)
-    assert a == generate.generate(model, PROMPTS, 12, use_cache=False, generator=torch.Generator().manual_seed(3), **knobs)
+        assert generate.generate(model, PROMPTS, sampling(12), eos_id=None, compile=True) == eager
+    knobs = sampling(12, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    a = generate.generate(model, PROMPTS, knobs, eos_id=None, generator=torch.Generator().manual_seed(3), compile=True)
+    assert a == generate.generate(model, PROMPTS, knobs, eos_id=None, use_cache=False,
+                                  generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
 
 
 def test_no_repeat_ngram_bans_repeats_in_every_decoder():
     model = tiny_model()  # at init greedy decoding repeats the last prompt token: a loop to break
-    looping = generate.generate(model, PROMPTS, 16, eos_id=None)
+    looping = generate.generate(model, PROMPTS, sampling(16), eos_id=None)
     assert any(repeats_an_ngram(r, 3) for r in looping)
     for n in (2, 3, 4):
-        static = generate.generate(model, PROMPTS, 16, eos_id=None, no_repeat_ngram=n)
-        assert static == generate.generate(model, PROMPTS, 16, eos_id=None, no_repeat_ngram=n, use_cache=False)
-        assert static == [generate.generate(model, [p], 16, eos_id=None, no_repeat_ngram=n)[0] for p in PROMPTS]
+        static = generate.generate(model, PROMPTS, sampling(16, no_repeat_ngram=n), eos_id=None)
+        knobs = sampling(16, no_repeat_ngram=n)
+        assert static == generate.generate(model, PROMPTS, knobs, eos_id=None, use_cache=False)
+        assert static == [generate.generate(model, [p], knobs, eos_id=None)[0] for p in PROMPTS]
         assert not any(repeats_an_ngram(r, n) for r in static), (n, static)
         # the reference: greedy over the full forward, skipping any id that would complete a repeated n-gram
         for prompt, got in zip(PROMPTS, static):
@@ -294,31 +300,31 @@ def test_no_repeat_ngram_bans_repeats_in_every_decoder():
                 new.append(tok)
             assert new == got
     # the prompt does not count: a prompt ending in a repeated pair still lets the answer use that pair once
-    quoted = generate.generate(model, [[7, 7, 7, 7]], 6, eos_id=None, no_repeat_ngram=2)[0]
+    quoted = generate.generate(model, [[7, 7, 7, 7]], sampling(6, no_repeat_ngram=2), eos_id=None)[0]
     assert not repeats_an_ngram(quoted, 2)
     with pytest.raises(ValueError, match="no_repeat_ngram"):
-        generate.generate(model, PROMPTS, 4, no_repeat_ngram=1)
+        generate.generate(model, PROMPTS, sampling(4, no_repeat_ngram=1))
 
 
 def test_no_repeat_ngram_compiled_matches_eager():
     model = lively_model()
-    eager = generate.generate(model, PROMPTS, 14, eos_id=None, no_repeat_ngram=3)
+    eager = generate.generate(model, PROMPTS, sampling(14, no_repeat_ngram=3), eos_id=None)
     torch._dynamo.reset()
     generate.compile_decode(model, backend="aot_eager")
-    assert generate.generate(model, PROMPTS, 14, eos_id=None, no_repeat_ngram=3, compile=True) == eager
+    assert generate.generate(model, PROMPTS, sampling(14, no_repeat_ngram=3), eos_id=None, compile=True) == eager
     torch._dynamo.reset()
 
 
 def test_generate_keeps_mode_and_checks_input():
     model = tiny_model().train()
-    generate.generate(model, [[1, 2]], 2)
+    generate.generate(model, [[1, 2]], sampling(2))
     assert model.training
-    list(generate.stream(model, [1, 2], 3))
+    list(generate.stream(model, [1, 2], sampling(3)))
     assert model.training
     with pytest.raises(ValueError, match="outside"):
-        generate.generate(model, [[1, 1000]], 2)
+        generate.generate(model, [[1, 1000]], sampling(2))
     with pytest.raises(ValueError, match="prompt"):
-        generate.generate(model, [[1], []], 2)
+        generate.generate(model, [[1], []], sampling(2))
 
 
 def test_args_validation():
@@ -364,7 +370,7 @@ def test_load_model_round_trip(tmp_path):
     assert not loaded.training and loaded.args == model.args
     assert torch.equal(loaded(x, x)[0], model(x, x)[0])
     assert loaded.output.weight is loaded.tok_embeddings.weight
-    assert generate.generate(loaded, PROMPTS, 6) == generate.generate(model, PROMPTS, 6)
+    assert generate.generate(loaded, PROMPTS, sampling(6)) == generate.generate(model, PROMPTS, sampling(6))
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
     torch.save({"weights": {}}, tmp_path / "bad.pt")

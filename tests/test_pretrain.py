@@ -59,7 +59,8 @@ def test_sidecar_is_checked(tiny_corpus, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     write_shard(str(bad / "val_00000.bin"), list(range(3, 200)), "val", 512, tokenizer_sha256="abc")
-    with pytest.raises(DataError, match=r"val_00000\.bin: .*different tokenizer"):
+    with pytest.raises(DataError, match=r"val_00000\.bin: made with a tokenizer of sha256 abc\.\.\., but this run's "
+                                        r"tokenizer is def\.\.\. \(another vocabulary\)"):
         PretrainData(str(bad), "val", 32, 4, tokenizer_sha256="def")
     os.remove(bad / "val_00000.bin")
     write_shard(str(bad / "train_00000.bin"), list(range(3, 200)), "train", 512)

@@ -14,7 +14,7 @@ import torch
 
 import generate
 from chatglm_tokenizer import load_tokenizer
-from conftest import run_script, write_shard
+from conftest import run_script, sampling, write_shard
 from chatglm_tokenizer.template import render_prompt
 from dataset_sft import Batching, SFTData, SFTSamples
 from model import ModelArgs, Transformer
@@ -77,7 +77,7 @@ def fine_tune(steps: int, seed: int = 0):
 def answers(model, tok):
     prompts = [render_prompt(tok, [], q) for q, _ in PAIRS]
     with torch.no_grad():
-        outs = generate.generate(model, prompts, max_new_tokens=24, temperature=0.0, eos_id=tok.eos_id)
+        outs = generate.generate(model, prompts, sampling(24), eos_id=tok.eos_id)
     return [tok.decode(o) for o in outs]
 
 
