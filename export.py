@@ -10,7 +10,7 @@
                           SwiGLU width, RMSNorm eps, rope theta 10000, tied embeddings; q/k rows permuted from model.py's
                           interleaved rotary pairs to transformers' rotate_half layout (hf_llama.py), same logits
   model.safetensors       the weights (--dtype; float32 keeps the checkpoint exact)
-  generation_config.json  eval.py's decoding defaults (greedy, 256 new tokens, stop at </s>)
+  generation_config.json  eval.py's decoding defaults (8 beams, no repeated 3-grams, 256 new tokens, stop at </s>)
   tokenizer.json, tokenizer_config.json, tokenizer.model
                           the run's SentencePiece model (ChatGLM2's or train_tokenizer.py's) as a plain `tokenizers`
                           BPE (AutoTokenizer, no remote code): the same ids as chatglm_tokenizer (no <s> added; ChatGLM2's
