@@ -466,9 +466,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
-    t_base = time.perf_counter()
-    baselines = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else {}
-    baselines_s = time.perf_counter() - t_base
+    baselines, baselines_s = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else ({}, 0.0)
     stock = quality.answer_quality(answers, [r["question"] for r in records])
     ref, ref_s = reference_score(cfg, model, kind, tokenizer, records, device, dtype)
     total_s = time.perf_counter() - t_start
@@ -477,8 +475,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
                           (bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref), ppl_info, device, dtype,
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
                                                "new_tokens": new_tokens, "reference_bpb_s": ref_s,
-                                               "baselines_s": baselines_s, "scoring_s": scoring_s,
-                                               "startup_s": startup_s})
+                                               "baselines_s": baselines_s, "scoring_s": scoring_s, "startup_s": startup_s})
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))
@@ -514,9 +511,10 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
     return json_path, md_path
 
 
-def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> dict:
+def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> tuple:
     """BLEU-4, sacreBLEU and the stock-answer metrics of babyllama/quality.py's two model-free answers, with eval's own
-    protocol."""
+    protocol -> ({name: scores}, seconds)."""
+    t0 = time.perf_counter()
     refs = [r["answer"] for r in records]
     answers = quality.baseline_answers([r["question"] for r in records], pool)
     out = {}
@@ -525,7 +523,7 @@ def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> d
                      "answer_chars": quality.length_stats(hyps, refs)["answer_chars"],
                      **quality.answer_quality(hyps, [r["question"] for r in records])}
     out["retrieval"]["pool"] = pool_path
-    return out
+    return out, time.perf_counter() - t0
 
 
 def main() -> None:

@@ -547,25 +547,24 @@ def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data
                     break
     finally:
         ckpts.settle()  # the last checkpoint is on disk before the run returns or exits
-    t_end = time.time()
-    spent = time_spent(clock, data_s, t_end - t_loop, outside)
+    spent, t_end = time_spent(clock, data_s, time.time() - t_loop, outside, t_start), time.time()
     finish_lines(log, cfg, rt, kind, signals.requested, done, best_val, start_loss)
-    # start-up: the process's start to step 0 (interpreter, imports, CUDA, the model) less reading the data;
-    # finish: the loop's end to here (the curve's plot)
-    spent.update(startup_s=round(max(0.0, t_start - process_start() - data_s), 2), finish_s=round(time.time() - t_end, 2))
+    spent["finish_s"] = round(time.time() - t_end, 2)  # the loop's end to here: the curve's plot
     result = {"best_val_loss": best_val, "val_loss": val_loss, "elapsed_s": time.time() - t_start, **spent}
     if rt.master:
         write_summary(cfg, kind, raw_model.num_params(), tokens_per_step, train_src.epoch_steps(), done, meter, result)
     return result
 
 
-def time_spent(clock: CompileClock, data_s: float, loop_s: float, outside_s: float) -> dict:
+def time_spent(clock: CompileClock, data_s: float, loop_s: float, outside_s: float, t_start: float) -> dict:
     """Where this process's time went, for summary.json: compile_s (the first steps' extra time, 0 for an eager
-    model), data_s (reading the data), steps_s (the loop's time less validation, saves and compilation)."""
+    model), data_s (reading the data), steps_s (the loop's time less validation, saves and compilation), startup_s
+    (the process's start to step 0 less data_s: the interpreter, imports, CUDA, building the model)."""
     clock.say()  # a run shorter than the clock's window logs it here
     compile_s = (clock.seconds() or 0.0) if clock.compiled else 0.0
     return {"compile_s": round(compile_s, 2), "data_s": round(data_s, 2),
-            "steps_s": round(max(0.0, loop_s - outside_s - compile_s), 2)}
+            "steps_s": round(max(0.0, loop_s - outside_s - compile_s), 2),
+            "startup_s": round(max(0.0, t_start - process_start() - data_s), 2)}
 
 
 def finish_lines(log: Logger, cfg: TrainConfig, rt: Runtime, kind: str, signal: Optional[str], done: int,

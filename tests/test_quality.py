@@ -67,9 +67,10 @@ def test_baselines_scored_with_evals_protocol(tmp_path):
     pool = tmp_path / "train.jsonl"
     pool.write_text(json.dumps({"conversations": convs[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
     records = [{"question": "头痛得厉害怎么办", "answer": "头痛可以先休息，必要时到医院就医。"}]
-    got = ev.score_baselines(records, str(pool), quality.qa_pairs(str(pool)))
+    got, seconds = ev.score_baselines(records, str(pool), quality.qa_pairs(str(pool)))
     assert got["retrieval"]["bleu4"] == pytest.approx(
         bleu.mean_sentence_bleu4([records[0]["answer"]], ["头痛可以先休息，必要时就医。"]))
     assert got["fixed"]["sacrebleu_zh"] == pytest.approx(
         bleu.corpus_sacrebleu([records[0]["answer"]], [quality.FIXED_ANSWER])[0])
     assert got["retrieval"]["bleu4"] > got["fixed"]["bleu4"] and got["retrieval"]["pool"] == str(pool)
+    assert 0 < seconds < 60
