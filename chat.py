@@ -3,7 +3,8 @@
     python chat.py                                   # out/sft (best.pt, else last.pt), GPU if there is one
     python chat.py --ckpt=out/sft/last.pt --temperature=0 --max_new_tokens=128
     python chat.py --device=cpu --system="你是一名医生。"
-    python chat.py --beams=4 --temperature=0 --top_p=1.0 --repetition_penalty=1.0   # beam search: whole answers, not streamed
+    python chat.py --beams=4                        # beam search: whole answers, not streamed
+    python chat.py --beams=8 --beam_prefix=8        # beam search after 8 sampled tokens: a different answer each time
     python chat.py --candidates=8 --rerank=mbr      # 8 sampled answers, the one most like the others shown (rerank.py)
     printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
 
@@ -45,7 +46,7 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, 
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
 
     def validate(self):
-        if self.beams > 1:  # --beams=K alone: beam search is deterministic, so the sampling defaults step aside
+        if self.beams > 1 and not self.beam_prefix:  # --beams=K alone: deterministic, the sampling defaults step aside
             given = getattr(self, "_explicit", frozenset())
             for name, off in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("repetition_penalty", 1.0)):
                 if name not in given:
@@ -160,7 +161,7 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         out.flush()
         with torch.no_grad(), autocast_context(device, dtype):
             if cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
-                tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id)[0])
+                tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id, generator=gen)[0])
             elif cfg.candidates > 1:  # so do candidates: K sampled in one batch, one kept (rerank.py)
                 tokens = iter(generate_best(model, [ids], cfg, decode=tokenizer.decode, eos_id=tokenizer.eos_id,
                                             generator=gen)[0])

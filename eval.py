@@ -21,7 +21,9 @@ Protocol (also written into the report):
             3-grams of answer tokens (--no_repeat_ngram=3: a small model loops otherwise); both chosen on held-out
             questions (docs/recipe.md). --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched,
             sorted by prompt length, KV cache; stops at <eos>.
-            --candidates=K: K sampled answers per question, one kept by --rerank (rerank.py).
+            --candidates=K: K sampled answers per question, one kept by --rerank (rerank.py). --beam_prefix=N
+            --temperature=0.7 --top_p=0.9: each answer's first N tokens sampled, the beams continue them (answers
+            that do not all open alike; docs/recipe.md).
   BLEU-4    see babyllama/bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   stock     babyllama/quality.answer_quality of the model's answers, of each baseline's and of the references: answers
             identical to another, distinct 12-character openings, distinct-2, overlap with the question (docs/recipe.md).
@@ -397,7 +399,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
 
 def decoding_word(cfg: Sampling) -> str:
     if cfg.beams > 1:
-        return f"beam search ({cfg.beams} beams)"
+        return f"beam search ({cfg.beams} beams{f', the first {cfg.beam_prefix} tokens sampled' if cfg.beam_prefix else ''})"
     if cfg.candidates > 1:
         return f"{cfg.candidates} candidates at temperature {cfg.temperature}, kept by {cfg.rerank}"
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
@@ -407,10 +409,10 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
     """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (decoder None =
     generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
     cfg's own (an EvalConfig is a Sampling)."""
-    if cfg.beams > 1:  # deterministic: no generator
-        return dict(eos_id=tokenizer.eos_id), beam_search
-    kwargs = dict(eos_id=tokenizer.eos_id, use_cache=True,
-                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.beams > 1:  # the generator samples a --beam_prefix start only
+        return kwargs, beam_search
+    kwargs["use_cache"] = True
     if cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
         return dict(kwargs, decode=tokenizer.decode), generate_best
     return kwargs, None

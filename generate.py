@@ -54,6 +54,7 @@ class Sampling:
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; beams 1, temperature > 0); 1 = off
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob)
+    beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:
         check(self.max_new_tokens > 0, f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -64,8 +65,12 @@ class Sampling:
         check(self.no_repeat_ngram == 0 or self.no_repeat_ngram >= 2,
               f"no_repeat_ngram must be 0 or >= 2, got {self.no_repeat_ngram}")
         check(1 <= self.beams <= MAX_BEAMS, f"beams must be in 1..{MAX_BEAMS} (1 = off), got {self.beams}")
-        check(self.beams == 1 or (self.temperature == 0 and self.top_k == 0 and self.top_p == 1
-                                  and self.repetition_penalty == 1),
+        check(self.beam_prefix >= 0, f"beam_prefix must be >= 0, got {self.beam_prefix}")
+        check(self.beam_prefix == 0 or (self.beams > 1 and self.temperature > 0),
+              f"beam_prefix {self.beam_prefix}: samples the start of a beam search; needs --beams > 1 and "
+              f"--temperature > 0 (got {self.beams}, {self.temperature})")
+        check(self.beams == 1 or self.beam_prefix > 0 or (self.temperature == 0 and self.top_k == 0 and self.top_p == 1
+                                                          and self.repetition_penalty == 1),
               f"beams {self.beams}: beam search is deterministic; to sample pass --beams=1, else --temperature=0 "
               f"--top_k=0 --top_p=1.0 --repetition_penalty=1.0 (got {self.temperature}, {self.top_k}, {self.top_p}, "
               f"{self.repetition_penalty})")
@@ -96,7 +101,9 @@ class Sampling:
 
     def describe(self) -> str:
         if self.beams > 1:
-            return (f"beam search, {self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
+            start = (f"the first {self.beam_prefix} tokens sampled at temperature {self.temperature}, top_k "
+                     f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, then " if self.beam_prefix else "")
+            return (f"beam search, {start}{self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
                     f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}")
         pick = f"{self.candidates} sampled candidates kept by {self.rerank}, " if self.candidates > 1 else ""
         return (f"{pick}{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "

@@ -3,6 +3,7 @@ batching changes nothing, no repeated n-grams, one-line knob errors, eval.py --b
 
 Run: python -m pytest -q tests/test_beam.py   (CPU, a few seconds; no tokenizer or data needed)
 """
+import dataclasses
 import itertools
 import json
 import math
@@ -166,3 +167,56 @@ def test_prompts_shorter_than_the_ngram_ban():
         knobs = sampling(8, no_repeat_ngram=3)
         steps = list(generate.decode(model, [prompt], knobs, eos_id=None, use_cache=True, generator=None))
         assert [s[0] for s in steps] == generate.generate(model, [prompt], knobs, eos_id=None)[0]
+
+
+def test_a_sampled_start_is_continued_by_the_beams():
+    """--beam_prefix=N: the first N tokens sampled (generate.generate with the sampling knobs), the rest beam search
+    from prompt + start; the same seed gives the same answers, other seeds other openings."""
+    model = lively_model()
+    knobs = Sampling(max_new_tokens=12, beams=3, beam_prefix=4, temperature=0.9, top_p=0.95)
+    seeded = lambda s: torch.Generator().manual_seed(s)
+    got = beam.beam_search(model, PROMPTS, knobs, eos_id=None, generator=seeded(5))
+    starts = generate.generate(model, PROMPTS, Sampling(max_new_tokens=4, temperature=0.9, top_p=0.95), eos_id=None,
+                               generator=seeded(5))
+    tails = beam.beam_search(model, [p + s for p, s in zip(PROMPTS, starts)], Sampling(max_new_tokens=8, beams=3),
+                             eos_id=None)
+    assert got == [s + t for s, t in zip(starts, tails)] and all(len(a) == 12 for a in got)
+    assert beam.beam_search(model, PROMPTS, knobs, eos_id=None, generator=seeded(5)) == got
+    openings = {tuple(beam.beam_search(model, PROMPTS[:1], knobs, eos_id=None, generator=seeded(s))[0][:4])
+                for s in range(8)}
+    assert len(openings) > 1
+    # a start that fills the answer is the answer; a start that ends at <eos> too (generate stops the row there)
+    whole = dataclasses.replace(knobs, max_new_tokens=4)
+    assert beam.beam_search(model, PROMPTS, whole, eos_id=None, generator=seeded(5)) == starts
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--beam_prefix=4", "--beams=1", "--temperature=0.7"], "--beams > 1"),
+    (["--beam_prefix=4"], "--temperature > 0"), (["--beam_prefix=-1"], "beam_prefix must be >= 0"),
+])
+def test_bad_beam_prefix_knobs_are_one_line_errors(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(ev.EvalConfig, argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_and_chat_take_a_sampled_start(tmp_path):
+    tok, model = FakeTokenizer(), lively_model(vocab_size=96, max_seq_len=32)
+    rows = [{"question": f"问题{i}是什么", "answer": f"答案{i}"} for i in range(3)]
+    cfg = parse_config(ev.EvalConfig, [f"--ckpt={tmp_path / 'best.pt'}", f"--data={write_jsonl(tmp_path / 'qa.jsonl', rows)}",
+                                       "--val_bin=none", "--max_new_tokens=6", "--batch_size=4", "--beams=2",
+                                       "--beam_prefix=2", "--temperature=0.8", "--seed=3"])
+    ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"), torch.float32,
+                progress=False)
+    with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["protocol"]["decoding"].startswith("beam search, the first 2 tokens sampled at temperature 0.8")
+    from chatglm_tokenizer.template import render_prompt
+    prompts = [render_prompt(tok, [], r["question"], max_len=32 - 6) for r in rows]
+    order = sorted(range(3), key=lambda i: len(prompts[i]))  # eval batches prompts by length
+    want = beam.beam_search(model, [prompts[i] for i in order], Sampling(max_new_tokens=6, beams=2, beam_prefix=2,
+                            temperature=0.8), eos_id=tok.eos_id, generator=torch.Generator().manual_seed(3))
+    assert [saved["results"][i]["answer"] for i in order] == [tok.decode(w).strip() for w in want]
+    from chat import ChatConfig
+    chat = parse_config(ChatConfig, ["--beams=4", "--beam_prefix=3"])  # chat's sampling defaults stay for the start
+    assert chat.temperature > 0 and chat.beams == 4
