@@ -223,7 +223,8 @@ def test_push_to_hub_without_token_or_network_is_one_line(ckpt_dir, tmp_path, mo
     assert "--push_to_hub" in one_line_error(r) and "token" in r.stderr
     assert not os.path.exists(tmp_path / "hf")  # checked before any work
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: the upload fails at once
+    # no Hub to reach, failing at once: a closed port would be retried (with waits) for 25 s, an unknown scheme is not
+    monkeypatch.setenv("HF_ENDPOINT", "hfx://127.0.0.1:9")
     r = run_script(base[0], base[1:], check=False, timeout=120)
     assert "--push_to_hub=someone/baby-llama2" in one_line_error(r)
     assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
