@@ -33,7 +33,7 @@ from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
-from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail, user_errors
+from babyllama.errors import DataError, check, ctrl_c, fail, user_errors
 from dataset import PretrainData, data_tokenizer
 from hf_llama import load_init
 from model import ModelArgs
@@ -134,11 +134,10 @@ def main(argv=None) -> dict:
                                 tokenizer_sha256=tok_hash or None)
         return split("train", grad_accum), split("val", 1)
 
-    try:
-        return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
-                     init_state=init and init["model"], token_bytes=TokenBytes(tok) if tok is not None else None)
-    except (FileNotFoundError, DataError, ConfigError) as e:  # ConfigError: a --batch_tokens that does not divide
-        fail(str(e))
+    try:  # ConfigError: a --batch_tokens that does not divide
+        with user_errors(FileNotFoundError):
+            return train(cfg, rt, margs, make_data, kind="pretrain", tokenizer_sha256=tok_hash,
+                         init_state=init and init["model"], token_bytes=TokenBytes(tok) if tok is not None else None)
     finally:
         cleanup(rt)
 

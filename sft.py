@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit
-from babyllama.errors import ConfigError, DataError, check, ctrl_c, fail
+from babyllama.errors import ConfigError, DataError, check, ctrl_c, user_errors
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import load_init
 from model import ModelArgs
@@ -115,28 +115,28 @@ def main(argv=None) -> dict:
     cfg = config_or_exit(SFTConfig, argv)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        if not (cfg.resume or cfg.resume_from):
-            check_mix(cfg)  # before the tokenizer, the model and the data are loaded
-        tok = load_tokenizer(cfg.tokenizer or None)
-        init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
-        if not (cfg.resume or cfg.resume_from):
-            init, args = start_point(cfg, tok, rt.master)
+        with user_errors(FileNotFoundError):
+            if not (cfg.resume or cfg.resume_from):
+                check_mix(cfg)  # before the tokenizer, the model and the data are loaded
+            tok = load_tokenizer(cfg.tokenizer or None)
+            init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
+            if not (cfg.resume or cfg.resume_from):
+                init, args = start_point(cfg, tok, rt.master)
 
-        def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
-            def split(name: str, accum: int) -> SFTData:
-                path = os.path.join(run.data_dir, f"{name}.jsonl")
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
-                batching = Batching(batch_size=run.batch_size, seed=run.seed, rank=rt.rank, world_size=rt.world_size,
-                                    mode=run.batch_mode, grad_accum=accum, pad_multiple=run.pad_multiple)
-                samples = SFTSamples(path, tok, margs.max_seq_len)
-                return SFTData(samples, batching, mix_repeats(samples, run.mix) if name == "train" else None)
-            return split("train", grad_accum), split("val", 1)
+            def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
+                def split(name: str, accum: int) -> SFTData:
+                    path = os.path.join(run.data_dir, f"{name}.jsonl")
+                    if not os.path.isfile(path):
+                        raise FileNotFoundError(f"{path}: no such file; run `python data_process.py` first")
+                    batching = Batching(batch_size=run.batch_size, seed=run.seed, rank=rt.rank,
+                                        world_size=rt.world_size, mode=run.batch_mode, grad_accum=accum,
+                                        pad_multiple=run.pad_multiple)
+                    samples = SFTSamples(path, tok, margs.max_seq_len)
+                    return SFTData(samples, batching, mix_repeats(samples, run.mix) if name == "train" else None)
+                return split("train", grad_accum), split("val", 1)
 
-        return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256,
-                     init_state=init and init["model"], token_bytes=TokenBytes(tok))
-    except (FileNotFoundError, DataError, ConfigError) as e:
-        fail(str(e))
+            return train(cfg, rt, args, make_data, kind="sft", tokenizer_sha256=tok.sha256,
+                         init_state=init and init["model"], token_bytes=TokenBytes(tok))
     finally:
         cleanup(rt)
 
