@@ -97,16 +97,23 @@ def to_hf_state(model, dtype: torch.dtype = torch.float32) -> dict:
     a = model.args
     src = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": src["tok_embeddings.weight"][: a.vocab_size],
-           "model.norm.weight": src["norm.weight"]}
-    for i in range(a.n_layers):
-        for ours, theirs in LAYER_NAMES.items():
-            w = src[f"layers.{i}.{ours}"]
-            if ours == "attention.wq.weight":
-                w = interleaved_to_half(w, a.n_heads)
-            elif ours == "attention.wk.weight":
-                w = interleaved_to_half(w, a.kv_heads)
-            out[f"model.layers.{i}.{theirs}"] = w
+           "model.norm.weight": src["norm.weight"], **convert_layers(src, a.n_layers, a.n_heads, a.kv_heads, True)}
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def convert_layers(tensors: dict, n_layers: int, n_heads: int, kv_heads: int, to_hf: bool) -> dict:
+    """The per-layer tensors renamed ours -> Hugging Face's (to_hf) or back, with the rows of wq and wk permuted
+    between our interleaved rotary pairs and Hugging Face's halves."""
+    permute = interleaved_to_half if to_hf else half_to_interleaved
+    out = {}
+    for i in range(n_layers):
+        for ours, theirs in LAYER_NAMES.items():
+            src, dst = f"layers.{i}.{ours}", f"model.layers.{i}.{theirs}"
+            w = tensors[src if to_hf else dst]
+            if ours in ("attention.wq.weight", "attention.wk.weight"):
+                w = permute(w, n_heads if ours == "attention.wq.weight" else kv_heads)
+            out[dst if to_hf else src] = w
+    return out
 
 
 # config.json keys read as sizes (whole numbers, never true/false) -> the largest accepted: a folder naming a model far
@@ -276,14 +283,7 @@ def read_hf(path: str) -> tuple:
     if "lm_head.weight" in t and not torch.equal(t["lm_head.weight"], emb[: args.vocab_size]):
         raise DataError(f"{path}: lm_head.weight differs from embed_tokens; model.py ties them")
     state = {"tok_embeddings.weight": emb, "output.weight": emb, "norm.weight": t["model.norm.weight"]}
-    for i in range(args.n_layers):
-        for ours, theirs in LAYER_NAMES.items():
-            w = t[f"model.layers.{i}.{theirs}"]
-            if ours == "attention.wq.weight":
-                w = half_to_interleaved(w, args.n_heads)
-            elif ours == "attention.wk.weight":
-                w = half_to_interleaved(w, kv)
-            state[f"layers.{i}.{ours}"] = w.contiguous()
+    state.update({k: w.contiguous() for k, w in convert_layers(t, args.n_layers, args.n_heads, kv, False).items()})
     return args, state, cfg
 
 

@@ -117,6 +117,15 @@ def background(name: str, fn, *args) -> BackgroundJob:
     return _JOBS[name]
 
 
+def background_fixture(name: str, fn):
+    """A test module's slow job as its module-scoped fixture `name`: the module sets `BACKGROUND_JOBS = {name: fn}`
+    (queued with the session) and `name = background_fixture(name, fn)`; a test using it waits for the job."""
+    @pytest.fixture(scope="module", name=name)
+    def job(tmp_path_factory):
+        return background(name, fn, tmp_path_factory).result()
+    return job
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_jobs(request, tmp_path_factory):
     """Queues the BACKGROUND_JOBS of the test modules (fixture name -> function of tmp_path_factory) that a selected

@@ -15,47 +15,14 @@ from babyllama.config import parse_config
 from babyllama.errors import ConfigError
 from chat import ChatConfig
 from chatglm_tokenizer.template import render
-from conftest import run_script
-from model import ModelArgs, Transformer
+from conftest import FAKE_VOCAB, FakeTokenizer, run_script, tiny_ckpt, tiny_eval_model, write_jsonl
 
 torch.set_num_threads(1)
-V = 96  # vocabulary of the fake tokenizer and the tiny models
-
-
-class FakeTokenizer:
-    """Characters <-> ids 3..V-1 (given out in order of first sight); pad 0, bos 1, eos 2."""
-    pad_id, bos_id, eos_id, vocab_size, sha256 = 0, 1, 2, V, "f" * 64
-
-    def __init__(self):
-        self.char_to_id, self.id_to_char = {}, {}
-
-    def encode(self, text, bos=False, eos=False):
-        for c in text:
-            if c not in self.char_to_id:
-                i = 3 + len(self.char_to_id) % (V - 3)
-                self.char_to_id[c], self.id_to_char[i] = i, c
-        return ([1] if bos else []) + [self.char_to_id[c] for c in text] + ([2] if eos else [])
-
-    def encode_batch(self, texts, num_threads=-1):
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids):
-        return "".join(self.id_to_char.get(int(i), "?") for i in ids if int(i) > 2)
+V = FAKE_VOCAB  # vocabulary of the fake tokenizer and the tiny models
 
 
 def tiny_model(max_seq_len=32, seed=0, vocab_size=V):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=max_seq_len)).eval()
-
-
-def tiny_ckpt(model, sha="f" * 64):
-    return {"model": model.state_dict(), "model_args": vars(model.args).copy(), "config": {}, "kind": "sft", "step": 7,
-            "val_loss": 1.0, "best_val_loss": 1.0, "tokenizer_sha256": sha}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+    return tiny_eval_model(max_seq_len=max_seq_len, seed=seed, vocab_size=vocab_size)
 
 
 def nats_by_hand(model, prompt, answer):

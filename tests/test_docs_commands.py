@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background, base_env
+from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background_fixture, base_env
 from babyllama.config import parse_config
 
 SCRIPTS = {"data_process.py": "Config", "pretrain.py": "PretrainConfig", "sft.py": "SFTConfig",
@@ -150,9 +150,7 @@ def run_tiny_commands(tmp_path_factory) -> tuple:
 BACKGROUND_JOBS = {"tiny_commands": run_tiny_commands}  # started with the session (conftest.background_jobs)
 
 
-@pytest.fixture(scope="module")
-def tiny_commands(tmp_path_factory):
-    return background("tiny_commands", run_tiny_commands, tmp_path_factory).result()
+tiny_commands = background_fixture("tiny_commands", run_tiny_commands)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import SESSION_TOKENIZER, SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, background, run_script
+from conftest import SESSION_TOKENIZER, SHARED_DATA, SKIP_NO_SHARED_DATA, SKIP_NO_TOKENIZER, background_fixture, run_script
 from babyllama.train_log import read_metrics
 
 SHARED_FILES = [os.path.join(SHARED_DATA, "pretrain", f) for f in
@@ -43,9 +43,7 @@ def shared_corpus_run(tmp_path_factory) -> tuple:
 BACKGROUND_JOBS = {"pipeline": shared_corpus_run}  # started with the session (conftest.background_jobs)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return background("pipeline", shared_corpus_run, tmp_path_factory).result()
+pipeline = background_fixture("pipeline", shared_corpus_run)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import pytest
 
 import report
 from babyllama.run_dir import RUN_FILES
-from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background, base_env
+from conftest import SKIP_NO_TOKENIZER, ROOT, SESSION_TOKENIZER, background_fixture, base_env
 
 pytestmark = pytest.mark.slow  # every test here runs speedrun.sh
 
@@ -162,9 +162,7 @@ def run_both_speedruns(tmp_path_factory) -> dict:
 BACKGROUND_JOBS = {"speedruns": run_both_speedruns}  # started with the session (conftest.background_jobs)
 
 
-@pytest.fixture(scope="module")
-def speedruns(tmp_path_factory):
-    return background("speedruns", run_both_speedruns, tmp_path_factory).result()
+speedruns = background_fixture("speedruns", run_both_speedruns)
 
 
 @pytest.fixture(scope="module")
