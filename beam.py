@@ -7,7 +7,8 @@ Library module, no command line:
   beam.beam_search(model, prompts, Sampling(max_new_tokens=64, beams=4, length_penalty=0.6, no_repeat_ngram=0))
   python eval.py --beams=4 --length_penalty=1.0                            # the same from the command line
 Of the Sampling knobs, beam search reads max_new_tokens, beams, length_penalty and no_repeat_ngram; temperature, top_k,
-top_p and repetition_penalty are not used (Sampling.validate requires them off when beams > 1).
+top_p and repetition_penalty only sample a start with beam_prefix > 0 (sampled_start; Sampling.validate requires them
+off otherwise when beams > 1).
 Each prompt keeps the K best partial answers (beams) by summed token log-probability; an answer that ends in <eos>
 is scored sum_logprob / length ** length_penalty (length counts the new tokens, <eos> included, as Hugging Face
 transformers does), and the best of those is returned. Uses only the model's public methods (hidden, logits, args)
