@@ -298,7 +298,7 @@ class Checkpoints:
             self.stop(step, f"diverged (val loss {val_loss:.4g}, worse than guessing every token uniformly)")
 
     def stop(self, step: int, what: str) -> None:
-        self.writer.wait()
+        self.settle()  # the write in flight first: its "(best)" line, then why the run stops
         self.log.print(f"stopping at step {step}: the weights {what}, not saved; {self.last_good()} "
                        f"(lower learning_rate or use dtype=bfloat16)")
         raise SystemExit(3)

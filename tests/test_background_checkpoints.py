@@ -101,6 +101,27 @@ def test_the_loop_does_not_wait_for_the_disk_and_says_best_once_it_is_written(tm
     assert load_checkpoint(str(tmp_path / "best.pt"))["step"] == 20 and ck.writer.thread is None
 
 
+def test_a_stopping_run_logs_the_best_pt_still_being_written_before_it_says_why(tmp_path, monkeypatch):
+    ck, model, log_txt = checkpoints(tmp_path)
+    release, real = threading.Event(), checkpoint.save_checkpoint
+
+    def slow_disk(state, path, best=None):
+        assert release.wait(60)
+        real(state, path, best)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_disk)
+    assert ck.save(4, 3.5, 3.5, True) is True
+    ck.log_when_written("step 4: val loss 3.5000 (best)")
+    threading.Timer(0.3, release.set).start()  # the disk finishes while stop() waits for it
+    with torch.no_grad():
+        model.layers[0].feed_forward.w1.weight.mul_(1e8)
+    with pytest.raises(SystemExit) as e:
+        ck.check_weights(6)
+    assert e.value.code == 3
+    lines = log_txt.read_text().splitlines()
+    assert lines[0] == "step 4: val loss 3.5000 (best)" and len(lines) == 2
+    assert lines[1].startswith("stopping at step 6: the weights exploded") and "last.pt (step 4)" in lines[1]
+
+
 @pytest.mark.parametrize("failing", ["best.pt", "last.pt"])
 def test_a_failed_background_write_keeps_the_previous_files(tmp_path, monkeypatch, failing):
     ck, _, log_txt = checkpoints(tmp_path)
