@@ -38,11 +38,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -348,7 +350,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
                  timing: dict) -> dict:
     """The eval_report.json contents: scores, the protocol that produced them, timings and every answer.
 
-    scores: (bleu4, sacreBLEU, its signature, quality.degenerate_stats, quality.length_stats, score_baselines,
+    scores: (bleu4, sacreBLEU, its signature, quality.degenerate_stats, quality.length_stats, the baselines,
     quality.answer_quality, scoring.reference_bpb or None)."""
     bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref = scores
     gen_s = timing["generation_s"]
@@ -434,6 +436,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs, decoder = decoding(cfg, tokenizer, device)
+    baselines_done = start_baselines(records, cfg.baseline_pool, pool, device.type == "cuda") if pool else None
     fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
     if fallback:
         print(f"note: {SAMPLE_NOTE}")
@@ -468,7 +471,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     sacre, signature = bleu.corpus_sacrebleu(refs, answers)
     degenerate = quality.degenerate_stats(answers, [len(o) >= cfg.max_new_tokens for o in outputs])
     lengths = quality.length_stats(answers, refs)
-    baselines, baselines_s = score_baselines(records, cfg.baseline_pool, pool) if cfg.baselines else ({}, 0.0)
+    baselines, baselines_s = baselines_done() if baselines_done else ({}, 0.0)
     stock = quality.answer_quality(answers, [r["question"] for r in records])
     ref, ref_s = reference_score(cfg, model, kind, tokenizer, records, device, dtype)
     total_s = time.perf_counter() - t_start
@@ -513,23 +516,32 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
     return json_path, md_path
 
 
-def score_baselines(records: List[dict], pool_path: str, pool: List[tuple]) -> tuple:
-    """BLEU-4, sacreBLEU and the stock-answer metrics of babyllama/quality.py's two model-free answers, with eval's own
-    protocol -> ({name: scores}, seconds)."""
-    t0 = time.perf_counter()
-    refs = [r["answer"] for r in records]
-    answers = quality.baseline_answers([r["question"] for r in records], pool)
-    out = {}
-    for name, hyps in answers.items():
-        out[name] = {"bleu4": bleu.mean_sentence_bleu4(refs, hyps), "sacrebleu_zh": bleu.corpus_sacrebleu(refs, hyps)[0],
-                     "answer_chars": quality.length_stats(hyps, refs)["answer_chars"],
-                     **quality.answer_quality(hyps, [r["question"] for r in records])}
-    out["retrieval"]["pool"] = pool_path
-    return out, time.perf_counter() - t0
+def start_baselines(records: List[dict], pool_path: str, pool: List[tuple], background: bool) -> Callable:
+    """Starts scoring the two model-free baselines (quality.baseline_scores: seconds of CPU work that needs no model)
+    -> a function returning ({name: scores}, seconds it waited for them). In the background (eval on a GPU) they are
+    scored in a process of their own while the GPU generates, so the eval waits for nothing; otherwise (a CPU, which
+    generation keeps busy) when the function is called."""
+    questions, refs = [r["question"] for r in records], [r["answer"] for r in records]
+    if not background:
+        def inline() -> tuple:
+            t0 = time.perf_counter()
+            return quality.baseline_scores(questions, refs, pool, pool_path), time.perf_counter() - t0
+        return inline
+    # spawn, not fork: this process already holds CUDA and threads; the child imports only what scoring needs
+    executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = executor.submit(quality.baseline_scores, questions, refs, pool, pool_path)
+
+    def waited() -> tuple:
+        t0 = time.perf_counter()
+        try:
+            return future.result(), time.perf_counter() - t0
+        finally:
+            executor.shutdown()
+    return waited
 
 
-def main() -> None:
-    cfg = config_or_exit(EvalConfig)
+def main(argv=None) -> None:
+    cfg = config_or_exit(EvalConfig, argv)
     with user_errors():
         if cfg.data and cfg.data.lower() != "none" and not cfg.prompts:
             load_qa(resolve_data_path(cfg.data))  # bad input fails in a second, before the model loads

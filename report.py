@@ -30,8 +30,8 @@ from babyllama.fileio import atomic_file, write_atomic
 
 SECTIONS = ["Summary", "Answers", "Training", "Time", "Curves", "Samples", "Hardware", "Commands"]
 STOCK = ("duplicate", "openings", "top_opening", "distinct2", "question_overlap")  # babyllama/quality.answer_quality
-# where a stage's wall time went (report.json "time"): start-up = the process's start to its first work (interpreter,
-# imports, CUDA, loading the model); scoring = eval's BLEU, baselines and reference bits/byte; other_s = the rest
+# where a stage's wall time went (report.json "time"): start-up = the stage's start (its process's, or its turn in
+# chain.py's one process) to its first work (interpreter, imports, CUDA, loading the model); scoring = eval's BLEU, baselines and reference bits/byte; other_s = the rest
 # (the curve's plot, writing reports, the process's exit)
 TIME_PARTS = ("data_s", "startup_s", "compile_s", "steps_s", "validation_s", "checkpoint_wait_s", "generation_s",
               "scoring_s")
@@ -210,8 +210,9 @@ def time_table(r: dict) -> List[str]:
             "|---|" + "---:|" * len(cols)]
     for t in r["time"] + [dict({c: sum(t[c] or 0 for t in r["time"]) for c in cols}, stage="**total**")]:
         rows.append(f"| {t['stage']} | " + " | ".join("" if t[c] is None else f"{t[c]:,.1f} s" for c in cols) + " |")
-    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Start-up: from the process's start "
-                   "to its first work (interpreter, imports, CUDA, loading the model). Compilation: the first steps' "
+    return rows + ["", "Data: tokenizing, or reading the data in a training stage. Start-up: from the stage's start "
+                   "(its process's, or its turn in chain.py's one process) to its first work (interpreter, imports, "
+                   "CUDA, loading the model). Compilation: the first steps' "
                    "extra time. Validation: an eval's perplexity. Scoring: BLEU, the baselines, the references' bits "
                    "per byte. Other: the rest (plots, reports, the process's exit)."]
 

@@ -204,19 +204,33 @@ read -ra EVAL_USER <<< "$EVAL_ARGS"  # --eval_args: flags separated by spaces (n
 stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" "${TOK_X[@]}" \
   "${OVERWRITE[@]}"
 stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" "${TOK_X[@]}" "${OVERWRITE[@]}"
-stage pretrain "${LAUNCH[@]}" pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" \
-  "${PRE_X[@]}" "${OVERWRITE[@]}"
-stage sft "${LAUNCH[@]}" sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" \
-  "${MIX_X[@]}" "${SFT_X[@]}" "${OVERWRITE[@]}"
-stage eval python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines \
-    --baseline_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}"
+PRE_CMD=(pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" "${PRE_X[@]}" "${OVERWRITE[@]}")
+SFT_CMD=(sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" "${MIX_X[@]}"
+  "${SFT_X[@]}" "${OVERWRITE[@]}")
+EVAL_CMD=(eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines
+  --baseline_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}")
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
+ORIG_CMD=()
 if [ $EVAL_ORIG = 1 ]; then
-  stage eval-original python eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 \
-    --top_k=100 --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" "${TOK_X[@]}" "${EVAL_X[@]}"
+  ORIG_CMD=(eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin=none --beams=1 --temperature=1.0 --top_k=100
+    --no_repeat_ngram=0 --max_new_tokens=$ORIG_NEW --out_dir="$OUT/eval_original" "${TOK_X[@]}" "${EVAL_X[@]}")
 else  # an earlier speedrun's (--overwrite) is not this run's: the card must not show it (a link there goes, not its files)
   if [ -L "$OUT/eval_original" ]; then rm -f -- "$OUT/eval_original"
   else rm -f -- "$OUT/eval_original/eval_report.json" "$OUT/eval_original/eval_report.md"; fi
 fi
-stage report python report.py --run="$OUT"
+if [ "$NPROC" = 1 ]; then
+  # one process for pretraining, SFT, eval and the card: they share torch's import, CUDA and the compiled graphs, so
+  # SFT compiles almost nothing again (chain.py; each stage is the command it prints, run as its script's main)
+  CHAIN=(python chain.py "--log=$LOG" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
+  [ ${#ORIG_CMD[@]} = 0 ] || CHAIN+=(-- --name=eval-original "${ORIG_CMD[@]}")
+  CHAIN+=(-- report.py --run="$OUT")
+  echo; echo "== [$(( $(date +%s) - T0 ))s] pretrain, sft, eval and report in one process: $(quoted "${CHAIN[@]}")"
+  "${CHAIN[@]}"
+else
+  stage pretrain "${LAUNCH[@]}" "${PRE_CMD[@]}"
+  stage sft "${LAUNCH[@]}" "${SFT_CMD[@]}"
+  stage eval python "${EVAL_CMD[@]}"
+  [ ${#ORIG_CMD[@]} = 0 ] || stage eval-original python "${ORIG_CMD[@]}"
+  stage report python report.py --run="$OUT"
+fi
 echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"

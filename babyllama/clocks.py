@@ -13,11 +13,22 @@ import torch.distributed as dist
 from babyllama.runtime import Runtime, synchronize
 
 _IMPORTED = time.time()
+_STAGE_START: Optional[float] = None  # set by start_stage() where one process runs several stages (chain.py)
+
+
+def start_stage() -> None:
+    """Marks the start of a stage in a process that runs several one after another (chain.py): the stage's start-up
+    is counted from here, not from the process's start."""
+    global _STAGE_START
+    _STAGE_START = time.time()
 
 
 def process_start() -> float:
-    """time.time() at which this process started, to count start-up (interpreter, imports, CUDA): from /proc on
-    Linux, elsewhere when this module was imported (a script imports it among its first)."""
+    """time.time() at which this process (or its current stage, start_stage) started, to count start-up (interpreter,
+    imports, CUDA): from /proc on Linux, elsewhere when this module was imported (a script imports it among its
+    first)."""
+    if _STAGE_START is not None:
+        return _STAGE_START
     try:
         with open("/proc/self/stat") as f:  # field 22 = start time in clock ticks after boot; the name may hold ")"
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])

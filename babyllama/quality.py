@@ -188,3 +188,17 @@ def baseline_answers(questions: Sequence[str], pool: Iterable[Tuple[str, str]]) 
     pool = list(pool)
     idx = retrieve(questions, [q for q, _ in pool])
     return {"retrieval": [pool[i][1] for i in idx], "fixed": [FIXED_ANSWER] * len(questions)}
+
+
+def baseline_scores(questions: Sequence[str], references: Sequence[str], pool: List[Tuple[str, str]],
+                    pool_path: str) -> Dict[str, dict]:
+    """BLEU-4, sacreBLEU, length and the stock-answer metrics of the two baselines, with eval.py's protocol ->
+    {name: scores}. CPU work only (eval.py runs it in a process of its own beside the generation on a GPU)."""
+    from babyllama import bleu  # jieba, nltk and sacrebleu: imported where BLEU is computed
+    out = {}
+    for name, hyps in baseline_answers(questions, pool).items():
+        out[name] = {"bleu4": bleu.mean_sentence_bleu4(references, hyps),
+                     "sacrebleu_zh": bleu.corpus_sacrebleu(references, hyps)[0],
+                     "answer_chars": length_stats(hyps, references)["answer_chars"], **answer_quality(hyps, questions)}
+    out["retrieval"]["pool"] = pool_path
+    return out

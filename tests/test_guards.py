@@ -21,7 +21,9 @@ def test_a_diverged_validation_stops_the_run_without_saving(tmp_path):
     ck.cfg = types.SimpleNamespace(out_dir=str(tmp_path))
     ck.model_args = types.SimpleNamespace(vocab_size=512)
     ck.log = types.SimpleNamespace(print=printed.append)
-    ck.writer = types.SimpleNamespace(wait=lambda: None, save=lambda *a: saved.append(a))
+    ck.writer = types.SimpleNamespace(wait=lambda: None, save=lambda *a: saved.append(a), written=[],
+                                      finished=lambda: None)
+    ck.lines = []  # no best.pt line waiting for its write
     ck.good_step = 40
     ck.check_loss(50, 5.0)  # fine: log(512) + 1 = 7.24
     with pytest.raises(SystemExit) as e:

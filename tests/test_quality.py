@@ -60,17 +60,21 @@ def test_retrieval_idf_prefers_the_rare_shared_gram():
     assert quality.retrieve(["肝炎怎么办"], pool) == [3]
 
 
-def test_baselines_scored_with_evals_protocol(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_baselines_scored_with_evals_protocol(tmp_path, background):
     import eval as ev
 
     convs = [[{"role": "user", "content": "头痛怎么办"}, {"role": "assistant", "content": "头痛可以先休息，必要时就医。"}]]
     pool = tmp_path / "train.jsonl"
     pool.write_text(json.dumps({"conversations": convs[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
     records = [{"question": "头痛得厉害怎么办", "answer": "头痛可以先休息，必要时到医院就医。"}]
-    got, seconds = ev.score_baselines(records, str(pool), quality.qa_pairs(str(pool)))
+    # background (eval on a GPU): scored in a process of its own while the caller goes on; the same scores
+    done = ev.start_baselines(records, str(pool), quality.qa_pairs(str(pool)), background)
+    got, seconds = done()
     assert got["retrieval"]["bleu4"] == pytest.approx(
         bleu.mean_sentence_bleu4([records[0]["answer"]], ["头痛可以先休息，必要时就医。"]))
     assert got["fixed"]["sacrebleu_zh"] == pytest.approx(
         bleu.corpus_sacrebleu([records[0]["answer"]], [quality.FIXED_ANSWER])[0])
     assert got["retrieval"]["bleu4"] > got["fixed"]["bleu4"] and got["retrieval"]["pool"] == str(pool)
-    assert 0 < seconds < 60
+    assert got["retrieval"]["duplicate"] == 0.0 and 0 <= got["fixed"]["question_overlap"] <= 1
+    assert 0 <= seconds < 120

@@ -1,0 +1,91 @@
+"""Runs stages of the pipeline one after another in one Python process: what speedrun.sh does on one GPU.
+
+    python chain.py pretrain.py --data_dir=data/pretrain -- sft.py --init_from=out/pretrain -- eval.py --ckpt=out/sft
+    python chain.py --log=out/speedrun.jsonl pretrain.py ... -- sft.py ...   # a {"stage","command","seconds"} line each
+
+Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
+reports), but the stages share the interpreter, the CUDA context and torch.compile's compiled graphs and kernels:
+SFT trains the same model shape as pretraining, so it compiles almost nothing again, and no stage after the first
+imports torch or starts CUDA again (docs/speed.md). Stages are separated by a
+`--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
+`--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
+status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import shlex
+import sys
+import time
+from typing import List, Optional
+
+from babyllama.clocks import process_start, start_stage
+from babyllama.errors import ctrl_c, fail
+from babyllama.fileio import open_append
+
+SCRIPTS = ("pretrain.py", "sft.py", "eval.py", "report.py")  # scripts whose main(argv) can run as a stage
+
+
+def parse(argv: List[str]) -> tuple:
+    """-> (log file or "", [(stage name, script, [flags])]), or a one-line error (exit 2) for a malformed command
+    line."""
+    log = ""
+    while argv and argv[0].startswith("--log="):
+        log, argv = argv[0][len("--log="):], argv[1:]
+    stages, current, name = [], None, ""
+    for word in argv + ["--"]:
+        if word == "--":
+            if current is None:
+                fail("chain.py: an empty stage (two `--` in a row, or `--` first or last); expected SCRIPT FLAGS -- "
+                     "SCRIPT FLAGS ...")
+            stages.append(current)
+            current, name = None, ""
+        elif current is None and word.startswith("--name=") and not name:
+            name = word[len("--name="):]
+        elif current is None:
+            if word not in SCRIPTS:
+                fail(f"chain.py: {word!r} is not a stage; expected one of {', '.join(SCRIPTS)} (see python chain.py "
+                     f"--help)")
+            current = (name or word[:-3], word, [])
+        else:
+            current[2].append(word)
+    return log, stages
+
+
+def run_stage(script: str, flags: List[str], first: bool) -> float:
+    """Runs one stage -> its seconds (the first's from the process's start). Raises SystemExit with the stage's status
+    if it fails."""
+    if not first:  # a later stage's start-up (summary.json, eval_report.json) counts from here, the first's from the
+        start_stage()  # process's start: the interpreter, torch's import and CUDA are the first stage's
+    t0 = process_start()  # its wall time from there too, as speedrun.sh times a stage of its own process
+    module = importlib.import_module(script[:-3])
+    module.main(flags)  # a failure raises SystemExit with its status, as under `python SCRIPT`
+    seconds = time.time() - t0
+    gc.collect()  # the finished stage's model, optimizer and data go before the next stage allocates its own
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.modules["torch"].cuda.empty_cache()
+    return seconds
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        raise SystemExit(0)
+    log, stages = parse(argv)
+    t0 = time.time()
+    for i, (name, script, flags) in enumerate(stages):
+        command = shlex.join(["python", script, *flags])
+        print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
+        seconds = run_stage(script, flags, first=i == 0)
+        if log:  # appended, never through a link: the speedrun's record of each stage
+            with open_append(log) as f:
+                f.write(json.dumps({"stage": name, "command": command, "seconds": round(seconds, 1)},
+                                   ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    with ctrl_c():
+        main()

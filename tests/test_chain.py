@@ -1,0 +1,70 @@
+"""chain.py: stages run in one process give the same checkpoints as the same commands run one by one, log each
+stage's command and time, and stop at the first stage that fails with its exit status."""
+import glob
+import json
+import shlex
+
+import pytest
+import torch
+
+from babyllama.checkpoint import load_checkpoint
+from conftest import ROOT, one_line_error, run_script
+
+pytestmark = pytest.mark.slow
+MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=64", "--batch_size=4", "--device=cpu",
+         "--log_interval=2", "--eval_interval=3", "--warmup_steps=2"]
+
+
+@pytest.fixture
+def sample_data(tmp_path, tokenizer_path):
+    """The embedded sample tokenized as speedrun.sh --tiny does: pretrain shards and SFT conversations."""
+    data = tmp_path / "data"
+    files = {sub: ",".join(sorted(glob.glob(f"{ROOT}/data/sample/{sub}/*.json*"))) for sub in ("pretrain", "sft")}
+    run_script("data_process.py", ["pretrain", f"--inputs={files['pretrain']}", f"--out_dir={data}/pretrain",
+                                   "--progress=false"])
+    run_script("data_process.py", ["sft", f"--inputs={files['sft']}", f"--out_dir={data}/sft", "--progress=false"])
+    return data
+
+
+def stages(data, out) -> list:
+    pre = ["pretrain.py", f"--data_dir={data}/pretrain", f"--out_dir={out}/pretrain", *MODEL, "--max_steps=6"]
+    sft = ["sft.py", f"--init_from={out}/pretrain", f"--data_dir={data}/sft", f"--out_dir={out}/sft", "--batch_size=4",
+           "--device=cpu", "--log_interval=2", "--eval_interval=2", "--warmup_steps=1", "--max_steps=4"]
+    return [pre, sft]
+
+
+def test_a_chain_writes_what_the_commands_write_one_by_one(sample_data, tmp_path):
+    apart, chained = tmp_path / "apart", tmp_path / "chained"
+    for script, *flags in stages(sample_data, apart):
+        run_script(script, flags)
+    pre, sft = stages(sample_data, chained)
+    log = chained / "speedrun.jsonl"
+    (chained).mkdir()
+    r = run_script("chain.py", [f"--log={log}", *pre, "--", "--name=fine-tune", *sft])
+    assert "== [+0s] pretrain: python pretrain.py" in r.stdout and "fine-tune: python sft.py" in r.stdout
+    for stage in ("pretrain", "sft"):  # the same weights, bit for bit, and the same record of the run
+        a, b = (load_checkpoint(str(d / stage / "best.pt")) for d in (apart, chained))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    # start-up: the first stage's from the process's start (torch's import), a later one's from its own start
+    startup = [json.loads((chained / stage / "summary.json").read_text())["startup_s"] for stage in ("pretrain", "sft")]
+    assert 0.3 < startup[0] < lines[0]["seconds"] and 0 <= startup[1] < lines[1]["seconds"]
+    assert [x["stage"] for x in lines] == ["pretrain", "fine-tune"]
+    assert lines[1]["command"] == shlex.join(["python", *sft]) and all(x["seconds"] > 0 for x in lines)
+
+
+def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
+    pre, sft = stages(sample_data, tmp_path)
+    log = tmp_path / "speedrun.jsonl"
+    bad = [w.replace(f"--data_dir={sample_data}/pretrain", f"--data_dir={tmp_path}/none") for w in pre]
+    r = run_script("chain.py", [f"--log={log}", *bad, "--", *sft], check=False)
+    assert "--data_dir" in one_line_error(r, 2) or "none" in one_line_error(r, 2)
+    assert "sft: python sft.py" not in r.stdout and not log.exists() and not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("argv, says", [(["train.py"], "'train.py' is not a stage"),
+                                        (["pretrain.py", "--", "--", "sft.py"], "an empty stage"),
+                                        (["pretrain.py", "--"], "an empty stage")])
+def test_a_malformed_chain_is_one_line_before_any_stage(argv, says):
+    r = run_script("chain.py", argv, check=False)
+    assert says in one_line_error(r, 2) and "==" not in r.stdout
