@@ -1,7 +1,7 @@
 """Runs stages of the pipeline one after another in one Python process: what speedrun.sh does on one GPU.
 
     python chain.py pretrain.py --data_dir=data/pretrain -- sft.py --init_from=out/pretrain -- eval.py --ckpt=out/sft
-    python chain.py --log=out/speedrun.jsonl pretrain.py ... -- sft.py ...   # a {"stage","command","seconds"} line each
+    python chain.py --record=out/speedrun.jsonl pretrain.py ... -- sft.py ...   # a {"stage","command","seconds"} line each
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
 reports), but the stages share the interpreter, the CUDA context and torch.compile's compiled graphs and kernels:
@@ -9,13 +9,15 @@ SFT trains the same model shape as pretraining, so it compiles almost nothing ag
 imports torch or starts CUDA again (docs/speed.md). Stages are separated by a
 `--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
 `--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
-status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run.
+status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One
+process only: under torchrun each stage runs as its own command (a stage tears down its process group).
 """
 from __future__ import annotations
 
 import gc
 import importlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -32,8 +34,8 @@ def parse(argv: List[str]) -> tuple:
     """-> (log file or "", [(stage name, script, [flags])]), or a one-line error (exit 2) for a malformed command
     line."""
     log = ""
-    while argv and argv[0].startswith("--log="):
-        log, argv = argv[0][len("--log="):], argv[1:]
+    while argv and argv[0].startswith("--record="):
+        log, argv = argv[0][len("--record="):], argv[1:]
     stages, current, name = [], None, ""
     for word in argv + ["--"]:
         if word == "--":
@@ -75,6 +77,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(__doc__.strip())
         raise SystemExit(0)
     log, stages = parse(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each stage sets up and tears down its process group
+        fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
+             "(speedrun.sh does with NPROC > 1)")
     t0 = time.time()
     for i, (name, script, flags) in enumerate(stages):
         command = shlex.join(["python", script, *flags])

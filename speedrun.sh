@@ -221,7 +221,7 @@ fi
 if [ "$NPROC" = 1 ]; then
   # one process for pretraining, SFT, eval and the card: they share torch's import, CUDA and the compiled graphs, so
   # SFT compiles almost nothing again (chain.py; each stage is the command it prints, run as its script's main)
-  CHAIN=(python chain.py "--log=$LOG" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
+  CHAIN=(python chain.py "--record=$LOG" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
   [ ${#ORIG_CMD[@]} = 0 ] || CHAIN+=(-- --name=eval-original "${ORIG_CMD[@]}")
   CHAIN+=(-- report.py --run="$OUT")
   echo; echo "== [$(( $(date +%s) - T0 ))s] pretrain, sft, eval and report in one process: $(quoted "${CHAIN[@]}")"

@@ -40,7 +40,7 @@ def test_a_chain_writes_what_the_commands_write_one_by_one(sample_data, tmp_path
     pre, sft = stages(sample_data, chained)
     log = chained / "speedrun.jsonl"
     (chained).mkdir()
-    r = run_script("chain.py", [f"--log={log}", *pre, "--", "--name=fine-tune", *sft])
+    r = run_script("chain.py", [f"--record={log}", *pre, "--", "--name=fine-tune", *sft])
     assert "== [+0s] pretrain: python pretrain.py" in r.stdout and "fine-tune: python sft.py" in r.stdout
     for stage in ("pretrain", "sft"):  # the same weights, bit for bit, and the same record of the run
         a, b = (load_checkpoint(str(d / stage / "best.pt")) for d in (apart, chained))
@@ -57,7 +57,7 @@ def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
     pre, sft = stages(sample_data, tmp_path)
     log = tmp_path / "speedrun.jsonl"
     bad = [w.replace(f"--data_dir={sample_data}/pretrain", f"--data_dir={tmp_path}/none") for w in pre]
-    r = run_script("chain.py", [f"--log={log}", *bad, "--", *sft], check=False)
+    r = run_script("chain.py", [f"--record={log}", *bad, "--", *sft], check=False)
     assert "--data_dir" in one_line_error(r, 2) or "none" in one_line_error(r, 2)
     assert "sft: python sft.py" not in r.stdout and not log.exists() and not (tmp_path / "sft").exists()
 
@@ -68,3 +68,12 @@ def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
 def test_a_malformed_chain_is_one_line_before_any_stage(argv, says):
     r = run_script("chain.py", argv, check=False)
     assert says in one_line_error(r, 2) and "==" not in r.stdout
+
+
+def test_under_torchrun_a_chain_is_refused_before_any_stage(monkeypatch, capsys):
+    import chain
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        chain.main(["pretrain.py", "--max_steps=1", "--", "sft.py"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "under torchrun" in out.err and "==" not in out.out
