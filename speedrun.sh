@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline in one command on one GPU: tokenize -> pretrain -> SFT -> eval -> report card.
+# The whole pipeline in one command on one GPU: tokenize -> pretrain -> SFT -> eval -> report card. On one GPU the
+# last four run in one Python process (chain.py: torch, CUDA and the compiled model set up once); each prints the
+# command that runs it alone.
 #
 #   bash speedrun.sh --corpora=DIR              # one GPU; DIR holds pretrain/, sft/ and eval/ (README: "Get the data")
 #   NPROC=8 bash speedrun.sh --corpora=DIR      # torchrun on 8 GPUs of one node (the same global batch in tokens)
@@ -41,7 +43,7 @@ for arg in "$@"; do
     --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
     --eval_args=*) EVAL_ARGS="${arg#*=}" ;;
     --eval_original) EVAL_ORIG=1 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
