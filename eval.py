@@ -35,7 +35,10 @@ Writes eval_report.json and eval_report.md into the checkpoint's folder and prin
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -47,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from babyllama import bleu
@@ -62,7 +66,8 @@ from generate import EVAL_BEAMS, Sampling, generate
 from rerank import generate_best
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
-from babyllama.runtime import autocast_context as autocast, device_problem, hardware, resolve_dtype, synchronize
+from babyllama.runtime import (autocast_context as autocast, cleanup, device_problem, hardware, resolve_dtype,
+                               setup_runtime, synchronize)
 from generate import load_for_inference
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
@@ -167,15 +172,18 @@ def auto_batch_size(beams: int, model_args: dict, n_prompts: int, device: torch.
 
 @torch.no_grad()
 def generate_all(model, prompts: List[List[int]], batch_size: int, sampling: Sampling, gen_kwargs: dict,
-                 device: torch.device, dtype: torch.dtype, progress: bool = True, decoder=None) -> tuple:
+                 device: torch.device, dtype: torch.dtype, progress: bool = True, decoder=None,
+                 shard: tuple = (0, 1)) -> tuple:
     """New-token lists for every prompt, in input order -> (outputs, seconds).
 
     Batches are cut from prompts sorted by length, so the left padding inside a batch stays small.
     decoder: generate.generate (None), beam.beam_search or rerank.generate_best, called with the knobs (sampling)
-    and gen_kwargs (the rest: eos_id, generator, ...)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    and gen_kwargs (the rest: eos_id, generator, ...). shard = (rank, world) under torchrun: this process answers
+    every world-th prompt of that order (each rank a like mix of lengths) and every rank gets all the outputs."""
+    rank, world = shard
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[rank::world]
     outputs: List[Optional[List[int]]] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(order), desc="generating", unit="q", disable=not progress, file=sys.stderr)
     synchronize(device)
     t0 = time.perf_counter()
     for start in range(0, len(order), batch_size):
@@ -185,6 +193,11 @@ def generate_all(model, prompts: List[List[int]], batch_size: int, sampling: Sam
         for i, out in zip(idx, outs):
             outputs[i] = list(out)
         bar.update(len(idx))
+    if world > 1:  # every rank's answers, in input order, on every rank
+        parts: list = [None] * world
+        dist.all_gather_object(parts, [(i, outputs[i]) for i in order])
+        for i, out in itertools.chain.from_iterable(parts):
+            outputs[i] = out
     synchronize(device)
     bar.close()
     return outputs, time.perf_counter() - t0
@@ -372,7 +385,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "template.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
-                         f"batch {cfg.batch_size}, KV cache on"),
+                         f"batch {cfg.batch_size}{per_process(timing.get('processes', 1))}, KV cache on"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
             "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
@@ -421,8 +434,9 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
 
 
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
-             dtype: torch.dtype, progress: bool = True) -> Optional[dict]:
-    """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored)."""
+             dtype: torch.dtype, progress: bool = True, shard: tuple = (0, 1)) -> Optional[dict]:
+    """Generates, scores, writes the reports and prints; returns the report (None when nothing was scored, and on
+    every rank but 0 under torchrun: shard = (rank, world) splits the questions, rank 0 scores them all)."""
     t_start, startup_s = time.perf_counter(), time.time() - process_start()
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
@@ -436,15 +450,13 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs, decoder = decoding(cfg, tokenizer, device)
-    baselines_done = start_baselines(records, cfg.baseline_pool, pool, device.type == "cuda") if pool else None
-    fallback = data_path == SAMPLE_DATA and not cfg.data  # no --data and no dev set: said, not silent
-    if fallback:
-        print(f"note: {SAMPLE_NOTE}")
-    print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
-          f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
-          f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}, "
-          f"{decoding_word(cfg)}, KV cache on")
-    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder)
+    baselines_done = start_baselines(records, cfg.baseline_pool, pool, device.type == "cuda") \
+        if pool and shard[0] == 0 else None
+    describe_prompts(cfg, records, data_path, kind, prompts, cut, prompt_budget, shard[1])
+    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder,
+                                  shard)
+    if shard[0] != 0:  # rank 0 scores and reports
+        return None
     answers = [tokenizer.decode(o).strip() for o in outputs]
     new_tokens = sum(len(o) for o in outputs)
 
@@ -480,7 +492,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
                           (bleu4, sacre, signature, degenerate, lengths, baselines, stock, ref), ppl_info, device, dtype,
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
                                                "new_tokens": new_tokens, "reference_bpb_s": ref_s,
-                                               "baselines_s": baselines_s, "scoring_s": scoring_s, "startup_s": startup_s})
+                                               "baselines_s": baselines_s, "scoring_s": scoring_s, "startup_s": startup_s,
+                                               "processes": shard[1]})
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))
@@ -499,6 +512,21 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
           f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
     return report
+
+
+def describe_prompts(cfg: EvalConfig, records: List[dict], data_path: Optional[str], kind: str, prompts: list,
+                     cut: int, prompt_budget: int, world: int) -> None:
+    """The line saying what is asked and how it is decoded (and where the sample set stands in for a dev set)."""
+    if data_path == SAMPLE_DATA and not cfg.data:  # no --data and no dev set: said, not silent
+        print(f"note: {SAMPLE_NOTE}")
+    print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
+          f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
+          f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}"
+          f"{per_process(world)}, {decoding_word(cfg)}, KV cache on")
+
+
+def per_process(world: int) -> str:
+    return f" per process, {world} processes" if world > 1 else ""
 
 
 def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
@@ -542,16 +570,24 @@ def start_baselines(records: List[dict], pool_path: str, pool: List[tuple], back
 
 def main(argv=None) -> None:
     cfg = config_or_exit(EvalConfig, argv)
-    with user_errors():
-        if cfg.data and cfg.data.lower() != "none" and not cfg.prompts:
-            load_qa(resolve_data_path(cfg.data))  # bad input fails in a second, before the model loads
-        torch.manual_seed(cfg.seed)
-        model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
-                                                                              cfg.dtype)
-        ma = ckpt["model_args"]
-        print(f"{ckpt_path}: {ckpt.get('kind', '?')} checkpoint, step {ckpt.get('step')}, {model.num_params():,} parameters "
-              f"(dim {ma['dim']}, {ma['n_layers']} layers, context {ma['max_seq_len']}) | {device} {str(dtype)[6:]}")
-        evaluate(cfg, model, ckpt, tokenizer, ckpt_path, device, dtype)
+    # under torchrun: one GPU per process, the questions split between them, rank 0 prints, scores and writes
+    rt = setup_runtime(cfg.device, cfg.dtype) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    shard = (rt.rank, rt.world_size) if rt else (0, 1)
+    try:
+        with user_errors(), contextlib.redirect_stdout(sys.stdout if shard[0] == 0 else io.StringIO()):
+            if cfg.data and cfg.data.lower() != "none" and not cfg.prompts:
+                load_qa(resolve_data_path(cfg.data))  # bad input fails in a second, before the model loads
+            torch.manual_seed(cfg.seed)
+            model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(
+                cfg.ckpt, cfg.tokenizer, str(rt.device) if rt else cfg.device, cfg.dtype)
+            ma = ckpt["model_args"]
+            print(f"{ckpt_path}: {ckpt.get('kind', '?')} checkpoint, step {ckpt.get('step')}, {model.num_params():,} "
+                  f"parameters (dim {ma['dim']}, {ma['n_layers']} layers, context {ma['max_seq_len']}) | {device} "
+                  f"{str(dtype)[6:]}")
+            evaluate(cfg, model, ckpt, tokenizer, ckpt_path, device, dtype, progress=shard[0] == 0, shard=shard)
+    finally:
+        if rt:
+            cleanup(rt)
 
 
 if __name__ == "__main__":

@@ -351,6 +351,23 @@ def test_eval_cli_end_to_end_with_real_tokenizer(tmp_path, tokenizer_path):
         assert json.load(f)["samples"] == 3
 
 
+@pytest.mark.slow
+def test_eval_under_torchrun_splits_the_questions_and_reports_what_one_process_does(tmp_path, tokenizer_path):
+    from chatglm_tokenizer import tokenizer_sha256
+
+    model = tiny_eval_model(max_seq_len=64, vocab_size=64793)
+    checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
+    questions = ["头疼怎么办？", "发烧了吃什么药", "失眠多梦是怎么回事", "咳嗽一直不好", "胃疼", "高血压能治好吗？", "腰疼"]
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": "注意休息，多喝水。"} for q in questions])
+    common = [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=6", "--val_bin=none",
+              f"--tokenizer={tokenizer_path}", "--beams=2"]
+    runs = {n: run_script("eval.py", [*common, f"--out_dir={tmp_path / str(n)}"], nproc=n, timeout=180) for n in (1, 2)}
+    one, two = (json.loads((tmp_path / str(n) / "eval_report.json").read_text(encoding="utf-8")) for n in (1, 2))
+    assert [r["answer"] for r in two["results"]] == [r["answer"] for r in one["results"]]  # each in its place
+    assert two["scores"] == one["scores"] and "batch 32 per process, 2 processes" in two["protocol"]["decoding"]
+    assert runs[2].stdout.count("BLEU-4 (nltk") == 1  # rank 0 alone prints and writes
+
+
 # ---- a small machine ---------------------------------------------------------------------------------
 
 def test_perplexity_never_builds_the_full_logits_and_shows_progress(val_dir, capsys, monkeypatch):

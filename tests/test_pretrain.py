@@ -169,6 +169,27 @@ def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_processes(tiny_corpus, tmp_path, first, then):
+    """The global batch in tokens is the run's (--batch_tokens): a run stopped on `first` processes continues on
+    `then` with accumulation making up the difference, the same data order and the same losses as one run."""
+    common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=9", "--eval_interval=9", "--batch_tokens=256"]
+    out = tmp_path / "moved"
+    run_scripts_together(("pretrain.py", [*common, f"--out_dir={tmp_path / 'whole'}"]),
+                         ("pretrain.py", [*common, f"--out_dir={out}", "--max_minutes=0.0001", "--log_interval=3"],
+                          first))
+    assert 1 <= torch.load(out / "last.pt", weights_only=False)["step"] <= 3  # stopped by the clock, saved
+    r = run_script("pretrain.py", [f"--out_dir={out}", "--resume", "--max_minutes=0"], nproc=then)
+    assert "resuming from" in r.stdout and f"x {then} procs x {2 // then} accum" in r.stdout
+    whole, val_whole = metrics(tmp_path / "whole")
+    moved, val_moved = metrics(out)
+    assert sorted(moved) == list(range(1, 10)) == sorted(whole)
+    for step in whole:
+        assert abs(whole[step] - moved[step]) < 1e-4, (step, whole[step], moved[step])
+    assert abs(val_whole[9] - val_moved[9]) < 1e-4
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tiny_corpus, tmp_path):
     common = [*TINY, f"--data_dir={tiny_corpus}", "--max_steps=30", "--eval_interval=10", "--dropout=0.1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
