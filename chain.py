@@ -23,7 +23,6 @@ import sys
 import time
 from typing import List, Optional
 
-from babyllama.clocks import process_start, start_stage
 from babyllama.errors import ctrl_c, fail
 from babyllama.fileio import open_append
 
@@ -59,6 +58,7 @@ def parse(argv: List[str]) -> tuple:
 def run_stage(script: str, flags: List[str], first: bool) -> float:
     """Runs one stage -> its seconds (the first's from the process's start). Raises SystemExit with the stage's status
     if it fails."""
+    from babyllama.clocks import process_start, start_stage  # imports torch: after the stage's line is printed
     if not first:  # a later stage's start-up (summary.json, eval_report.json) counts from here, the first's from the
         start_stage()  # process's start: the interpreter, torch's import and CUDA are the first stage's
     t0 = process_start()  # its wall time from there too, as speedrun.sh times a stage of its own process

@@ -1,4 +1,4 @@
-"""`python pretrain.py` and `python sft.py` say they started before the slow part (importing torch, building the model,
+"""`python pretrain.py`, `python sft.py` and `python chain.py` say they started before the slow part (importing torch, building the model,
 reading the data): the first line comes within seconds, not after a silent minute on a busy CPU."""
 import os
 import subprocess
@@ -26,6 +26,13 @@ def test_the_first_line_comes_before_torch_is_imported(script, tmp_path):
                        timeout=60)
     lines = r.stdout.splitlines()
     assert lines[0].startswith(STARTS[script]) and "torch import" in lines[1:], r.stdout + r.stderr
+
+
+def test_a_chain_names_its_first_stage_before_torch_is_imported(tmp_path):
+    r = subprocess.run([sys.executable, "chain.py", "pretrain.py", "--max_steps=1"], cwd=ROOT, env=fake_torch(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    lines = [line for line in r.stdout.splitlines() if line]
+    assert lines[0].startswith("== [+0s] pretrain: python pretrain.py") and lines[1] == "torch import", r.stdout
 
 
 @pytest.mark.parametrize("script", sorted(STARTS))
