@@ -5,8 +5,8 @@
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
 reports), but the stages share the interpreter, the CUDA context and torch.compile's compiled graphs and kernels:
-SFT trains the same model shape as pretraining, so it compiles almost nothing again, and no stage after the first
-imports torch or starts CUDA again (docs/speed.md). Stages are separated by a
+SFT's step has pretraining's shapes and code, so torch.compile can reuse what it built, and no stage after the
+first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a
 `--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
 `--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
 status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline in one command on one GPU: tokenize -> pretrain -> SFT -> eval -> report card. On one GPU the
-# last four run in one Python process (chain.py: torch, CUDA and the compiled model set up once); each prints the
+# last four run in one Python process (chain.py: torch and CUDA start once); each prints the
 # command that runs it alone.
 #
 #   bash speedrun.sh --corpora=DIR              # one GPU; DIR holds pretrain/, sft/ and eval/ (README: "Get the data")
@@ -222,7 +222,7 @@ else  # an earlier speedrun's (--overwrite) is not this run's: the card must not
 fi
 if [ "$NPROC" = 1 ]; then
   # one process for pretraining, SFT, eval and the card: they share torch's import, CUDA and the compiled graphs, so
-  # SFT compiles almost nothing again (chain.py; each stage is the command it prints, run as its script's main)
+  # SFT's compilation can reuse pretraining's (chain.py; each stage is the command it prints, run as its script's main)
   CHAIN=(python chain.py "--record=$LOG" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
   [ ${#ORIG_CMD[@]} = 0 ] || CHAIN+=(-- --name=eval-original "${ORIG_CMD[@]}")
   CHAIN+=(-- report.py --run="$OUT")
