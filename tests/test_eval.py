@@ -302,6 +302,22 @@ def test_chat_loop_keeps_history_resets_and_quits(monkeypatch):
     assert history == [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "多喝水"}]
 
 
+def test_chat_by_default_answers_a_question_asked_twice_and_five_questions_differently():
+    """chat.py's defaults sample (unlike eval.py's beams) from one generator for the whole chat: the same question
+    after /reset gets another answer, and five questions five answers, not one stock reply."""
+    tok = FakeTokenizer()
+    tok.encode("".join(chr(0x4E00 + i) for i in range(FAKE_VOCAB - 3)))  # every id decodes to its own character
+    model = tiny_eval_model(max_seq_len=64)
+    out = io.StringIO()
+    questions = ["头疼", "/reset", "头疼", "/reset", "发烧", "/reset", "咳嗽", "/reset", "失眠", "/reset", "胃疼"]
+    chat_loop(model, tok, "sft", ChatConfig(max_new_tokens=12), iter(questions), 64, torch.device("cpu"),
+              torch.float32, out)
+    answers = [line[len("模型> "):] for line in out.getvalue().splitlines() if line.startswith("模型> ")]
+    assert len(answers) == 6 and all(answers)
+    assert answers[0] != answers[1]  # the same question, asked again
+    assert len(set(answers[1:])) == 5  # five questions
+
+
 def test_stream_text_writes_only_complete_text():
     class Tok:
         def decode(self, ids):  # a two-token character: half of it decodes to U+FFFD
