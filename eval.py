@@ -41,13 +41,11 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -450,7 +448,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     gen_kwargs, decoder = decoding(cfg, tokenizer, device)
-    baselines_done = start_baselines(records, cfg.baseline_pool, pool, device.type == "cuda") \
+    baselines_done = quality.start_baseline_scores([r["question"] for r in records], [r["answer"] for r in records],
+                                                   pool, cfg.baseline_pool, device.type == "cuda") \
         if pool and shard[0] == 0 else None
     describe_prompts(cfg, records, data_path, kind, prompts, cut, prompt_budget, shard[1])
     outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder,
@@ -542,30 +541,6 @@ def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
         hint = "pass another --out_dir" if out_dir else "pass --out_dir=DIR to write the report elsewhere"
         raise DataError(f"{folder}: cannot write eval_report.json ({err.strerror}); the scores are above; {hint}") from None
     return json_path, md_path
-
-
-def start_baselines(records: List[dict], pool_path: str, pool: List[tuple], background: bool) -> Callable:
-    """Starts scoring the two model-free baselines (quality.baseline_scores: seconds of CPU work that needs no model)
-    -> a function returning ({name: scores}, seconds it waited for them). In the background (eval on a GPU) they are
-    scored in a process of their own while the GPU generates, so the eval waits for nothing; otherwise (a CPU, which
-    generation keeps busy) when the function is called."""
-    questions, refs = [r["question"] for r in records], [r["answer"] for r in records]
-    if not background:
-        def inline() -> tuple:
-            t0 = time.perf_counter()
-            return quality.baseline_scores(questions, refs, pool, pool_path), time.perf_counter() - t0
-        return inline
-    # spawn, not fork: this process already holds CUDA and threads; the child imports only what scoring needs
-    executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    future = executor.submit(quality.baseline_scores, questions, refs, pool, pool_path)
-
-    def waited() -> tuple:
-        t0 = time.perf_counter()
-        try:
-            return future.result(), time.perf_counter() - t0
-        finally:
-            executor.shutdown()
-    return waited
 
 
 def main(argv=None) -> None:

@@ -17,10 +17,13 @@ answer_quality measures it over a list of answers (the model's, a baseline's, or
 from __future__ import annotations
 
 import math
+import multiprocessing
 import re
+import time
 import warnings
 from collections import Counter
-from typing import Dict, Iterable, List, Sequence, Tuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -202,3 +205,26 @@ def baseline_scores(questions: Sequence[str], references: Sequence[str], pool: L
                      "answer_chars": length_stats(hyps, references)["answer_chars"], **answer_quality(hyps, questions)}
     out["retrieval"]["pool"] = pool_path
     return out
+
+
+def start_baseline_scores(questions: Sequence[str], references: Sequence[str], pool: List[Tuple[str, str]],
+                          pool_path: str, background: bool) -> Callable[[], tuple]:
+    """Starts baseline_scores -> a function returning ({name: scores}, seconds it waited for them). In the background
+    (eval on a GPU) they are scored in a process of their own while the GPU generates, so the eval need not wait;
+    otherwise (a CPU, which generation keeps busy) when the function is called."""
+    if not background:
+        def inline() -> tuple:
+            t0 = time.perf_counter()
+            return baseline_scores(questions, references, pool, pool_path), time.perf_counter() - t0
+        return inline
+    # spawn, not fork: the caller already holds CUDA and threads; the child imports only what scoring needs
+    executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = executor.submit(baseline_scores, list(questions), list(references), pool, pool_path)
+
+    def waited() -> tuple:
+        t0 = time.perf_counter()
+        try:
+            return future.result(), time.perf_counter() - t0
+        finally:
+            executor.shutdown()
+    return waited

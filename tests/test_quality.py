@@ -62,14 +62,13 @@ def test_retrieval_idf_prefers_the_rare_shared_gram():
 
 @pytest.mark.parametrize("background", [False, True])
 def test_baselines_scored_with_evals_protocol(tmp_path, background):
-    import eval as ev
-
     convs = [[{"role": "user", "content": "头痛怎么办"}, {"role": "assistant", "content": "头痛可以先休息，必要时就医。"}]]
     pool = tmp_path / "train.jsonl"
     pool.write_text(json.dumps({"conversations": convs[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
     records = [{"question": "头痛得厉害怎么办", "answer": "头痛可以先休息，必要时到医院就医。"}]
     # background (eval on a GPU): scored in a process of its own while the caller goes on; the same scores
-    done = ev.start_baselines(records, str(pool), quality.qa_pairs(str(pool)), background)
+    done = quality.start_baseline_scores([r["question"] for r in records], [r["answer"] for r in records],
+                                         quality.qa_pairs(str(pool)), str(pool), background)
     got, seconds = done()
     assert got["retrieval"]["bleu4"] == pytest.approx(
         bleu.mean_sentence_bleu4([records[0]["answer"]], ["头痛可以先休息，必要时就医。"]))
