@@ -160,11 +160,11 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         out.write("模型> ")
         out.flush()
         with torch.no_grad(), autocast_context(device, dtype):
-            if cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
-                tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id, generator=gen)[0])
-            elif cfg.candidates > 1:  # so do candidates: K sampled in one batch, one kept (rerank.py)
+            if cfg.candidates > 1:  # K sampled (or beams after K sampled starts), one kept: printed whole (rerank.py)
                 tokens = iter(generate_best(model, [ids], cfg, decode=tokenizer.decode, eos_id=tokenizer.eos_id,
                                             generator=gen)[0])
+            elif cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
+                tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id, generator=gen)[0])
             else:
                 tokens = stream(model, ids, cfg, eos_id=tokenizer.eos_id, generator=gen)
             answer = stream_text(tokens, tokenizer, out)

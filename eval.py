@@ -97,7 +97,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     reference_bpb: bool = True  # SFT checkpoints: bits/byte of the reference answers given their questions; false = skip
 
     def validate(self):
-        if self.candidates > 1 and "beams" not in getattr(self, "_explicit", frozenset()):
+        if self.candidates > 1 and not self.beam_prefix and "beams" not in getattr(self, "_explicit", frozenset()):
             self.beams = 1  # --candidates=K alone: the default beam search steps aside for sampling
         super().validate()
         check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
@@ -154,16 +154,16 @@ def load_qa(path: str) -> List[dict]:
 # ----------------------------------------------------------------------------- generation
 
 
-def auto_batch_size(beams: int, model_args: dict, n_prompts: int, device: torch.device, dtype: torch.dtype) -> int:
+def auto_batch_size(rows: int, model_args: dict, n_prompts: int, device: torch.device, dtype: torch.dtype) -> int:
     """--batch_size=0: on a GPU all the prompts in one batch (a decode step costs about the same for 1 or 500 of
-    them) when their decode state fits half the free memory, else as many as fit: per prompt, each beam's KV cache
-    over the whole context and four (rows, vocab) fp32 tensors of log-probs. 32 elsewhere."""
+    them) when their decode state fits half the free memory, else as many as fit: per prompt, each of its rows' (beams
+    x candidates) KV cache over the whole context and four (rows, vocab) fp32 tensors of log-probs. 32 elsewhere."""
     if device.type != "cuda":
         return 32
     a = model_args
     n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
     kv_row = 2 * a["n_layers"] * n_kv * head_dim * a["max_seq_len"] * torch.finfo(dtype).bits // 8
-    per_prompt = beams * (kv_row + 4 * a["vocab_size"] * 4)
+    per_prompt = rows * (kv_row + 4 * a["vocab_size"] * 4)
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(n_prompts, free // 2 // per_prompt)))
 
@@ -412,7 +412,8 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
 
 def decoding_word(cfg: Sampling) -> str:
     if cfg.beams > 1:
-        return f"beam search ({cfg.beams} beams{f', the first {cfg.beam_prefix} tokens sampled' if cfg.beam_prefix else ''})"
+        kept = f", {cfg.candidates} starts, one kept by {cfg.rerank}" if cfg.candidates > 1 else ""
+        return f"beam search ({cfg.beams} beams{f', the first {cfg.beam_prefix} tokens sampled' if cfg.beam_prefix else ''}{kept})"
     if cfg.candidates > 1:
         return f"{cfg.candidates} candidates at temperature {cfg.temperature}, kept by {cfg.rerank}"
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
@@ -423,12 +424,11 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
     generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
     cfg's own (an EvalConfig is a Sampling)."""
     kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.candidates > 1:  # K rows per prompt (sampled, or beams after K sampled starts), one kept (rerank.py)
+        return dict(kwargs, decode=tokenizer.decode, use_cache=True), generate_best
     if cfg.beams > 1:  # the generator samples a --beam_prefix start only
         return kwargs, beam_search
-    kwargs["use_cache"] = True
-    if cfg.candidates > 1:  # K sampled rows per prompt in each generate() call, one kept (rerank.py)
-        return dict(kwargs, decode=tokenizer.decode), generate_best
-    return kwargs, None
+    return dict(kwargs, use_cache=True), None
 
 
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
@@ -442,7 +442,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     if note:
         print(note)
     records, data_path = load_records(cfg, kind)
-    cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams, ckpt["model_args"], len(records), device, dtype)
+    cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams * cfg.candidates, ckpt["model_args"], len(records), device, dtype)
     scored = all("answer" in r for r in records)
     pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
     prompt_budget = max_seq_len - cfg.max_new_tokens

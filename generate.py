@@ -36,7 +36,7 @@ from model import ModelArgs, Transformer
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
-RERANK_RULES = ("mbr", "likelihood")  # how rerank.py keeps one of the candidates
+RERANK_RULES = ("mbr", "likelihood", "mbr_question")  # how rerank.py keeps one of the candidates
 EVAL_BEAMS = 8  # eval.py decodes with beam search of 8 beams by default (docs/recipe.md: 8 beat 4 and greedy)
 
 
@@ -52,8 +52,8 @@ class Sampling:
     no_repeat_ngram: int = 3  # >= 2: an answer never repeats one of its own n-grams of tokens (stops loops); 0 = off
     beams: int = 1  # > 1: beam search with this many beams (deterministic: temperature 0, top_k 0, top_p 1, repetition_penalty 1); 1 = off
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
-    candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; beams 1, temperature > 0); 1 = off
-    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob)
+    candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
+    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:
@@ -78,8 +78,9 @@ class Sampling:
         k = self.candidates
         check(1 <= k <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES} (1 = off), got {k}")
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
-        check(k == 1 or self.beams == 1, f"candidates {k} and beams {self.beams}: sampled candidates and beam search "
-              f"exclude each other; pass --beams=1 or --candidates=1")
+        check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "
+              f"is deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or --beam_prefix=N "
+              f"(K sampled starts, each continued by the beams)")
         check(k == 1 or self.temperature > 0, f"candidates {k}: greedy decoding would give {k} identical answers; "
               f"sample with --temperature > 0 (e.g. --temperature=0.7)")
 
@@ -103,8 +104,9 @@ class Sampling:
         if self.beams > 1:
             start = (f"the first {self.beam_prefix} tokens sampled at temperature {self.temperature}, top_k "
                      f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, then " if self.beam_prefix else "")
+            kept = f", {self.candidates} starts per question, one kept by {self.rerank}" if self.candidates > 1 else ""
             return (f"beam search, {start}{self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
-                    f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}")
+                    f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}{kept}")
         pick = f"{self.candidates} sampled candidates kept by {self.rerank}, " if self.candidates > 1 else ""
         return (f"{pick}{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
                 f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "

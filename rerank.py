@@ -3,11 +3,12 @@
 Library module, no command line; eval.py and chat.py use it through --candidates and --rerank:
     python eval.py --beams=1 --temperature=0.7 --top_p=0.9 --candidates=8 --rerank=mbr
     python chat.py --candidates=8 --rerank=likelihood
+    python eval.py --beam_prefix=8 --temperature=0.7 --top_p=0.9 --candidates=4 --rerank=mbr_question
     rerank.mbr_select(["要多喝水。", "要多喝水，多休息。", "多休息。", "去医院检查。"])   # -> 1, the closest to the others
     rerank.generate_best(model, prompts, Sampling(temperature=0.7, candidates=8, rerank="mbr"), decode=tok.decode,
                          eos_id=tok.eos_id, generator=torch.Generator().manual_seed(1337))   # one answer per prompt
 
-Each prompt becomes K = Sampling.candidates rows of one generate() call (its knobs as given: temperature, top_k, top_p,
+Each prompt becomes K = Sampling.candidates rows of one generate() (or beam_search()) call (its knobs as given: temperature, top_k, top_p,
 repetition_penalty, no_repeat_ngram; one generator, so the same --seed gives the same answers). One candidate is kept,
 by Sampling.rerank:
   mbr         minimum Bayes risk: the candidate with the highest mean chrF to the other candidates. The samples are
@@ -17,6 +18,10 @@ by Sampling.rerank:
               symmetric, so each pair is computed once).
   likelihood  the highest mean log-probability per token under the model (teacher-forced, scoring.answer_nats; the
               <eos> counts as a token when the answer ended).
+  mbr_question  MBR plus a small bonus for the Chinese character bigrams the candidate shares with the question
+              (question_bonus): of candidates the others agree with about equally, the one about this question.
+With --beams > 1 and --beam_prefix=N each candidate is a beam-search answer after its own sampled N-token start
+(beam.sampled_start): K starts, K x beams rows.
 Degenerate candidates (empty, a loop as quality.is_loop says, or cut at max_new_tokens) are never kept, and are no
 evidence for MBR either, unless every candidate is degenerate. Ties go to the earlier candidate.
 """
@@ -28,10 +33,16 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from babyllama import quality
+from beam import beam_search
 from generate import RERANK_RULES as RULES, Sampling, generate
 from scoring import answer_nats
 
 CHRF_ORDER = 4  # chrF over character 1..4-grams
+# mbr_question: a candidate's MBR score (mean chrF, 0-1) gains QUESTION_WEIGHT x min(shared, QUESTION_CAP) /
+# QUESTION_CAP for the distinct Chinese character bigrams it shares with the question: enough to choose, among
+# candidates the others agree with about as much, the one about this question (docs/recipe.md)
+QUESTION_WEIGHT = 0.05
+QUESTION_CAP = 10
 
 
 def char_ngrams(text: str, max_n: int = CHRF_ORDER) -> List[Counter]:
@@ -60,9 +71,18 @@ def kept(n: int, skip: Optional[Sequence[bool]]) -> List[int]:
     return [i for i in range(n) if not (skip and skip[i])] or list(range(n))
 
 
-def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None) -> int:
-    """Index of the candidate with the highest mean chrF to the other kept candidates (skip: True = not chosen and
-    not counted as evidence)."""
+def question_bonus(question: str, texts: Sequence[str], weight: float = QUESTION_WEIGHT,
+                   cap: int = QUESTION_CAP) -> List[float]:
+    """weight x min(shared, cap) / cap per text, shared = distinct CJK bigrams (quality.cjk_bigrams) it has in common
+    with the question: 0 for an answer that could answer anything, `weight` for one with `cap` of its terms."""
+    q = quality.cjk_bigrams(question)
+    return [weight * min(len(q & quality.cjk_bigrams(t)), cap) / cap for t in texts]
+
+
+def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None,
+               bonus: Optional[Sequence[float]] = None) -> int:
+    """Index of the candidate with the highest mean chrF to the other kept candidates, plus its bonus if given
+    (question_bonus; skip: True = not chosen and not counted as evidence)."""
     if not texts:
         raise ValueError("mbr_select: no candidates")
     keep = kept(len(texts), skip)
@@ -73,7 +93,8 @@ def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None) -> i
     for a, i in enumerate(keep):
         for j in keep[a + 1:]:
             sim[i, j] = sim[j, i] = chrf(grams[i], grams[j])
-    score = {i: sum(sim[i, j] for j in keep if j != i) / (len(keep) - 1) for i in keep}
+    score = {i: sum(sim[i, j] for j in keep if j != i) / (len(keep) - 1) + (bonus[i] if bonus else 0.0)
+             for i in keep}
     return max(keep, key=lambda i: (score[i], -i))
 
 
@@ -89,15 +110,19 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
                   eos_id: int, generator: Optional[torch.Generator] = None,
                   use_cache: bool = True) -> List[List[int]]:
     """New tokens of the kept candidate for each prompt (as generate() returns them, <eos> excluded): K =
-    sampling.candidates answers sampled with its knobs (temperature > 0, top_k, top_p, ...), one kept by
-    sampling.rerank.
+    sampling.candidates answers sampled with its knobs (temperature > 0, top_k, top_p, ...), or with beams > 1 and
+    beam_prefix > 0 K beam-search answers after K sampled starts (beam.sampled_start), one kept by sampling.rerank.
 
-    decode: ids -> text (the tokenizer's), for MBR and the loop check; eos_id, generator, use_cache: generate()'s."""
+    decode: ids -> text (the tokenizer's), for MBR, the question's terms and the loop check; eos_id, generator,
+    use_cache: generate()'s (beam search always keeps its cache)."""
     if sampling.rerank not in RULES:
         raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {sampling.rerank!r}")
     k, rerank, max_new_tokens = sampling.candidates, sampling.rerank, sampling.max_new_tokens
     rows = [p for p in prompts for _ in range(k)]  # (B * K) rows: prompt b's candidates are rows b*K .. b*K + K-1
-    outs = generate(model, rows, sampling, eos_id=eos_id, generator=generator, use_cache=use_cache)
+    if sampling.beams > 1:
+        outs = beam_search(model, rows, sampling, eos_id=eos_id, generator=generator)
+    else:
+        outs = generate(model, rows, sampling, eos_id=eos_id, generator=generator, use_cache=use_cache)
     texts = [decode(o).strip() for o in outs]
     ended = [len(o) < max_new_tokens for o in outs]  # stopped at <eos>, not at the limit
     skip = [not t or not e or quality.is_loop(t) for t, e in zip(texts, ended)]
@@ -110,10 +135,10 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)
-        if rerank == "mbr":
-            best = mbr_select([texts[i] for i in span], [skip[i] for i in span])
-        else:
+        if rerank == "likelihood":
             best = likelihood_select([nats[i] for i in span], [len(scored[i]) for i in span], [skip[i] for i in span])
+        else:  # mbr, or mbr_question: the prompt's text (the question, the template's few words) gives the terms
+            bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span]) if rerank == "mbr_question" else None
+            best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus)
         chosen.append(outs[b * k + best])
     return chosen
-

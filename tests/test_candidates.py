@@ -60,6 +60,23 @@ def test_mbr_picks_the_consensus_candidate_and_never_a_skipped_one():
         rerank.mbr_select([])
 
 
+def test_question_bonus_counts_shared_chinese_bigrams_up_to_the_cap():
+    q = "高血压头晕怎么办？"  # bigrams 高血 血压 压头 头晕 晕怎 怎么 么办
+    assert rerank.question_bonus(q, ["多休息。", "高血压要吃药。", "高血压头晕怎么办"]) == \
+        pytest.approx([0.0, 0.05 * 2 / 10, 0.05 * 7 / 10])
+    assert rerank.question_bonus(q, ["高血压头晕"], weight=1.0, cap=3) == [1.0]  # 4 shared, capped at 3
+
+
+def test_mbr_question_prefers_the_candidate_about_the_question_among_near_equals():
+    q = "孩子发烧咳嗽怎么办？"
+    pair = ["建议多喝水，注意休息。", "孩子发烧咳嗽，建议多喝水。"]  # two candidates agree with each other equally
+    assert rerank.mbr_select(pair) == 0  # a tie: the earlier one
+    assert rerank.mbr_select(pair, bonus=rerank.question_bonus(q, pair)) == 1  # the one that takes up the question
+    # the bonus is small: an answer about the question that the others do not support stays out
+    odd = ["建议多喝水，注意休息。", "建议多喝水，注意休息，必要时就医。", "孩子发烧咳嗽"]
+    assert rerank.mbr_select(odd, bonus=rerank.question_bonus(q, odd)) == 0
+
+
 def test_likelihood_picks_the_best_mean_log_prob_per_token():
     nats, n = [10.0, 6.0, 3.0], [5, 2, 3]  # mean log-probs -2, -3, -1
     assert rerank.likelihood_select(nats, n) == 2
@@ -135,6 +152,28 @@ def test_generate_best_keeps_the_candidate_its_rule_picks_and_is_seeded(rule):
         rerank.generate_best(model, prompts, dataclasses.replace(knobs, rerank="best"), decode=decode, eos_id=2)
 
 
+def test_generate_best_after_sampled_starts_keeps_one_beam_answer_per_start():
+    """--candidates=K with --beams and --beam_prefix: K rows per prompt through beam.beam_search (each its own
+    sampled start), then the rule's pick; the same seed gives the same answers."""
+    from beam import beam_search
+
+    model = tiny_model()
+    decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)
+    prompts, k = [[5, 6, 7, 1], [8, 9, 1]], 4
+    knobs = generate.Sampling(max_new_tokens=8, temperature=1.0, top_k=8, beams=3, beam_prefix=2, candidates=k,
+                              rerank="mbr_question")
+    rows = [p for p in prompts for _ in range(k)]
+    outs = beam_search(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(5))
+    texts = [decode(o) for o in outs]
+    skip = [not t or len(o) >= 8 for o, t in zip(outs, texts)]
+    picks = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k],
+                               rerank.question_bonus(decode(prompts[b]), texts[b * k:(b + 1) * k])) for b in range(2)]
+    best = lambda seed: rerank.generate_best(model, prompts, knobs, decode=decode, eos_id=2,
+                                             generator=torch.Generator().manual_seed(seed))
+    assert best(5) == [outs[b * k + picks[b]] for b in range(2)] == best(5)
+    assert len({tuple(o[:2]) for o in outs}) > 2  # the starts differ: K candidates, not K copies of one beam answer
+
+
 def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
     """A stand-in generate() returns, per prompt: a loop, an empty answer, one cut at the limit, three good answers."""
     texts = ["多喝水。" * 4, "", "多喝水，多休息，必要时就医。多", "多喝水，多休息。", "多喝水，必要时就医。", "必要时就医。"]
@@ -156,19 +195,26 @@ def test_candidate_flags_are_validated_in_one_line():
     assert cfg.beams == 1 and cfg.candidates == 4  # the default beam search steps aside for --candidates alone
     assert "4 sampled candidates kept by mbr, sampling temperature 0.7" in cfg.describe()
     assert parse_config(ev.EvalConfig, []).beams == 8 and parse_config(ChatConfig, ["--candidates=3"]).candidates == 3
-    for argv, msg in [(["--candidates=4", "--beams=4"], "candidates 4 and beams 4: sampled candidates and beam search "
-                                                        "exclude each other; pass --beams=1 or --candidates=1"),
+    for argv, msg in [(["--candidates=4", "--beams=4"], "candidates 4 and beams 4: beam search is deterministic, its "
+                                                        "candidates would be alike; pass --beams=1, --candidates=1 or "
+                                                        "--beam_prefix=N (K sampled starts, each continued by the beams)"),
                       (["--candidates=4"], "candidates 4: greedy decoding would give 4 identical answers; sample with "
                                            "--temperature > 0 (e.g. --temperature=0.7)"),
-                      (["--rerank=best"], "rerank must be mbr|likelihood, got 'best'"),
+                      (["--rerank=best"], "rerank must be mbr|likelihood|mbr_question, got 'best'"),
                       (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0")]:
         with pytest.raises(ConfigError) as e:
             parse_config(ev.EvalConfig, argv)
         assert str(e.value) == msg
-    with pytest.raises(ConfigError, match="exclude each other"):
+    with pytest.raises(ConfigError, match="candidates would be alike"):
         parse_config(ChatConfig, ["--candidates=2", "--beams=2"])
     r = run_script("eval.py", ["--candidates=4", "--beams=2"], check=False, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "exclude each other" in r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "candidates would be alike" in r.stderr
+    # starts sampled, beams after them: the beams stay (8 by default) and the description says both
+    cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9",
+                                       "--rerank=mbr_question"])
+    assert cfg.beams == 8 and cfg.describe().startswith("beam search, the first 8 tokens sampled at temperature 0.7")
+    assert cfg.describe().endswith("4 starts per question, one kept by mbr_question")
+    assert ev.decoding_word(cfg) == "beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by mbr_question)"
 
 
 def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
