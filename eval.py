@@ -1,11 +1,12 @@
 """Evaluate a checkpoint: answers to held-out questions scored with BLEU, and perplexity on validation tokens.
 
-    python eval.py                                          # out/sft on the medical QA set, greedy, one GPU or CPU
+    python eval.py                                          # out/sft on the medical QA set, default decoding, one GPU or CPU
     python eval.py --ckpt=out/sft/best.pt --limit=100 --batch_size=64
     python eval.py --data=data/eval/medical_qa.jsonl --val_bin=data/pretrain --ppl_windows=200
     python eval.py --ckpt=out/pretrain --data=none          # a pretrain checkpoint: continues the original project's prompts
-    python eval.py --beams=4 --length_penalty=1.0           # beam search (4 beams) instead of greedy decoding
-    python eval.py --candidates=8 --temperature=0.7 --top_p=0.9 --rerank=mbr   # keep one of 8 sampled answers (rerank.py)
+    python eval.py --beam_prefix=0                          # plain beam search (8 beams), no sampled starts
+    python eval.py --beams=1 --limit=100                    # greedy decoding: fast, a rough look
+    python eval.py --beams=1 --candidates=8 --temperature=0.7 --top_p=0.9 --rerank=mbr   # keep one of 8 sampled answers
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
 
@@ -17,13 +18,13 @@ only generated and printed; no scores, no report.
 Protocol (also written into the report):
   prompts   SFT checkpoint: chatglm_tokenizer/template.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
-  decoding  beam search by default (--beams=8, beam.py: the best of 8 beams by log-prob / length) with no repeated
-            3-grams of answer tokens (--no_repeat_ngram=3: a small model loops otherwise); both chosen on held-out
-            questions (docs/recipe.md). --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched,
-            sorted by prompt length, KV cache; stops at <eos>.
-            --candidates=K: K sampled answers per question, one kept by --rerank (rerank.py). --beam_prefix=N
-            --temperature=0.7 --top_p=0.9: each answer's first N tokens sampled, the beams continue them (answers
-            that do not all open alike; docs/recipe.md).
+  decoding  by default 4 candidates per question (--candidates=4): each samples its first 8 tokens (--beam_prefix=8,
+            --temperature=0.7 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
+            one kept (rerank.py, --rerank=mbr_question) agrees most with the other three (chrF) plus a small bonus
+            for the question's terms. No answer repeats one of its own 3-grams of tokens (--no_repeat_ngram=3: a
+            small model loops otherwise). All chosen on held-out questions (docs/recipe.md). --beam_prefix=0: plain
+            beam search; --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched, sorted by
+            prompt length, KV cache; stops at <eos>.
   BLEU-4    see babyllama/bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
   stock     babyllama/quality.answer_quality of the model's answers, of each baseline's and of the references: answers
             identical to another, distinct 12-character openings, distinct-2, overlap with the question (docs/recipe.md).
@@ -36,6 +37,7 @@ Writes eval_report.json and eval_report.md into the checkpoint's folder and prin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import itertools
@@ -78,7 +80,14 @@ DEFAULT_VAL = "data/pretrain"
 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
+    # the default decoding (docs/recipe.md): 4 sampled starts of 8 tokens, each continued by 8 beams, the answer
+    # kept by consensus plus the question's terms; --beam_prefix=0 = plain beam search, --beams=1 = greedy
     beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
+    beam_prefix: int = 8  # each answer's first this many tokens sampled, then the beams continue them; 0 = plain beam search
+    temperature: float = 0.7  # sampling of the starts (or of whole answers with --beams=1 --temperature=T); 0 = greedy
+    top_p: float = 0.9  # nucleus mass of that sampling; 1.0 = off
+    candidates: int = 4  # answers decoded per question (sampled starts, or whole samples with --beams=1), one kept by --rerank; 1 = off
+    rerank: str = "mbr_question"  # the one kept: mbr_question (chrF consensus + the question's terms) | mbr | likelihood
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -96,9 +105,22 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
     reference_bpb: bool = True  # SFT checkpoints: bits/byte of the reference answers given their questions; false = skip
 
+    def resolve_decoding(self) -> None:
+        """--beams=1 (greedy or sampling) or --beam_prefix=0 (plain beam search): the default sampled starts step
+        aside, except for what the user set (--beams=1 --temperature=0.7 samples; --beams=1 --candidates=8
+        --temperature=0.7 reranks). Set means given as a flag; for a config built in code, unlike its default."""
+        explicit = getattr(self, "_explicit", None)
+        if explicit is None:
+            explicit = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        if self.beams == 1 and "beam_prefix" not in explicit:
+            self.beam_prefix = 0
+        if self.beams == 1 or self.beam_prefix == 0:
+            for name, off in (("candidates", 1), ("temperature", 0.0), ("top_p", 1.0)):
+                if name not in explicit:
+                    setattr(self, name, off)
+
     def validate(self):
-        if self.candidates > 1 and not self.beam_prefix and "beams" not in getattr(self, "_explicit", frozenset()):
-            self.beams = 1  # --candidates=K alone: the default beam search steps aside for sampling
+        self.resolve_decoding()
         super().validate()
         check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
         check(not self.baselines or os.path.isfile(self.baseline_pool),
@@ -438,6 +460,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     t_start, startup_s = time.perf_counter(), time.time() - process_start()
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
+    cfg.resolve_decoding()  # a config built in code: --beams=1 means greedy there too
     note = cfg.fit_context(max_seq_len)  # as chat.py: the default 256 on a 128-token model answers in 64
     if note:
         print(note)

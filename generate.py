@@ -54,6 +54,7 @@ class Sampling:
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
+    question_weight: float = 0.05  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:
@@ -77,6 +78,7 @@ class Sampling:
         check(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
         k = self.candidates
         check(1 <= k <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES} (1 = off), got {k}")
+        check(0 <= self.question_weight <= 1, f"question_weight must be in 0..1, got {self.question_weight}")
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
         check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "
               f"is deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or --beam_prefix=N "

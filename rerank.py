@@ -138,7 +138,7 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
         if rerank == "likelihood":
             best = likelihood_select([nats[i] for i in span], [len(scored[i]) for i in span], [skip[i] for i in span])
         else:  # mbr, or mbr_question: the prompt's text (the question, the template's few words) gives the terms
-            bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span]) if rerank == "mbr_question" else None
+            bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span], sampling.question_weight) if rerank == "mbr_question" else None
             best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus)
         chosen.append(outs[b * k + best])
     return chosen

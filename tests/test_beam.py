@@ -98,8 +98,8 @@ def test_no_repeated_ngrams_and_long_prompts_keep_their_end():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--beams=0"], "beams"), (["--beams=2", "--temperature=0.7"], "--beams=1"),
-    (["--beams=2", "--top_p=0.9"], "deterministic"), (["--length_penalty=nan"], "length_penalty"),
+    (["--beams=0"], "beams"), (["--beams=2", "--beam_prefix=0", "--temperature=0.7"], "--beams=1"),
+    (["--beams=2", "--beam_prefix=0", "--top_p=0.9"], "deterministic"), (["--length_penalty=nan"], "length_penalty"),
 ])
 def test_bad_beam_knobs_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as err:
@@ -113,7 +113,8 @@ def test_eval_with_beams_records_them_and_answers_with_beam_search(tmp_path):
     tok, model = FakeTokenizer(), lively_model(vocab_size=96, max_seq_len=32)
     rows = [{"question": f"问题{i}是什么", "answer": f"答案{i}"} for i in range(3)]
     cfg = parse_config(ev.EvalConfig, [f"--ckpt={tmp_path / 'best.pt'}", f"--data={write_jsonl(tmp_path / 'qa.jsonl', rows)}",
-                                       "--val_bin=none", "--max_new_tokens=6", "--batch_size=2", "--beams=2"])
+                                       "--val_bin=none", "--max_new_tokens=6", "--batch_size=2", "--beams=2",
+                                       "--beam_prefix=0"])
     ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"), torch.float32,
                 progress=False)
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
@@ -150,7 +151,7 @@ def test_eval_cli_with_beams_end_to_end(tmp_path, tokenizer_path, monkeypatch, c
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 2)
     capsys.readouterr()
     run_main(ev, [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8", "--val_bin=none",
-                  "--beams=2", f"--tokenizer={tokenizer_path}"], monkeypatch)  # eval.py's main, in this process
+                  "--beams=2", "--beam_prefix=0", f"--tokenizer={tokenizer_path}"], monkeypatch)  # eval.py's main, in this process
     stdout = capsys.readouterr().out
     assert "beam search (2 beams)" in stdout and stdout.strip().splitlines()[-2].startswith("BLEU-4 (nltk")
     with open(tmp_path / "eval_report.json", encoding="utf-8") as f:
@@ -192,7 +193,7 @@ def test_a_sampled_start_is_continued_by_the_beams():
 
 @pytest.mark.parametrize("argv,message", [
     (["--beam_prefix=4", "--beams=1", "--temperature=0.7"], "--beams > 1"),
-    (["--beam_prefix=4"], "--temperature > 0"), (["--beam_prefix=-1"], "beam_prefix must be >= 0"),
+    (["--beam_prefix=4", "--temperature=0"], "--temperature > 0"), (["--beam_prefix=-1"], "beam_prefix must be >= 0"),
 ])
 def test_bad_beam_prefix_knobs_are_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as err:

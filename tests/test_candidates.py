@@ -190,31 +190,49 @@ def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
     assert best("likelihood") == [ids[5], ids[5]]
 
 
+def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_greedy_or_plain_beams():
+    cfg = parse_config(ev.EvalConfig, [])  # eval.py's default: 4 sampled starts, 8 beams each, one kept
+    assert (cfg.beams, cfg.beam_prefix, cfg.candidates, cfg.temperature, cfg.top_p, cfg.rerank) == \
+        (8, 8, 4, 0.7, 0.9, "mbr_question")
+    assert ev.decoding_word(cfg) == "beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by mbr_question)"
+    greedy = parse_config(ev.EvalConfig, ["--beams=1"])
+    assert (greedy.beam_prefix, greedy.candidates, greedy.temperature, greedy.top_p) == (0, 1, 0.0, 1.0)
+    assert ev.decoding_word(greedy) == "greedy"
+    plain = parse_config(ev.EvalConfig, ["--beam_prefix=0"])
+    assert (plain.beams, plain.candidates, plain.temperature, plain.top_p) == (8, 1, 0.0, 1.0)
+    assert ev.decoding_word(plain) == "beam search (8 beams)"
+    sampled = parse_config(ev.EvalConfig, ["--beams=1", "--temperature=0.7"])  # what the user sets stays
+    assert (sampled.candidates, sampled.temperature, sampled.top_p) == (1, 0.7, 1.0)
+    # a config built in code reads the same way: --beams=1 there is greedy too
+    built = ev.EvalConfig(beams=1)
+    built.resolve_decoding()
+    assert (built.beam_prefix, built.candidates, built.temperature) == (0, 1, 0.0)
+
+
 def test_candidate_flags_are_validated_in_one_line():
-    cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--temperature=0.7"])
-    assert cfg.beams == 1 and cfg.candidates == 4  # the default beam search steps aside for --candidates alone
+    cfg = parse_config(ev.EvalConfig, ["--beams=1", "--candidates=4", "--temperature=0.7", "--rerank=mbr"])
+    assert cfg.beams == 1 and cfg.candidates == 4
     assert "4 sampled candidates kept by mbr, sampling temperature 0.7" in cfg.describe()
-    assert parse_config(ev.EvalConfig, []).beams == 8 and parse_config(ChatConfig, ["--candidates=3"]).candidates == 3
-    for argv, msg in [(["--candidates=4", "--beams=4"], "candidates 4 and beams 4: beam search is deterministic, its "
-                                                        "candidates would be alike; pass --beams=1, --candidates=1 or "
-                                                        "--beam_prefix=N (K sampled starts, each continued by the beams)"),
-                      (["--candidates=4"], "candidates 4: greedy decoding would give 4 identical answers; sample with "
-                                           "--temperature > 0 (e.g. --temperature=0.7)"),
+    assert parse_config(ChatConfig, ["--candidates=3"]).candidates == 3
+    for argv, msg in [(["--candidates=4", "--beams=4", "--beam_prefix=0"], "candidates 4 and beams 4: beam search is "
+                       "deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or "
+                       "--beam_prefix=N (K sampled starts, each continued by the beams)"),
+                      (["--beams=1", "--candidates=4"], "candidates 4: greedy decoding would give 4 identical answers; "
+                                                        "sample with --temperature > 0 (e.g. --temperature=0.7)"),
                       (["--rerank=best"], "rerank must be mbr|likelihood|mbr_question, got 'best'"),
-                      (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0")]:
+                      (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0"),
+                      (["--question_weight=2"], "question_weight must be in 0..1, got 2.0")]:
         with pytest.raises(ConfigError) as e:
             parse_config(ev.EvalConfig, argv)
         assert str(e.value) == msg
     with pytest.raises(ConfigError, match="candidates would be alike"):
         parse_config(ChatConfig, ["--candidates=2", "--beams=2"])
-    r = run_script("eval.py", ["--candidates=4", "--beams=2"], check=False, timeout=120)
+    r = run_script("eval.py", ["--candidates=4", "--beams=2", "--beam_prefix=0"], check=False, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "candidates would be alike" in r.stderr
-    # starts sampled, beams after them: the beams stay (8 by default) and the description says both
-    cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9",
-                                       "--rerank=mbr_question"])
+    # starts sampled, beams after them: the description says both
+    cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9"])
     assert cfg.beams == 8 and cfg.describe().startswith("beam search, the first 8 tokens sampled at temperature 0.7")
     assert cfg.describe().endswith("4 starts per question, one kept by mbr_question")
-    assert ev.decoding_word(cfg) == "beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by mbr_question)"
 
 
 def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
@@ -245,7 +263,7 @@ def test_eval_and_chat_cli_with_candidates(tmp_path, tokenizer_path):
     checkpoint.save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "注意休息，多喝水。"}] * 3)
     r = run_script("eval.py", [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=8",
-                               "--val_bin=none", f"--tokenizer={tokenizer_path}", "--candidates=3", "--temperature=0.8",
+                               "--val_bin=none", f"--tokenizer={tokenizer_path}", "--beams=1", "--candidates=3", "--temperature=0.8",
                                "--rerank=mbr"], timeout=120)
     assert "3 candidates at temperature 0.8, kept by mbr" in r.stdout
     saved = json.loads((tmp_path / "eval_report.json").read_text(encoding="utf-8"))

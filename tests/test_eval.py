@@ -376,7 +376,7 @@ def test_eval_under_torchrun_splits_the_questions_and_reports_what_one_process_d
     questions = ["头疼怎么办？", "发烧了吃什么药", "失眠多梦是怎么回事", "咳嗽一直不好", "胃疼", "高血压能治好吗？", "腰疼"]
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": "注意休息，多喝水。"} for q in questions])
     common = [f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu", "--max_new_tokens=6", "--val_bin=none",
-              f"--tokenizer={tokenizer_path}", "--beams=2"]
+              f"--tokenizer={tokenizer_path}", "--beams=2", "--beam_prefix=0"]  # deterministic: sampled starts follow the shard
     runs = {n: run_script("eval.py", [*common, f"--out_dir={tmp_path / str(n)}"], nproc=n, timeout=180) for n in (1, 2)}
     one, two = (json.loads((tmp_path / str(n) / "eval_report.json").read_text(encoding="utf-8")) for n in (1, 2))
     assert [r["answer"] for r in two["results"]] == [r["answer"] for r in one["results"]]  # each in its place
