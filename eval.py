@@ -19,7 +19,7 @@ Protocol (also written into the report):
   prompts   SFT checkpoint: chatglm_tokenizer/template.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
   decoding  by default 4 candidates per question (--candidates=4): each samples its first 8 tokens (--beam_prefix=8,
-            --temperature=0.7 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
+            --temperature=0.8 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
             one kept (rerank.py, --rerank=mbr_question) agrees most with the other three (chrF) plus a small bonus
             for the question's terms. No answer repeats one of its own 3-grams of tokens (--no_repeat_ngram=3: a
             small model loops otherwise). All chosen on held-out questions (docs/recipe.md). --beam_prefix=0: plain
@@ -84,7 +84,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     # kept by consensus plus the question's terms; --beam_prefix=0 = plain beam search, --beams=1 = greedy
     beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     beam_prefix: int = 8  # each answer's first this many tokens sampled, then the beams continue them; 0 = plain beam search
-    temperature: float = 0.7  # sampling of the starts (or of whole answers with --beams=1 --temperature=T); 0 = greedy
+    temperature: float = 0.8  # sampling of the starts (or of whole answers with --beams=1 --temperature=T); 0 = greedy
     top_p: float = 0.9  # nucleus mass of that sampling; 1.0 = off
     candidates: int = 4  # answers decoded per question (sampled starts, or whole samples with --beams=1), one kept by --rerank; 1 = off
     rerank: str = "mbr_question"  # the one kept: mbr_question (chrF consensus + the question's terms) | mbr | likelihood

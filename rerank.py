@@ -41,7 +41,7 @@ CHRF_ORDER = 4  # chrF over character 1..4-grams
 # mbr_question: a candidate's MBR score (mean chrF, 0-1) gains QUESTION_WEIGHT x min(shared, QUESTION_CAP) /
 # QUESTION_CAP for the distinct Chinese character bigrams it shares with the question: enough to choose, among
 # candidates the others agree with about as much, the one about this question (docs/recipe.md)
-QUESTION_WEIGHT = 0.05
+QUESTION_WEIGHT = 0.1
 QUESTION_CAP = 10
 
 

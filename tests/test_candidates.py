@@ -63,7 +63,7 @@ def test_mbr_picks_the_consensus_candidate_and_never_a_skipped_one():
 def test_question_bonus_counts_shared_chinese_bigrams_up_to_the_cap():
     q = "高血压头晕怎么办？"  # bigrams 高血 血压 压头 头晕 晕怎 怎么 么办
     assert rerank.question_bonus(q, ["多休息。", "高血压要吃药。", "高血压头晕怎么办"]) == \
-        pytest.approx([0.0, 0.05 * 2 / 10, 0.05 * 7 / 10])
+        pytest.approx([0.0, 0.1 * 2 / 10, 0.1 * 7 / 10])
     assert rerank.question_bonus(q, ["高血压头晕"], weight=1.0, cap=3) == [1.0]  # 4 shared, capped at 3
 
 
@@ -193,7 +193,7 @@ def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
 def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_greedy_or_plain_beams():
     cfg = parse_config(ev.EvalConfig, [])  # eval.py's default: 4 sampled starts, 8 beams each, one kept
     assert (cfg.beams, cfg.beam_prefix, cfg.candidates, cfg.temperature, cfg.top_p, cfg.rerank) == \
-        (8, 8, 4, 0.7, 0.9, "mbr_question")
+        (8, 8, 4, 0.8, 0.9, "mbr_question")
     assert ev.decoding_word(cfg) == "beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by mbr_question)"
     greedy = parse_config(ev.EvalConfig, ["--beams=1"])
     assert (greedy.beam_prefix, greedy.candidates, greedy.temperature, greedy.top_p) == (0, 1, 0.0, 1.0)
