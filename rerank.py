@@ -9,7 +9,8 @@ Library module, no command line; eval.py and chat.py use it through --candidates
                          eos_id=tok.eos_id, generator=torch.Generator().manual_seed(1337))   # one answer per prompt
 
 Each prompt becomes K = Sampling.candidates rows of one generate() (or beam_search()) call (its knobs as given: temperature, top_k, top_p,
-repetition_penalty, no_repeat_ngram; one generator, so the same --seed gives the same answers). One candidate is kept,
+repetition_penalty, no_repeat_ngram; one generator, so the same --seed and batch give the same answers; rows share its
+stream, so another batch size or number of processes draws other samples). One candidate is kept,
 by Sampling.rerank:
   mbr         minimum Bayes risk: the candidate with the highest mean chrF to the other candidates. The samples are
               draws from the model's answer distribution; the one that agrees most with them is its consensus answer,
