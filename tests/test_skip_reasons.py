@@ -15,7 +15,9 @@ SKIPPED = {"tests/test_pipeline.py": "BABYLLAMA_SHARED_DATA",
 def test_skip_reasons_name_the_variable(tmp_path):
     env = dict(os.environ, BABYLLAMA_SHARED_DATA=str(tmp_path / "no-corpora"),
                BABYLLAMA_TOKENIZER=str(tmp_path / "no-tokenizer" / "tokenizer.model"))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *SKIPPED], cwd=ROOT,
+    # its own --basetemp: a nested session must not number or clean the outer session's temporary folders
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        f"--basetemp={tmp_path / 'inner'}", *SKIPPED], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
     reasons = re.findall(r"^SKIPPED \[\d+\] tests/\S+?:\d+: needs .*?: set (BABYLLAMA_\w+)", r.stdout, flags=re.M)
     assert sorted(reasons) == sorted(SKIPPED.values()), r.stdout + r.stderr

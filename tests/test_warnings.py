@@ -21,8 +21,9 @@ def test_every_module_imports_without_deprecation_warnings():
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_a_compiled_model_test_leaves_no_warning_summary():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+def test_a_compiled_model_test_leaves_no_warning_summary(tmp_path):
+    # its own --basetemp: a nested session must not number or clean the outer session's temporary folders
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
                         "tests/test_model.py::test_compiled_decode_step_compiles_once_and_matches_eager"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "1 passed" in r.stdout and "warning" not in r.stdout.lower(), r.stdout[-3000:]
