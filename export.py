@@ -10,7 +10,7 @@
                           SwiGLU width, RMSNorm eps, rope theta 10000, tied embeddings; q/k rows permuted from model.py's
                           interleaved rotary pairs to transformers' rotate_half layout (hf_llama.py), same logits
   model.safetensors       the weights (--dtype; float32 keeps the checkpoint exact)
-  generation_config.json  eval.py's decoding defaults (8 beams, no repeated 3-grams, 256 new tokens, stop at </s>)
+  generation_config.json  eval.py's plain beam search (8 beams, no repeated 3-grams, 256 new tokens, stop at </s>)
   tokenizer.json, tokenizer_config.json, tokenizer.model
                           the run's SentencePiece model (ChatGLM2's or train_tokenizer.py's) as a plain `tokenizers`
                           BPE (AutoTokenizer, no remote code): the same ids as chatglm_tokenizer (no <s> added; ChatGLM2's
@@ -269,8 +269,8 @@ def model_card(model, ckpt: dict, ckpt_path: str, repo_id: str) -> str:
         "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
         "Prompt format (the chat template): `[system + \"\\n\"] question <s> answer </s> question <s> ...`; the model "
         "answers after `<s>` and stops at `</s>`. The tokenizer adds no `<s>` in front of text, as in training.",
-        f"{name}'s generation_config.json decodes as the project's eval.py does by default, beam search with 8 beams "
-        "without repeating a 3-gram (`num_beams=8`, `no_repeat_ngram_size=3`); pass `num_beams=1` for greedy "
+        f"{name}'s generation_config.json decodes as the project's eval.py does with `--beam_prefix=0`, beam search "
+        "with 8 beams without repeating a 3-gram (`num_beams=8`, `no_repeat_ngram_size=3`); pass `num_beams=1` for greedy "
         "decoding, which loops in a model this small without the 3-gram rule, or `do_sample=True` to sample.", "",
     ]
     return "\n".join(lines)
@@ -296,7 +296,7 @@ def write_hf(cfg: ExportConfig, model, ckpt: dict, ckpt_path: str, tokenizer_pat
     a = model.args
     project = {"kind": ckpt.get("kind"), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
                "multiple_of": a.multiple_of, "tokenizer_sha256": ckpt.get("tokenizer_sha256")}
-    ev = Sampling(beams=EVAL_BEAMS)  # eval.py's default decoding (its EvalConfig extends Sampling)
+    ev = Sampling(beams=EVAL_BEAMS)  # eval.py's plain beam search (its default adds sampled starts, which transformers lacks)
     gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_new_tokens": ev.max_new_tokens,
            "do_sample": ev.temperature > 0, "repetition_penalty": ev.repetition_penalty,
            # transformers' rule also counts the prompt's n-grams, eval.py's only the answer's: close, not equal

@@ -78,7 +78,7 @@ def test_config_files_and_card(hf_dir, ckpt_dir):
 
     gen = GenerationConfig.from_pretrained(hf_dir)
     assert (gen.do_sample, gen.max_new_tokens, gen.eos_token_id, gen.pad_token_id) == (False, 256, 2, 0)
-    assert gen.no_repeat_ngram_size == ev.EvalConfig().no_repeat_ngram == 3  # eval.py's default decoding
+    assert gen.no_repeat_ngram_size == ev.EvalConfig().no_repeat_ngram == 3  # eval.py's beam search (--beam_prefix=0)
     assert (gen.num_beams, gen.length_penalty) == (ev.EvalConfig().beams, 1.0) == (8, 1.0)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 0)
