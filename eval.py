@@ -486,8 +486,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         (ppl_info, ppl_s), ppl_error = val_perplexity(cfg, model, ckpt, tokenizer, device, dtype, progress), None
     except DataError as e:
         ppl_info, ppl_s, ppl_error = None, 0.0, e
-    ppl = ppl_info["ppl"] if ppl_info else None
-    bpb = ppl_info["bits_per_byte"] if ppl_info else None
+    ppl, bpb = (ppl_info["ppl"], ppl_info["bits_per_byte"]) if ppl_info else (None, None)
 
     if not scored:  # just generate and print
         for r, a in zip(records, answers):
