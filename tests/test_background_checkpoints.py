@@ -69,14 +69,20 @@ def test_best_pt_holds_the_weights_only_and_last_pt_the_training_state(tiny_corp
     assert len(err) == 1 and "best.pt: cannot resume from it: it holds no optimizer" in err[0]
 
 
-def test_the_loop_does_not_wait_for_the_disk_and_says_best_once_it_is_written(tmp_path, monkeypatch):
-    ck, model, log_txt = checkpoints(tmp_path)
+def slow_disk(monkeypatch) -> threading.Event:
+    """checkpoint.save_checkpoint held until the returned event is set: a disk slower than the training steps."""
     release, real = threading.Event(), checkpoint.save_checkpoint
 
-    def slow_disk(state, path, best=None):
+    def held(state, path, best=None):
         assert release.wait(60)
         real(state, path, best)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_disk)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held)
+    return release
+
+
+def test_the_loop_does_not_wait_for_the_disk_and_says_best_once_it_is_written(tmp_path, monkeypatch):
+    ck, model, log_txt = checkpoints(tmp_path)
+    release = slow_disk(monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.time()
     assert ck.save(10, 3.5, 3.5, True) is True  # queued: best.pt is still being written
@@ -103,12 +109,7 @@ def test_the_loop_does_not_wait_for_the_disk_and_says_best_once_it_is_written(tm
 
 def test_a_stopping_run_logs_the_best_pt_still_being_written_before_it_says_why(tmp_path, monkeypatch):
     ck, model, log_txt = checkpoints(tmp_path)
-    release, real = threading.Event(), checkpoint.save_checkpoint
-
-    def slow_disk(state, path, best=None):
-        assert release.wait(60)
-        real(state, path, best)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_disk)
+    release = slow_disk(monkeypatch)
     assert ck.save(4, 3.5, 3.5, True) is True
     ck.log_when_written("step 4: val loss 3.5000 (best)")
     threading.Timer(0.3, release.set).start()  # the disk finishes while stop() waits for it
