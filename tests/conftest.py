@@ -228,7 +228,7 @@ def main_error(module, argv, monkeypatch, capsys, code: int = 2) -> str:
     return err.strip()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tokenizer_path():
     try:
         return find_tokenizer(download=False)

@@ -15,10 +15,11 @@ MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=64", "--batch
          "--log_interval=2", "--eval_interval=3", "--warmup_steps=2"]
 
 
-@pytest.fixture
-def sample_data(tmp_path, tokenizer_path):
-    """The embedded sample tokenized as speedrun.sh --tiny does: pretrain shards and SFT conversations."""
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory, tokenizer_path):
+    """The embedded sample tokenized as speedrun.sh --tiny does: pretrain shards and SFT conversations (read only,
+    so tokenized once for the module)."""
+    data = tmp_path_factory.mktemp("chain") / "data"
     files = {sub: ",".join(sorted(glob.glob(f"{ROOT}/data/sample/{sub}/*.json*"))) for sub in ("pretrain", "sft")}
     run_script("data_process.py", ["pretrain", f"--inputs={files['pretrain']}", f"--out_dir={data}/pretrain",
                                    "--progress=false"])
