@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -167,13 +168,20 @@ def answer_row(name: str, q: dict, ref_chars: Optional[float]) -> str:
             f"{cell('question_overlap', pct)} |")
 
 
+def decoding_label(decoding: str) -> str:
+    """The card's short name of eval.py's protocol "decoding" string: its first part ("beam search", "greedy", ...),
+    or for sampled starts kept one of K (eval.py's default) "4 sampled starts x 8 beams, one kept"."""
+    m = re.search(r"then (\d+) beams.*, (\d+) starts per question", decoding)
+    return f"{m.group(2)} sampled starts x {m.group(1)} beams, one kept" if m else decoding.split(",")[0]
+
+
 def answers_table(r: dict) -> List[str]:
     """Rows: the model, the model under the original protocol, each baseline, the references (the yardstick)."""
     e, o = r["eval"], r["eval_original"]
     ref = e["scores"]["reference_chars"]
     rows = ["| answers from | BLEU-4 | sacreBLEU | degenerate | length vs reference | identical to another | "
             "distinct openings (top share) | distinct-2 | question overlap |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows.append(answer_row(f"**the model**, {e['decoding'].split(',')[0]}", e["scores"], ref))
+    rows.append(answer_row(f"**the model**, {decoding_label(e['decoding'])}", e["scores"], ref))
     if o:
         rows.append(answer_row("the model, original protocol (temperature 1.0, top-k 100)", o["scores"], ref))
     for name, b in e["baselines"].items():

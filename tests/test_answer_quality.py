@@ -78,6 +78,12 @@ def test_card_answers_table_has_a_row_per_answer_source_and_the_references():
     assert rows[0].count("|") == 10 and "identical to another" in rows[0] and "question overlap" in rows[0]
     assert rows[2] == "| **the model**, beam search | 3.50 | 10.25 | 0.0% | 1.10x | 25.0% | 3 (50.0%) | 0.300 | 75.0% |"
     assert rows[3].startswith("| the model, original protocol") and "| 1.25 | 10.25 | 50.0% |" in rows[3]
+    # eval.py's default decoding is named by what it does, not as plain beam search
+    default = ("beam search, the first 8 tokens sampled at temperature 0.8, top_k off, top_p 0.9, then 8 beams, "
+               "length_penalty 1.0, no_repeat_ngram 3, max_new_tokens 256, 4 starts per question, one kept by "
+               "mbr_question, stop at <eos>, seed 1337, batch 273, KV cache on")
+    assert report.decoding_label(default) == "4 sampled starts x 8 beams, one kept"
+    assert report.decoding_label("greedy, no_repeat_ngram 3") == "greedy"
     assert rows[4].startswith("| baseline, retrieval")
     assert rows[4].endswith("| 2.50 | 8.00 |  | 0.90x | 0.0% | 3 (50.0%) | 0.300 | 75.0% |")
     # an eval report from before the stock metrics: those cells stay empty
