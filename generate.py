@@ -37,6 +37,7 @@ from model import ModelArgs, Transformer
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
 RERANK_RULES = ("mbr", "likelihood", "mbr_question")  # how rerank.py keeps one of the candidates
+QUESTION_WEIGHT = 0.1  # rerank=mbr_question's default weight of the question's terms (rerank.question_bonus)
 EVAL_BEAMS = 8  # eval.py decodes with beam search of 8 beams by default (docs/recipe.md: 8 beat 4 and greedy)
 
 
@@ -54,7 +55,7 @@ class Sampling:
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
-    question_weight: float = 0.1  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
+    question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:

@@ -35,14 +35,14 @@ import torch
 
 from babyllama import quality
 from beam import beam_search
-from generate import RERANK_RULES as RULES, Sampling, generate
+from generate import QUESTION_WEIGHT, RERANK_RULES as RULES, Sampling, generate
 from scoring import answer_nats
 
 CHRF_ORDER = 4  # chrF over character 1..4-grams
-# mbr_question: a candidate's MBR score (mean chrF, 0-1) gains QUESTION_WEIGHT x min(shared, QUESTION_CAP) /
-# QUESTION_CAP for the distinct Chinese character bigrams it shares with the question: enough to choose, among
-# candidates the others agree with about as much, the one about this question (docs/recipe.md)
-QUESTION_WEIGHT = 0.1
+# mbr_question: a candidate's MBR score (mean chrF, 0-1) gains weight (Sampling.question_weight, by default
+# generate.QUESTION_WEIGHT) x min(shared, QUESTION_CAP) / QUESTION_CAP for the distinct Chinese character bigrams it
+# shares with the question: enough to choose, among candidates the others agree with about as much, the one about
+# this question (docs/recipe.md)
 QUESTION_CAP = 10
 
 
@@ -139,7 +139,9 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
         if rerank == "likelihood":
             best = likelihood_select([nats[i] for i in span], [len(scored[i]) for i in span], [skip[i] for i in span])
         else:  # mbr, or mbr_question: the prompt's text (the question, the template's few words) gives the terms
-            bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span], sampling.question_weight) if rerank == "mbr_question" else None
+            bonus = None
+            if rerank == "mbr_question":
+                bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span], sampling.question_weight)
             best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus)
         chosen.append(outs[b * k + best])
     return chosen

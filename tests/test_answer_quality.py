@@ -83,6 +83,9 @@ def test_card_answers_table_has_a_row_per_answer_source_and_the_references():
                "length_penalty 1.0, no_repeat_ngram 3, max_new_tokens 256, 4 starts per question, one kept by "
                "mbr_question, stop at <eos>, seed 1337, batch 273, KV cache on")
     assert report.decoding_label(default) == "4 sampled starts x 8 beams, one kept"
+    # the label reads the protocol string eval.py writes: Sampling.describe() of its default config, as it is now
+    from eval import EvalConfig
+    assert report.decoding_label(EvalConfig().describe()) == "4 sampled starts x 8 beams, one kept"
     assert report.decoding_label("greedy, no_repeat_ngram 3") == "greedy"
     assert rows[4].startswith("| baseline, retrieval")
     assert rows[4].endswith("| 2.50 | 8.00 |  | 0.90x | 0.0% | 3 (50.0%) | 0.300 | 75.0% |")
