@@ -130,6 +130,10 @@ def background_fixture(name: str, fn):
 def background_jobs(request, tmp_path_factory):
     """Queues the BACKGROUND_JOBS of the test modules (fixture name -> function of tmp_path_factory) that a selected
     test uses, in test order, and starts the thread that runs them; at the end waits for them (no orphan process)."""
+    # the session's temporary folder is made lazily by the first getbasetemp(): made here, on this thread, before the
+    # jobs start, or the worker's first mktemp and a test's race to make it and two session folders result (a test
+    # then sees getbasetemp() change under it: "... is not a normalized and relative path")
+    tmp_path_factory.getbasetemp()
     worker = threading.Thread(target=_worker, name="background-jobs", daemon=True)
     worker.start()
     for item in request.session.items:

@@ -168,3 +168,10 @@ def test_tiny_docstring_commands_run_as_written(tiny_commands):
     if not exporting:
         pytest.skip("export.py's command needs transformers")
     assert os.path.isfile(box / "out" / "hf" / "config.json")
+
+
+@pytest.mark.slow
+def test_a_background_job_works_in_the_sessions_temporary_folder(tiny_commands, tmp_path_factory):
+    """The job's folder lies in the one session folder the tests use: the worker thread never makes a second one."""
+    box = tiny_commands[0]
+    assert box.parent == tmp_path_factory.getbasetemp()
