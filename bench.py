@@ -6,6 +6,8 @@ On one GPU, the original project's config (dim 512, 8 layers, 8 heads, seq 512, 
     python bench.py --what=sft --sft_data=data/sft/train.jsonl
     python bench.py --what=data --data_input=corpus.json --data_workers=2
     python bench.py --what=ckpt                       # what the training loop waits for when it saves a checkpoint
+    python bench.py --what=train --variants=bf16_compile,bf16_compile_ce4k_cg,bf16_compile_ce16k_cg_fused_cudnn
+    python bench.py --what=profile                    # GPU time per step by kernel class (parse_variant: the names)
 Several GPUs (data-parallel scaling of the step pretrain.py runs under torchrun, CUDA graphs included):
     torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile_ce4k_cg
 Tiny CPU run:
@@ -15,6 +17,7 @@ Results: a table on stdout and out/bench/bench.json (one JSON object per measure
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,28 +30,58 @@ from typing import Optional
 import torch
 
 from babyllama.config import config_or_exit
-from babyllama.errors import check
+from babyllama.errors import ConfigError, check
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
 from babyllama.runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
 from babyllama.fileio import write_json
-from trainer import DeviceBatches, lr_at, train_step, TrainConfig, wrap_ddp
+from trainer import DeviceBatches, attention_kernels, lr_at, train_step, TrainConfig, wrap_ddp
 
-VARIANTS = {  # name -> (autocast dtype, torch.compile (False, True or a mode), ce_chunk)
-    "fp32_eager": (torch.float32, False, 0),
-    "fp16_eager": (torch.float16, False, 0),  # the original project as shipped: fp16 autocast + grad scaler, no compile
-    "bf16_eager": (torch.bfloat16, False, 0),
-    "bf16_compile": (torch.bfloat16, True, 0),  # plain compile, plain loss (the original project's best, on our model)
-    "bf16_compile_ce4k": (torch.bfloat16, True, 4096),  # + fused chunked output layer and loss
-    "bf16_compile_ce8k": (torch.bfloat16, True, 8192),
-    "bf16_compile_ce4k_cg": (torch.bfloat16, "reduce-overhead", 4096),  # + CUDA graphs: pretrain.py's default on a GPU
-}
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the training step."""
+    dtype: torch.dtype  # autocast dtype
+    compile: object = False  # torch.compile: False, True (default mode) or a mode name
+    ce_chunk: int = 0  # fused output layer + loss in chunks of this many rows; 0 = plain cross-entropy
+    fused: bool = False  # q/k/v and gate/up as one matmul each (model.fuse_projections, --fuse_projections)
+    attention: str = "auto"  # SDPA kernel tried first (trainer.attention_kernels, --attention)
+    tuned: bool = False  # inductor's coordinate-descent tuning of the kernels it generates (longer compilation)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATTENTION_WORDS = ("flash", "cudnn", "efficient")
+
+
+def parse_variant(name: str) -> Variant:
+    """A variant from its name, words joined by '_': a dtype (fp32, fp16, bf16), then eager | compile | autotune
+    (torch.compile's max-autotune mode, CUDA graphs included), then any of: ce4k / ce8k / ce16k (the fused loss in
+    chunks of 4,096 / 8,192 / 16,384 rows), cg (CUDA graphs: mode reduce-overhead), fused (one matmul for q/k/v and one
+    for gate/up), flash / cudnn / efficient (the attention kernel tried first), tuned (inductor's coordinate-descent
+    tuning). E.g. bf16_compile_ce4k_cg is pretrain.py's default step on a GPU. A ValueError names a bad word."""
+    words = name.split("_")
+    if len(words) < 2 or words[0] not in DTYPES or words[1] not in ("eager", "compile", "autotune"):
+        raise ValueError(f"{name!r}: expected DTYPE_eager|compile|autotune[_WORD...] (DTYPE: fp32, fp16, bf16)")
+    kw: dict = {"compile": {"eager": False, "compile": True, "autotune": "max-autotune"}[words[1]]}
+    for word in words[2:]:
+        if word.startswith("ce") and word.endswith("k") and word[2:-1].isdigit() and int(word[2:-1]) > 0:
+            kw["ce_chunk"] = int(word[2:-1]) * 1024
+        elif word == "cg" and kw["compile"] is True:
+            kw["compile"] = "reduce-overhead"
+        elif word == "fused":
+            kw["fused"] = True
+        elif word in ATTENTION_WORDS:
+            kw["attention"] = word
+        elif word == "tuned" and kw["compile"]:
+            kw["tuned"] = True
+        else:
+            raise ValueError(f"{name!r}: unknown or misplaced word {word!r} (cg and tuned need compile)")
+    return Variant(DTYPES[words[0]], **kw)
 
 
 @dataclass
 class BenchConfig:
-    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data, ckpt
-    variants: str = "fp16_eager,bf16_compile_ce4k_cg"  # train variants (VARIANTS): the original project's recipe, then our default
+    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data, ckpt, profile
+    variants: str = "fp16_eager,bf16_compile,bf16_compile_ce4k_cg"  # train steps (parse_variant names): the original project's recipe, plain bf16 + compile, our default
     dim: int = 512  # model: the original project's config
     n_layers: int = 8
     n_heads: int = 8
@@ -60,6 +93,7 @@ class BenchConfig:
     data_dir: str = "data/pretrain"  # parity: real tokens from data_process.py
     parity_variant: str = "bf16_compile"  # parity: the fast path compared with fp32_eager
     parity_steps: int = 300  # parity: optimizer steps on real data, both paths
+    profile_variant: str = "bf16_compile_ce4k"  # profile: GPU time per kernel class of this step (no CUDA graphs: a graph hides its kernels)
     sft_data: str = "data/sft/train.jsonl"  # sft: normalized conversations
     sft_modes: str = "fixed,dynamic,packed"  # sft batch modes to time
     sft_variant: str = "bf16_compile_ce4k_cg"  # sft: the step as sft.py runs it by default on a GPU
@@ -75,12 +109,13 @@ class BenchConfig:
 
     def validate(self):
         for w in self.what.split(","):
-            check(w in ("train", "parity", "sft", "gen", "data", "ckpt"), f"--what: unknown benchmark {w!r}")
-        for v in self.variants.split(","):
-            check(v in VARIANTS, f"--variants: unknown {v!r} (known: {', '.join(VARIANTS)})")
+            check(w in ("train", "parity", "sft", "gen", "data", "ckpt", "profile"), f"--what: unknown benchmark {w!r}")
+        for v in [*self.variants.split(","), self.parity_variant, self.sft_variant, self.profile_variant]:
+            try:
+                parse_variant(v)
+            except ValueError as e:
+                raise ConfigError(f"--variants/--parity_variant/--sft_variant: {e}") from None
         check(self.steps > 0 and self.warmup >= 0, "need steps > 0 and warmup >= 0")
-        check(self.parity_variant in VARIANTS, f"--parity_variant: unknown {self.parity_variant!r}")
-        check(self.sft_variant in VARIANTS, f"--sft_variant: unknown {self.sft_variant!r}")
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size,
@@ -118,17 +153,31 @@ def matmul_peak_tflops(device: torch.device) -> float:
     return 2 * 8192 ** 3 / times[len(times) // 2] / 1e12
 
 
-def build(args: ModelArgs, rt, compile_: bool, seed: int = 0, ce_chunk: int = 0):
+def build(args: ModelArgs, rt, variant: Variant, seed: int = 0):
+    """-> (model, what to run: compiled and/or DDP-wrapped, AdamW, grad scaler) as the trainer builds them."""
     torch.manual_seed(seed)
     model = Transformer(args).to(rt.device)
-    model.ce_chunk = ce_chunk
+    model.ce_chunk = variant.ce_chunk
+    model.fuse_projections(variant.fused)
     opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.95), rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    compile_ = variant.compile
     mode = compile_ if isinstance(compile_, str) else None
     run = torch.compile(model, mode=mode) if compile_ and rt.device.type == "cuda" else model
     if rt.world_size > 1:
         run = wrap_ddp(run, rt)  # pretrain.py's DDP wrapper
     return model, run, opt, scaler
+
+
+def step_context(variant: Variant):
+    """The variant's attention kernel order and, if tuned, inductor's coordinate-descent tuning, for the steps that
+    compile and run it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(attention_kernels(variant.attention))
+    if variant.tuned:
+        import torch._inductor.config as inductor_config
+        stack.enter_context(inductor_config.patch(coordinate_descent_tuning=True))
+    return stack
 
 
 def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int) -> dict:
@@ -151,11 +200,14 @@ def time_steps(run, opt, scaler, batches, rt, steps: int, warmup: int) -> dict:
 def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
     args = cfg.model_args()
     for name in cfg.variants.split(","):
-        dtype, compile_, ce_chunk = VARIANTS[name]
-        rt = dataclasses.replace(base_rt, dtype=dtype)
-        model, run, opt, scaler = build(args, rt, compile_, ce_chunk=ce_chunk)
+        variant = parse_variant(name)
+        rt = dataclasses.replace(base_rt, dtype=variant.dtype)
+        model, run, opt, scaler = build(args, rt, variant)
         batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
-        r = time_steps(run, opt, scaler, batches, rt, cfg.steps, cfg.warmup)
+        t0 = time.perf_counter()
+        with step_context(variant):  # compilation happens in the warm-up steps, under the variant's settings
+            r = time_steps(run, opt, scaler, batches, rt, cfg.steps, cfg.warmup)
+        r["setup_s"] = time.perf_counter() - t0 - r["seconds"]  # compilation and warm-up
         tok_s = cfg.batch_size * args.max_seq_len * rt.world_size * cfg.steps / r["seconds"]
         mfu = model.flops_per_token(args.max_seq_len) * tok_s / (peak_tflops * 1e12 * rt.world_size) if peak_tflops else None
         emit({"bench": "train", "variant": name, "gpus": rt.world_size, "batch_size": cfg.batch_size,
@@ -163,6 +215,39 @@ def bench_train(cfg: BenchConfig, base_rt, peak_tflops: float, emit) -> None:
         del model, run, opt, scaler, batches
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+KERNEL_CLASSES = (  # (class, words of the kernel names in it), first match wins
+    ("output layer softmax-gradient (Triton)", ("_softmax_grad_kernel",)),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul (cuBLAS/CUTLASS)", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90_", "sm80_", "cublas")),
+    ("optimizer (fused AdamW)", ("adam", "multi_tensor")),
+    ("fused elementwise (inductor's Triton)", ("triton_",)),
+)
+
+
+def bench_profile(cfg: BenchConfig, base_rt, emit) -> None:
+    """GPU time per step by kernel class (KERNEL_CLASSES) and the 10 costliest kernels, from torch.profiler over
+    `steps` steps of --profile_variant after its warm-up: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    args, variant = cfg.model_args(), parse_variant(cfg.profile_variant)
+    rt = dataclasses.replace(base_rt, dtype=variant.dtype)
+    _, run, opt, scaler = build(args, rt, variant)
+    batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
+    with step_context(variant):
+        time_steps(run, opt, scaler, batches, rt, 1, cfg.warmup)  # compiled and warm
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            time_steps(run, opt, scaler, batches, rt, cfg.steps, 0)
+    kernels = [(e.key, getattr(e, "self_device_time_total", 0) / 1e3 / cfg.steps) for e in prof.key_averages()]
+    kernels = [(k, ms) for k, ms in kernels if ms > 0]
+    classes: dict = {}
+    for key, ms in kernels:
+        name = next((c for c, words in KERNEL_CLASSES if any(w in key.lower() for w in words)), "other")
+        classes[name] = classes.get(name, 0.0) + ms
+    top = sorted(kernels, key=lambda k: -k[1])[:10]
+    emit({"bench": "profile", "variant": cfg.profile_variant, "gpu_ms_per_step": sum(ms for _, ms in kernels),
+          "classes_ms": {k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+          "top_kernels_ms": [[k[:90], round(ms, 3)] for k, ms in top]})
 
 
 def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
@@ -173,12 +258,13 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
     sched = TrainConfig(max_steps=cfg.parity_steps, warmup_steps=min(100, cfg.parity_steps // 4), learning_rate=3e-4, min_lr=3e-5)
     curves = {}
     for name in ("fp32_eager", cfg.parity_variant):
-        dtype, compile_, ce_chunk = VARIANTS[name]
-        rt = dataclasses.replace(base_rt, dtype=dtype)
-        _, run, opt, scaler = build(args, rt, compile_, seed=0, ce_chunk=ce_chunk)
+        variant = parse_variant(name)
+        rt = dataclasses.replace(base_rt, dtype=variant.dtype)
+        _, run, opt, scaler = build(args, rt, variant, seed=0)
         batches = DeviceBatches(data, 0, 1, rt.device)
-        curves[name] = torch.stack([train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0]
-                                    for s in range(cfg.parity_steps)]).tolist()
+        with step_context(variant):
+            curves[name] = torch.stack([train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0]
+                                        for s in range(cfg.parity_steps)]).tolist()
     gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[cfg.parity_variant])]
     emit({"bench": "parity", "steps": cfg.parity_steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),
           "max_gap_after_10": max(gaps[10:]) if len(gaps) > 10 else max(gaps),
@@ -197,10 +283,11 @@ def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:
     for mode in cfg.sft_modes.split(","):
         data = base.with_mode(mode)
         real = [int((data.batch(s, 0)[0] != 0).sum()) for s in range(cfg.warmup + cfg.steps)]
-        dtype, compile_, ce_chunk = VARIANTS[cfg.sft_variant] if base_rt.device.type == "cuda" else VARIANTS["fp32_eager"]
-        rt = dataclasses.replace(base_rt, dtype=dtype)
-        _, run, opt, scaler = build(args, rt, compile_, ce_chunk=ce_chunk)
-        r = time_steps(run, opt, scaler, DeviceBatches(data, 0, 1, rt.device), rt, cfg.steps, cfg.warmup)
+        variant = parse_variant(cfg.sft_variant if base_rt.device.type == "cuda" else "fp32_eager")
+        rt = dataclasses.replace(base_rt, dtype=variant.dtype)
+        _, run, opt, scaler = build(args, rt, variant)
+        with step_context(variant):
+            r = time_steps(run, opt, scaler, DeviceBatches(data, 0, 1, rt.device), rt, cfg.steps, cfg.warmup)
         emit({"bench": "sft", "mode": mode, "real_tokens_per_s": sum(real[cfg.warmup:]) / r["seconds"],
               "variant": cfg.sft_variant, "nonpad_fraction": data.nonpad_fraction(), **r})
 
@@ -255,7 +342,7 @@ def bench_ckpt(cfg: BenchConfig, base_rt, emit) -> None:
     from babyllama.checkpoint import Checkpoints
     from babyllama.train_log import Logger
     args, rt = cfg.model_args(), dataclasses.replace(base_rt, dtype=resolve_dtype("auto", base_rt.device))
-    model, run, opt, scaler = build(args, rt, False, ce_chunk=4096)
+    model, run, opt, scaler = build(args, rt, Variant(rt.dtype, ce_chunk=4096))
     batches = DeviceBatches(RandomTokens(args.vocab_size, cfg.batch_size, args.max_seq_len, rt.rank), 0, 1, rt.device)
     out = os.path.join(os.path.dirname(cfg.out) or ".", "ckpt_bench")
     os.makedirs(out, exist_ok=True)
@@ -313,15 +400,17 @@ def main() -> None:
         bench_data(cfg, emit)
     if "ckpt" in whats:
         bench_ckpt(cfg, rt, emit)
+    if "profile" in whats and rt.device.type == "cuda":
+        bench_profile(cfg, rt, emit)
     if rt.master:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         write_json(cfg.out, {"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows})
-        print(f"\n{'bench':<7}{'what':<16}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
-        for r in [r for r in rows if r["bench"] != "ckpt"]:  # checkpoints: the JSON lines above
+        print(f"\n{'bench':<7}{'what':<40}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
+        for r in [r for r in rows if r["bench"] not in ("ckpt", "profile")]:  # these: the JSON lines above
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-            print(f"{r['bench']:<7}{what:<16}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}{mfu:>7}")
+            print(f"{r['bench']:<7}{what:<40}{tps:>12,.0f}{r.get('step_ms', 0):>9.1f}{r.get('peak_gib', 0):>9.2f}{mfu:>7}")
     if rt.world_size > 1:
         torch.distributed.destroy_process_group()
 

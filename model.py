@@ -105,6 +105,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
+        self.fused = False  # q, k, v from one matmul (Transformer.fuse_projections); the weights stay three
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
         """x (B, T, dim). mask None = plain causal (training); else bool (B, 1, T, S), True = may attend.
@@ -114,9 +115,15 @@ class Attention(nn.Module):
         cache: None, or anything with update/write like generate.KVCache.
         """
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.fused:  # one (dim -> q + 2 kv) GEMM reads x once; its gradient splits back into the three weights
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            w = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))  # (nq + 2 nkv, dim)
+            q, k, v = F.linear(x, w).split((nq, nkv, nkv), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if isinstance(start, torch.Tensor):  # static-shape decode step (T = 1): all max_len slots, mask picks
@@ -149,9 +156,14 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down, back into the residual stream
         self.dropout = nn.Dropout(args.dropout)
+        self.fused = False  # gate and up from one matmul (Transformer.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if self.fused:  # (..., dim) @ (dim, 2 hidden): one GEMM instead of two over the same input
+            gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -210,6 +222,14 @@ class Transformer(nn.Module):
         with torch.no_grad():
             # padded rows are never read (ids < vocab_size) and their logits are sliced off; zero keeps them inert
             self.tok_embeddings.weight[args.vocab_size:].zero_()
+
+    def fuse_projections(self, on: bool = True) -> "Transformer":
+        """Training speed: q/k/v and the SwiGLU gate/up each as one wider matmul over the concatenated weights (fewer,
+        larger GEMMs; the concatenation is a few MB a step). Parameters, checkpoints and results are unchanged up to
+        float rounding; decoding keeps the separate matmuls (a concatenation per token would cost more than it saves)."""
+        for layer in self.layers:
+            layer.attention.fused = layer.feed_forward.fused = on
+        return self
 
     def cast_for_inference(self, dtype: torch.dtype) -> "Transformer":
         """Stores the weights in `dtype` (bf16) for generation under autocast of the same dtype: the matmuls see the

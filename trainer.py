@@ -7,6 +7,7 @@ accumulation with one gradient sync per optimizer step, validation, logs, atomic
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chatglm_tokenizer import bits_per_byte
 from babyllama.errors import check
@@ -44,7 +46,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda > mps > cpu; or cuda, cuda:1, cpu, mps
     dtype: str = "auto"  # auto = bfloat16 where supported, else float16 (+grad scaler) on cuda, float32 on cpu
     compile: bool = True  # torch.compile the model (CUDA only; ignored elsewhere)
-    compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead (+ CUDA graphs) or default
+    compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead (+ CUDA graphs), default, or max-autotune (+ GEMMs tuned while compiling: minutes)
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     # batch: the global batch is fixed in tokens, whatever the number of processes
     batch_size: int = 32  # micro-batch rows per process per forward pass
@@ -65,6 +67,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global grad norm; 0 = off
     ce_chunk: int = 4096  # > 0: fused output layer + loss in chunks of this many rows (never the full logits); 0 = plain
+    fuse_projections: bool = False  # q/k/v and the SwiGLU gate/up each as one matmul (model.fuse_projections); same weights
+    attention: str = "auto"  # training attention kernel first tried: auto (torch's order) | flash | cudnn | efficient
     # validation, logging, checkpoints
     eval_interval: int = 200  # steps between validation passes (also at the end)
     eval_windows: int = 200  # validation windows (rows) per pass; 0 = the whole split
@@ -102,14 +106,31 @@ class TrainConfig:
         check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
         check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
         check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
-        check(self.compile_mode in ("default", "reduce-overhead"),
-              f"compile_mode must be default|reduce-overhead, got {self.compile_mode!r}")
+        check(self.attention in ATTENTION, f"attention must be {'|'.join(ATTENTION)}, got {self.attention!r}")
+        check(self.compile_mode in COMPILE_MODES,
+              f"compile_mode must be {'|'.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         check(self.max_minutes >= 0 and self.fit_minutes >= 0, "max_minutes and fit_minutes must be >= 0")
         check(not (self.fit_minutes and self.max_steps) or self.resume or bool(self.resume_from),
               "--fit_minutes sets the number of steps: leave --max_steps at 0")
         if self.tensorboard:
             import importlib.util
             check(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs `pip install tensorboard`")
+
+
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
+ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}  # --attention -> the SDPA backend put first
+
+
+def attention_kernels(name: str):
+    """A context in which SDPA tries --attention's kernel first, then torch's usual order (a kernel that cannot
+    take a call falls through to the next). torch.compile picks the kernel when it traces, so the whole run is in it."""
+    first = ATTENTION[name]
+    if first is None:
+        return contextlib.nullcontext()
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def compile_mode(mode: str) -> Optional[str]:
@@ -350,6 +371,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Opti
     elif init_state is not None:
         model.load_state_dict(init_state)
     model.ce_chunk = cfg.ce_chunk
+    model.fuse_projections(cfg.fuse_projections)
     model.to(rt.device)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=(rt.dtype == torch.float16))
@@ -452,8 +474,9 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         grad_accum_steps(cfg, model_args.max_seq_len, rt.world_size)
     cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
     try:
-        return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state, (ckpt, path, notes, good),
-                            token_bytes)
+        with attention_kernels(cfg.attention):
+            return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state,
+                                (ckpt, path, notes, good), token_bytes)
     finally:
         if lock is not None:
             os.close(lock)  # the folder is free again (the OS also frees it when the process dies)

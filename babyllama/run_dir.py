@@ -28,7 +28,7 @@ RESUME_MAY_CHANGE = ("max_steps", "max_minutes", "eval_interval", "eval_windows"
                      "max_bad_steps", "data_dir")
 # where and how the run executes, not what it computes: always taken from the flags
 RUNTIME_FIELDS = ("out_dir", "resume", "resume_from", "overwrite", "device", "compile", "compile_mode", "tensorboard",
-                  "peak_tflops", "tokenizer", "init_from")
+                  "peak_tflops", "tokenizer", "init_from", "fuse_projections", "attention")
 # what a checkpoint must hold to continue its run (a weights-only best.pt or an export does not)
 RESUME_KEYS = ("step", "optimizer", "scaler", "rng", "config", "best_val_loss")
 # what a fresh run (--overwrite) replaces: the files a run writes into its folder

@@ -76,3 +76,15 @@ def test_sft_rows_count_real_tokens_and_packing_wastes_less(tmp_path, tokenizer_
     assert 0 < fixed["nonpad_fraction"] < 0.5 < packed["nonpad_fraction"] <= 1
     for row in (fixed, packed):  # real tokens per second: never more than the padded rows the step processed
         assert 0 < row["real_tokens_per_s"] <= 4 * 64 * 2 / row["seconds"] + 1e-6
+
+
+def test_variant_names_spell_out_the_step():
+    v = bench.parse_variant("bf16_compile_ce4k_cg")  # pretrain.py's default step on a GPU
+    assert (v.dtype, v.compile, v.ce_chunk, v.fused, v.attention, v.tuned) == \
+        (bench.torch.bfloat16, "reduce-overhead", 4096, False, "auto", False)
+    v = bench.parse_variant("bf16_autotune_ce16k_fused_cudnn_tuned")
+    assert (v.compile, v.ce_chunk, v.fused, v.attention, v.tuned) == ("max-autotune", 16384, True, "cudnn", True)
+    assert bench.parse_variant("fp16_eager").compile is False
+    for bad in ("bf16", "bf16_fast", "bf16_eager_cg", "bf16_compile_ce0k", "bf16_compile_warp"):
+        with pytest.raises(ValueError):
+            bench.parse_variant(bad)

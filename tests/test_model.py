@@ -169,6 +169,22 @@ def test_gqa_equals_mha_with_shared_heads():
     assert out == generate.generate(mha, PROMPTS, sampling(8), eos_id=None)
 
 
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_fused_projections_give_the_same_loss_and_gradients(n_kv_heads):
+    results = []
+    for fused in (False, True):
+        m = lively_model(n_kv_heads=n_kv_heads).train().fuse_projections(fused)
+        x = torch.randint(0, 1000, (2, 12))
+        loss = m(x, x)[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (loss0, g0), (loss1, g1) = results
+    assert abs(loss0.item() - loss1.item()) < 1e-5
+    for name in g0:  # the three weights (and gate/up) keep their own gradients: checkpoints are unchanged
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-4), name
+    assert all(layer.attention.fused and layer.feed_forward.fused for layer in m.layers)
+
+
 def test_stops_at_eos_per_row():
     model = lively_model()
     free = generate.generate(model, PROMPTS, sampling(12), eos_id=None)

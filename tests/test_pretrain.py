@@ -153,6 +153,23 @@ def test_tiny_run_learns_and_writes_a_self_describing_checkpoint(tiny_corpus, tm
     assert "tok/s" in log and "eta" in log and "tokens/step" in log
 
 
+def test_fused_projections_and_an_attention_kernel_order_train_the_same_model(tiny_corpus, tmp_path):
+    """--fuse_projections and --attention change how the step runs, not what it computes: the same losses and the
+    same checkpoint keys as a plain run."""
+    import pretrain
+    runs = {}
+    for name, extra in (("plain", []), ("fast", ["--fuse_projections=true", "--attention=cudnn"])):
+        out = str(tmp_path / name)
+        pretrain.main([*TINY, f"--data_dir={tiny_corpus}", f"--out_dir={out}", "--max_steps=20", "--eval_interval=10",
+                       *extra])
+        runs[name] = (metrics(out)[1], torch.load(os.path.join(out, "best.pt"), weights_only=False)["model"])
+    (val0, state0), (val1, state1) = runs["plain"], runs["fast"]
+    assert val0.keys() == val1.keys() and all(abs(val0[s] - val1[s]) < 1e-3 for s in val0), (val0, val1)
+    assert state0.keys() == state1.keys()
+    with pytest.raises(ConfigError, match="attention must be auto"):
+        parse_config(TrainConfig, ["--attention=fast"])
+
+
 @pytest.mark.slow
 def test_ddp_with_accumulation_equals_single_process(tiny_corpus, tmp_path):
     """Two gloo ranks, accumulation 1 == one process, accumulation 2, at the same global batch.
@@ -391,6 +408,7 @@ def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
         parse_config(TrainConfig, ["--compile_mode=graphs"])
     with pytest.raises(ConfigError, match="compile_mode.*auto"):
         parse_config(TrainConfig, ["--compile_mode=auto"])
+    assert parse_config(TrainConfig, ["--compile_mode=max-autotune"]).compile_mode == "max-autotune"
 
 
 def test_fit_minutes_sets_the_length_from_timed_steps_and_decays_to_its_end(tiny_corpus, tmp_path):
