@@ -53,6 +53,7 @@ class SFTConfig(TrainConfig):
     min_lr: float = 5e-5
     warmup_steps: int = 30
     weight_decay: float = 0.0  # no decay: a short run from good weights
+    dropout: float = 0.0  # dropout in attention and MLP while fine-tuning (replaces the pretrained model's; off in eval and chat)
     eval_interval: int = 50
     eval_windows: int = 500  # validation conversations per pass; 0 = all
     ckpt_interval: int = 100
@@ -62,6 +63,7 @@ class SFTConfig(TrainConfig):
         check(self.batch_mode in TRAIN_MODES, f"batch_mode must be one of {'|'.join(TRAIN_MODES)}, got {self.batch_mode!r}")
         check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
         check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         try:
             parse_mix(self.mix)
         except ValueError as e:
@@ -103,7 +105,7 @@ def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
     if master:
         print(f"sft: starting from {init_path} ({init.get('kind', '?')} step {init.get('step')}, "
               f"val loss {init.get('val_loss', float('nan')):.4f})")
-    args = ModelArgs(**init["model_args"])
+    args = ModelArgs(**dict(init["model_args"], dropout=cfg.dropout))
     if cfg.max_seq_len:
         check(cfg.max_seq_len <= args.max_seq_len, f"max_seq_len {cfg.max_seq_len} is longer than the "
               f"pretrained model's {args.max_seq_len}")

@@ -14,6 +14,8 @@ import torch
 
 import generate
 from chatglm_tokenizer import load_tokenizer
+from babyllama.config import parse_config
+from babyllama.errors import ConfigError
 from conftest import run_script, sampling, write_shard
 from chatglm_tokenizer.template import render_prompt
 from dataset_sft import Batching, SFTData, SFTSamples
@@ -160,3 +162,21 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     second = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert second["kind"] == "sft" and second["step"] == 4
     assert not torch.equal(first["model"]["tok_embeddings.weight"], second["model"]["tok_embeddings.weight"])
+
+
+def test_sft_dropout_replaces_the_pretrained_models_and_is_checked(tmp_path, tokenizer_path):
+    import sft
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "pretrain_data"
+    shards.mkdir()
+    write_shard(str(shards / "train_00000.bin"), rng.integers(3, 64793, size=4000), "train", 64793)
+    write_shard(str(shards / "val_00000.bin"), rng.integers(3, 64793, size=1000), "val", 64793)
+    import pretrain
+    pretrain.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path / 'pre'}", "--max_steps=2", "--eval_interval=2"])
+    tok = load_tokenizer(tokenizer_path)
+    for dropout in (0.0, 0.1):
+        cfg = sft.SFTConfig(init_from=str(tmp_path / "pre"), dropout=dropout)
+        init, args = sft.start_point(cfg, tok, master=False)
+        assert init["model_args"]["dropout"] == 0.0 and args.dropout == dropout
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        parse_config(sft.SFTConfig, ["--dropout=1.0"])
