@@ -13,6 +13,14 @@ Each prompt keeps the K best partial answers (beams) by summed token log-probabi
 is scored sum_logprob / length ** length_penalty (length counts the new tokens, <eos> included, as Hugging Face
 transformers does), and the best of those is returned. Uses only the model's public methods (hidden, logits, args)
 and generate.py's cache, masks and n-gram ban; generate.py never imports this module.
+
+Speed (eval.py decodes thousands of beam rows at once on a GPU): a step ranks and chooses the candidates on the
+device (choose) and brings the host one small table (to_host), from which it files the finished answers and
+decides which prompts are done; the KV cache is never copied whole. A beam that continues another row's beam takes
+only the slots where the two rows' tokens differ (the prompt and a shared start stay; first_change), and the rows
+of a finished prompt are refilled with those of the last prompts still searching (Rows.advance) rather than every
+later row moving up. Each step runs the rows the one-copy-per-step algorithm ran, the prompts in another order; a
+row's numbers do not depend on where in the batch it sits, so the answers are the same.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import dataclasses
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from generate import KVCache, Sampling, check_generate_args, decode_attention_backends, generate, ngram_ban, prompt_positions
@@ -60,22 +69,130 @@ class Hypotheses:
         return len(self.items) == self.beams and self.items[-1][0] >= self.score(best_alive, length)
 
 
-def select(top_v: list[float], top_i: list[int], base: int, vocab_size: int, eos_id: Optional[int], beams: int,
-           hyps: Hypotheses, new_tokens, length: int) -> list[tuple[int, int, float]]:
-    """One prompt's step: its 2K best candidates (summed log-prob, flat index origin * V + token) -> the K that
-    continue as (row of origin, token, summed log-prob). An <eos> among the first K ranks becomes a finished answer
-    (new_tokens(row) gives the origin's tokens so far); rows of this prompt are base .. base + K - 1."""
-    chosen: list[tuple[int, int, float]] = []
-    for rank, (v, i) in enumerate(zip(top_v, top_i)):
-        row, tok = base + i // vocab_size, i % vocab_size
-        if tok == eos_id:
-            if rank < beams:
-                hyps.add(v, new_tokens(row), length)
-            continue
-        chosen.append((row, tok, v))
-        if len(chosen) == beams:
-            break
-    return chosen
+def choose(scores: torch.Tensor, logp: torch.Tensor, beams: int, eos_id: Optional[int]) -> tuple:
+    """A step's candidates ranked and chosen on the device, A prompts of K = beams rows each.
+
+    scores (A*K,) fp32 summed log-probs of the beams, logp (A*K, V) fp32 (overwritten with scores + logp) -> top_v
+    (A, 2K) the 2K best candidates of each prompt's K x V, best first, as topk ranks them (ties included); beam
+    (A, 2K) the beam of its group each extends; tok (A, 2K) its token; eos (A, 2K) tok == eos_id; go (A, K) the
+    ranks of the first K candidates that are not <eos>, in rank order: the beams that continue. At most K of the
+    2K are <eos> (one per beam), so there are always K to continue."""
+    K, V = beams, logp.size(1)
+    A = logp.size(0) // K
+    cand = logp.add_(scores[:, None]).view(A, K * V)  # (A, K*V): beam k's token v at k * V + v
+    top_v, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (A, 2K)
+    beam, tok = top_i // V, top_i % V
+    eos = tok == eos_id if eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
+    cont = ~eos & ((~eos).cumsum(1) <= K)  # (A, 2K): the first K that are not eos
+    go = (~cont).to(torch.int32).argsort(dim=1, stable=True)[:, :K]  # (A, K): their ranks, in order
+    return top_v, beam, tok, eos, go
+
+
+def first_change(seq: torch.Tensor, src: torch.Tensor, S: int, n: int) -> torch.Tensor:
+    """(R,) the first slot of [S, n) where row r's tokens differ from row src[r]'s, n where they do not; seq (R, S +
+    new) ids by slot, src (R,) rows. A cache slot holds the keys and values of the tokens up to it, so rows with the
+    same tokens before slot s have the same slots before s: a row that continues row src[r] only needs the slots
+    from here on (the prompt slots [0, S) are the same for every beam of a prompt)."""
+    if n == S:
+        return torch.full((seq.size(0),), n, device=seq.device)
+    diff = seq[:, S:n] != seq[src, S:n]  # (R, n - S)
+    return torch.where(diff.any(1), S + diff.int().argmax(1), n)  # argmax: the first True
+
+
+def to_host(top_v: torch.Tensor, beam: torch.Tensor, eos: torch.Tensor, ch_v: torch.Tensor, ch_b: torch.Tensor,
+            first: torch.Tensor) -> tuple:
+    """The step's one host sync, (A, 1 + 4K) float64 (exact for fp32 scores and small ints) -> numpy (best (A,) the
+    best continuing beam's summed log-prob, fin (A, K) the summed log-prob of each <eos> among the first K ranks
+    (nan: not eos), fin_b (A, K) the beam each of those ends, ch_b (A, K) the beam each continuing one extends,
+    first (A, K) first_change of each new row)."""
+    K = ch_v.size(1)
+    fin = top_v[:, :K].masked_fill(~eos[:, :K], math.nan)
+    parts = (ch_v[:, :1], fin, beam[:, :K], ch_b, first.view(-1, K))
+    h = torch.cat([p.double() for p in parts], 1).cpu().numpy()
+    ints = h[:, 1 + K:].astype(np.int64)
+    return h[:, 0], h[:, 1:1 + K], ints[:, :K], ints[:, K:2 * K], ints[:, 2 * K:]
+
+
+def file_answers(hyps: list[Hypotheses], worst: np.ndarray, prompt: np.ndarray, rows: np.ndarray, vals: np.ndarray,
+                 seq: torch.Tensor, S: int, n: int, length: int, last_tok: Optional[np.ndarray] = None) -> None:
+    """Finished answers, added in order: answer i, of prompt prompt[i], has summed log-prob vals[i] and the tokens of
+    row rows[i] (seq[rows[i], S:n], then last_tok[i] if given). worst (B,) float64, updated: the score of a prompt's
+    K-th answer once it holds K, else nan. An answer that scores no better than that K-th is skipped unread (adding
+    it would change nothing: a tie goes to the earlier answer), as is one of -inf."""
+    score = vals / (length ** hyps[0].length_penalty) if len(vals) else vals
+    useful = (vals > -math.inf) & ~(score <= worst[prompt])  # nan worst (fewer than K answers): useful
+    prompt, rows, vals = prompt[useful], rows[useful], vals[useful]
+    if not len(rows):
+        return
+    toks = seq[torch.from_numpy(rows).to(seq.device), S:n].tolist()
+    if last_tok is not None:
+        toks = [ts + [int(x)] for ts, x in zip(toks, last_tok[useful])]
+    for b, v, ts in zip(prompt.tolist(), vals.tolist(), toks):
+        hyps[b].add(v, ts, length)
+    for b in set(prompt.tolist()):
+        if len(hyps[b].items) == hyps[b].beams:
+            worst[b] = hyps[b].items[-1][0]
+
+
+def copy_slots(bufs: list[torch.Tensor], tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int) -> None:
+    """For each i, slots [beg[i], n) of row tgt[i] <- the same slots of row src[i], in every buffer (rows, n_kv,
+    max_len, head_dim). A buffer is read before it is written, so a row may be a source and a target."""
+    lens = n - beg
+    total = int(lens.sum())
+    if total == 0:
+        return
+    shift = beg - (np.cumsum(lens) - lens)  # pair p of row i is slot p + shift[i]
+    cols = torch.from_numpy(np.stack([tgt, src, shift, lens])).to(bufs[0].device)  # (4, rows copied)
+    each = [c.repeat_interleave(cols[3], output_size=total) for c in cols[:3]]  # (total,) each
+    ri, rs, si = each[0], each[1], torch.arange(total, device=cols.device) + each[2]
+    for buf in bufs:
+        buf[ri, :, si] = buf[rs, :, si]  # (total, n_kv, head_dim)
+
+
+class Rows:
+    """The beam rows on the device: row j * K + k is beam k of the prompt at position j, prompt[j] (numpy (A,)).
+
+    cache.k / cache.v[layer] are the first A * K rows of buffers made for all B * K rows (start): a prompt that is
+    done shrinks the view, nothing is reallocated. seq (A*K, S + new) ids by slot, pad (A*K,) first real slot,
+    scores (A*K,) fp32 summed log-probs (at first only beam 0 is alive, the others -inf, so the K beams differ)."""
+
+    def __init__(self, cache: KVCache, seq: torch.Tensor, pad: torch.Tensor, beams: int):
+        self.cache, self.seq, self.pad, self.K = cache, seq, pad, beams
+        self.kbuf, self.vbuf = list(cache.k), list(cache.v)
+        B = seq.size(0) // beams
+        scores = torch.full((B, beams), -math.inf, device=seq.device)
+        scores[:, 0] = 0.0
+        self.scores, self.prompt = scores.view(-1), np.arange(B)
+
+    def advance(self, done: np.ndarray, ch: tuple, ch_b: np.ndarray, first: np.ndarray, n: int) -> torch.Tensor:
+        """Keeps the prompts not done (done (A,) bool), each with its K chosen beams -> the tokens to feed (A'*K, 1).
+
+        ch: (summed log-probs, beams, tokens) (A, K) on the device; ch_b, first: to_host's. Row j*K + k of a prompt
+        that keeps its position copies slots [first, n) from row j*K + beam; the first A' positions are kept, a
+        done prompt among them is replaced by a kept prompt from behind (whole rows, slots [0, n))."""
+        K, device = self.K, self.seq.device
+        kept = np.flatnonzero(~done)
+        A2 = kept.size
+        order = np.arange(A2)  # new position -> old position
+        holes = np.flatnonzero(done[:A2])
+        order[holes] = kept[kept >= A2]
+        stay = np.ones(A2, dtype=bool)
+        stay[holes] = False
+        k, j, moved = np.arange(K), order[stay], order[holes]
+        need = first[j] < n  # (stay, K): rows whose new beam's tokens differ from theirs
+        tgt = np.concatenate([(j[:, None] * K + k)[need], (holes[:, None] * K + k).ravel()])
+        src = np.concatenate([(j[:, None] * K + ch_b[j])[need], (moved[:, None] * K + ch_b[moved]).ravel()])
+        beg = np.concatenate([first[j][need], np.zeros(holes.size * K, dtype=np.int64)])
+        copy_slots(self.kbuf + self.vbuf, tgt, src, beg, n)
+        for layer in range(len(self.kbuf)):
+            self.cache.k[layer], self.cache.v[layer] = self.kbuf[layer][:A2 * K], self.vbuf[layer][:A2 * K]
+        o = torch.from_numpy(order).to(device)
+        ch_v, beam, tok = (x.index_select(0, o) for x in ch)
+        src_rows = (o[:, None] * K + beam).view(-1)  # (A'*K,) the row each new row continues
+        self.seq, self.pad = self.seq.index_select(0, src_rows), self.pad.index_select(0, src_rows)
+        self.seq[:, n] = tok.view(-1)
+        self.scores, self.prompt = ch_v.reshape(-1), self.prompt[order]
+        return tok.reshape(-1, 1)
 
 
 def step_forward(model: Transformer, cache: KVCache, tok: torch.Tensor, pad: torch.Tensor, n: int) -> torch.Tensor:
@@ -117,16 +234,17 @@ def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling
     """New tokens of the best beam-search answer for each prompt (eos excluded). Runs in eval mode, under the
     caller's autocast.
 
-    The B prompts run once, then as B x K beam rows (K = sampling.beams; start). Each step scores every beam's next
-    token (sum of fp32 log-softmax), takes per prompt the 2K best of its K x V candidates (select), and reorders the
-    cache, the token history and the scores by the chosen beams' rows (index_select); a prompt that is done leaves
-    the batch. At step 0 only beam 0 is alive (the others start at -inf), so the K beams differ. A prompt is done
-    when it holds K finished answers that its best alive beam cannot beat (Hypotheses.done); at max_new_tokens the
-    alive beams are finished as they are. no_repeat_ngram >= 2: no beam repeats an n-gram of its own new tokens
-    (generate.ngram_ban; the prompt may be quoted). Context: a prompt keeps its last max_seq_len - max_new_tokens
-    + 1 tokens (fit_prompts), so no forward sees more than max_seq_len tokens; max_new_tokens > max_seq_len is a
-    ValueError. beams=1 gives greedy decoding's tokens (generate.generate with temperature 0). beam_prefix > 0:
-    sampled_start (generator: its random numbers).
+    The B prompts run once, then as B x K beam rows (K = sampling.beams; start, Rows). Each step scores every
+    beam's next token (sum of fp32 log-softmax) and takes per prompt the 2K best of its K x V candidates (choose):
+    an <eos> among the first K ranks becomes a finished answer (file_answers), the first K that are not <eos>
+    continue, and the rows follow them (Rows.advance); a prompt that is done leaves the batch. At step 0 only beam
+    0 is alive (the others start at -inf), so the K beams differ. A prompt is done when it holds K finished answers
+    that its best alive beam cannot beat (Hypotheses.done's rule); at max_new_tokens the alive beams are finished as
+    they are. no_repeat_ngram >= 2: no beam repeats an n-gram of its own new tokens (generate.ngram_ban; the prompt
+    may be quoted). Context: a prompt keeps its last max_seq_len - max_new_tokens + 1 tokens (fit_prompts), so no
+    forward sees more than max_seq_len tokens; max_new_tokens > max_seq_len is a ValueError. beams=1 gives greedy
+    decoding's tokens (generate.generate with temperature 0). beam_prefix > 0: sampled_start (generator: its random
+    numbers).
     """
     if sampling.beam_prefix > 0:
         return sampled_start(model, prompts, sampling, eos_id, generator)
@@ -138,54 +256,34 @@ def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     prompts = fit_prompts(prompts, max_new_tokens, a.max_seq_len)
-    device, B, K, V = model.rope_cos.device, len(prompts), beams, a.vocab_size
+    B, K, V = len(prompts), beams, a.vocab_size
     hyps = [Hypotheses(K, length_penalty) for _ in range(B)]
+    worst = np.full(B, math.nan)  # per prompt: the score of its K-th answer once it holds K (file_answers)
     was_training = model.training
     model.eval()
     try:
         cache, seq, pad, logp, S = start(model, prompts, K, max_new_tokens)
-        scores = torch.full((B, K), -math.inf, device=device)
-        scores[:, 0] = 0.0
-        scores = scores.view(-1)  # (R,) summed log-probs of the beams, R = active prompts x K rows
-        active, n = list(range(B)), S  # prompts still searching (their rows, in order); slots filled
+        rows = Rows(cache, seq, pad, K)
         for t in range(max_new_tokens):
+            n, length, A = S + t, t + 1, len(rows.prompt)  # slots filled, answer length with this token, prompts
             if no_repeat_ngram:
-                logp = logp.masked_fill(ngram_ban(seq[:, :n], S, n - 1, no_repeat_ngram, V), -math.inf)
-            cand = (scores[:, None] + logp).view(len(active), K * V)  # (A, K*V) per prompt: beam k's token v
-            top_v, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (A, 2K)
-            top_v, top_i = top_v.tolist(), top_i.tolist()  # the one host sync of a step
-            history = []  # lazily: seq[:, S:n] on the host, for the answers finished this step
-
-            def new_tokens(row: int) -> list[int]:
-                if not history:
-                    history.append(seq[:, S:n].tolist())
-                return history[0][row]
-
-            src, toks, vals, still = [], [], [], []
-            for j, b in enumerate(active):
-                chosen = select(top_v[j], top_i[j], j * K, V, eos_id, K, hyps[b], new_tokens, t + 1)
-                if t == max_new_tokens - 1:  # out of room: the alive beams finish as they are
-                    for row, tok, v in chosen:
-                        hyps[b].add(v, new_tokens(row) + [tok], t + 1)
-                elif not hyps[b].done(chosen[0][2], t + 1):
-                    still.append(b)
-                    src += [row for row, _, _ in chosen]
-                    toks += [tok for _, tok, _ in chosen]
-                    vals += [v for _, _, v in chosen]
-            if not still:
+                logp.masked_fill_(ngram_ban(rows.seq[:, :n], S, n - 1, no_repeat_ngram, V), -math.inf)
+            top_v, beam, tok, eos, go = choose(rows.scores, logp, K, eos_id)
+            ch = tuple(x.gather(1, go) for x in (top_v, beam, tok))  # (A, K) each: the beams that continue
+            base = torch.arange(A, device=go.device)[:, None] * K
+            first = first_change(rows.seq, (base + ch[1]).view(-1), S, n)
+            best, fin, fin_b, ch_b, first = to_host(top_v, beam, eos, ch[0], ch[1], first)
+            j, r = np.nonzero(~np.isnan(fin))  # row-major: a prompt's answers in rank order
+            file_answers(hyps, worst, rows.prompt[j], j * K + fin_b[j, r], fin[j, r], rows.seq, S, n, length)
+            if t == max_new_tokens - 1:  # out of room: the alive beams finish as they are
+                vals, toks = ch[0].double().cpu().numpy().ravel(), ch[2].cpu().numpy().ravel()
+                file_answers(hyps, worst, np.repeat(rows.prompt, K), (np.arange(A)[:, None] * K + ch_b).ravel(),
+                             vals, rows.seq, S, n, length, toks)
                 break
-            # the K chosen beams of every prompt still searching, in order: (R',) rows they continue
-            idx = torch.tensor(src, device=device)
-            tok = torch.tensor(toks, device=device)[:, None]  # (R', 1)
-            for layer in range(a.n_layers):
-                cache.k[layer] = cache.k[layer].index_select(0, idx)
-                cache.v[layer] = cache.v[layer].index_select(0, idx)
-            seq, pad = seq.index_select(0, idx), pad.index_select(0, idx)
-            seq[:, n] = tok[:, 0]
-            scores = torch.tensor(vals, device=device)  # (R',)
-            active = still
-            logp = step_forward(model, cache, tok, pad, n)  # (R', V)
-            n += 1
+            done = worst[rows.prompt] >= best / (length ** length_penalty)  # nan (fewer than K answers): False
+            if done.all():
+                break
+            logp = step_forward(model, rows.cache, rows.advance(done, ch, ch_b, first, n), rows.pad, n)  # (A'*K, V)
     finally:
         model.train(was_training)
     return [h.items[0][1] if h.items else [] for h in hyps]
