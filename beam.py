@@ -136,7 +136,8 @@ def file_answers(hyps: list[Hypotheses], worst: np.ndarray, prompt: np.ndarray, 
 
 def copy_slots(bufs: list[torch.Tensor], tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int) -> None:
     """For each i, slots [beg[i], n) of row tgt[i] <- the same slots of row src[i], in every buffer (rows, n_kv,
-    max_len, head_dim). A buffer is read before it is written, so a row may be a source and a target."""
+    max_len, head_dim). A buffer is read before it is written, so a row may be a source and a target. The bytes
+    move as int64 where a head's vector allows (128 bytes of bf16 as 16 copies, not 64): fewer index computations."""
     lens = n - beg
     total = int(lens.sum())
     if total == 0:
@@ -146,7 +147,9 @@ def copy_slots(bufs: list[torch.Tensor], tgt: np.ndarray, src: np.ndarray, beg: 
     each = [c.repeat_interleave(cols[3], output_size=total) for c in cols[:3]]  # (total,) each
     ri, rs, si = each[0], each[1], torch.arange(total, device=cols.device) + each[2]
     for buf in bufs:
-        buf[ri, :, si] = buf[rs, :, si]  # (total, n_kv, head_dim)
+        if buf.size(-1) * buf.element_size() % 8 == 0:
+            buf = buf.view(torch.int64)  # (rows, n_kv, max_len, head_dim * itemsize / 8): the same bytes
+        buf[ri, :, si] = buf[rs, :, si]  # (total, n_kv, last dim)
 
 
 class Rows:
@@ -183,10 +186,10 @@ class Rows:
         tgt = np.concatenate([(j[:, None] * K + k)[need], (holes[:, None] * K + k).ravel()])
         src = np.concatenate([(j[:, None] * K + ch_b[j])[need], (moved[:, None] * K + ch_b[moved]).ravel()])
         beg = np.concatenate([first[j][need], np.zeros(holes.size * K, dtype=np.int64)])
+        o = torch.from_numpy(order).to(device)
         copy_slots(self.kbuf + self.vbuf, tgt, src, beg, n)
         for layer in range(len(self.kbuf)):
             self.cache.k[layer], self.cache.v[layer] = self.kbuf[layer][:A2 * K], self.vbuf[layer][:A2 * K]
-        o = torch.from_numpy(order).to(device)
         ch_v, beam, tok = (x.index_select(0, o) for x in ch)
         src_rows = (o[:, None] * K + beam).view(-1)  # (A'*K,) the row each new row continues
         self.seq, self.pad = self.seq.index_select(0, src_rows), self.pad.index_select(0, src_rows)

@@ -44,12 +44,12 @@ class RefHypotheses:
         return len(self.items) == self.beams and self.items[-1][0] >= self.score(best_alive, length)
 
 
-def ref_select(top_v, top_i, base, eos_id, beams, hyps, new_tokens, length):
+def ref_select(top_v, top_i, base, vocab_size, eos_id, beams, hyps, new_tokens, length):
     """One prompt's step: its 2K best candidates -> the K that continue as (row, token, summed log-prob); an <eos>
     among the first K ranks becomes a finished answer."""
     chosen = []
     for rank, (v, i) in enumerate(zip(top_v, top_i)):
-        row, tok = base + i // V, i % V
+        row, tok = base + i // vocab_size, i % vocab_size
         if tok == eos_id:
             if rank < beams:
                 hyps.add(v, new_tokens(row), length)
@@ -64,6 +64,7 @@ def ref_select(top_v, top_i, base, eos_id, beams, hyps, new_tokens, length):
 def reference_beam_search(model, prompts, sampling, eos_id):
     """The plain algorithm (beam_prefix 0), on beam.py's unchanged model side (fit_prompts, start, step_forward)."""
     K, lp, ngram, new = sampling.beams, sampling.length_penalty, sampling.no_repeat_ngram, sampling.max_new_tokens
+    V = model.args.vocab_size
     prompts = beam.fit_prompts(prompts, new, model.args.max_seq_len)
     hyps = [RefHypotheses(K, lp) for _ in prompts]
     cache, seq, pad, logp, S = beam.start(model, prompts, K, new)
@@ -77,7 +78,7 @@ def reference_beam_search(model, prompts, sampling, eos_id):
         top_v, top_i, history = top_v.tolist(), top_i.tolist(), seq[:, S:n].tolist()
         src, toks, vals, still = [], [], [], []
         for j, b in enumerate(active):
-            chosen = ref_select(top_v[j], top_i[j], j * K, eos_id, K, hyps[b], history.__getitem__, t + 1)
+            chosen = ref_select(top_v[j], top_i[j], j * K, V, eos_id, K, hyps[b], history.__getitem__, t + 1)
             if t == new - 1:
                 for row, tok, v in chosen:
                     hyps[b].add(v, history[row] + [tok], t + 1)
@@ -99,21 +100,22 @@ def reference_beam_search(model, prompts, sampling, eos_id):
     return [h.items[0][1] if h.items else [] for h in hyps]
 
 
-def small_model(seed=0):
+def small_model(seed=0, vocab_size=V):
     """A random 2-layer model whose next token depends on the whole context (unit-gain matrices, strong residual
     branches: at plain init the embedding dominates and every answer would repeat the prompt's last token), and
     whose <eos> (EOS) is likely at many steps: its (tied) embedding row points 0.8 of the way along the mean hidden
     state, so beams end at different steps, some at once, some never."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=CONTEXT)).eval()
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=CONTEXT)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("tok_embeddings"):
                 p.normal_(0.0, 1.0)
             elif p.dim() == 2:
                 p.normal_(0.0, (4.0 if name.endswith(("wo.weight", "w2.weight")) else 1.0) / p.size(1) ** 0.5)
-        mean = model.hidden(torch.randint(V, (32, 16), generator=torch.Generator().manual_seed(seed))).mean((0, 1))
-        row = model.tok_embeddings.weight[EOS]
+        ids = torch.randint(vocab_size, (32, 16), generator=torch.Generator().manual_seed(seed))
+        mean = model.hidden(ids).mean((0, 1))
+        row = model.tok_embeddings.weight[EOS % vocab_size]
         row.copy_(mean / mean.norm() * 0.8 * row.norm())
     return model
 
@@ -161,14 +163,14 @@ def test_done_prompts_are_replaced_by_later_ones_and_the_answers_stay_the_same(m
     assert sum(h > 0 for h in holes) >= 2, holes
 
 
-def test_many_beams_over_a_small_vocabulary_keep_the_reference_tie_breaking():
-    """Beams that cover most of the candidates: -inf candidates (beams not yet alive, banned n-grams) fill the 2K
-    and tie; an eos among them is no answer."""
-    model = small_model(3)
-    prompts = random_prompts(random.Random(3), 4, 6)
-    for beams, ngram in ((64, 2), (40, 0)):
-        knobs = Sampling(max_new_tokens=5, beams=beams, no_repeat_ngram=ngram)
-        for eos in (EOS, 0):
+def test_beams_beyond_the_vocabulary_keep_the_reference_tie_breaking():
+    """More beams than tokens (2K > V): at first only beam 0 is alive, so -inf candidates fill the 2K and tie, some
+    of them continue, and an eos among them is no answer; n-gram bans add more -inf."""
+    model = small_model(3, vocab_size=8)
+    prompts = [[rng_tok % 8 for rng_tok in p] for p in random_prompts(random.Random(3), 4, 6)]
+    for beams, ngram in ((6, 2), (20, 0), (20, 2)):
+        knobs = Sampling(max_new_tokens=6, beams=beams, no_repeat_ngram=ngram)
+        for eos in (EOS % 8, 0, None):
             assert beam.beam_search(model, prompts, knobs, eos_id=eos) == reference_beam_search(model, prompts, knobs,
                                                                                                 eos)
 
