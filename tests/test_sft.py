@@ -123,8 +123,8 @@ def write_sft_split(path, pairs):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-@pytest.mark.slow
-def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
+def tiny_pretrained(tmp_path):
+    """A 2-step pretraining run on random tokens -> its folder (tmp_path/pre), for SFT to start from."""
     rng = np.random.default_rng(0)
     shards = tmp_path / "pretrain_data"
     shards.mkdir()
@@ -133,6 +133,12 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
     pre = tmp_path / "pre"
     import pretrain
     pretrain.main([*TINY, f"--data_dir={shards}", f"--out_dir={pre}", "--max_steps=2", "--eval_interval=2"])
+    return pre
+
+
+@pytest.mark.slow
+def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
+    pre = tiny_pretrained(tmp_path)
 
     sft_data = tmp_path / "sft_data"
     sft_data.mkdir()
@@ -166,16 +172,10 @@ def test_sft_script_ddp_run_and_resume(tmp_path, tokenizer_path):
 
 def test_sft_dropout_replaces_the_pretrained_models_and_is_checked(tmp_path, tokenizer_path):
     import sft
-    rng = np.random.default_rng(0)
-    shards = tmp_path / "pretrain_data"
-    shards.mkdir()
-    write_shard(str(shards / "train_00000.bin"), rng.integers(3, 64793, size=4000), "train", 64793)
-    write_shard(str(shards / "val_00000.bin"), rng.integers(3, 64793, size=1000), "val", 64793)
-    import pretrain
-    pretrain.main([*TINY, f"--data_dir={shards}", f"--out_dir={tmp_path / 'pre'}", "--max_steps=2", "--eval_interval=2"])
+    pre = tiny_pretrained(tmp_path)
     tok = load_tokenizer(tokenizer_path)
     for dropout in (0.0, 0.1):
-        cfg = sft.SFTConfig(init_from=str(tmp_path / "pre"), dropout=dropout)
+        cfg = sft.SFTConfig(init_from=str(pre), dropout=dropout)
         init, args = sft.start_point(cfg, tok, master=False)
         assert init["model_args"]["dropout"] == 0.0 and args.dropout == dropout
     with pytest.raises(ConfigError, match="dropout must be in"):
