@@ -434,10 +434,10 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
 
 def decoding_word(cfg: Sampling) -> str:
     if cfg.beams > 1:
-        kept = f", {cfg.candidates} starts, one kept by {cfg.rerank}" if cfg.candidates > 1 else ""
+        kept = f", {cfg.candidates} starts, one kept by {cfg.rule()}" if cfg.candidates > 1 else ""
         return f"beam search ({cfg.beams} beams{f', the first {cfg.beam_prefix} tokens sampled' if cfg.beam_prefix else ''}{kept})"
     if cfg.candidates > 1:
-        return f"{cfg.candidates} candidates at temperature {cfg.temperature}, kept by {cfg.rerank}"
+        return f"{cfg.candidates} candidates at temperature {cfg.temperature}, kept by {cfg.rule()}"
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
 
 

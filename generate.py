@@ -56,6 +56,7 @@ class Sampling:
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
     question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
+    pmi_weight: float = 0.0  # rerank=mbr|mbr_question: + this x the nats per token the question saves the candidate (its PMI with the question: stock answers gain nothing); 0 = off
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:
@@ -81,6 +82,7 @@ class Sampling:
         check(1 <= k <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES} (1 = off), got {k}")
         check(0 <= self.question_weight <= 1, f"question_weight must be in 0..1, got {self.question_weight}")
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
+        check(0 <= self.pmi_weight <= 10, f"pmi_weight must be in 0..10, got {self.pmi_weight}")
         check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "
               f"is deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or --beam_prefix=N "
               f"(K sampled starts, each continued by the beams)")
@@ -103,14 +105,18 @@ class Sampling:
         become None."""
         return self.temperature, self.top_k or None, self.top_p if self.top_p < 1 else None, self.repetition_penalty
 
+    def rule(self) -> str:
+        """The rerank rule as the reports name it: "mbr_question", or "mbr_question + PMI x 0.1"."""
+        return self.rerank + (f" + PMI x {self.pmi_weight:g}" if self.pmi_weight and self.rerank != "likelihood" else "")
+
     def describe(self) -> str:
         if self.beams > 1:
             start = (f"the first {self.beam_prefix} tokens sampled at temperature {self.temperature}, top_k "
                      f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, then " if self.beam_prefix else "")
-            kept = f", {self.candidates} starts per question, one kept by {self.rerank}" if self.candidates > 1 else ""
+            kept = f", {self.candidates} starts per question, one kept by {self.rule()}" if self.candidates > 1 else ""
             return (f"beam search, {start}{self.beams} beams, length_penalty {self.length_penalty}, no_repeat_ngram "
                     f"{self.no_repeat_ngram or 'off'}, max_new_tokens {self.max_new_tokens}{kept}")
-        pick = f"{self.candidates} sampled candidates kept by {self.rerank}, " if self.candidates > 1 else ""
+        pick = f"{self.candidates} sampled candidates kept by {self.rule()}, " if self.candidates > 1 else ""
         return (f"{pick}{'greedy' if self.temperature == 0 else f'sampling temperature {self.temperature}'}, top_k "
                 f"{self.top_k or 'off'}, top_p {self.top_p if self.top_p < 1 else 'off'}, repetition_penalty "
                 f"{self.repetition_penalty}, no_repeat_ngram {self.no_repeat_ngram or 'off'}, max_new_tokens "

@@ -21,6 +21,11 @@ by Sampling.rerank:
               <eos> counts as a token when the answer ended).
   mbr_question  MBR plus a small bonus for the Chinese character bigrams the candidate shares with the question
               (question_bonus): of candidates the others agree with about equally, the one about this question.
+With Sampling.pmi_weight > 0, mbr and mbr_question also add pmi_weight x the candidate's pointwise mutual information
+with its prompt per token (pmi_bonus): log p(answer | prompt) - log p(answer | the prompt's last token alone, the
+template's <bos>), teacher-forced, over the answer's tokens. A stock answer is about as likely without the question
+as with it and gains nothing; an answer the question made likely gains (the anti-language-model rerank of
+Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models").
 With --beams > 1 and --beam_prefix=N each candidate is a beam-search answer after its own sampled N-token start
 (beam.sampled_start): K starts, K x beams rows.
 Degenerate candidates (empty, a loop as quality.is_loop says, or cut at max_new_tokens) are never kept, and are no
@@ -80,6 +85,13 @@ def question_bonus(question: str, texts: Sequence[str], weight: float = QUESTION
     return [weight * min(len(q & quality.cjk_bigrams(t)), cap) / cap for t in texts]
 
 
+def pmi_bonus(nats_given: Sequence[float], nats_alone: Sequence[float], n_tokens: Sequence[int],
+              weight: float) -> List[float]:
+    """weight x (nats_alone - nats_given) / n_tokens per candidate: the nats per answer token that the prompt saves
+    (its PMI with the answer per token; < 0 where the prompt makes the answer less likely)."""
+    return [weight * (a - g) / max(n, 1) for g, a, n in zip(nats_given, nats_alone, n_tokens)]
+
+
 def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None,
                bonus: Optional[Sequence[float]] = None) -> int:
     """Index of the candidate with the highest mean chrF to the other kept candidates, plus its bonus if given
@@ -127,12 +139,16 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
     texts = [decode(o).strip() for o in outs]
     ended = [len(o) < max_new_tokens for o in outs]  # stopped at <eos>, not at the limit
     skip = [not t or not e or quality.is_loop(t) for t, e in zip(texts, ended)]
-    if rerank == "likelihood":
-        scored = [o + [eos_id] if e else o for o, e in zip(outs, ended)]
+    pmi = sampling.pmi_weight if rerank != "likelihood" else 0.0
+    if rerank == "likelihood" or pmi:
+        scored = [o + [eos_id] if e else o for o, e in zip(outs, ended)]  # the <eos> counts where the answer ended
         device = model.rope_cos.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
             else model.tok_embeddings.weight.dtype  # the caller's autocast (eval.py, chat.py), else the weights'
         nats = answer_nats(model, rows, scored, len(prompts), device, dtype)
+        if pmi:  # the same answers after the prompt's last token only (the SFT template's <bos>): no question
+            alone = answer_nats(model, [r[-1:] for r in rows], scored, len(prompts), device, dtype)
+            extra = pmi_bonus(nats, alone, [len(a) for a in scored], pmi)
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)
@@ -142,6 +158,8 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
             bonus = None
             if rerank == "mbr_question":
                 bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span], sampling.question_weight)
+            if pmi:
+                bonus = [q + extra[i] for q, i in zip(bonus or [0.0] * k, span)]
             best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus)
         chosen.append(outs[b * k + best])
     return chosen

@@ -77,6 +77,41 @@ def test_mbr_question_prefers_the_candidate_about_the_question_among_near_equals
     assert rerank.mbr_select(odd, bonus=rerank.question_bonus(q, odd)) == 0
 
 
+def test_pmi_bonus_rewards_what_the_question_makes_likely_not_what_is_likely_anyway():
+    # a stock answer: 20 nats with the question, 21 without (1 nat over 10 tokens); a specific one: 30 with, 45 without
+    bonus = rerank.pmi_bonus([20.0, 30.0], [21.0, 45.0], [10, 10], weight=0.2)
+    assert bonus == pytest.approx([0.02, 0.3])
+    assert rerank.pmi_bonus([5.0], [4.0], [0], 1.0) == [-1.0]  # the question made it less likely; no division by 0
+    # the stock answer is the consensus of three; the bonus turns the choice to the specific one only when weighted
+    texts = ["建议多喝水，注意休息。", "建议多喝水，注意休息。", "孩子发烧咳嗽，建议多喝水。"]
+    pmi = rerank.pmi_bonus([20.0, 20.0, 30.0], [21.0, 21.0, 45.0], [10, 10, 10], weight=1.0)
+    assert rerank.mbr_select(texts) == 0 and rerank.mbr_select(texts, bonus=pmi) == 2
+
+
+def test_generate_best_with_pmi_weight_scores_each_candidate_with_and_without_its_question():
+    model, k, new = tiny_model(), 4, 6
+    decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)
+    prompts = [[5, 6, 7, 1], [8, 9, 1]]
+    knobs = generate.Sampling(max_new_tokens=new, temperature=1.0, top_k=4, candidates=k, rerank="mbr",
+                              pmi_weight=5.0)
+    rows = [p for p in prompts for _ in range(k)]
+    outs = generate.generate(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(3))
+    texts = [decode(o) for o in outs]
+    skip = [not t or len(o) >= new for o, t in zip(outs, texts)]
+    scored = [o + [2] if len(o) < new else o for o in outs]
+    given = [nats_by_hand(model, p, s) for p, s in zip(rows, scored)]
+    alone = [nats_by_hand(model, [1], s) for s in scored]  # after the template's <bos> only
+    pmi = rerank.pmi_bonus(given, alone, [len(s) for s in scored], 5.0)
+    picks = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k], pmi[b * k:(b + 1) * k])
+             for b in range(2)]
+    best = rerank.generate_best(model, prompts, knobs, decode=decode, eos_id=2,
+                                generator=torch.Generator().manual_seed(3))
+    assert best == [outs[b * k + picks[b]] for b in range(2)]
+    plain = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k]) for b in range(2)]
+    assert picks != plain  # at this weight the PMI decides: the test would fail if the bonus were ignored
+    assert knobs.rule() == "mbr + PMI x 5" and "kept by mbr + PMI x 5" in knobs.describe()
+
+
 def test_likelihood_picks_the_best_mean_log_prob_per_token():
     nats, n = [10.0, 6.0, 3.0], [5, 2, 3]  # mean log-probs -2, -3, -1
     assert rerank.likelihood_select(nats, n) == 2
@@ -221,7 +256,8 @@ def test_candidate_flags_are_validated_in_one_line():
                                                         "sample with --temperature > 0 (e.g. --temperature=0.7)"),
                       (["--rerank=best"], "rerank must be mbr|likelihood|mbr_question, got 'best'"),
                       (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0"),
-                      (["--question_weight=2"], "question_weight must be in 0..1, got 2.0")]:
+                      (["--question_weight=2"], "question_weight must be in 0..1, got 2.0"),
+                      (["--pmi_weight=-1"], "pmi_weight must be in 0..10, got -1.0")]:
         with pytest.raises(ConfigError) as e:
             parse_config(ev.EvalConfig, argv)
         assert str(e.value) == msg
