@@ -175,16 +175,17 @@ def test_ctrl_c_before_the_training_loop_is_one_line_exit_130(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     write_shard(str(data / "train_00000.bin"), rng.integers(3, 512, 200_000), "train", 512)
-    write_shard(str(data / "val_00000.bin"), rng.integers(3, 512, 400_000), "val", 512)
+    # 7,800 windows: seconds of validation even on a fast idle CPU, so the signal lands inside it
+    write_shard(str(data / "val_00000.bin"), rng.integers(3, 512, 2_000_000), "val", 512)
     args = ["--dim=256", "--n_layers=4", "--n_heads=4", "--max_seq_len=256", "--batch_size=4", "--compile=false",
             "--warmup_steps=0", "--eval_windows=0", "--vocab_size=512", "--device=cpu", "--max_steps=5"]
     p = subprocess.Popen([sys.executable, "-u", "pretrain.py", f"--data_dir={data}", f"--out_dir={tmp_path}/out",
                           *args], cwd=ROOT, env=env_without_tokenizer(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:  # the step 0 validation (1,500 windows) is running: the loop has not started
+    for line in p.stdout:  # the step 0 validation is about to run: the loop has not started
         if "step 0 validation" in line:
             break
-    time.sleep(0.5)
+    time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", err[-2000:]
