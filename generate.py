@@ -14,8 +14,8 @@ Beam search (Sampling.beams > 1) is in beam.py, candidate decoding (Sampling.can
 on this module, which imports neither.
 Two decoders: decode_static (fixed shapes over a max_seq_len cache, one compiled step per token; used whenever
 prompt + new tokens fit max_seq_len) and decode (growing cache, crops the context from the left; the reference).
-Both give the same tokens. Only the model's public methods are used (hidden, logits, args); the compiled step and
-its caches live here, keyed by the model, never on it.
+Both give the same tokens. Only the model's public methods are used (hidden, logits, args); the compiled step and its
+caches live here, keyed by the model, never on it.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from babyllama.checkpoint import check_checkpoint, checkpoint_file, load_checkpo
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
 from model import ModelArgs, Transformer
-
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
@@ -57,6 +56,7 @@ class Sampling:
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
     question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
     pmi_weight: float = 0.0  # rerank=mbr|mbr_question: + this x the nats per token the question saves the candidate (its PMI with the question: stock answers gain nothing); 0 = off
+    pmi_tokens: int = 0  # pmi_weight > 0: the PMI of the answer's first this many tokens only (its opening: a stock opening gains nothing); 0 = the whole answer
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
     def validate(self) -> None:
@@ -83,6 +83,7 @@ class Sampling:
         check(0 <= self.question_weight <= 1, f"question_weight must be in 0..1, got {self.question_weight}")
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
         check(0 <= self.pmi_weight <= 10, f"pmi_weight must be in 0..10, got {self.pmi_weight}")
+        check(self.pmi_tokens >= 0, f"pmi_tokens must be >= 0 (0 = the whole answer), got {self.pmi_tokens}")
         check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "
               f"is deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or --beam_prefix=N "
               f"(K sampled starts, each continued by the beams)")
@@ -106,8 +107,9 @@ class Sampling:
         return self.temperature, self.top_k or None, self.top_p if self.top_p < 1 else None, self.repetition_penalty
 
     def rule(self) -> str:
-        """The rerank rule as the reports name it: "mbr_question", or "mbr_question + PMI x 0.1"."""
-        return self.rerank + (f" + PMI x {self.pmi_weight:g}" if self.pmi_weight and self.rerank != "likelihood" else "")
+        """The rerank rule as the reports name it: "mbr_question", "mbr_question + PMI x 0.1 (first 8 tokens)"."""
+        over = f" (first {self.pmi_tokens} tokens)" if self.pmi_tokens else ""
+        return self.rerank + (f" + PMI x {self.pmi_weight:g}{over}" if self.pmi_weight and self.rerank != "likelihood" else "")
 
     def describe(self) -> str:
         if self.beams > 1:

@@ -25,7 +25,8 @@ With Sampling.pmi_weight > 0, mbr and mbr_question also add pmi_weight x the can
 with its prompt per token (pmi_bonus): log p(answer | prompt) - log p(answer | the prompt's last token alone, the
 template's <bos>), teacher-forced, over the answer's tokens. A stock answer is about as likely without the question
 as with it and gains nothing; an answer the question made likely gains (the anti-language-model rerank of
-Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models").
+Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models"). With
+Sampling.pmi_tokens = N the PMI is that of the answer's first N tokens only: its opening, where stock phrases sit.
 With --beams > 1 and --beam_prefix=N each candidate is a beam-search answer after its own sampled N-token start
 (beam.sampled_start): K starts, K x beams rows.
 Degenerate candidates (empty, a loop as quality.is_loop says, or cut at max_new_tokens) are never kept, and are no
@@ -147,8 +148,10 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
             else model.tok_embeddings.weight.dtype  # the caller's autocast (eval.py, chat.py), else the weights'
         nats = answer_nats(model, rows, scored, len(prompts), device, dtype)
         if pmi:  # the same answers after the prompt's last token only (the SFT template's <bos>): no question
-            alone = answer_nats(model, [r[-1:] for r in rows], scored, len(prompts), device, dtype)
-            extra = pmi_bonus(nats, alone, [len(a) for a in scored], pmi)
+            heads = [a[:sampling.pmi_tokens] for a in scored] if sampling.pmi_tokens else scored
+            given = answer_nats(model, rows, heads, len(prompts), device, dtype) if sampling.pmi_tokens else nats
+            alone = answer_nats(model, [r[-1:] for r in rows], heads, len(prompts), device, dtype)
+            extra = pmi_bonus(given, alone, [len(a) for a in heads], pmi)
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)
