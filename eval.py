@@ -21,7 +21,8 @@ Protocol (also written into the report):
   decoding  by default 4 candidates per question (--candidates=4): each samples its first 8 tokens (--beam_prefix=8,
             --temperature=0.8 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
             one kept (rerank.py, --rerank=mbr_question) agrees most with the other three (chrF) plus a small bonus
-            for the question's terms. No answer repeats one of its own 3-grams of tokens (--no_repeat_ngram=3: a
+            for the question's terms and 0.3 x its opening's PMI with the question (--pmi_weight=0.3 --pmi_tokens=8:
+            log p(first 8 tokens | question) - log p(them | no question), per token). No answer repeats one of its own 3-grams of tokens (--no_repeat_ngram=3: a
             small model loops otherwise). All chosen on held-out questions (docs/recipe.md). --beam_prefix=0: plain
             beam search; --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched, sorted by
             prompt length, KV cache; stops at <eos>.
@@ -81,13 +82,15 @@ DEFAULT_VAL = "data/pretrain"
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
     # the default decoding (docs/recipe.md): 4 sampled starts of 8 tokens, each continued by 8 beams, the answer
-    # kept by consensus plus the question's terms; --beam_prefix=0 = plain beam search, --beams=1 = greedy
+    # kept by consensus plus the question's terms and its opening's PMI with the question; --beam_prefix=0 = plain beam search, --beams=1 = greedy
     beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     beam_prefix: int = 8  # each answer's first this many tokens sampled, then the beams continue them; 0 = plain beam search
     temperature: float = 0.8  # sampling of the starts (or of whole answers with --beams=1 --temperature=T); 0 = greedy
     top_p: float = 0.9  # nucleus mass of that sampling; 1.0 = off
     candidates: int = 4  # answers decoded per question (sampled starts, or whole samples with --beams=1), one kept by --rerank; 1 = off
     rerank: str = "mbr_question"  # the one kept: mbr_question (chrF consensus + the question's terms) | mbr | likelihood
+    pmi_weight: float = 0.3  # + this x the PMI of the candidate's opening with its question, nats per token (docs/recipe.md: ends the stock openings); 0 = off
+    pmi_tokens: int = 8  # the opening whose PMI counts: the first this many tokens (the sampled start); 0 = the whole answer
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -115,7 +118,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
         if self.beams == 1 and "beam_prefix" not in explicit:
             self.beam_prefix = 0
         if self.beams == 1 or self.beam_prefix == 0:
-            for name, off in (("candidates", 1), ("temperature", 0.0), ("top_p", 1.0)):
+            for name, off in (("candidates", 1), ("temperature", 0.0), ("top_p", 1.0), ("pmi_weight", 0.0)):
                 if name not in explicit:
                     setattr(self, name, off)
 

@@ -256,7 +256,9 @@ def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_g
     cfg = parse_config(ev.EvalConfig, [])  # eval.py's default: 4 sampled starts, 8 beams each, one kept
     assert (cfg.beams, cfg.beam_prefix, cfg.candidates, cfg.temperature, cfg.top_p, cfg.rerank) == \
         (8, 8, 4, 0.8, 0.9, "mbr_question")
-    assert ev.decoding_word(cfg) == "beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by mbr_question)"
+    assert (cfg.pmi_weight, cfg.pmi_tokens) == (0.3, 8)  # the opening's PMI with the question counts
+    assert ev.decoding_word(cfg) == ("beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by "
+                                     "mbr_question + PMI x 0.3 (first 8 tokens))")
     greedy = parse_config(ev.EvalConfig, ["--beams=1"])
     assert (greedy.beam_prefix, greedy.candidates, greedy.temperature, greedy.top_p) == (0, 1, 0.0, 1.0)
     assert ev.decoding_word(greedy) == "greedy"
@@ -295,7 +297,7 @@ def test_candidate_flags_are_validated_in_one_line():
     # starts sampled, beams after them: the description says both
     cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9"])
     assert cfg.beams == 8 and cfg.describe().startswith("beam search, the first 8 tokens sampled at temperature 0.7")
-    assert cfg.describe().endswith("4 starts per question, one kept by mbr_question")
+    assert cfg.describe().endswith("4 starts per question, one kept by mbr_question + PMI x 0.3 (first 8 tokens)")
 
 
 def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
