@@ -146,12 +146,12 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
         device = model.rope_cos.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
             else model.tok_embeddings.weight.dtype  # the caller's autocast (eval.py, chat.py), else the weights'
-        nats = answer_nats(model, rows, scored, len(prompts), device, dtype)
-        if pmi:  # the same answers after the prompt's last token only (the SFT template's <bos>): no question
-            heads = [a[:sampling.pmi_tokens] for a in scored] if sampling.pmi_tokens else scored
-            given = answer_nats(model, rows, heads, len(prompts), device, dtype) if sampling.pmi_tokens else nats
+        # what is scored: the whole answers, or with pmi_tokens only their openings (the whole is then never needed)
+        heads = [a[:sampling.pmi_tokens] for a in scored] if pmi and sampling.pmi_tokens else scored
+        nats = answer_nats(model, rows, heads, len(prompts), device, dtype)
+        if pmi:  # the same tokens after the prompt's last token only (the SFT template's <bos>): no question
             alone = answer_nats(model, [r[-1:] for r in rows], heads, len(prompts), device, dtype)
-            extra = pmi_bonus(given, alone, [len(a) for a in heads], pmi)
+            extra = pmi_bonus(nats, alone, [len(a) for a in heads], pmi)
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)
