@@ -88,23 +88,32 @@ def test_pmi_bonus_rewards_what_the_question_makes_likely_not_what_is_likely_any
     assert rerank.mbr_select(texts) == 0 and rerank.mbr_select(texts, bonus=pmi) == 2
 
 
-def test_generate_best_with_pmi_weight_scores_each_candidate_with_and_without_its_question():
-    model, k, new = tiny_model(), 4, 6
-    decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)
-    prompts = [[5, 6, 7, 1], [8, 9, 1]]
-    knobs = generate.Sampling(max_new_tokens=new, temperature=1.0, top_k=4, candidates=k, rerank="mbr",
-                              pmi_weight=5.0)
+IDEOGRAPHS = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)  # token ids -> text, <eos> and below dropped
+
+
+def pmi_picks_by_hand(model, prompts, knobs, seed):
+    """The candidates generate_best samples for `prompts` with `knobs` (tokens as ideographs, eos 2) and, computed
+    by hand, the one per prompt its MBR + PMI rule keeps -> (outs, texts, skip, picks). The PMI counts the first
+    knobs.pmi_tokens tokens of each answer (its <eos> included where it ended), all of them when 0."""
+    k, new, n = knobs.candidates, knobs.max_new_tokens, knobs.pmi_tokens
     rows = [p for p in prompts for _ in range(k)]
-    outs = generate.generate(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(3))
-    texts = [decode(o) for o in outs]
+    outs = generate.generate(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(seed))
+    texts = [IDEOGRAPHS(o) for o in outs]
     skip = [not t or len(o) >= new for o, t in zip(outs, texts)]
-    scored = [o + [2] if len(o) < new else o for o in outs]
-    given = [nats_by_hand(model, p, s) for p, s in zip(rows, scored)]
-    alone = [nats_by_hand(model, [1], s) for s in scored]  # after the template's <bos> only
-    pmi = rerank.pmi_bonus(given, alone, [len(s) for s in scored], 5.0)
+    heads = [(o + [2] if len(o) < new else o)[:n or None] for o in outs]
+    given = [nats_by_hand(model, p, h) for p, h in zip(rows, heads)]
+    alone = [nats_by_hand(model, [1], h) for h in heads]  # after the template's <bos> only
+    pmi = rerank.pmi_bonus(given, alone, [len(h) for h in heads], knobs.pmi_weight)
     picks = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k], pmi[b * k:(b + 1) * k])
-             for b in range(2)]
-    best = rerank.generate_best(model, prompts, knobs, decode=decode, eos_id=2,
+             for b in range(len(prompts))]
+    return outs, texts, skip, picks
+
+
+def test_generate_best_with_pmi_weight_scores_each_candidate_with_and_without_its_question():
+    model, k, prompts = tiny_model(), 4, [[5, 6, 7, 1], [8, 9, 1]]
+    knobs = generate.Sampling(max_new_tokens=6, temperature=1.0, top_k=4, candidates=k, rerank="mbr", pmi_weight=5.0)
+    outs, texts, skip, picks = pmi_picks_by_hand(model, prompts, knobs, seed=3)
+    best = rerank.generate_best(model, prompts, knobs, decode=IDEOGRAPHS, eos_id=2,
                                 generator=torch.Generator().manual_seed(3))
     assert best == [outs[b * k + picks[b]] for b in range(2)]
     plain = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k]) for b in range(2)]
@@ -112,32 +121,26 @@ def test_generate_best_with_pmi_weight_scores_each_candidate_with_and_without_it
     assert knobs.rule() == "mbr + PMI x 5" and "kept by mbr + PMI x 5" in knobs.describe()
 
 
-
-def test_pmi_tokens_scores_only_the_opening_of_each_candidate():
-    model, k, new = tiny_model(), 4, 6
-    decode = lambda ids: "".join(chr(0x4E00 + i) for i in ids if i > 2)
-    prompts = [[5, 6, 7, 1], [8, 9, 1], [4, 3, 1]]
-    knobs = generate.Sampling(max_new_tokens=new, temperature=1.0, top_k=4, candidates=k, rerank="mbr",
-                              pmi_weight=5.0, pmi_tokens=2)
-    rows = [p for p in prompts for _ in range(k)]
-    outs = generate.generate(model, rows, knobs, eos_id=2, generator=torch.Generator().manual_seed(1))
-    texts = [decode(o) for o in outs]
-    skip = [not t or len(o) >= new for o, t in zip(outs, texts)]
-    heads = [(o + [2] if len(o) < new else o)[:2] for o in outs]  # the first 2 tokens, <eos> counted
-    given = [nats_by_hand(model, p, h) for p, h in zip(rows, heads)]
-    alone = [nats_by_hand(model, [1], h) for h in heads]
-    pmi = rerank.pmi_bonus(given, alone, [len(h) for h in heads], 5.0)
-    picks = [rerank.mbr_select(texts[b * k:(b + 1) * k], skip[b * k:(b + 1) * k], pmi[b * k:(b + 1) * k])
-             for b in range(3)]
-    best = rerank.generate_best(model, prompts, knobs, decode=decode, eos_id=2,
+def test_pmi_tokens_scores_only_the_opening_of_each_candidate(monkeypatch):
+    model, k, prompts = tiny_model(), 4, [[5, 6, 7, 1], [8, 9, 1], [4, 3, 1]]
+    knobs = generate.Sampling(max_new_tokens=6, temperature=1.0, top_k=4, candidates=k, rerank="mbr", pmi_weight=5.0,
+                              pmi_tokens=2)
+    outs, _, _, picks = pmi_picks_by_hand(model, prompts, knobs, seed=1)
+    scored_lengths = []  # every teacher-forced pass scores the openings only: no pass over the whole answers
+    nats = rerank.answer_nats
+    monkeypatch.setattr(rerank, "answer_nats", lambda m, rows, answers, *a: scored_lengths.extend(map(len, answers))
+                        or nats(m, rows, answers, *a))
+    best = rerank.generate_best(model, prompts, knobs, decode=IDEOGRAPHS, eos_id=2,
                                 generator=torch.Generator().manual_seed(1))
     assert best == [outs[b * k + picks[b]] for b in range(3)]
+    assert scored_lengths and max(scored_lengths) <= 2
     whole = dataclasses.replace(knobs, pmi_tokens=0)  # the whole answer's PMI picks otherwise here
-    assert rerank.generate_best(model, prompts, whole, decode=decode, eos_id=2,
+    assert rerank.generate_best(model, prompts, whole, decode=IDEOGRAPHS, eos_id=2,
                                 generator=torch.Generator().manual_seed(1)) != best
     assert knobs.rule() == "mbr + PMI x 5 (first 2 tokens)"
     with pytest.raises(ConfigError, match="pmi_tokens must be >= 0"):
         generate.Sampling(pmi_weight=1.0, pmi_tokens=-1).validate()
+
 
 def test_likelihood_picks_the_best_mean_log_prob_per_token():
     nats, n = [10.0, 6.0, 3.0], [5, 2, 3]  # mean log-probs -2, -3, -1
