@@ -6,6 +6,8 @@
     python chat.py --beams=4                        # beam search: whole answers, not streamed
     python chat.py --beams=8 --beam_prefix=8        # beam search after 8 sampled tokens: a different answer each time
     python chat.py --candidates=8 --rerank=mbr      # 8 sampled answers, the one most like the others shown (rerank.py)
+    python chat.py --beams=8 --beam_prefix=8 --candidates=4 --rerank=pool   # eval.py's decoding: the answer most like
+                                                    # doctors' answers to like questions (--answer_pool, data/sft)
     printf '你好\n感冒了怎么办？\n' | python chat.py --device=cpu    # not a terminal: one question per line
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer mid-way (at the
@@ -27,7 +29,7 @@ from babyllama.errors import check, user_errors
 from chatglm_tokenizer import template
 from beam import beam_search
 from generate import Sampling, stream
-from rerank import generate_best
+from rerank import AnswerPool, generate_best, pool_fallback
 from babyllama.runtime import autocast_context, device_problem
 from generate import load_for_inference
 
@@ -44,6 +46,7 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, 
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    answer_pool: str = "data/sft/train.jsonl"  # --rerank=pool: the SFT conversations whose answers it agrees with
 
     def validate(self):
         if self.beams > 1 and not self.beam_prefix:  # --beams=K alone: deterministic, the sampling defaults step aside
@@ -143,6 +146,7 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
     history: List[dict] = []
     budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    pool = AnswerPool.from_file(cfg.answer_pool) if cfg.candidates > 1 and cfg.rerank == "pool" else None
     for line in lines:
         question = line.strip()
         if not question:
@@ -162,7 +166,7 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
         with torch.no_grad(), autocast_context(device, dtype):
             if cfg.candidates > 1:  # K sampled (or beams after K sampled starts), one kept: printed whole (rerank.py)
                 tokens = iter(generate_best(model, [ids], cfg, decode=tokenizer.decode, eos_id=tokenizer.eos_id,
-                                            generator=gen)[0])
+                                            generator=gen, pool=pool)[0])
             elif cfg.beams > 1:  # beam search knows its answer only at the end: printed whole, not streamed
                 tokens = iter(beam_search(model, [ids], cfg, eos_id=tokenizer.eos_id, generator=gen)[0])
             else:
@@ -182,9 +186,9 @@ def main() -> None:
         model, ckpt, ckpt_path, tokenizer, device, dtype = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device,
                                                                               cfg.dtype)
         max_seq_len = ckpt["model_args"]["max_seq_len"]
-        note = cfg.fit_context(max_seq_len)  # e.g. the default 256 on a small demo model: answers get half the context
-        if note:
-            print(note)
+        for note in (cfg.fit_context(max_seq_len), pool_fallback(cfg, cfg.answer_pool)):  # fit: e.g. the default 256 on a small demo
+            if note:  # model: answers get half the context
+                print(note)
     kind = ckpt.get("kind", "pretrain")
     interactive = sys.stdin.isatty()
     print(f"{ckpt_path}: {kind} model, step {ckpt.get('step')}, {model.num_params():,} parameters, context "

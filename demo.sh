@@ -41,5 +41,5 @@ echo "artifacts: tokenizer $D/tokenizer/ | tokens $D/pretrain/ | conversations $
 echo "           sft run $O/sft/ (best.pt, last.pt, log.txt, loss.png) | eval report $O/sft/eval_report.md"
 echo "           demo took $(( $(date +%s) - start )) s before eval"
 # a run folder: its best.pt (the lowest val loss), else last.pt, as chat.py and export.py take it
-python eval.py $TOK --ckpt=$O/sft --data=data/sample/eval/medical_qa.jsonl --val_bin=$D/pretrain --max_new_tokens=64
+python eval.py $TOK --ckpt=$O/sft --data=data/sample/eval/medical_qa.jsonl --val_bin=$D/pretrain --max_new_tokens=64 --answer_pool=$D/sft/train.jsonl
 echo "demo done in $(( $(date +%s) - start )) s; talk to the model: python chat.py $TOK --ckpt=$O/sft"

@@ -20,10 +20,12 @@ Protocol (also written into the report):
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
   decoding  by default 4 candidates per question (--candidates=4): each samples its first 8 tokens (--beam_prefix=8,
             --temperature=0.8 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
-            one kept (rerank.py, --rerank=mbr_question) agrees most with the other three (chrF) plus a small bonus
-            for the question's terms and 0.3 x its opening's PMI with the question (--pmi_weight=0.3 --pmi_tokens=8:
-            log p(first 8 tokens | question) - log p(them | no question), per token). No answer repeats one of its own 3-grams of tokens (--no_repeat_ngram=3: a
-            small model loops otherwise). All chosen on held-out questions (docs/recipe.md). --beam_prefix=0: plain
+            one kept (rerank.py, --rerank=pool) agrees most (chrF) with the doctors' answers to the 16 questions of
+            the SFT data most like it (--answer_pool, --pool_answers=16; without that file the other three answers
+            take their place, --rerank=mbr_question), plus a small bonus for the question's terms and 0.02 x its
+            opening's PMI with the question (--pmi_weight=0.02 --pmi_tokens=8: log p(first 8 tokens | question) -
+            log p(them | no question), per token). No answer repeats one of its own 3-grams of tokens
+            (--no_repeat_ngram=3: a small model loops otherwise). All chosen on held-out questions (docs/recipe.md). --beam_prefix=0: plain
             beam search; --beams=1: greedy, or sampling with --temperature/--top_k/--top_p. Batched, sorted by
             prompt length, KV cache; stops at <eos>.
   BLEU-4    see babyllama/bleu.py: nltk sentence BLEU, method1 smoothing, jieba words, mean x 100; sacrebleu tokenize=zh.
@@ -64,7 +66,7 @@ from babyllama.clocks import process_start
 from babyllama.fileio import read_jsonl
 from beam import beam_search
 from generate import EVAL_BEAMS, Sampling, generate
-from rerank import generate_best
+from rerank import AnswerPool, generate_best, pool_fallback
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
 from babyllama.runtime import (autocast_context as autocast, cleanup, device_problem, hardware, resolve_dtype,
@@ -81,15 +83,16 @@ DEFAULT_VAL = "data/pretrain"
 
 @dataclass
 class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram, beams, length_penalty (generate.Sampling)
-    # the default decoding (docs/recipe.md): 4 sampled starts of 8 tokens, each continued by 8 beams, the answer
-    # kept by consensus plus the question's terms and its opening's PMI with the question; --beam_prefix=0 = plain beam search, --beams=1 = greedy
+    # the default decoding (docs/recipe.md): 4 sampled starts of 8 tokens, each continued by 8 beams, the answer kept
+    # by its agreement with doctors' answers to like questions, the question's terms and its opening's PMI with the
+    # question; --beam_prefix=0 = plain beam search, --beams=1 = greedy
     beams: int = EVAL_BEAMS  # beam search with this many beams (docs/recipe.md: 8 beat 4 and greedy on held-out questions); 1 = greedy or sampling
     beam_prefix: int = 8  # each answer's first this many tokens sampled, then the beams continue them; 0 = plain beam search
     temperature: float = 0.8  # sampling of the starts (or of whole answers with --beams=1 --temperature=T); 0 = greedy
     top_p: float = 0.9  # nucleus mass of that sampling; 1.0 = off
     candidates: int = 4  # answers decoded per question (sampled starts, or whole samples with --beams=1), one kept by --rerank; 1 = off
-    rerank: str = "mbr_question"  # the one kept: mbr_question (chrF consensus + the question's terms) | mbr | likelihood
-    pmi_weight: float = 0.3  # + this x the PMI of the candidate's opening with its question, nats per token (docs/recipe.md: ends the stock openings); 0 = off
+    rerank: str = "pool"  # the one kept: pool (most like the doctors' answers to the 16 most similar questions of --answer_pool, chrF, + the question's terms; mbr_question without that file) | mbr_question (chrF consensus of the candidates + the question's terms) | mbr | likelihood
+    pmi_weight: float = 0.02  # + this x the PMI of the candidate's opening with its question, nats per token (docs/recipe.md: ends the stock openings); 0 = off
     pmi_tokens: int = 8  # the opening whose PMI counts: the first this many tokens (the sampled start); 0 = the whole answer
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
@@ -105,7 +108,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
     baselines: bool = False  # also score two answers made without a model (babyllama/quality.py): retrieval and a fixed sentence
-    baseline_pool: str = "data/sft/train.jsonl"  # SFT conversations whose answers the retrieval baseline returns
+    answer_pool: str = "data/sft/train.jsonl"  # SFT conversations (data_process.py sft): the answers --rerank=pool agrees with, and the retrieval baseline's
     reference_bpb: bool = True  # SFT checkpoints: bits/byte of the reference answers given their questions; false = skip
 
     def resolve_decoding(self) -> None:
@@ -126,8 +129,8 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
         self.resolve_decoding()
         super().validate()
         check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
-        check(not self.baselines or os.path.isfile(self.baseline_pool),
-              f"--baselines: no {self.baseline_pool} (run data_process.py sft, or pass --baseline_pool=FILE)")
+        check(not self.baselines or os.path.isfile(self.answer_pool),
+              f"--baselines: no {self.answer_pool} (run data_process.py sft, or pass --answer_pool=FILE)")
         check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}")
@@ -444,13 +447,14 @@ def decoding_word(cfg: Sampling) -> str:
     return "greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature}"
 
 
-def decoding(cfg: EvalConfig, tokenizer, device: torch.device) -> tuple:
+def decoding(cfg: EvalConfig, tokenizer, device: torch.device, pairs: Optional[list] = None) -> tuple:
     """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (decoder None =
     generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
-    cfg's own (an EvalConfig is a Sampling)."""
+    cfg's own (an EvalConfig is a Sampling); pairs: --answer_pool's (question, answer) pairs, read once."""
     kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.candidates > 1:  # K rows per prompt (sampled, or beams after K sampled starts), one kept (rerank.py)
-        return dict(kwargs, decode=tokenizer.decode, use_cache=True), generate_best
+        pool = AnswerPool(pairs or quality.qa_pairs(cfg.answer_pool)) if cfg.rerank == "pool" else None
+        return dict(kwargs, decode=tokenizer.decode, use_cache=True, pool=pool), generate_best
     if cfg.beams > 1:  # the generator samples a --beam_prefix start only
         return kwargs, beam_search
     return dict(kwargs, use_cache=True), None
@@ -464,18 +468,20 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
     cfg.resolve_decoding()  # a config built in code: --beams=1 means greedy there too
-    note = cfg.fit_context(max_seq_len)  # as chat.py: the default 256 on a 128-token model answers in 64
-    if note:
-        print(note)
+    for note in (cfg.fit_context(max_seq_len), pool_fallback(cfg, cfg.answer_pool)):  # fit: as chat.py, 256 -> 64 on a 128 context
+        if note:
+            print(note)
     records, data_path = load_records(cfg, kind)
     cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams * cfg.candidates, ckpt["model_args"], len(records), device, dtype)
     scored = all("answer" in r for r in records)
-    pool = quality.qa_pairs(cfg.baseline_pool) if cfg.baselines and scored else []  # a bad pool fails before generating
+    pairs = quality.qa_pairs(cfg.answer_pool) if (cfg.baselines and scored) or \
+        (cfg.rerank == "pool" and cfg.candidates > 1) else []  # a bad pool fails before generating
+    pool = pairs if cfg.baselines and scored else []
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
-    gen_kwargs, decoder = decoding(cfg, tokenizer, device)
+    gen_kwargs, decoder = decoding(cfg, tokenizer, device, pairs)
     baselines_done = quality.start_baseline_scores([r["question"] for r in records], [r["answer"] for r in records],
-                                                   pool, cfg.baseline_pool, device.type == "cuda") \
+                                                   pool, cfg.answer_pool, device.type == "cuda") \
         if pool and shard[0] == 0 else None
     describe_prompts(cfg, records, data_path, kind, prompts, cut, prompt_budget, shard[1])
     outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder,

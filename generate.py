@@ -35,7 +35,7 @@ from model import ModelArgs, Transformer
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
-RERANK_RULES = ("mbr", "likelihood", "mbr_question")  # how rerank.py keeps one of the candidates
+RERANK_RULES = ("mbr", "likelihood", "mbr_question", "pool")  # how rerank.py keeps one of the candidates
 QUESTION_WEIGHT = 0.1  # rerank=mbr_question's default weight of the question's terms (rerank.question_bonus)
 EVAL_BEAMS = 8  # eval.py decodes with beam search of 8 beams by default (docs/recipe.md: 8 beat 4 and greedy)
 
@@ -53,9 +53,10 @@ class Sampling:
     beams: int = 1  # > 1: beam search with this many beams (deterministic: temperature 0, top_k 0, top_p 1, repetition_penalty 1); 1 = off
     length_penalty: float = 1.0  # beam search ranks answers by sum of token log-probs / length ** this; > 0 favours longer answers
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
-    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms)
-    question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
-    pmi_weight: float = 0.0  # rerank=mbr|mbr_question: + this x the nats per token the question saves the candidate (its PMI with the question: stock answers gain nothing); 0 = off
+    rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms) | pool (most like the answers to like questions in the fine-tuning data, + the question's terms)
+    pool_answers: int = 16  # rerank=pool: the answers of this many most similar fine-tuning questions are the evidence
+    question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question|pool: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
+    pmi_weight: float = 0.0  # rerank=mbr|mbr_question|pool: + this x the nats per token the question saves the candidate (its PMI with the question: stock answers gain nothing); 0 = off
     pmi_tokens: int = 0  # pmi_weight > 0: the PMI of the answer's first this many tokens only (its opening: a stock opening gains nothing); 0 = the whole answer
     beam_prefix: int = 0  # > 0 with beams > 1: each answer's first this many tokens are sampled (temperature, top_k, top_p), then the beams continue them: answers that do not all open alike (beam.py); 0 = off
 
@@ -82,6 +83,7 @@ class Sampling:
         check(1 <= k <= MAX_CANDIDATES, f"candidates must be in 1..{MAX_CANDIDATES} (1 = off), got {k}")
         check(0 <= self.question_weight <= 1, f"question_weight must be in 0..1, got {self.question_weight}")
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
+        check(1 <= self.pool_answers <= 1000, f"pool_answers must be in 1..1000, got {self.pool_answers}")
         check(0 <= self.pmi_weight <= 10, f"pmi_weight must be in 0..10, got {self.pmi_weight}")
         check(self.pmi_tokens >= 0, f"pmi_tokens must be >= 0 (0 = the whole answer), got {self.pmi_tokens}")
         check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "

@@ -21,6 +21,10 @@ by Sampling.rerank:
               <eos> counts as a token when the answer ended).
   mbr_question  MBR plus a small bonus for the Chinese character bigrams the candidate shares with the question
               (question_bonus): of candidates the others agree with about equally, the one about this question.
+  pool        the candidate with the highest mean chrF to the answers of the Sampling.pool_answers most similar
+              questions in the fine-tuning data (AnswerPool: doctors' answers to like questions), plus the question
+              bonus: MBR whose evidence is real answers rather than the model's own candidates, so the consensus
+              is a doctor's, not the model's stock phrasing.
 With Sampling.pmi_weight > 0, mbr and mbr_question also add pmi_weight x the candidate's pointwise mutual information
 with its prompt per token (pmi_bonus): log p(answer | prompt) - log p(answer | the prompt's last token alone, the
 template's <bos>), teacher-forced, over the answer's tokens. A stock answer is about as likely without the question
@@ -34,12 +38,15 @@ evidence for MBR either, unless every candidate is degenerate. Ties go to the ea
 """
 from __future__ import annotations
 
+import functools
+import os
 from collections import Counter
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from babyllama import quality
+from babyllama.errors import DataError
 from beam import beam_search
 from generate import QUESTION_WEIGHT, RERANK_RULES as RULES, Sampling, generate
 from scoring import answer_nats
@@ -52,8 +59,10 @@ CHRF_ORDER = 4  # chrF over character 1..4-grams
 QUESTION_CAP = 10
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def char_ngrams(text: str, max_n: int = CHRF_ORDER) -> List[Counter]:
-    """[Counter of 1-grams, ..., Counter of max_n-grams] of the text's characters, whitespace removed."""
+    """[Counter of 1-grams, ..., Counter of max_n-grams] of the text's characters, whitespace removed. Cached: with
+    rerank=pool one doctor's answer is evidence for many questions (the Counters are only read, never changed)."""
     s = quality.squeeze(text)
     return [Counter(s[i:i + n] for i in range(len(s) - n + 1)) for n in range(1, max_n + 1)]
 
@@ -65,7 +74,7 @@ def chrf(a: List[Counter], b: List[Counter]) -> float:
     for ga, gb in zip(a, b):
         na, nb = sum(ga.values()), sum(gb.values())
         if na and nb:
-            m = sum((ga & gb).values())
+            m = sum(min(ga[g], gb[g]) for g in ga.keys() & gb.keys())  # matched n-grams (the shared keys: C speed)
             precs.append(m / na), recs.append(m / nb)
     if not precs:
         return 0.0
@@ -94,21 +103,26 @@ def pmi_bonus(nats_given: Sequence[float], nats_alone: Sequence[float], n_tokens
 
 
 def mbr_select(texts: Sequence[str], skip: Optional[Sequence[bool]] = None,
-               bonus: Optional[Sequence[float]] = None) -> int:
+               bonus: Optional[Sequence[float]] = None, evidence: Optional[Sequence[str]] = None) -> int:
     """Index of the candidate with the highest mean chrF to the other kept candidates, plus its bonus if given
-    (question_bonus; skip: True = not chosen and not counted as evidence)."""
+    (question_bonus; skip: True = not chosen and not counted as evidence). evidence (non-empty): the texts to agree
+    with instead of the other candidates (rerank=pool: answers to like questions)."""
     if not texts:
         raise ValueError("mbr_select: no candidates")
     keep = kept(len(texts), skip)
     if len(keep) == 1:
         return keep[0]
     grams = {i: char_ngrams(texts[i]) for i in keep}
-    sim = {}
-    for a, i in enumerate(keep):
-        for j in keep[a + 1:]:
-            sim[i, j] = sim[j, i] = chrf(grams[i], grams[j])
-    score = {i: sum(sim[i, j] for j in keep if j != i) / (len(keep) - 1) + (bonus[i] if bonus else 0.0)
-             for i in keep}
+    if evidence:
+        refs = [char_ngrams(e) for e in evidence]
+        agree = {i: sum(chrf(grams[i], r) for r in refs) / len(refs) for i in keep}
+    else:
+        sim = {}
+        for a, i in enumerate(keep):
+            for j in keep[a + 1:]:
+                sim[i, j] = sim[j, i] = chrf(grams[i], grams[j])
+        agree = {i: sum(sim[i, j] for j in keep if j != i) / (len(keep) - 1) for i in keep}
+    score = {i: agree[i] + (bonus[i] if bonus else 0.0) for i in keep}
     return max(keep, key=lambda i: (score[i], -i))
 
 
@@ -120,17 +134,47 @@ def likelihood_select(nats: Sequence[float], n_tokens: Sequence[int], skip: Opti
     return max(kept(len(nats), skip), key=lambda i: (-nats[i] / max(n_tokens[i], 1), -i))
 
 
+class AnswerPool:
+    """The (question, answer) pairs of the fine-tuning data, indexed by question (quality.QuestionIndex):
+    answers(questions, k) -> for each question the answers of its k most similar pool questions, the evidence of
+    rerank=pool. Built once per run (about 2 s for 29k conversations on one CPU core)."""
+
+    def __init__(self, pairs: Sequence[tuple]):
+        self.index = quality.QuestionIndex([q for q, _ in pairs])
+        self.pool_answers = [a for _, a in pairs]
+
+    @classmethod
+    def from_file(cls, path: str) -> "AnswerPool":
+        """From a data_process.py SFT file (train.jsonl); DataError (file, line) for a bad one."""
+        return cls(quality.qa_pairs(path))
+
+    def answers(self, questions: Sequence[str], k: int) -> List[List[str]]:
+        return [[self.pool_answers[i] for i in near] for near in self.index.nearest(questions, k)]
+
+
+def pool_fallback(sampling: Sampling, path: str) -> str:
+    """rerank=pool without its file `path` (a checkpoint used away from its SFT data): the candidates' own consensus
+    decides instead (sampling.rerank becomes mbr_question) -> a note for the user, or "" when nothing changed."""
+    if sampling.rerank != "pool" or sampling.candidates == 1 or os.path.isfile(path):
+        return ""
+    sampling.rerank = "mbr_question"
+    return (f"note: no {path} (the SFT conversations whose answers --rerank=pool agrees with): the candidates' own "
+            f"consensus decides (--rerank=mbr_question); pass --answer_pool=FILE")
+
+
 def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode: Callable[[List[int]], str],
                   eos_id: int, generator: Optional[torch.Generator] = None,
-                  use_cache: bool = True) -> List[List[int]]:
+                  use_cache: bool = True, pool: Optional[AnswerPool] = None) -> List[List[int]]:
     """New tokens of the kept candidate for each prompt (as generate() returns them, <eos> excluded): K =
     sampling.candidates answers sampled with its knobs (temperature > 0, top_k, top_p, ...), or with beams > 1 and
     beam_prefix > 0 K beam-search answers after K sampled starts (beam.sampled_start), one kept by sampling.rerank.
 
     decode: ids -> text (the tokenizer's), for MBR, the question's terms and the loop check; eos_id, generator,
-    use_cache: generate()'s (beam search always keeps its cache)."""
+    use_cache: generate()'s (beam search always keeps its cache); pool: rerank=pool's AnswerPool."""
     if sampling.rerank not in RULES:
         raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {sampling.rerank!r}")
+    if sampling.rerank == "pool" and pool is None:
+        raise DataError("rerank=pool needs the fine-tuning conversations (eval.py/chat.py --answer_pool=FILE)")
     k, rerank, max_new_tokens = sampling.candidates, sampling.rerank, sampling.max_new_tokens
     rows = [p for p in prompts for _ in range(k)]  # (B * K) rows: prompt b's candidates are rows b*K .. b*K + K-1
     if sampling.beams > 1:
@@ -152,17 +196,19 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
         if pmi:  # the same tokens after the prompt's last token only (the SFT template's <bos>): no question
             alone = answer_nats(model, [r[-1:] for r in rows], heads, len(prompts), device, dtype)
             extra = pmi_bonus(nats, alone, [len(a) for a in heads], pmi)
+    questions = [decode(p) for p in prompts]
+    evidence = pool.answers(questions, sampling.pool_answers) if rerank == "pool" else None
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)
         if rerank == "likelihood":
             best = likelihood_select([nats[i] for i in span], [len(scored[i]) for i in span], [skip[i] for i in span])
-        else:  # mbr, or mbr_question: the prompt's text (the question, the template's few words) gives the terms
+        else:  # mbr, mbr_question or pool: the prompt's text (the question, the template's few words) gives the terms
             bonus = None
-            if rerank == "mbr_question":
-                bonus = question_bonus(decode(prompts[b]), [texts[i] for i in span], sampling.question_weight)
+            if rerank in ("mbr_question", "pool"):
+                bonus = question_bonus(questions[b], [texts[i] for i in span], sampling.question_weight)
             if pmi:
                 bonus = [q + extra[i] for q, i in zip(bonus or [0.0] * k, span)]
-            best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus)
+            best = mbr_select([texts[i] for i in span], [skip[i] for i in span], bonus, evidence[b] if evidence else None)
         chosen.append(outs[b * k + best])
     return chosen

@@ -211,7 +211,7 @@ PRE_CMD=(pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TO
 SFT_CMD=(sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" "${MIX_X[@]}"
   "${SFT_X[@]}" "${OVERWRITE[@]}")
 EVAL_CMD=(eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines
-  --baseline_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}")
+  --answer_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}")
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens
 ORIG_CMD=()
 if [ $EVAL_ORIG = 1 ]; then

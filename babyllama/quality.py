@@ -20,12 +20,11 @@ import math
 import multiprocessing
 import re
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
-import torch
+import numpy as np
 
 from babyllama.errors import DataError
 from babyllama.fileio import read_jsonl
@@ -145,45 +144,51 @@ def qa_pairs(conversations_jsonl: str) -> List[Tuple[str, str]]:
     return pairs
 
 
-def retrieve(queries: Sequence[str], pool_questions: Sequence[str], batch: int = 256) -> List[int]:
-    """Index of the most similar pool question for each query: TF-IDF (raw counts, smoothed idf) over
-    character 1-2-grams, L2-normalised, cosine. Only grams that occur in some query matter to a dot product with
-    a query, so the pool matrix keeps those columns alone: (pool, vocab_q) sparse times (vocab_q, queries) dense."""
-    if not pool_questions:
-        raise ValueError("retrieve: the pool is empty")
-    q_grams = [Counter(char_grams(q)) for q in queries]
-    vocab = {g: i for i, g in enumerate(sorted({g for c in q_grams for g in c}))}
-    p_grams = [Counter(char_grams(p)) for p in pool_questions]
-    df = Counter(g for c in p_grams for g in c)
-    n = len(pool_questions)
-    idf_of = lambda d: math.log((1 + n) / (1 + d)) + 1.0  # d = the gram's document frequency in the pool
-    idf_pool = {g: idf_of(d) for g, d in df.items()}  # once per gram: the loops below visit each millions of times
-    idf = torch.tensor([idf_of(df.get(g, 0)) for g in vocab], dtype=torch.float32) if vocab else torch.zeros(0)
-    idf_q = idf.tolist()  # the float32 weights as Python floats
+class QuestionIndex:
+    """A pool of questions indexed for similarity: TF-IDF (raw counts, smoothed idf) over character 1-2-grams,
+    L2-normalised, cosine. Built once (an inverted index: each gram -> the pool questions holding it and their
+    weights), so a query costs only the postings of its own grams: eval.py asks 500 questions at once, chat.py one."""
 
-    # pool rows: full-vocabulary norms (every gram counts towards the length), but only query-gram columns stored
-    rows, cols, vals, norms = [], [], [], []
-    for r, c in enumerate(p_grams):
-        norms.append(math.sqrt(sum((k * idf_pool[g]) ** 2 for g, k in c.items())) or 1.0)
-        for g, k in c.items():
-            j = vocab.get(g)
-            if j is not None:
-                rows.append(r), cols.append(j), vals.append(k * idf_q[j])
-    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta" on every construction
-        warnings.simplefilter("ignore", UserWarning)
-        pool = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
-                                       torch.tensor(vals, dtype=torch.float32), (n, len(vocab))).to_sparse_csr()
-    pool_norm = torch.tensor(norms, dtype=torch.float32)
-    best = []
-    for s in range(0, len(queries), batch):
-        chunk = q_grams[s:s + batch]
-        dense = torch.zeros(len(vocab), len(chunk))  # (vocab_q, B)
-        for b, c in enumerate(chunk):
-            for g, k in c.items():
-                dense[vocab[g], b] = k * idf[vocab[g]]
-        sims = (pool @ dense) / pool_norm[:, None]  # (pool, B); the query's norm does not change its argmax
-        best += sims.argmax(dim=0).tolist()
-    return best
+    def __init__(self, questions: Sequence[str]):
+        if not questions:
+            raise ValueError("QuestionIndex: the pool is empty")
+        self.vocab: Dict[str, int] = {}  # gram -> column
+        rows, cols, counts = [], [], []  # one entry per (pool question, gram in it)
+        for r, q in enumerate(questions):
+            c = Counter(char_grams(q))
+            rows += [r] * len(c)
+            cols += [self.vocab.setdefault(g, len(self.vocab)) for g in c]
+            counts += c.values()
+        self.size = n = len(questions)
+        rows, cols = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+        df = np.bincount(cols, minlength=len(self.vocab))  # pool questions holding each gram
+        self.idf = np.log((1 + n) / (1 + df)) + 1.0
+        w = np.array(counts, dtype=np.float64) * self.idf[cols]
+        w /= np.sqrt(np.bincount(rows, w * w, minlength=n))[rows]  # each row's full-vocabulary length (> 0: 1+ gram)
+        order = np.argsort(cols, kind="stable")  # postings: the entries of gram j at [start[j], start[j + 1])
+        self.rows, self.weights = rows[order], w[order]
+        self.start = np.concatenate([[0], np.cumsum(df)])
+
+    def nearest(self, queries: Sequence[str], k: int = 1) -> List[List[int]]:
+        """For each query, the indices of its k (>= 1) most similar pool questions, most similar first (ties among
+        them: the earlier pool question first). A gram no pool question holds adds nothing; a query's own norm does
+        not change the order."""
+        out = []
+        for q in queries:
+            score = np.zeros(self.size)  # (pool,) cosine similarity up to the query's norm
+            for g, count in Counter(char_grams(q)).items():
+                j = self.vocab.get(g)
+                if j is not None:
+                    span = slice(self.start[j], self.start[j + 1])
+                    score[self.rows[span]] += count * self.idf[j] * self.weights[span]
+            top = np.argpartition(-score, k - 1)[:k] if k < self.size else np.arange(self.size)  # the k best, unordered
+            out.append(top[np.lexsort((top, -score[top]))].tolist())  # by score, then pool order
+        return out
+
+
+def retrieve(queries: Sequence[str], pool_questions: Sequence[str]) -> List[int]:
+    """Index of the most similar pool question for each query (QuestionIndex)."""
+    return [best[0] for best in QuestionIndex(pool_questions).nearest(queries, 1)]
 
 
 def baseline_answers(questions: Sequence[str], pool: Iterable[Tuple[str, str]]) -> Dict[str, List[str]]:

@@ -12,7 +12,7 @@ import rerank
 import scoring
 from babyllama import checkpoint
 from babyllama.config import parse_config
-from babyllama.errors import ConfigError
+from babyllama.errors import ConfigError, DataError
 from chat import ChatConfig
 from chatglm_tokenizer.template import render
 from conftest import FAKE_VOCAB, FakeTokenizer, run_script, tiny_ckpt, tiny_eval_model, write_jsonl
@@ -255,13 +255,26 @@ def test_generate_best_never_keeps_a_degenerate_candidate(monkeypatch):
     assert best("likelihood") == [ids[5], ids[5]]
 
 
-def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_greedy_or_plain_beams():
-    cfg = parse_config(ev.EvalConfig, [])  # eval.py's default: 4 sampled starts, 8 beams each, one kept
+def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_greedy_or_plain_beams(tmp_path):
+    pool = tmp_path / "train.jsonl"
+    pool.write_text(json.dumps({"conversations": [{"role": "user", "content": "头疼"},
+                                                  {"role": "assistant", "content": "多休息"}]}) + "\n")
+    # eval.py's default: 4 sampled starts, 8 beams each, one kept by the answers to like questions of the SFT data
+    cfg = parse_config(ev.EvalConfig, [f"--answer_pool={pool}"])
     assert (cfg.beams, cfg.beam_prefix, cfg.candidates, cfg.temperature, cfg.top_p, cfg.rerank) == \
-        (8, 8, 4, 0.8, 0.9, "mbr_question")
-    assert (cfg.pmi_weight, cfg.pmi_tokens) == (0.3, 8)  # the opening's PMI with the question counts
+        (8, 8, 4, 0.8, 0.9, "pool")
+    assert (cfg.pmi_weight, cfg.pmi_tokens, cfg.pool_answers) == (0.02, 8, 16)  # and a little of the opening's PMI
     assert ev.decoding_word(cfg) == ("beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by "
-                                     "mbr_question + PMI x 0.3 (first 8 tokens))")
+                                     "pool + PMI x 0.02 (first 8 tokens))")
+    assert rerank.pool_fallback(cfg, cfg.answer_pool) == "" and cfg.rerank == "pool"
+    # without the SFT data (a checkpoint alone) the candidates' own consensus decides, and the run says so
+    for extra in ([], ["--rerank=pool"]):
+        alone = parse_config(ev.EvalConfig, [f"--answer_pool={tmp_path / 'none.jsonl'}", *extra])
+        note = rerank.pool_fallback(alone, alone.answer_pool)
+        assert alone.rerank == "mbr_question"
+        assert note.startswith(f"note: no {tmp_path / 'none.jsonl'} (the SFT conversations whose answers --rerank=pool")
+    greedy = parse_config(ev.EvalConfig, [f"--answer_pool={tmp_path / 'none.jsonl'}", "--beams=1"])
+    assert rerank.pool_fallback(greedy, greedy.answer_pool) == "" and greedy.rerank == "pool"  # one answer: no rule
     greedy = parse_config(ev.EvalConfig, ["--beams=1"])
     assert (greedy.beam_prefix, greedy.candidates, greedy.temperature, greedy.top_p) == (0, 1, 0.0, 1.0)
     assert ev.decoding_word(greedy) == "greedy"
@@ -286,7 +299,7 @@ def test_candidate_flags_are_validated_in_one_line():
                        "--beam_prefix=N (K sampled starts, each continued by the beams)"),
                       (["--beams=1", "--candidates=4"], "candidates 4: greedy decoding would give 4 identical answers; "
                                                         "sample with --temperature > 0 (e.g. --temperature=0.7)"),
-                      (["--rerank=best"], "rerank must be mbr|likelihood|mbr_question, got 'best'"),
+                      (["--rerank=best"], "rerank must be mbr|likelihood|mbr_question|pool, got 'best'"),
                       (["--candidates=0"], "candidates must be in 1..64 (1 = off), got 0"),
                       (["--question_weight=2"], "question_weight must be in 0..1, got 2.0"),
                       (["--pmi_weight=-1"], "pmi_weight must be in 0..10, got -1.0")]:
@@ -300,7 +313,7 @@ def test_candidate_flags_are_validated_in_one_line():
     # starts sampled, beams after them: the description says both
     cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9"])
     assert cfg.beams == 8 and cfg.describe().startswith("beam search, the first 8 tokens sampled at temperature 0.7")
-    assert cfg.describe().endswith("4 starts per question, one kept by mbr_question + PMI x 0.3 (first 8 tokens)")
+    assert cfg.describe().endswith("4 starts per question, one kept by pool + PMI x 0.02 (first 8 tokens)")
 
 
 def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
@@ -340,3 +353,52 @@ def test_eval_and_chat_cli_with_candidates(tmp_path, tokenizer_path):
     r = run_script("chat.py", [f"--ckpt={tmp_path}", "--device=cpu", "--max_new_tokens=5", f"--tokenizer={tokenizer_path}",
                                "--candidates=3", "--rerank=likelihood"], stdin="你好\n感冒了怎么办？\n", timeout=120)
     assert "你> 感冒了怎么办？" in r.stdout and r.stdout.count("模型> ") == 2
+
+
+def test_pool_rule_keeps_the_candidate_most_like_the_answers_to_like_questions():
+    pairs = [("头疼怎么办", "头疼要多休息，注意睡眠。"), ("头疼还恶心", "头疼伴恶心要多休息，注意血压。"),
+             ("咳嗽有痰", "咳嗽有痰可以喝水化痰。"), ("膝盖疼", "膝盖疼要少爬楼梯。")]
+    pool = rerank.AnswerPool(pairs)
+    assert pool.answers(["我头疼怎么办"], 2) == [["头疼要多休息，注意睡眠。", "头疼伴恶心要多休息，注意血压。"]]
+    assert pool.answers(["咳嗽"], 1) == [["咳嗽有痰可以喝水化痰。"]]
+    texts = ["多喝水化痰。", "头疼多休息，注意睡眠。", "少爬楼梯。"]
+    # the candidates' own consensus and the evidence pick differently: each is what its rule says
+    assert rerank.mbr_select(texts, evidence=pool.answers(["头疼怎么办"], 2)[0]) == 1
+    assert rerank.mbr_select(texts, evidence=pool.answers(["膝盖疼"], 1)[0]) == 2
+    sims = lambda i, ev: sum(rerank.chrf(rerank.char_ngrams(texts[i]), rerank.char_ngrams(e)) for e in ev) / len(ev)
+    ev = pool.answers(["咳嗽有痰"], 3)[0]
+    assert rerank.mbr_select(texts, evidence=ev) == max(range(3), key=lambda i: (sims(i, ev), -i))
+
+
+def test_generate_best_with_the_pool_rule_uses_each_prompts_own_evidence(monkeypatch):
+    tok = FakeTokenizer()
+    answers = ["头疼多休息。", "膝盖疼少爬楼梯。"]
+    ids = [tok.encode(a) for a in answers]
+    monkeypatch.setattr(rerank, "generate", lambda model, rows, *a, **k: [ids[0], ids[1]] * (len(rows) // 2))
+    pool = rerank.AnswerPool([("头疼", "头疼要多休息。"), ("膝盖疼", "膝盖疼要少爬楼梯。")])
+    knobs = generate.Sampling(temperature=0.7, candidates=2, rerank="pool", pool_answers=1, question_weight=0.0)
+    prompts = [tok.encode("头疼") + [1], tok.encode("膝盖疼") + [1]]
+    best = rerank.generate_best(tiny_eval_model(), prompts, knobs, decode=tok.decode, eos_id=2, pool=pool)
+    assert best == [ids[0], ids[1]]
+    with pytest.raises(DataError, match="rerank=pool needs the fine-tuning conversations"):
+        rerank.generate_best(tiny_eval_model(), prompts, knobs, decode=tok.decode, eos_id=2)
+
+
+def test_chat_with_the_pool_rule_keeps_what_generate_best_keeps_with_that_pool(tmp_path, monkeypatch):
+    import io
+
+    from chat import chat_loop
+    pairs = [("头疼怎么办", "头疼要多休息。"), ("膝盖疼", "膝盖疼要少爬楼梯。")]
+    write_jsonl(tmp_path / "train.jsonl", [{"conversations": [{"role": "user", "content": q},
+                                                               {"role": "assistant", "content": a}]} for q, a in pairs])
+    tok = FakeTokenizer()
+    answers = [tok.encode(a) for a in ("少爬楼梯。", "头疼多休息。", "多喝水。")]
+    monkeypatch.setattr(rerank, "generate", lambda model, rows, *a, **k: answers * (len(rows) // 3))
+    cfg = parse_config(ChatConfig, ["--candidates=3", "--rerank=pool", "--pool_answers=1", "--question_weight=0",
+                                    f"--answer_pool={tmp_path / 'train.jsonl'}", "--max_new_tokens=8"])
+    out = io.StringIO()
+    history = chat_loop(tiny_eval_model(max_seq_len=32), tok, "sft", cfg, iter(["头疼怎么办"]), 32,
+                        torch.device("cpu"), torch.float32, out)
+    assert history[1]["content"] == "头疼多休息。"  # the candidate most like the answer to the nearest question
+    cfg.answer_pool = str(tmp_path / "none.jsonl")  # without the file: the note, and the candidates' consensus
+    assert rerank.pool_fallback(cfg, cfg.answer_pool).startswith("note: no ") and cfg.rerank == "mbr_question"

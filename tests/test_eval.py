@@ -426,4 +426,4 @@ def test_the_embedded_sample_fallback_is_said_on_the_console_and_in_the_report(t
     cfg = ev.EvalConfig(ckpt=str(tmp_path / "best.pt"), data=ev.SAMPLE_DATA, val_bin="none", max_new_tokens=4)
     report = ev.evaluate(cfg, model, tiny_ckpt(model), tok, str(tmp_path / "best.pt"), torch.device("cpu"),
                          torch.float32, progress=False)  # asked for by name: no note
-    assert "note:" not in capsys.readouterr().out and report["protocol"]["data"] == ev.SAMPLE_DATA
+    assert "note: no data/eval" not in capsys.readouterr().out and report["protocol"]["data"] == ev.SAMPLE_DATA

@@ -59,7 +59,7 @@ def test_resume_from_a_checkpoint_without_training_state_is_one_line(tmp_path):
 @pytest.mark.parametrize("content,why", [("", "no user/assistant pair"), ("{not json\n", "not JSON"),
                                          ('{"x": 1}\n', "conversations"),
                                          ("你好".encode("gb18030"), "not UTF-8")])
-def test_a_bad_baseline_pool_is_one_line_naming_the_file(tmp_path, content, why):
+def test_a_bad_answer_pool_is_one_line_naming_the_file(tmp_path, content, why):
     from babyllama import quality
     from babyllama.errors import DataError
     pool = tmp_path / "pool.jsonl"

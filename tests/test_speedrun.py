@@ -209,7 +209,7 @@ def test_paths_with_spaces_reach_every_stage_whole(tiny_run):
     expected = {"pretrain": [f"--data_dir={data}/pretrain", f"--out_dir={out}/pretrain"],
                 "sft": [f"--init_from={out}/pretrain", f"--data_dir={data}/sft", f"--out_dir={out}/sft", "--mix=medical=2"],
                 "eval": [f"--ckpt={out}/sft", f"--data={corpora}/eval/medical qa.jsonl", f"--val_bin={data}/pretrain",
-                         f"--baseline_pool={data}/sft/train.jsonl"],
+                         f"--answer_pool={data}/sft/train.jsonl"],
                 "eval-original": [f"--ckpt={out}/sft", f"--out_dir={out}/eval_original"],
                 "report": [f"--run={out}"]}
     for stage, args in expected.items():
