@@ -38,7 +38,6 @@ evidence for MBR either, unless every candidate is degenerate. Ties go to the ea
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from typing import Callable, List, Optional, Sequence
@@ -59,10 +58,8 @@ CHRF_ORDER = 4  # chrF over character 1..4-grams
 QUESTION_CAP = 10
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def char_ngrams(text: str, max_n: int = CHRF_ORDER) -> List[Counter]:
-    """[Counter of 1-grams, ..., Counter of max_n-grams] of the text's characters, whitespace removed. Cached: with
-    rerank=pool one doctor's answer is evidence for many questions (the Counters are only read, never changed)."""
+    """[Counter of 1-grams, ..., Counter of max_n-grams] of the text's characters, whitespace removed."""
     s = quality.squeeze(text)
     return [Counter(s[i:i + n] for i in range(len(s) - n + 1)) for n in range(1, max_n + 1)]
 
@@ -141,7 +138,7 @@ class AnswerPool:
 
     def __init__(self, pairs: Sequence[tuple]):
         self.index = quality.QuestionIndex([q for q, _ in pairs])
-        self.pool_answers = [a for _, a in pairs]
+        self.texts = [a for _, a in pairs]  # the answers, in the index's order
 
     @classmethod
     def from_file(cls, path: str) -> "AnswerPool":
@@ -149,7 +146,7 @@ class AnswerPool:
         return cls(quality.qa_pairs(path))
 
     def answers(self, questions: Sequence[str], k: int) -> List[List[str]]:
-        return [[self.pool_answers[i] for i in near] for near in self.index.nearest(questions, k)]
+        return [[self.texts[i] for i in near] for near in self.index.nearest(questions, k)]
 
 
 def pool_fallback(sampling: Sampling, path: str) -> str:
