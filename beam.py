@@ -233,7 +233,7 @@ def start(model: Transformer, prompts: list[list[int]], beams: int, max_new_toke
 
 @torch.inference_mode()
 def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling, *, eos_id: Optional[int] = 2,
-                generator: Optional[torch.Generator] = None) -> list[list[int]]:
+                generator: Optional[torch.Generator] = None, bias: Optional[torch.Tensor] = None) -> list[list[int]]:
     """New tokens of the best beam-search answer for each prompt (eos excluded). Runs in eval mode, under the
     caller's autocast.
 
@@ -247,10 +247,11 @@ def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling
     may be quoted). Context: a prompt keeps its last max_seq_len - max_new_tokens + 1 tokens (fit_prompts), so no
     forward sees more than max_seq_len tokens; max_new_tokens > max_seq_len is a ValueError. beams=1 gives greedy
     decoding's tokens (generate.generate with temperature 0). beam_prefix > 0: sampled_start (generator: its random
-    numbers).
+    numbers). bias: (len(prompts), V) fp32 on the model's device, added to the log-probs of every beam of that
+    prompt at every step, so it counts in the beams' scores (rerank.AnswerPool.token_bias); None = none.
     """
     if sampling.beam_prefix > 0:
-        return sampled_start(model, prompts, sampling, eos_id, generator)
+        return sampled_start(model, prompts, sampling, eos_id, generator, bias)
     a, max_new_tokens, beams = model.args, sampling.max_new_tokens, sampling.beams
     length_penalty, no_repeat_ngram = sampling.length_penalty, sampling.no_repeat_ngram
     check_generate_args(prompts, max_new_tokens, 0.0, None, None, 1.0, a.vocab_size, no_repeat_ngram)
@@ -269,6 +270,8 @@ def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling
         rows = Rows(cache, seq, pad, K)
         for t in range(max_new_tokens):
             n, length, A = S + t, t + 1, len(rows.prompt)  # slots filled, answer length with this token, prompts
+            if bias is not None:  # (A*K, V) += each prompt's (V,) row, in place: no (A*K, V) copy
+                logp.view(A, K, -1).add_(bias[torch.from_numpy(rows.prompt).to(bias.device)][:, None, :])
             if no_repeat_ngram:
                 logp.masked_fill_(ngram_ban(rows.seq[:, :n], S, n - 1, no_repeat_ngram, V), -math.inf)
             top_v, beam, tok, eos, go = choose(rows.scores, logp, K, eos_id)
@@ -293,12 +296,13 @@ def beam_search(model: Transformer, prompts: list[list[int]], sampling: Sampling
 
 
 def sampled_start(model: Transformer, prompts: list[list[int]], sampling: Sampling, eos_id: Optional[int],
-                  generator: Optional[torch.Generator]) -> list[list[int]]:
+                  generator: Optional[torch.Generator], bias: Optional[torch.Tensor] = None) -> list[list[int]]:
     """Beam search after a sampled start: each answer's first beam_prefix tokens come from generate.generate with
     the sampling knobs (temperature, top_k, top_p, repetition_penalty, no_repeat_ngram), then beam search continues
     each start that did not end, from prompt + start, for the tokens left (its n-gram ban covers the continuation;
     the start may be quoted, as the prompt may). A start that ended at <eos> is the whole answer. With 8 beams the
-    answers keep beam search's BLEU within 0.1-0.4 and stop opening alike (docs/recipe.md)."""
+    answers keep beam search's BLEU within 0.1-0.4 and stop opening alike (docs/recipe.md). bias (beam_search's):
+    the beams' only, the start is sampled from the model as it is."""
     n = min(sampling.beam_prefix, sampling.max_new_tokens)
     starts = generate(model, prompts, dataclasses.replace(sampling, max_new_tokens=n, beams=1, beam_prefix=0),
                       eos_id=eos_id, generator=generator)
@@ -306,7 +310,8 @@ def sampled_start(model: Transformer, prompts: list[list[int]], sampling: Sampli
     left = sampling.max_new_tokens - n
     if going and left > 0:
         rest = dataclasses.replace(sampling, max_new_tokens=left, beam_prefix=0)
-        tails = beam_search(model, [list(prompts[i]) + starts[i] for i in going], rest, eos_id=eos_id)
+        tails = beam_search(model, [list(prompts[i]) + starts[i] for i in going], rest, eos_id=eos_id,
+                            bias=None if bias is None else bias[torch.tensor(going, device=bias.device)])
         for i, tail in zip(going, tails):
             starts[i] = starts[i] + tail
     return starts

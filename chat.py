@@ -47,6 +47,7 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, 
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
     tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     answer_pool: str = "data/sft/train.jsonl"  # --rerank=pool: the SFT conversations whose answers it agrees with
+    pool_bias: float = 0.5  # --rerank=pool with --beams > 1: the beams lean towards the words those answers share (as eval.py); 0 = off
 
     def validate(self):
         if self.beams > 1 and not self.beam_prefix:  # --beams=K alone: deterministic, the sampling defaults step aside
@@ -146,7 +147,8 @@ def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str]
     history: List[dict] = []
     budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    pool = AnswerPool.from_file(cfg.answer_pool) if cfg.candidates > 1 and cfg.rerank == "pool" else None
+    pool = AnswerPool.from_file(cfg.answer_pool, tokenizer.encode_batch) \
+        if cfg.candidates > 1 and cfg.rerank == "pool" else None
     for line in lines:
         question = line.strip()
         if not question:

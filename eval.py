@@ -19,7 +19,8 @@ Protocol (also written into the report):
   prompts   SFT checkpoint: chatglm_tokenizer/template.render_prompt (question, then <bos>); pretrain checkpoint: the raw
             question as text to continue. Prompts longer than max_seq_len - max_new_tokens keep their end.
   decoding  by default 4 candidates per question (--candidates=4): each samples its first 8 tokens (--beam_prefix=8,
-            --temperature=0.8 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length); the
+            --temperature=0.8 --top_p=0.9) and 8 beams continue it (beam.py: the best by log-prob / length),
+            leaning towards the words that the doctors' answers to like questions share (--pool_bias=0.5); the
             one kept (rerank.py, --rerank=pool) agrees most (chrF) with the doctors' answers to the 16 questions of
             the SFT data most like it (--answer_pool, --pool_answers=16; without that file the other three answers
             take their place, --rerank=mbr_question), plus a small bonus for the question's terms and 0.02 x its
@@ -94,6 +95,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     rerank: str = "pool"  # the one kept: pool (most like the doctors' answers to the 16 most similar questions of --answer_pool, chrF, + the question's terms; mbr_question without that file) | mbr_question (chrF consensus of the candidates + the question's terms) | mbr | likelihood
     pmi_weight: float = 0.02  # + this x the PMI of the candidate's opening with its question, nats per token (docs/recipe.md: ends the stock openings); 0 = off
     pmi_tokens: int = 8  # the opening whose PMI counts: the first this many tokens (the sampled start); 0 = the whole answer
+    pool_bias: float = 0.5  # the beams add up to 3x this to the log-prob of a word the answers to the 16 like questions share more than answers at large (rerank.AnswerPool.token_bias; docs/recipe.md); 0 = off
     ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
@@ -121,7 +123,8 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
         if self.beams == 1 and "beam_prefix" not in explicit:
             self.beam_prefix = 0
         if self.beams == 1 or self.beam_prefix == 0:
-            for name, off in (("candidates", 1), ("temperature", 0.0), ("top_p", 1.0), ("pmi_weight", 0.0)):
+            for name, off in (("candidates", 1), ("temperature", 0.0), ("top_p", 1.0), ("pmi_weight", 0.0),
+                              ("pool_bias", 0.0)):
                 if name not in explicit:
                     setattr(self, name, off)
 
@@ -453,7 +456,8 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device, pairs: Optional[l
     cfg's own (an EvalConfig is a Sampling); pairs: --answer_pool's (question, answer) pairs, read once."""
     kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.candidates > 1:  # K rows per prompt (sampled, or beams after K sampled starts), one kept (rerank.py)
-        pool = AnswerPool(pairs or quality.qa_pairs(cfg.answer_pool)) if cfg.rerank == "pool" else None
+        pool = AnswerPool(pairs or quality.qa_pairs(cfg.answer_pool), tokenizer.encode_batch) \
+            if cfg.rerank == "pool" else None
         return dict(kwargs, decode=tokenizer.decode, use_cache=True, pool=pool), generate_best
     if cfg.beams > 1:  # the generator samples a --beam_prefix start only
         return kwargs, beam_search

@@ -55,6 +55,7 @@ class Sampling:
     candidates: int = 1  # > 1: sample this many answers, keep one (rerank.py; temperature > 0; beams 1, or beams > 1 with beam_prefix: K sampled starts); 1 = off
     rerank: str = "mbr"  # the one kept: mbr (most like the others, chrF) | likelihood (best mean token log-prob) | mbr_question (mbr + the question's terms) | pool (most like the answers to like questions in the fine-tuning data, + the question's terms)
     pool_answers: int = 16  # rerank=pool: the answers of this many most similar fine-tuning questions are the evidence
+    pool_bias: float = 0.0  # rerank=pool with beams > 1: the beams favour the words those answers share, up to 3x this nats per token (rerank.AnswerPool.token_bias); 0 = off
     question_weight: float = QUESTION_WEIGHT  # rerank=mbr_question|pool: the most a candidate gains (on a 0-1 chrF scale) for sharing 10+ Chinese bigrams with the question
     pmi_weight: float = 0.0  # rerank=mbr|mbr_question|pool: + this x the nats per token the question saves the candidate (its PMI with the question: stock answers gain nothing); 0 = off
     pmi_tokens: int = 0  # pmi_weight > 0: the PMI of the answer's first this many tokens only (its opening: a stock opening gains nothing); 0 = the whole answer
@@ -85,6 +86,7 @@ class Sampling:
         check(self.rerank in RERANK_RULES, f"rerank must be {'|'.join(RERANK_RULES)}, got {self.rerank!r}")
         check(1 <= self.pool_answers <= 1000, f"pool_answers must be in 1..1000, got {self.pool_answers}")
         check(0 <= self.pmi_weight <= 10, f"pmi_weight must be in 0..10, got {self.pmi_weight}")
+        check(0 <= self.pool_bias <= 5, f"pool_bias must be in 0..5 (nats per token over 3), got {self.pool_bias}")
         check(self.pmi_tokens >= 0, f"pmi_tokens must be >= 0 (0 = the whole answer), got {self.pmi_tokens}")
         check(k == 1 or self.beams == 1 or self.beam_prefix > 0, f"candidates {k} and beams {self.beams}: beam search "
               f"is deterministic, its candidates would be alike; pass --beams=1, --candidates=1 or --beam_prefix=N "
@@ -111,7 +113,9 @@ class Sampling:
     def rule(self) -> str:
         """The rerank rule as the reports name it: "mbr_question", "mbr_question + PMI x 0.1 (first 8 tokens)"."""
         over = f" (first {self.pmi_tokens} tokens)" if self.pmi_tokens else ""
-        return self.rerank + (f" + PMI x {self.pmi_weight:g}{over}" if self.pmi_weight and self.rerank != "likelihood" else "")
+        pmi = f" + PMI x {self.pmi_weight:g}{over}" if self.pmi_weight and self.rerank != "likelihood" else ""
+        lean = self.pool_bias and self.rerank == "pool" and self.beams > 1  # the beams lean to the pool's words
+        return self.rerank + pmi + (f"; beams biased x {self.pool_bias:g} to the pool's words" if lean else "")
 
     def describe(self) -> str:
         if self.beams > 1:

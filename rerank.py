@@ -32,7 +32,11 @@ as with it and gains nothing; an answer the question made likely gains (the anti
 Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models"). With
 Sampling.pmi_tokens = N the PMI is that of the answer's first N tokens only: its opening, where stock phrases sit.
 With --beams > 1 and --beam_prefix=N each candidate is a beam-search answer after its own sampled N-token start
-(beam.sampled_start): K starts, K x beams rows.
+(beam.sampled_start): K starts, K x beams rows. With rerank=pool and Sampling.pool_bias > 0 the beams also lean towards
+the words of those doctors' answers while they search (AnswerPool.token_bias): a token that is in at least
+BIAS_MIN_COUNT of the pool_answers answers to like questions, and in a larger share of them than of all the pool's
+answers, adds pool_bias x min(log(that ratio), BIAS_CAP) to its log-prob at every step of the beams (not of the
+sampled start). The answers name what like questions' answers name, not what any answer says.
 Degenerate candidates (empty, a loop as quality.is_loop says, or cut at max_new_tokens) are never kept, and are no
 evidence for MBR either, unless every candidate is degenerate. Ties go to the earlier candidate.
 """
@@ -42,6 +46,7 @@ import os
 from collections import Counter
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from babyllama import quality
@@ -56,6 +61,10 @@ CHRF_ORDER = 4  # chrF over character 1..4-grams
 # shares with the question: enough to choose, among candidates the others agree with about as much, the one about
 # this question (docs/recipe.md)
 QUESTION_CAP = 10
+# pool_bias: a token's bias counts only where at least this many of the answers to like questions hold it (one answer
+# is an anecdote), and its log ratio of shares is capped (a word only those answers use should not outweigh the model)
+BIAS_MIN_COUNT = 2
+BIAS_CAP = 3.0
 
 
 def char_ngrams(text: str, max_n: int = CHRF_ORDER) -> List[Counter]:
@@ -134,19 +143,51 @@ def likelihood_select(nats: Sequence[float], n_tokens: Sequence[int], skip: Opti
 class AnswerPool:
     """The (question, answer) pairs of the fine-tuning data, indexed by question (quality.QuestionIndex):
     answers(questions, k) -> for each question the answers of its k most similar pool questions, the evidence of
-    rerank=pool. Built once per run (about 2 s for 29k conversations on one CPU core)."""
+    rerank=pool; token_bias -> the words those answers share, for the beams (pool_bias). Built once per run (about
+    2 s for 29k conversations on one CPU core). encode: texts -> token ids (the tokenizer's encode_batch), needed by
+    token_bias only; the answers are encoded on its first call."""
 
-    def __init__(self, pairs: Sequence[tuple]):
+    def __init__(self, pairs: Sequence[tuple], encode: Optional[Callable[[List[str]], List[List[int]]]] = None):
         self.index = quality.QuestionIndex([q for q, _ in pairs])
         self.texts = [a for _, a in pairs]  # the answers, in the index's order
+        self.encode = encode
+        self.token_sets: Optional[tuple] = None  # (distinct tokens of every answer, concatenated; offsets), lazily
 
     @classmethod
-    def from_file(cls, path: str) -> "AnswerPool":
+    def from_file(cls, path: str, encode: Optional[Callable] = None) -> "AnswerPool":
         """From a data_process.py SFT file (train.jsonl); DataError (file, line) for a bad one."""
-        return cls(quality.qa_pairs(path))
+        return cls(quality.qa_pairs(path), encode)
 
-    def answers(self, questions: Sequence[str], k: int) -> List[List[str]]:
-        return [[self.texts[i] for i in near] for near in self.index.nearest(questions, k)]
+    def nearest(self, questions: Sequence[str], k: int) -> List[List[int]]:
+        return self.index.nearest(questions, k)
+
+    def answers(self, questions: Sequence[str], k: int, near: Optional[List[List[int]]] = None) -> List[List[str]]:
+        """For each question the answers of its k most similar pool questions (near: nearest()'s, if known)."""
+        return [[self.texts[i] for i in n] for n in (near if near is not None else self.nearest(questions, k))]
+
+    def token_bias(self, near: List[List[int]], vocab_size: int, weight: float) -> torch.Tensor:
+        """(len(near), vocab_size) fp32: for each question, given near (its like questions, nearest()), token t gets
+        weight x clip(log(share of those questions' answers holding t / share of all answers holding t), 0, BIAS_CAP)
+        where at least BIAS_MIN_COUNT of them hold it, else 0. A word every answer uses (the stock phrase) gets
+        nothing; the disease, the drug, the test that answers to like questions name get up to weight x BIAS_CAP."""
+        if self.encode is None:
+            raise ValueError("AnswerPool.token_bias: the pool was built without encode (the tokenizer's encode_batch)")
+        if self.token_sets is None:
+            sets = [np.unique(np.asarray(ids, dtype=np.int64)) for ids in self.encode(self.texts)]
+            flat = np.concatenate(sets) if sets else np.zeros(0, dtype=np.int64)
+            self.token_sets = flat, np.cumsum([0] + [len(x) for x in sets])
+        flat, offsets = self.token_sets
+        # (V,) share of all answers holding t; ids past the model's rows (none with its own tokenizer) are dropped
+        df = np.bincount(flat[flat < vocab_size], minlength=vocab_size) / max(len(self.texts), 1)
+        bias = torch.zeros(len(near), vocab_size)
+        for b, n in enumerate(near):
+            held = np.concatenate([flat[offsets[i]:offsets[i + 1]] for i in n]) if n else flat[:0]
+            tok, count = np.unique(held[held < vocab_size], return_counts=True)
+            keep = count >= BIAS_MIN_COUNT
+            tok, share = tok[keep], count[keep] / len(n)
+            bias[b, torch.from_numpy(tok)] = torch.from_numpy(
+                weight * np.clip(np.log(share / df[tok]), 0.0, BIAS_CAP)).float()
+        return bias
 
 
 def pool_fallback(sampling: Sampling, path: str) -> str:
@@ -167,15 +208,22 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
     beam_prefix > 0 K beam-search answers after K sampled starts (beam.sampled_start), one kept by sampling.rerank.
 
     decode: ids -> text (the tokenizer's), for MBR, the question's terms and the loop check; eos_id, generator,
-    use_cache: generate()'s (beam search always keeps its cache); pool: rerank=pool's AnswerPool."""
+    use_cache: generate()'s (beam search always keeps its cache); pool: rerank=pool's AnswerPool (with
+    sampling.pool_bias > 0 and beams > 1 also the beams' token bias, AnswerPool.token_bias)."""
     if sampling.rerank not in RULES:
         raise ValueError(f"generate_best: rerank must be one of {'|'.join(RULES)}, got {sampling.rerank!r}")
     if sampling.rerank == "pool" and pool is None:
         raise DataError("rerank=pool needs the fine-tuning conversations (eval.py/chat.py --answer_pool=FILE)")
     k, rerank, max_new_tokens = sampling.candidates, sampling.rerank, sampling.max_new_tokens
     rows = [p for p in prompts for _ in range(k)]  # (B * K) rows: prompt b's candidates are rows b*K .. b*K + K-1
+    questions = [decode(p) for p in prompts]
+    near = pool.nearest(questions, sampling.pool_answers) if rerank == "pool" else None
     if sampling.beams > 1:
-        outs = beam_search(model, rows, sampling, eos_id=eos_id, generator=generator)
+        bias = None
+        if near is not None and sampling.pool_bias > 0:  # (B, V) -> (B * K, V): each candidate its prompt's
+            bias = pool.token_bias(near, model.args.vocab_size, sampling.pool_bias)
+            bias = bias.to(model.rope_cos.device).repeat_interleave(k, 0)
+        outs = beam_search(model, rows, sampling, eos_id=eos_id, generator=generator, bias=bias)
     else:
         outs = generate(model, rows, sampling, eos_id=eos_id, generator=generator, use_cache=use_cache)
     texts = [decode(o).strip() for o in outs]
@@ -193,8 +241,7 @@ def generate_best(model, prompts: List[List[int]], sampling: Sampling, *, decode
         if pmi:  # the same tokens after the prompt's last token only (the SFT template's <bos>): no question
             alone = answer_nats(model, [r[-1:] for r in rows], heads, len(prompts), device, dtype)
             extra = pmi_bonus(nats, alone, [len(a) for a in heads], pmi)
-    questions = [decode(p) for p in prompts]
-    evidence = pool.answers(questions, sampling.pool_answers) if rerank == "pool" else None
+    evidence = pool.answers(questions, sampling.pool_answers, near) if near is not None else None
     chosen = []
     for b in range(len(prompts)):
         span = range(b * k, (b + 1) * k)

@@ -265,7 +265,7 @@ def test_eval_default_decoding_is_sampled_starts_and_beams_and_steps_aside_for_g
         (8, 8, 4, 0.8, 0.9, "pool")
     assert (cfg.pmi_weight, cfg.pmi_tokens, cfg.pool_answers) == (0.02, 8, 16)  # and a little of the opening's PMI
     assert ev.decoding_word(cfg) == ("beam search (8 beams, the first 8 tokens sampled, 4 starts, one kept by "
-                                     "pool + PMI x 0.02 (first 8 tokens))")
+                                     "pool + PMI x 0.02 (first 8 tokens); beams biased x 0.5 to the pool's words)")
     assert rerank.pool_fallback(cfg, cfg.answer_pool) == "" and cfg.rerank == "pool"
     # without the SFT data (a checkpoint alone) the candidates' own consensus decides, and the run says so
     for extra in ([], ["--rerank=pool"]):
@@ -313,7 +313,8 @@ def test_candidate_flags_are_validated_in_one_line():
     # starts sampled, beams after them: the description says both
     cfg = parse_config(ev.EvalConfig, ["--candidates=4", "--beam_prefix=8", "--temperature=0.7", "--top_p=0.9"])
     assert cfg.beams == 8 and cfg.describe().startswith("beam search, the first 8 tokens sampled at temperature 0.7")
-    assert cfg.describe().endswith("4 starts per question, one kept by pool + PMI x 0.02 (first 8 tokens)")
+    assert cfg.describe().endswith("4 starts per question, one kept by pool + PMI x 0.02 (first 8 tokens); beams "
+                                   "biased x 0.5 to the pool's words")
 
 
 def test_evaluate_with_candidates_reports_them_and_repeats_under_the_seed(tmp_path):
