@@ -361,6 +361,20 @@ class LossLog:
         return mean
 
 
+def configure_dynamo() -> None:
+    """torch.compile's settings for the training step (process-wide, idempotent).
+
+    - SFT rows come in up to max_seq_len / pad_multiple widths, each a graph (training only: validation is eager).
+    - Floats stay constants: chain.py runs pretraining (dropout 0.0) and SFT (dropout 0.1) in one process, and by
+      default the second model's dropout rates would become symbolic floats ("automatic dynamic"), missing the
+      compile caches and tracing SFT's step twice."""
+    dyn = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, limit, max(getattr(dyn, limit), 64))
+    if hasattr(dyn, "specialize_float"):
+        dyn.specialize_float = True
+
+
 def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Optional[dict],
                 init_state: Optional[dict]) -> tuple:
     """-> (raw model, model to run (compiled, DDP), optimizer, scaler, description), restored from ckpt if given."""
@@ -382,10 +396,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Opti
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
     run, compiled = model, "eager"
     if cfg.compile and rt.device.type == "cuda":
-        # SFT rows come in up to max_seq_len / pad_multiple widths, each a graph (training only: validation is eager)
-        dyn = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-        setattr(dyn, limit, max(getattr(dyn, limit), 64))
+        configure_dynamo()
         mode = compile_mode(cfg.compile_mode)
         run, compiled = torch.compile(model, mode=mode), f"compiled ({mode or 'default'})"
     if rt.world_size > 1:

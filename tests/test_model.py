@@ -484,3 +484,27 @@ def test_blocked_cumsum_equals_cumsum():
     assert torch.allclose(generate.cumsum_rows(x), x.cumsum(-1), rtol=1e-5, atol=1e-3)
     y = torch.rand(2, 7)
     assert torch.allclose(generate.cumsum_rows(y, block=4), y.cumsum(-1), atol=1e-6)
+
+
+def test_second_model_in_one_process_compiles_with_its_dropout_as_a_constant(monkeypatch):
+    """chain.py compiles pretraining's model (dropout 0.0), then SFT's (0.1) in one process. By default dynamo then
+    makes the dropout rates symbolic floats: the compile caches miss and SFT's step is traced twice."""
+    import trainer
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default; restored after
+    trainer.configure_dynamo()
+    torch._dynamo.reset()
+    graph_inputs = []
+
+    def backend(gm, example_inputs):
+        graph_inputs.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        return gm.forward
+
+    x = torch.randint(1, 64, (2, 16))
+    for dropout in (0.0, 0.1):
+        model = Transformer(tiny_args(dropout=dropout)).train()
+        _, loss = torch.compile(model, backend=backend)(x, x)
+        loss.backward()
+    assert len(graph_inputs) == 2 and graph_inputs[0] == graph_inputs[1]  # no input for the second model's rates
+    assert not [name for name in graph_inputs[1] if "dropout" in name]
+    torch._dynamo.reset()
