@@ -91,7 +91,7 @@ class BenchConfig:
     steps: int = 30  # timed steps (parity: steps compared)
     warmup: int = 8  # untimed steps first (compilation, allocator growth)
     data_dir: str = "data/pretrain"  # parity: real tokens from data_process.py
-    parity_variant: str = "bf16_compile"  # parity: the fast path compared with fp32_eager
+    parity_variant: str = "bf16_compile"  # parity: the fast path(s), comma-separated, compared with fp32_eager
     parity_steps: int = 300  # parity: optimizer steps on real data, both paths
     profile_variant: str = "bf16_compile_ce4k"  # profile: GPU time per kernel class of this step (no CUDA graphs: a graph hides its kernels)
     sft_data: str = "data/sft/train.jsonl"  # sft: normalized conversations
@@ -110,7 +110,7 @@ class BenchConfig:
     def validate(self):
         for w in self.what.split(","):
             check(w in ("train", "parity", "sft", "gen", "data", "ckpt", "profile"), f"--what: unknown benchmark {w!r}")
-        for v in [*self.variants.split(","), self.parity_variant, self.sft_variant, self.profile_variant]:
+        for v in [*self.variants.split(","), *self.parity_variant.split(","), self.sft_variant, self.profile_variant]:
             try:
                 parse_variant(v)
             except ValueError as e:
@@ -251,13 +251,13 @@ def bench_profile(cfg: BenchConfig, base_rt, emit) -> None:
 
 
 def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
-    """The fast path (bf16 + compile) and plain eager fp32 on the same real batches: per-step loss gaps."""
+    """The fast path(s) (bf16 + compile, ...) and plain eager fp32 on the same real batches: per-step loss gaps."""
     from dataset import PretrainData
     args = cfg.model_args()
     data = PretrainData(cfg.data_dir, "train", args.max_seq_len, cfg.batch_size, seed=0)
     sched = TrainConfig(max_steps=cfg.parity_steps, warmup_steps=min(100, cfg.parity_steps // 4), learning_rate=3e-4, min_lr=3e-5)
     curves = {}
-    for name in ("fp32_eager", cfg.parity_variant):
+    for name in ("fp32_eager", *cfg.parity_variant.split(",")):
         variant = parse_variant(name)
         rt = dataclasses.replace(base_rt, dtype=variant.dtype)
         _, run, opt, scaler = build(args, rt, variant, seed=0)
@@ -265,11 +265,14 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
         with step_context(variant):
             curves[name] = torch.stack([train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0]
                                         for s in range(cfg.parity_steps)]).tolist()
-    gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[cfg.parity_variant])]
-    emit({"bench": "parity", "steps": cfg.parity_steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),
-          "max_gap_after_10": max(gaps[10:]) if len(gaps) > 10 else max(gaps),
-          "fp32_first_last": [curves["fp32_eager"][0], curves["fp32_eager"][-1]],
-          "fast": cfg.parity_variant, "fast_first_last": [curves[cfg.parity_variant][0], curves[cfg.parity_variant][-1]]})
+    for name in cfg.parity_variant.split(","):
+        gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[name])]
+        tail = max(1, len(gaps) // 10)  # the last tenth of the steps: where the paths have drifted most
+        emit({"bench": "parity", "steps": cfg.parity_steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),
+              "max_gap_after_10": max(gaps[10:]) if len(gaps) > 10 else max(gaps),
+              "mean_last_tenth": {n: sum(curves[n][-tail:]) / tail for n in ("fp32_eager", name)},
+              "fp32_first_last": [curves["fp32_eager"][0], curves["fp32_eager"][-1]],
+              "fast": name, "fast_first_last": [curves[name][0], curves[name][-1]]})
 
 
 def bench_sft(cfg: BenchConfig, base_rt, emit) -> None:

@@ -18,7 +18,8 @@
 # "medical-finetune" (doctors' answers) three times per epoch, when such a file is there; --sft_mix= for none),
 # --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
 # in every stage; default 8192, --tiny 0; 0 = the ChatGLM2 tokenizer; docs/recipe.md compares them), --eval_args="FLAGS" (added to the
-# main eval stage, e.g. --eval_args="--candidates=8 --temperature=0.7 --top_p=0.9" to score another decoding).
+# main eval stage, e.g. --eval_args="--candidates=8 --temperature=0.7 --top_p=0.9" to score another decoding),
+# --pretrain_args="FLAGS" and --sft_args="FLAGS" (the same for pretrain.py and sft.py, e.g. --pretrain_args="--epochs=2").
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
 # gets from the plain commands it prints, except fewer validation passes and checkpoint saves.
 # torch.compile's caches (graphs, kernels) go to $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/babyllama/torch_compile
@@ -30,7 +31,7 @@ cd "$(dirname "$0")"
 # every stage's command is an array (each path one word, whatever it holds): empty ones need bash 4.4
 (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404 )) || { echo "error: speedrun.sh needs bash 4.4 or newer" >&2; exit 2; }
 
-CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE=() ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB="" ; EVAL_ARGS="" ; EVAL_ORIG=0
+CORPORA="" ; DATA="" ; OUT="" ; TINY=0 ; SETUP=1 ; OVERWRITE=() ; MIX="medical-finetune=3" ; MIX_SET=0 ; TOK_VOCAB="" ; EVAL_ARGS="" ; EVAL_ORIG=0 ; PRE_ARGS="" ; SFT_ARGS=""
 for arg in "$@"; do
   case "$arg" in
     --corpora=*) CORPORA="${arg#*=}" ;;
@@ -42,8 +43,10 @@ for arg in "$@"; do
     --sft_mix=*) MIX="${arg#*=}"; MIX_SET=1 ;;
     --tokenizer_vocab=*) TOK_VOCAB="${arg#*=}" ;;
     --eval_args=*) EVAL_ARGS="${arg#*=}" ;;
+    --pretrain_args=*) PRE_ARGS="${arg#*=}" ;;
+    --sft_args=*) SFT_ARGS="${arg#*=}" ;;
     --eval_original) EVAL_ORIG=1 ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -204,12 +207,15 @@ if [ "$TOK_VOCAB" != 0 ]; then
   TOK_X=(--tokenizer="$DATA/tokenizer")
 fi
 read -ra EVAL_USER <<< "$EVAL_ARGS"  # --eval_args: flags separated by spaces (not expanded as file patterns)
+read -ra PRE_USER <<< "$PRE_ARGS"
+read -ra SFT_USER <<< "$SFT_ARGS"
 stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" "${TOK_X[@]}" \
   "${OVERWRITE[@]}"
 stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" "${TOK_X[@]}" "${OVERWRITE[@]}"
-PRE_CMD=(pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" "${PRE_X[@]}" "${OVERWRITE[@]}")
+PRE_CMD=(pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" "${PRE_X[@]}" "${PRE_USER[@]}"
+  "${OVERWRITE[@]}")
 SFT_CMD=(sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" "${MIX_X[@]}"
-  "${SFT_X[@]}" "${OVERWRITE[@]}")
+  "${SFT_X[@]}" "${SFT_USER[@]}" "${OVERWRITE[@]}")
 EVAL_CMD=(eval.py --ckpt="$OUT/sft" --data="$EVAL_FILE" --val_bin="$DATA/pretrain" --baselines
   --answer_pool="$DATA/sft/train.jsonl" "${TOK_X[@]}" "${EVAL_X[@]}" "${EVAL_USER[@]}")
 # the original project's protocol: sampling at temperature 1.0 from the top 100 tokens, at most 100 new tokens

@@ -142,7 +142,8 @@ def run_both_speedruns(tmp_path_factory) -> dict:
     env.pop("BABYLLAMA_TOKENIZER", None)  # the run with its own tokenizer: nothing may fall back to ChatGLM2's
     own_base = tmp_path_factory.mktemp("speedrun_own") / "own run"  # its --tokenizer=... too: a path with a space
     own_base.mkdir()
-    own = Speedrun(own_base, ["--tokenizer_vocab=4096", "--eval_original"], env)
+    own = Speedrun(own_base, ["--tokenizer_vocab=4096", "--eval_original", "--pretrain_args=--log_interval=5",
+                              "--sft_args=--log_interval=4 --seed=7"], env)
     chatglm = killed = None
     try:
         if SESSION_TOKENIZER:
@@ -340,3 +341,10 @@ def test_speedrun_with_a_tokenizer_of_its_own(speedruns):
                                     for line in open(os.path.join(out, "speedrun.jsonl"), encoding="utf-8")
                                     if json.loads(line)["stage"] not in ("tokenizer", "report"))
     assert ev["scores"]["bits_per_byte"] > 0
+    # --pretrain_args / --sft_args reach their stage, after the speedrun's own flags (the last of a flag wins)
+    commands = {json.loads(line)["stage"]: json.loads(line)["command"]
+                for line in open(os.path.join(out, "speedrun.jsonl"), encoding="utf-8")}
+    assert "--log_interval=10 --log_interval=5" in commands["pretrain"]
+    assert "--log_interval=4 --seed=7" in commands["sft"] and "--log_interval=5" not in commands["sft"]
+    for stage, interval in (("pretrain", 5), ("sft", 4)):
+        assert f"step {interval}/" in open(os.path.join(out, stage, "log.txt"), encoding="utf-8").read()
