@@ -33,9 +33,10 @@ from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, check
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
-from babyllama.runtime import autocast_context as autocast, resolve_dtype, setup_runtime, synchronize as sync
+from babyllama.runtime import (attention_kernels, autocast_context as autocast, resolve_dtype, setup_runtime,
+                                synchronize as sync, wrap_ddp)
 from babyllama.fileio import write_json
-from trainer import DeviceBatches, attention_kernels, lr_at, train_step, TrainConfig, wrap_ddp
+from trainer import DeviceBatches, lr_at, train_step, TrainConfig
 
 @dataclass(frozen=True)
 class Variant:
@@ -44,7 +45,7 @@ class Variant:
     compile: object = False  # torch.compile: False, True (default mode) or a mode name
     ce_chunk: int = 0  # fused output layer + loss in chunks of this many rows; 0 = plain cross-entropy
     fused: bool = False  # q/k/v and gate/up as one matmul each (model.fuse_projections, --fuse_projections)
-    attention: str = "auto"  # SDPA kernel tried first (trainer.attention_kernels, --attention)
+    attention: str = "auto"  # SDPA kernel tried first (babyllama.runtime.attention_kernels, --attention)
     tuned: bool = False  # inductor's coordinate-descent tuning of the kernels it generates (longer compilation)
 
 

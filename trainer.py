@@ -7,9 +7,7 @@ accumulation with one gradient sync per optimizer step, validation, logs, atomic
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -19,7 +17,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chatglm_tokenizer import bits_per_byte
 from babyllama.errors import check
@@ -28,7 +25,8 @@ from babyllama.train_log import Logger, Throughput, count, first_step_line, minu
 from babyllama.checkpoint import Checkpoints
 from babyllama.clocks import CompileClock, FitClock, process_start
 from babyllama.run_dir import StopSignals, check_data_tokenizer, open_run, stop_requested
-from babyllama.runtime import Runtime, autocast_context, device_problem, set_rng_state
+from babyllama.runtime import (ATTENTION, COMPILE_MODES, Runtime, attention_kernels, autocast_context, compile_mode,
+                                configure_dynamo, device_problem, set_rng_state, wrap_ddp)
 
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
@@ -115,47 +113,6 @@ class TrainConfig:
         if self.tensorboard:
             import importlib.util
             check(importlib.util.find_spec("tensorboard") is not None, "--tensorboard needs `pip install tensorboard`")
-
-
-COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
-ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}  # --attention -> the SDPA backend put first
-
-
-def attention_kernels(name: str):
-    """A context in which SDPA tries --attention's kernel first, then torch's usual order (a kernel that cannot
-    take a call falls through to the next). torch.compile picks the kernel when it traces, so the whole run is in it."""
-    first = ATTENTION[name]
-    if first is None:
-        return contextlib.nullcontext()
-    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
-    return sdpa_kernel(order, set_priority=True)
-
-
-def compile_mode(mode: str) -> Optional[str]:
-    """torch.compile's mode argument. reduce-overhead replays the forward and backward as CUDA graphs (one launch
-    instead of hundreds of kernels), so the GPU never waits for the host: same losses and peak memory, and faster
-    the slower the host (docs/speed.md)."""
-    return None if mode == "default" else mode
-
-
-def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    """DistributedDataParallel with the gradients living in the all-reduce buckets (gradient_as_bucket_view): no
-    copy of every gradient into a bucket and back each step (about 150 small kernels and their launches). The only
-    buffers are the rotary tables, computed identically on every rank: no broadcast of them before each forward.
-
-    A compiled model stays one graph (optimize_ddp off) rather than one per gradient bucket: the all-reduces then
-    wait for the whole backward instead of overlapping it, but little could overlap anyway (the tied embedding,
-    57% of the gradient bytes, is complete only after the last backward op) and each extra graph costs host time
-    (docs/speed.md has the measurements)."""
-    torch._dynamo.config.optimize_ddp = False
-    DDP = torch.nn.parallel.DistributedDataParallel
-    # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})
-    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True,
-               **no_buffer_sync)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -359,20 +316,6 @@ class LossLog:
         mean = f"{sum(self.finite) / len(self.finite):.4f}" if self.finite else "n/a"
         self.finite.clear()
         return mean
-
-
-def configure_dynamo() -> None:
-    """torch.compile's settings for the training step (process-wide, idempotent).
-
-    - SFT rows come in up to max_seq_len / pad_multiple widths, each a graph (training only: validation is eager).
-    - Floats stay constants: chain.py runs pretraining (dropout 0.0) and SFT (dropout 0.1) in one process, and by
-      default the second model's dropout rates would become symbolic floats ("automatic dynamic"), missing the
-      compile caches and tracing SFT's step twice."""
-    dyn = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-    setattr(dyn, limit, max(getattr(dyn, limit), 64))
-    if hasattr(dyn, "specialize_float"):
-        dyn.specialize_float = True
 
 
 def build_model(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, ckpt: Optional[dict],

@@ -3,10 +3,13 @@
   rt = setup_runtime("auto", "auto")                # cuda > mps > cpu; bf16 where supported; DDP under torchrun
   with autocast_context(rt.device, rt.dtype): ...   # mixed precision in rt.dtype (nothing for float32)
   state = rng_state(); set_rng_state(state)         # every generator, as tensors and plain values (checkpoints)
+  configure_dynamo(); torch.compile(model, mode=compile_mode("reduce-overhead"))   # the training step's compile
+  with attention_kernels("flash"): ...              # SDPA tries that kernel first;  wrap_ddp(model, rt): DDP
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import platform
 import random
@@ -16,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import numpy as np
 
@@ -141,3 +145,58 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hw
+
+
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
+ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}  # --attention -> the SDPA backend put first
+
+
+def attention_kernels(name: str):
+    """A context in which SDPA tries --attention's kernel first, then torch's usual order (a kernel that cannot
+    take a call falls through to the next). torch.compile picks the kernel when it traces, so the whole run is in it."""
+    first = ATTENTION[name]
+    if first is None:
+        return contextlib.nullcontext()
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def compile_mode(mode: str) -> Optional[str]:
+    """torch.compile's mode argument. reduce-overhead replays the forward and backward as CUDA graphs (one launch
+    instead of hundreds of kernels), so the GPU never waits for the host: same losses and peak memory, and faster
+    the slower the host (docs/speed.md)."""
+    return None if mode == "default" else mode
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """DistributedDataParallel with the gradients living in the all-reduce buckets (gradient_as_bucket_view): no
+    copy of every gradient into a bucket and back each step (about 150 small kernels and their launches). The only
+    buffers are the rotary tables, computed identically on every rank: no broadcast of them before each forward.
+
+    A compiled model stays one graph (optimize_ddp off) rather than one per gradient bucket: the all-reduces then
+    wait for the whole backward instead of overlapping it, but little could overlap anyway (the tied embedding,
+    57% of the gradient bytes, is complete only after the last backward op) and each extra graph costs host time
+    (docs/speed.md has the measurements)."""
+    torch._dynamo.config.optimize_ddp = False
+    DDP = torch.nn.parallel.DistributedDataParallel
+    # torch >= 2.13 renames broadcast_buffers (and warns); its forward_sync_buffers=False still syncs once at init
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_buffer_sync)
+
+
+def configure_dynamo() -> None:
+    """torch.compile's settings for the training step (process-wide, idempotent).
+
+    - SFT rows come in up to max_seq_len / pad_multiple widths, each a graph (training only: validation is eager).
+    - Floats stay constants: chain.py runs pretraining (dropout 0.0) and SFT (dropout 0.1) in one process, and by
+      default the second model's dropout rates would become symbolic floats ("automatic dynamic"), missing the
+      compile caches and tracing SFT's step twice."""
+    dyn = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, limit, max(getattr(dyn, limit), 64))
+    if hasattr(dyn, "specialize_float"):
+        dyn.specialize_float = True

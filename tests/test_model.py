@@ -489,10 +489,10 @@ def test_blocked_cumsum_equals_cumsum():
 def test_second_model_in_one_process_compiles_with_its_dropout_as_a_constant(monkeypatch):
     """chain.py compiles pretraining's model (dropout 0.0), then SFT's (0.1) in one process. By default dynamo then
     makes the dropout rates symbolic floats: the compile caches miss and SFT's step is traced twice."""
-    import trainer
+    from babyllama.runtime import configure_dynamo
 
     monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default; restored after
-    trainer.configure_dynamo()
+    configure_dynamo()  # as trainer.build_model calls it
     torch._dynamo.reset()
     graph_inputs = []
 

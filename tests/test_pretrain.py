@@ -373,7 +373,7 @@ def test_checkpoint_keeps_the_tied_matrix_once(tmp_path):
 
 
 def test_model_buffers_are_derived_so_ddp_need_not_broadcast_them():
-    """trainer.wrap_ddp turns off DDP's per-forward buffer broadcast: safe only while every buffer is a function
+    """babyllama.runtime.wrap_ddp (the trainer's) turns off DDP's per-forward buffer broadcast: safe only while every buffer is a function
     of the model args (equal on all ranks). A stateful buffer added later must turn it back on."""
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
     assert sorted(n for n, _ in m.named_buffers()) == ["rope_cos", "rope_sin"]
@@ -387,7 +387,7 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
     import warnings
     import torch.distributed as dist
     from babyllama.runtime import Runtime
-    from trainer import wrap_ddp
+    from babyllama.runtime import wrap_ddp
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings():
@@ -401,7 +401,7 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
 
 def test_compile_mode_defaults_to_cuda_graphs_and_rejects_unknown_modes():
     """reduce-overhead (CUDA graphs) by default: same losses and memory, 2-11% faster on one GPU (H100, H200)."""
-    from trainer import compile_mode
+    from babyllama.runtime import compile_mode
     assert TrainConfig().compile_mode == "reduce-overhead" and compile_mode("reduce-overhead") == "reduce-overhead"
     assert compile_mode("default") is None  # torch.compile(mode=None): inductor without CUDA graphs
     with pytest.raises(ConfigError, match="compile_mode.*graphs"):
