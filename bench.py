@@ -33,8 +33,8 @@ from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, check
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
-from babyllama.runtime import (attention_kernels, autocast_context as autocast, resolve_dtype, setup_runtime,
-                                synchronize as sync, wrap_ddp)
+from babyllama.runtime import (attention_kernels, autocast_context as autocast, configure_dynamo, resolve_dtype,
+                                setup_runtime, synchronize as sync, wrap_ddp)
 from babyllama.fileio import write_json
 from trainer import DeviceBatches, lr_at, train_step, TrainConfig
 
@@ -164,7 +164,11 @@ def build(args: ModelArgs, rt, variant: Variant, seed: int = 0):
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     compile_ = variant.compile
     mode = compile_ if isinstance(compile_, str) else None
-    run = torch.compile(model, mode=mode) if compile_ and rt.device.type == "cuda" else model
+    if compile_ and rt.device.type == "cuda":
+        configure_dynamo()  # the trainer's settings: several variants compile in one process, as chain.py's stages do
+        run = torch.compile(model, mode=mode)
+    else:
+        run = model
     if rt.world_size > 1:
         run = wrap_ddp(run, rt)  # pretrain.py's DDP wrapper
     return model, run, opt, scaler

@@ -4,7 +4,8 @@
   with autocast_context(rt.device, rt.dtype): ...   # mixed precision in rt.dtype (nothing for float32)
   state = rng_state(); set_rng_state(state)         # every generator, as tensors and plain values (checkpoints)
   configure_dynamo(); torch.compile(model, mode=compile_mode("reduce-overhead"))   # the training step's compile
-  with attention_kernels("flash"): ...              # SDPA tries that kernel first;  wrap_ddp(model, rt): DDP
+  with attention_kernels("flash"): ...              # SDPA tries that kernel first
+  ddp_model = wrap_ddp(model, rt)                   # DDP with gradients in its buckets, no buffer broadcasts
 """
 from __future__ import annotations
 

@@ -373,8 +373,9 @@ def test_checkpoint_keeps_the_tied_matrix_once(tmp_path):
 
 
 def test_model_buffers_are_derived_so_ddp_need_not_broadcast_them():
-    """babyllama.runtime.wrap_ddp (the trainer's) turns off DDP's per-forward buffer broadcast: safe only while every buffer is a function
-    of the model args (equal on all ranks). A stateful buffer added later must turn it back on."""
+    """babyllama.runtime.wrap_ddp (the trainer's) turns off DDP's per-forward buffer broadcast: safe only while
+    every buffer is a function of the model args (equal on all ranks). A stateful buffer added later must turn it
+    back on."""
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
     assert sorted(n for n, _ in m.named_buffers()) == ["rope_cos", "rope_sin"]
     other = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16))
