@@ -54,30 +54,36 @@ if triton is not None:
     @triton.jit
     def _softmax_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, losses_ptr, vocab_size, n_cols,
                              BLOCK: tl.constexpr):
-        """One program per row: online logsumexp over the row (first read), then dlogits written over the logits
-        (second read, one write). losses[row] = lse - logit[target], 0 for an ignored row."""
+        """One program per row: an online logsumexp over the row, block by block (first read), then dlogits
+        written over the logits (second read, one write). losses[row] = lse - logit[target], 0 for an ignored row.
+
+        In base 2 (exp2 of x * log2 e) and one exponential per element and pass: the kernel is bound by the
+        exponentials as much as by memory. The first pass asks the cache to keep the row for the second, which
+        asks it to drop the row; a row is 127 KiB at 64,832 columns."""
+        LOG2E: tl.constexpr = 1.4426950408889634
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max and sum of exp(x - max)
-        s = tl.zeros([BLOCK], tl.float32)
+        m = float("-inf")  # running max of x * log2 e over the blocks so far, and the sum of exp2(x * log2 e - m)
+        s = 0.0
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(m, x)
-            safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # a lane with no real column yet: keep s at 0
-            s = s * tl.exp(m - safe) + tl.exp(x - safe)
+            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32) * LOG2E
+            # a block of padded columns only (max -inf) leaves m as it was; the first block holds column 0
+            new_m = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp2(m - new_m) + tl.sum(tl.exp2(x - new_m), axis=0)
             m = new_m
-        row_max = tl.max(m, axis=0)
-        lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+        lse2 = m + tl.log2(s)  # the row's logsumexp in base 2
         valid = target != -1
         target_logit = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
-        tl.store(losses_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+        tl.store(losses_ptr + row, tl.where(valid, lse2 / LOG2E - target_logit, 0.0))
         row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - lse)  # padded columns: exp(-inf) = 0
+            x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf"),
+                        eviction_policy="evict_first").to(tl.float32)
+            p = tl.exp2(x * LOG2E - lse2)  # softmax; padded columns: exp2(-inf) = 0
             p = tl.where(cols == target, p - 1.0, p) * row_scale
             tl.store(base + cols, p.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
 
@@ -88,7 +94,7 @@ def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
         return _softmax_grad_torch(logits, targets, vocab_size, scale)
     losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
     _softmax_grad_kernel[(logits.size(0),)](logits, logits.stride(0), targets, scale, losses, vocab_size,
-                                            logits.size(1), BLOCK=4096, num_warps=8)
+                                            logits.size(1), BLOCK=8192, num_warps=16)
     return losses.sum(), logits
 
 
