@@ -261,8 +261,9 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
     args = cfg.model_args()
     data = PretrainData(cfg.data_dir, "train", args.max_seq_len, cfg.batch_size, seed=0)
     sched = TrainConfig(max_steps=cfg.parity_steps, warmup_steps=min(100, cfg.parity_steps // 4), learning_rate=3e-4, min_lr=3e-5)
+    fast = cfg.parity_variant.split(",")
     curves = {}
-    for name in ("fp32_eager", *cfg.parity_variant.split(",")):
+    for name in ("fp32_eager", *fast):
         variant = parse_variant(name)
         rt = dataclasses.replace(base_rt, dtype=variant.dtype)
         _, run, opt, scaler = build(args, rt, variant, seed=0)
@@ -270,7 +271,7 @@ def bench_parity(cfg: BenchConfig, base_rt, emit) -> None:
         with step_context(variant):
             curves[name] = torch.stack([train_step(run, opt, scaler, batches, 1, lr_at(s, sched), 1.0, rt)[0]
                                         for s in range(cfg.parity_steps)]).tolist()
-    for name in cfg.parity_variant.split(","):
+    for name in fast:
         gaps = [abs(a - b) for a, b in zip(curves["fp32_eager"], curves[name])]
         tail = max(1, len(gaps) // 10)  # the last tenth of the steps: where the paths have drifted most
         emit({"bench": "parity", "steps": cfg.parity_steps, "max_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps),

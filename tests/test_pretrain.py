@@ -387,8 +387,7 @@ def test_wrap_ddp_syncs_no_buffers_per_forward_and_raises_no_deprecation(tmp_pat
     name this torch has, and either way DDP does not re-send the rotary tables before each forward."""
     import warnings
     import torch.distributed as dist
-    from babyllama.runtime import Runtime
-    from babyllama.runtime import wrap_ddp
+    from babyllama.runtime import Runtime, wrap_ddp
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings():
