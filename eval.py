@@ -528,6 +528,19 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
                                                "new_tokens": new_tokens, "reference_bpb_s": ref_s,
                                                "baselines_s": baselines_s, "scoring_s": scoring_s, "startup_s": startup_s,
                                                "processes": shard[1]})
+    print_summary(records, answers, report, stock, ref, baselines, degenerate, lengths)
+    print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
+    if ppl_error is not None:
+        raise DataError(f"perplexity: {ppl_error}; the scores above are without it (no report written)")
+    json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
+    print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
+          f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
+    return report
+
+
+def print_summary(records: List[dict], answers: List[str], report: dict, stock: dict, ref: Optional[dict],
+                  baselines: dict, degenerate: dict, lengths: dict) -> None:
+    """The quality lines of a scored run: stock answers, one sample, the baselines, degenerate answers."""
     print(stock_line("answers", stock))
     print(stock_line("references", report["references"]) + (f" | {ref['bits_per_byte']:.4f} bits/byte given the "
                                                            f"questions" if ref and ref["bits_per_byte"] else ""))
@@ -539,13 +552,6 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
               f"{100 * b['duplicate']:.1f}% | question overlap {100 * b['question_overlap']:.1f}%")
     print(f"degenerate answers {100 * degenerate['degenerate']:.1f}% (loops {100 * degenerate['loop']:.1f}%, cut at "
           f"max_new_tokens {100 * degenerate['hit_limit']:.1f}%) | answer length {lengths['ratio']:.2f}x the references'")
-    print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
-    if ppl_error is not None:
-        raise DataError(f"perplexity: {ppl_error}; the scores above are without it (no report written)")
-    json_path, md_path = write_reports(report, cfg.out_dir, ckpt_path)
-    print(f"wrote {json_path} and {md_path} | {len(records)} samples in {total_s:.1f} s "
-          f"(generation {gen_s:.1f} s, {report['timing']['new_tokens_per_s']:.1f} new tokens/s)")
-    return report
 
 
 def describe_prompts(cfg: EvalConfig, records: List[dict], data_path: Optional[str], kind: str, prompts: list,
