@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import datetime
 import io
-import itertools
 import json
 import math
 import os
@@ -54,11 +53,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from babyllama import bleu
 from babyllama import quality
+from babyllama.batching import FREE_SHARE, fixed_batches, generate_all, length_order, plan_batches
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from babyllama.config import config_dict, config_or_exit
@@ -71,7 +70,7 @@ from rerank import AnswerPool, generate_best, pool_fallback
 from scoring import reference_bpb
 from babyllama.fileio import write_atomic
 from babyllama.runtime import (autocast_context as autocast, cleanup, device_problem, hardware, resolve_dtype,
-                               setup_runtime, synchronize)
+                               setup_runtime)
 from generate import load_for_inference
 
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
@@ -103,7 +102,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     ppl_windows: int = 0  # perplexity over the first N windows in file order (0 = all; pretrain.py validates on eval_windows)
     ppl_seq_len: int = 0  # window length - 1; 0 = the model's max_seq_len (what pretrain.py validates on)
     limit: int = 0  # evaluate the first N questions (0 = all)
-    batch_size: int = 0  # prompts generated together (and windows per perplexity batch, at most 16); 0 = auto: on a GPU every question at once as memory allows (auto_batch_size), else 32
+    batch_size: int = 0  # prompts generated together (and windows per perplexity batch, at most 16); 0 = auto: on a GPU as many questions at once as memory allows (batch_sizes), else 32
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
@@ -185,51 +184,16 @@ def load_qa(path: str) -> List[dict]:
 # ----------------------------------------------------------------------------- generation
 
 
-def auto_batch_size(rows: int, model_args: dict, n_prompts: int, device: torch.device, dtype: torch.dtype) -> int:
-    """--batch_size=0: on a GPU all the prompts in one batch (a decode step costs about the same for 1 or 500 of
-    them) when their decode state fits half the free memory, else as many as fit: per prompt, each of its rows' (beams
-    x candidates) KV cache over the whole context and four (rows, vocab) fp32 tensors of log-probs. 32 elsewhere."""
-    if device.type != "cuda":
-        return 32
-    a = model_args
-    n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
-    kv_row = 2 * a["n_layers"] * n_kv * head_dim * a["max_seq_len"] * torch.finfo(dtype).bits // 8
-    per_prompt = rows * (kv_row + 4 * a["vocab_size"] * 4)
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(n_prompts, free // 2 // per_prompt)))
-
-
-@torch.no_grad()
-def generate_all(model, prompts: List[List[int]], batch_size: int, sampling: Sampling, gen_kwargs: dict,
-                 device: torch.device, dtype: torch.dtype, progress: bool = True, decoder=None,
-                 shard: tuple = (0, 1)) -> tuple:
-    """New-token lists for every prompt, in input order -> (outputs, seconds).
-
-    Batches are cut from prompts sorted by length, so the left padding inside a batch stays small.
-    decoder: generate.generate (None), beam.beam_search or rerank.generate_best, called with the knobs (sampling)
-    and gen_kwargs (the rest: eos_id, generator, ...). shard = (rank, world) under torchrun: this process answers
-    every world-th prompt of that order (each rank a like mix of lengths) and every rank gets all the outputs."""
-    rank, world = shard
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))[rank::world]
-    outputs: List[Optional[List[int]]] = [None] * len(prompts)
-    bar = tqdm(total=len(order), desc="generating", unit="q", disable=not progress, file=sys.stderr)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        with autocast(device, dtype):
-            outs = (decoder or generate)(model, [prompts[i] for i in idx], sampling, **gen_kwargs)
-        for i, out in zip(idx, outs):
-            outputs[i] = list(out)
-        bar.update(len(idx))
-    if world > 1:  # every rank's answers, in input order, on every rank
-        parts: list = [None] * world
-        dist.all_gather_object(parts, [(i, outputs[i]) for i in order])
-        for i, out in itertools.chain.from_iterable(parts):
-            outputs[i] = out
-    synchronize(device)
-    bar.close()
-    return outputs, time.perf_counter() - t0
+def batch_sizes(cfg: EvalConfig, prompts: List[List[int]], order: List[int], model_args: dict, device: torch.device,
+                dtype: torch.dtype) -> List[int]:
+    """The decode batches over prompts in `order` (length_order's): --batch_size N cuts batches of N; 0 (auto) on a GPU
+    takes as many prompts as their decode state fits FREE_SHARE of the free memory (plan_batches), elsewhere 32."""
+    if cfg.batch_size or device.type != "cuda":
+        return fixed_batches(len(order), cfg.batch_size or 32)
+    beams = cfg.beams > 1  # beam.py's cache spans prompt + new tokens; generate.py's static one the whole context
+    budget = int(FREE_SHARE * torch.cuda.mem_get_info(device)[0])
+    return plan_batches([len(prompts[i]) for i in order], cfg.beams * cfg.candidates, model_args,
+                        cfg.max_new_tokens if beams else None, torch.finfo(dtype).bits // 8, budget)
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -414,7 +378,8 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "template.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
-                         f"batch {cfg.batch_size}{per_process(timing.get('processes', 1))}, KV cache on"),
+                         f"{timing.get('batches', f'batch {cfg.batch_size}')}{per_process(timing.get('processes', 1))}, "
+                         f"KV cache on"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
             "degenerate": (f"an answer that loops (a span of {quality.LOOP_SPAN}+ characters {quality.LOOP_REPEATS}+ times in a "
@@ -451,8 +416,7 @@ def decoding_word(cfg: Sampling) -> str:
 
 
 def decoding(cfg: EvalConfig, tokenizer, device: torch.device, pairs: Optional[list] = None) -> tuple:
-    """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (decoder None =
-    generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
+    """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
     cfg's own (an EvalConfig is a Sampling); pairs: --answer_pool's (question, answer) pairs, read once."""
     kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.candidates > 1:  # K rows per prompt (sampled, or beams after K sampled starts), one kept (rerank.py)
@@ -461,7 +425,7 @@ def decoding(cfg: EvalConfig, tokenizer, device: torch.device, pairs: Optional[l
         return dict(kwargs, decode=tokenizer.decode, use_cache=True, pool=pool), generate_best
     if cfg.beams > 1:  # the generator samples a --beam_prefix start only
         return kwargs, beam_search
-    return dict(kwargs, use_cache=True), None
+    return dict(kwargs, use_cache=True), generate
 
 
 def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, device: torch.device,
@@ -476,20 +440,23 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
         if note:
             print(note)
     records, data_path = load_records(cfg, kind)
-    cfg.batch_size = cfg.batch_size or auto_batch_size(cfg.beams * cfg.candidates, ckpt["model_args"], len(records), device, dtype)
     scored = all("answer" in r for r in records)
     pairs = quality.qa_pairs(cfg.answer_pool) if (cfg.baselines and scored) or \
         (cfg.rerank == "pool" and cfg.candidates > 1) else []  # a bad pool fails before generating
     pool = pairs if cfg.baselines and scored else []
     prompt_budget = max_seq_len - cfg.max_new_tokens
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
+    sizes = batch_sizes(cfg, prompts, length_order([len(p) for p in prompts], *shard), ckpt["model_args"], device, dtype)
+    auto = not cfg.batch_size and device.type == "cuda"
+    cfg.batch_size = cfg.batch_size or (max(sizes, default=1) if auto else 32)  # also the perplexity's and the references' batch
+    batches = f"batches {'+'.join(map(str, sizes))} (as memory allows)" if auto and len(sizes) > 1 else \
+        f"batch {cfg.batch_size}"
     gen_kwargs, decoder = decoding(cfg, tokenizer, device, pairs)
     baselines_done = quality.start_baseline_scores([r["question"] for r in records], [r["answer"] for r in records],
                                                    pool, cfg.answer_pool, device.type == "cuda") \
         if pool and shard[0] == 0 else None
-    describe_prompts(cfg, records, data_path, kind, prompts, cut, prompt_budget, shard[1])
-    outputs, gen_s = generate_all(model, prompts, cfg.batch_size, cfg, gen_kwargs, device, dtype, progress, decoder,
-                                  shard)
+    describe_prompts(cfg, records, data_path, kind, prompts, cut, prompt_budget, shard[1], batches)
+    outputs, gen_s = generate_all(decoder, model, prompts, sizes, cfg, gen_kwargs, device, dtype, progress, shard)
     if shard[0] != 0:  # rank 0 scores and reports
         return None
     answers = [tokenizer.decode(o).strip() for o in outputs]
@@ -527,7 +494,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
                           prompt_budget, cut, {"total_s": total_s, "generation_s": gen_s, "ppl_s": ppl_s,
                                                "new_tokens": new_tokens, "reference_bpb_s": ref_s,
                                                "baselines_s": baselines_s, "scoring_s": scoring_s, "startup_s": startup_s,
-                                               "processes": shard[1]})
+                                               "processes": shard[1], "batches": batches})
     print_summary(records, answers, report, stock, ref, baselines, degenerate, lengths)
     print(score_line(bleu4, sacre, ppl, bpb))  # the scores come first: a report that cannot be written loses nothing
     if ppl_error is not None:
@@ -555,13 +522,13 @@ def print_summary(records: List[dict], answers: List[str], report: dict, stock: 
 
 
 def describe_prompts(cfg: EvalConfig, records: List[dict], data_path: Optional[str], kind: str, prompts: list,
-                     cut: int, prompt_budget: int, world: int) -> None:
+                     cut: int, prompt_budget: int, world: int, batches: str) -> None:
     """The line saying what is asked and how it is decoded (and where the sample set stands in for a dev set)."""
     if data_path == SAMPLE_DATA and not cfg.data:  # no --data and no dev set: said, not silent
         print(f"note: {SAMPLE_NOTE}")
     print(f"{len(records)} prompts from {data_path or ('--prompts' if cfg.prompts else 'the original project prompts')} | "
           f"{'SFT template' if kind == 'sft' else 'continuation'} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} "
-          f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, batch {cfg.batch_size}"
+          f"tokens ({cut} cut to {prompt_budget}) | {cfg.max_new_tokens} new tokens max, {batches}"
           f"{per_process(world)}, {decoding_word(cfg)}, KV cache on")
 
 

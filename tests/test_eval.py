@@ -176,17 +176,16 @@ def test_cli_checkpoint_from_another_vocabulary_exits_2(tmp_path, tokenizer_path
 
 # ---- generation and reports ------------------------------------------------------------------------
 
-def test_generate_all_batches_by_length_and_restores_order(monkeypatch):
-    """A stand-in generate() answers each prompt with the prompt reversed and records the batches' lengths."""
+def test_generate_all_batches_by_length_and_restores_order():
+    """A stand-in decoder answers each prompt with the prompt reversed and records the batches' lengths."""
     batches = []
 
     def reversing(model, prompts, knobs, **kw):
         batches.append([len(p) for p in prompts])
         return [list(reversed(p)) for p in prompts]
 
-    monkeypatch.setattr(ev, "generate", reversing)
     prompts = [[5] * n + [n] for n in (7, 2, 9, 1, 4)]
-    outs, seconds = ev.generate_all(None, prompts, 2, ev.Sampling(), {}, torch.device("cpu"), torch.float32,
+    outs, seconds = ev.generate_all(reversing, None, prompts, 2, ev.Sampling(), {}, torch.device("cpu"), torch.float32,
                                     progress=False)
     assert outs == [list(reversed(p)) for p in prompts] and seconds >= 0
     assert batches == [[2, 3], [5, 8], [10]]  # sorted by length, cut into batches of 2
