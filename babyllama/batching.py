@@ -1,15 +1,16 @@
 """How eval.py cuts its questions into decode batches: sorted by length, as many in a batch as the GPU's memory holds.
 
 Library module, no command line:
-  from babyllama.batching import generate_all, length_order, plan_batches
+  from babyllama.batching import FREE_SHARE, generate_all, length_order, plan_batches
   order = length_order([len(p) for p in prompts])                   # prompt indices, shortest first
   sizes = plan_batches([len(prompts[i]) for i in order], rows=32, model_args=ma, max_new_tokens=256,
-                       itemsize=2, budget=int(0.7 * free_bytes))     # e.g. [352, 148]
+                       itemsize=2, budget=int(FREE_SHARE * free))       # e.g. [248, 202, 50]
   outputs, seconds = generate_all(beam.beam_search, model, prompts, sizes, sampling, {"eos_id": 2}, device, dtype)
 
-Why: a beam-search step takes about the same time for 50 questions as for 500 (the host's Python drives each step,
-and the GPU is far from busy), so the fewer batches, the faster. What a batch holds is its rows' KV cache over its
-longest prompt plus the new tokens, so prompts sorted by length put many short ones together.
+Why: the cache beam search allocates spans a batch's longest prompt plus the new tokens, not the whole context, so
+planning by that fits more questions in the same memory, and prompts sorted by length keep the padding small. A
+batch's decoding time follows its rows (each beam step reads every row's KV cache: bound by the GPU's memory), so
+the plan is about fitting, not speed: docs/speed.md, "Decode batches".
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from babyllama.runtime import autocast_context as autocast, synchronize
 
-FREE_SHARE = 0.7  # of the GPU's free memory planned for the decode state; the rest: top-k, KV-row copies, allocator slack
+FREE_SHARE = 0.5  # of the GPU's free memory planned for the decode state; the rest: top-k, KV-row copies, allocator slack
 
 
 def fixed_batches(count: int, size: int) -> List[int]:
