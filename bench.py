@@ -8,6 +8,7 @@ On one GPU, the original project's config (dim 512, 8 layers, 8 heads, seq 512, 
     python bench.py --what=ckpt                       # what the training loop waits for when it saves a checkpoint
     python bench.py --what=train --variants=bf16_compile,bf16_compile_ce4k_cg,bf16_compile_ce16k_cg_fused_cudnn
     python bench.py --what=profile                    # GPU time per step by kernel class (parse_variant: the names)
+    python bench.py --what=beam --vocab_size=8192     # eval.py's beam search: time per row and step, GPU time by kind
 Several GPUs (data-parallel scaling of the step pretrain.py runs under torchrun, CUDA graphs included):
     torchrun --standalone --nproc_per_node=2 bench.py --what=train --variants=bf16_compile_ce4k_cg
 Tiny CPU run:
@@ -31,7 +32,8 @@ import torch
 
 from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, check
-from generate import Sampling, generate
+from beam import beam_search
+from generate import EVAL_BEAMS, Sampling, generate
 from model import ModelArgs, Transformer
 from babyllama.runtime import (attention_kernels, autocast_context as autocast, configure_dynamo, resolve_dtype,
                                 setup_runtime, synchronize as sync, wrap_ddp)
@@ -81,7 +83,7 @@ def parse_variant(name: str) -> Variant:
 
 @dataclass
 class BenchConfig:
-    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data, ckpt, profile
+    what: str = "train,gen"  # comma-separated: train, parity, sft, gen, data, ckpt, profile, beam
     variants: str = "fp16_eager,bf16_compile,bf16_compile_ce4k_cg"  # train steps (parse_variant names): the original project's recipe, plain bf16 + compile, our default
     dim: int = 512  # model: the original project's config
     n_layers: int = 8
@@ -102,6 +104,7 @@ class BenchConfig:
     gen_prompt_len: int = 32
     gen_new_tokens: int = 256
     gen_no_cache: bool = True  # also time generation without the KV cache
+    beam_questions: str = "64,256"  # beam: questions per batch to time, each as eval.py decodes it (4 starts x 8 beams, gen_prompt_len + gen_new_tokens)
     data_input: str = ""  # data: a corpus file for data_process.py
     data_workers: int = 2  # data: tokenizer processes
     tokenizer: str = ""  # tokenizer.model for sft/data (else the usual lookup)
@@ -110,7 +113,7 @@ class BenchConfig:
 
     def validate(self):
         for w in self.what.split(","):
-            check(w in ("train", "parity", "sft", "gen", "data", "ckpt", "profile"), f"--what: unknown benchmark {w!r}")
+            check(w in ("train", "parity", "sft", "gen", "data", "ckpt", "profile", "beam"), f"--what: unknown benchmark {w!r}")
         for v in [*self.variants.split(","), *self.parity_variant.split(","), self.sft_variant, self.profile_variant]:
             try:
                 parse_variant(v)
@@ -334,6 +337,58 @@ def measure_generation(model, batch_size: int, prompt_len: int, new_tokens: int,
             "compile": compile, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+BEAM_CLASSES = (  # (class, words of the kernel names in it), first match wins
+    ("attention over the KV cache", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90_", "sm80_", "cublas", "gemv")),
+    ("log-softmax, top-k, sort", ("softmax", "topk", "sort", "radix", "scan", "bitonic")),
+    ("gathers, copies, concatenation (KV rows, beams)", ("index", "gather", "scatter", "copy", "cat")),
+    ("other elementwise and reductions", ("elementwise", "reduce", "triton_")),
+)
+
+
+def bench_beam(cfg: BenchConfig, rt, emit) -> None:
+    """eval.py's default decoding (4 sampled starts x 8 beams, 3-gram ban) on random prompts of gen_prompt_len tokens
+    that never end (no <eos>), gen_new_tokens each, with a random model at the config: seconds per batch of
+    beam_questions questions, microseconds per row and step; on CUDA also one more batch under torch.profiler, its GPU
+    time by kernel class (BEAM_CLASSES) against its wall time, which says whether the GPU or the host bounds it."""
+    from torch.profiler import ProfilerActivity, profile
+    model = Transformer(cfg.model_args()).to(rt.device).eval()
+    dt = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    if rt.device.type == "cuda":
+        model.cast_for_inference(dt)  # as eval.py loads it
+    knobs = Sampling(max_new_tokens=cfg.gen_new_tokens, beams=EVAL_BEAMS, beam_prefix=8, temperature=0.8, top_p=0.9)
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    starts = 4  # eval.py's --candidates: each question decoded from 4 sampled starts
+
+    def run(n: int) -> float:
+        g = torch.Generator().manual_seed(n)
+        prompts = torch.randint(3, cfg.vocab_size, (n, cfg.gen_prompt_len), generator=g).tolist()
+        sync(rt.device)
+        t0 = time.perf_counter()
+        with autocast(rt.device, dt):
+            beam_search(model, [p for p in prompts for _ in range(starts)], knobs, eos_id=-1, generator=gen)
+        sync(rt.device)
+        return time.perf_counter() - t0
+
+    run(2)  # kernels and allocator warm
+    for n in [int(q) for q in cfg.beam_questions.split(",")]:
+        seconds = run(n)
+        row_steps = n * starts * knobs.beams * (knobs.max_new_tokens - knobs.beam_prefix)
+        r = {"bench": "beam", "questions": n, "rows": n * starts * knobs.beams, "seconds": seconds,
+             "us_per_row_step": 1e6 * seconds / row_steps}
+        if rt.device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                wall = run(n)
+            kernels = [(e.key, getattr(e, "self_device_time_total", 0) / 1e6) for e in prof.key_averages()]
+            classes: dict = {}
+            for key, sec in kernels:
+                name = next((c for c, words in BEAM_CLASSES if any(w in key.lower() for w in words)), "other")
+                classes[name] = classes.get(name, 0.0) + sec
+            r.update(profiled_wall_s=wall, gpu_s=sum(sec for _, sec in kernels),
+                     gpu_s_by_class={k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])})
+        emit(r)
+
+
 def bench_gen(cfg: BenchConfig, rt, emit) -> None:
     model = Transformer(cfg.model_args()).to(rt.device).eval()
     if rt.device.type == "cuda":
@@ -411,11 +466,13 @@ def main() -> None:
         bench_ckpt(cfg, rt, emit)
     if "profile" in whats and rt.device.type == "cuda":
         bench_profile(cfg, rt, emit)
+    if "beam" in whats and rt.master:
+        bench_beam(cfg, rt, emit)
     if rt.master:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         write_json(cfg.out, {"config": dataclasses.asdict(cfg), "matmul_peak_tflops": peak, "rows": rows})
         print(f"\n{'bench':<7}{'what':<40}{'tokens/s':>12}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}")
-        for r in [r for r in rows if r["bench"] not in ("ckpt", "profile")]:  # these: the JSON lines above
+        for r in [r for r in rows if r["bench"] not in ("ckpt", "profile", "beam")]:  # these: the JSON lines above
             what = r.get("mode") or r.get("variant") or (f"b{r.get('batch_size')} cache={r.get('use_cache')}" if r["bench"] == "gen" else "")
             tps = r.get("tokens_per_s") or r.get("real_tokens_per_s") or 0
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"

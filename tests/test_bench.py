@@ -88,3 +88,20 @@ def test_variant_names_spell_out_the_step():
     for bad in ("bf16", "bf16_fast", "bf16_eager_cg", "bf16_compile_ce0k", "bf16_compile_warp"):
         with pytest.raises(ValueError):
             bench.parse_variant(bad)
+
+
+def test_beam_rows_time_eval_decoding_per_row_and_step(tmp_path, monkeypatch, capsys):
+    report, stdout = bench_in_process(tmp_path, monkeypatch, capsys, "--what=beam", "--beam_questions=1,3",
+                                      "--gen_prompt_len=4", "--gen_new_tokens=10")
+    rows = report["rows"]
+    assert [r["questions"] for r in rows] == [1, 3] and [r["rows"] for r in rows] == [32, 96]  # 4 starts x 8 beams
+    for r in rows:  # 10 new tokens, the first 8 sampled: 2 beam steps per row
+        assert r["seconds"] > 0 and r["us_per_row_step"] == pytest.approx(1e6 * r["seconds"] / (r["rows"] * 2))
+        assert "gpu_s" not in r  # the GPU split is measured on CUDA only
+    assert '"bench": "beam"' in stdout
+
+
+def test_an_unknown_benchmark_is_refused_and_beam_is_known():
+    assert bench.BenchConfig(what="beam").what == "beam"
+    with pytest.raises(bench.ConfigError, match="unknown benchmark 'beams'"):
+        bench.BenchConfig(what="beams").validate()
