@@ -416,8 +416,9 @@ def decoding_word(cfg: Sampling) -> str:
 
 
 def decoding(cfg: EvalConfig, tokenizer, device: torch.device, pairs: Optional[list] = None) -> tuple:
-    """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (generate.generate), beam search, or K sampled candidates with one kept (rerank.generate_best). The knobs are
-    cfg's own (an EvalConfig is a Sampling); pairs: --answer_pool's (question, answer) pairs, read once."""
+    """(keyword arguments besides the knobs, decoder) for generate_all: sampling/greedy (generate.generate), beam
+    search, or K sampled candidates with one kept (rerank.generate_best). The knobs are cfg's own (an EvalConfig is
+    a Sampling); pairs: --answer_pool's (question, answer) pairs, read once."""
     kwargs = dict(eos_id=tokenizer.eos_id, generator=torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.candidates > 1:  # K rows per prompt (sampled, or beams after K sampled starts), one kept (rerank.py)
         pool = AnswerPool(pairs or quality.qa_pairs(cfg.answer_pool), tokenizer.encode_batch) \
