@@ -234,6 +234,16 @@ KERNEL_CLASSES = (  # (class, words of the kernel names in it), first match wins
 )
 
 
+def by_class(kernels: list, classes: tuple) -> dict:
+    """(kernel name, time) pairs summed by class: the first (class, words) of `classes` with a word in the name, else
+    "other"."""
+    totals: dict = {}
+    for key, t in kernels:
+        name = next((c for c, words in classes if any(w in key.lower() for w in words)), "other")
+        totals[name] = totals.get(name, 0.0) + t
+    return totals
+
+
 def bench_profile(cfg: BenchConfig, base_rt, emit) -> None:
     """GPU time per step by kernel class (KERNEL_CLASSES) and the 10 costliest kernels, from torch.profiler over
     `steps` steps of --profile_variant after its warm-up: where the step's time goes."""
@@ -248,10 +258,7 @@ def bench_profile(cfg: BenchConfig, base_rt, emit) -> None:
             time_steps(run, opt, scaler, batches, rt, cfg.steps, 0)
     kernels = [(e.key, getattr(e, "self_device_time_total", 0) / 1e3 / cfg.steps) for e in prof.key_averages()]
     kernels = [(k, ms) for k, ms in kernels if ms > 0]
-    classes: dict = {}
-    for key, ms in kernels:
-        name = next((c for c, words in KERNEL_CLASSES if any(w in key.lower() for w in words)), "other")
-        classes[name] = classes.get(name, 0.0) + ms
+    classes = by_class(kernels, KERNEL_CLASSES)
     top = sorted(kernels, key=lambda k: -k[1])[:10]
     emit({"bench": "profile", "variant": cfg.profile_variant, "gpu_ms_per_step": sum(ms for _, ms in kernels),
           "classes_ms": {k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
@@ -380,10 +387,7 @@ def bench_beam(cfg: BenchConfig, rt, emit) -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 wall = run(n)
             kernels = [(e.key, getattr(e, "self_device_time_total", 0) / 1e6) for e in prof.key_averages()]
-            classes: dict = {}
-            for key, sec in kernels:
-                name = next((c for c, words in BEAM_CLASSES if any(w in key.lower() for w in words)), "other")
-                classes[name] = classes.get(name, 0.0) + sec
+            classes = by_class(kernels, BEAM_CLASSES)
             r.update(profiled_wall_s=wall, gpu_s=sum(sec for _, sec in kernels),
                      gpu_s_by_class={k: round(v, 3) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])})
         emit(r)

@@ -73,6 +73,7 @@ from babyllama.runtime import (autocast_context as autocast, cleanup, device_pro
                                setup_runtime)
 from generate import load_for_inference
 
+CPU_BATCH = 32  # --batch_size=0 off a GPU: prompts per batch (and the perplexity's windows, at most 16)
 SAMPLE_DATA = "data/sample/eval/medical_qa.jsonl"  # the embedded 30 questions, when the dev set is not there
 DEFAULT_DATA = ("data/eval/medical_qa.jsonl", SAMPLE_DATA)
 SAMPLE_NOTE = (f"no data/eval/medical_qa.jsonl: scoring the embedded sample {SAMPLE_DATA} (30 questions, a smoke "
@@ -189,7 +190,7 @@ def batch_sizes(cfg: EvalConfig, prompts: List[List[int]], order: List[int], mod
     """The decode batches over prompts in `order` (length_order's): --batch_size N cuts batches of N; 0 (auto) on a GPU
     takes as many prompts as their decode state fits FREE_SHARE of the free memory (plan_batches), elsewhere 32."""
     if cfg.batch_size or device.type != "cuda":
-        return fixed_batches(len(order), cfg.batch_size or 32)
+        return fixed_batches(len(order), cfg.batch_size or CPU_BATCH)
     beams = cfg.beams > 1  # beam.py's cache spans prompt + new tokens; generate.py's static one the whole context
     budget = int(FREE_SHARE * torch.cuda.mem_get_info(device)[0])
     return plan_batches([len(prompts[i]) for i in order], cfg.beams * cfg.candidates, model_args,
@@ -378,7 +379,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
             "data": SAMPLE_NOTE if data_path == SAMPLE_DATA and not cfg.data else f"{data_path}",
             "prompt": "template.render_prompt (question + <bos>)" if kind == "sft" else "raw question text, continued",
             "decoding": (f"{cfg.describe()}, stop at <eos>, seed {cfg.seed}, "
-                         f"{timing.get('batches', f'batch {cfg.batch_size}')}{per_process(timing.get('processes', 1))}, "
+                         f"{timing['batches']}{per_process(timing.get('processes', 1))}, "
                          f"KV cache on"),
             "prompts_cut": f"{cut} prompt(s) longer than {prompt_budget} tokens kept their last {prompt_budget}",
             "bleu4": bleu.SENTENCE_PROTOCOL,
@@ -449,7 +450,7 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     prompts, cut = build_prompts(tokenizer, [r["question"] for r in records], kind, prompt_budget)
     sizes = batch_sizes(cfg, prompts, length_order([len(p) for p in prompts], *shard), ckpt["model_args"], device, dtype)
     auto = not cfg.batch_size and device.type == "cuda"
-    cfg.batch_size = cfg.batch_size or (max(sizes, default=1) if auto else 32)  # also the perplexity's and the references' batch
+    cfg.batch_size = cfg.batch_size or (max(sizes, default=1) if auto else CPU_BATCH)  # also the perplexity's and the references' batch
     batches = f"batches {'+'.join(map(str, sizes))} (as memory allows)" if auto and len(sizes) > 1 else \
         f"batch {cfg.batch_size}"
     gen_kwargs, decoder = decoding(cfg, tokenizer, device, pairs)

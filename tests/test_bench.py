@@ -105,3 +105,11 @@ def test_an_unknown_benchmark_is_refused_and_beam_is_known():
     assert bench.BenchConfig(what="beam").what == "beam"
     with pytest.raises(bench.ConfigError, match="unknown benchmark 'beams'"):
         bench.BenchConfig(what="beams").validate()
+
+
+def test_kernels_are_summed_by_their_first_matching_class():
+    kernels = [("void flash_fwd_kernel", 1.0), ("triton_poi_fused_0", 2.0), ("at::topk_kernel", 0.5), ("memset", 0.25),
+               ("sm90_gemm_copy", 0.125)]  # a GEMM whose name also says copy: matmul comes first
+    assert bench.by_class(kernels, bench.BEAM_CLASSES) == {
+        "attention over the KV cache": 1.0, "other elementwise and reductions": 2.0, "log-softmax, top-k, sort": 0.5,
+        "other": 0.25, "matmul": 0.125}
