@@ -16,8 +16,9 @@ and generate.py's cache, masks and n-gram ban; generate.py never imports this mo
 
 Speed (eval.py decodes thousands of beam rows at once on a GPU): a step ranks and chooses the candidates on the
 device (choose) and brings the host one small table (to_host), from which it files the finished answers and
-decides which prompts are done; the KV cache is never copied whole. A beam that continues another row's beam takes
-only the slots where the two rows' tokens differ (the prompt and a shared start stay; first_change), and the rows
+decides which prompts are done; the KV cache is never copied whole. A prompt's keys and values are stored once for
+its K beams (SharedPromptCache), so a step reads them once per prompt, not once per row. A beam that continues another
+row's beam takes only the answer slots where the two rows' tokens differ (first_change), and the rows
 of a finished prompt are refilled with those of the last prompts still searching (Rows.advance) rather than every
 later row moving up. Each step runs the rows the one-copy-per-step algorithm ran, the prompts in another order; a
 row's numbers do not depend on where in the batch it sits, so the answers are the same.
@@ -152,16 +153,72 @@ def copy_slots(bufs: list[torch.Tensor], tgt: np.ndarray, src: np.ndarray, beg: 
         buf[ri, :, si] = buf[rs, :, si]  # (total, n_kv, last dim)
 
 
+class SharedPromptCache:
+    """The beam rows' keys and values with each prompt's stored once for its K beams (model.Attention calls attend).
+
+    Every beam of a prompt has the same prompt slots, so they are kept once per prompt: pk / pv[layer] (A, n_kv, S,
+    head_dim) with pmask (A, 1, 1, S) True on its real slots, while each row keeps only its answer's slots, k /
+    v[layer] (A*K, n_kv, new, head_dim), answer token i at slot i (cache slot S + i). A decode step then reads a
+    prompt's keys once for its K rows instead of K times. The lists hold views of the first A prompts of buffers
+    made for all B (kbuf, vbuf, pkbuf, pvbuf): a prompt that is done shrinks them (keep)."""
+
+    def __init__(self, prompt: KVCache, pad: torch.Tensor, beams: int, new: int):
+        self.K, self.S = beams, prompt.max_len
+        self.pkbuf, self.pvbuf = list(prompt.k), list(prompt.v)  # (B, n_kv, S, head_dim) each
+        B, n_kv, S, head_dim = self.pkbuf[0].shape
+        self.kbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
+        self.vbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
+        self.pmask_buf = (torch.arange(S, device=pad.device)[None, :] >= pad[:, None])[:, None, None, :]
+        self.keep(B)
+
+    def keep(self, A: int) -> None:
+        """The views of the first A prompts (A*K rows)."""
+        self.pk, self.pv = [b[:A] for b in self.pkbuf], [b[:A] for b in self.pvbuf]
+        self.k, self.v = [b[:A * self.K] for b in self.kbuf], [b[:A * self.K] for b in self.vbuf]
+        self.pmask = self.pmask_buf[:A]
+
+    def move(self, tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int, holes: np.ndarray,
+             moved: np.ndarray) -> None:
+        """Row tgt[i] takes cache slots [beg[i], n) of row src[i] (beg >= S: answer slots only; < S: from its
+        first answer slot), and prompt holes[j] the prompt slots and pad of prompt moved[j]."""
+        copy_slots(self.kbuf + self.vbuf, tgt, src, np.maximum(beg - self.S, 0), n - self.S)
+        if holes.size:
+            h, m = (torch.from_numpy(x).to(self.pmask_buf.device) for x in (holes, moved))
+            for buf in self.pkbuf + self.pvbuf + [self.pmask_buf]:
+                buf[h] = buf[m]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+        """q (R, heads, 1, head_dim) of the token at cache slot n, k / v (R, n_kv, 1, head_dim) its key and value
+        (written here) -> attention over the row's prompt and answer slots [0, n], (R, heads, 1, head_dim).
+        One softmax over both parts' scores; a prompt's K rows (x the heads sharing a key head) are the queries
+        of one matmul against its keys."""
+        t, K, S = n - self.S, self.K, self.S
+        kt, vt, pk, pv = self.k[layer], self.v[layer], self.pk[layer], self.pv[layer]
+        kt[:, :, t], vt[:, :, t] = k[:, :, 0], v[:, :, 0]
+        R, H, _, d = q.shape
+        A, n_kv = R // K, kt.size(1)
+        g = H // n_kv  # query heads per key head
+        qr = q.reshape(R, n_kv, g, d)
+        qp = qr.view(A, K, n_kv, g, d).transpose(1, 2).reshape(A, n_kv, K * g, d)  # a prompt's queries together
+        sp = (qp @ pk.transpose(-2, -1)).float().masked_fill_(~self.pmask, -math.inf)  # (A, n_kv, K*g, S)
+        sp = sp.view(A, n_kv, K, g, S).transpose(1, 2).reshape(R, n_kv, g, S)
+        st = (qr @ kt[:, :, :t + 1].transpose(-2, -1)).float()  # (R, n_kv, g, t + 1)
+        p = torch.cat((sp, st), -1).mul_(d ** -0.5).softmax(-1)  # (R, n_kv, g, S + t + 1) fp32
+        pp = p[..., :S].to(pv.dtype).view(A, K, n_kv, g, S).transpose(1, 2).reshape(A, n_kv, K * g, S)
+        y = (pp @ pv).view(A, n_kv, K, g, d).transpose(1, 2).reshape(R, n_kv, g, d).float()
+        y += (p[..., S:].to(vt.dtype) @ vt[:, :, :t + 1]).float()
+        return y.to(q.dtype).view(R, H, 1, d)
+
+
 class Rows:
     """The beam rows on the device: row j * K + k is beam k of the prompt at position j, prompt[j] (numpy (A,)).
 
-    cache.k / cache.v[layer] are the first A * K rows of buffers made for all B * K rows (start): a prompt that is
-    done shrinks the view, nothing is reallocated. seq (A*K, S + new) ids by slot, pad (A*K,) first real slot,
+    cache (SharedPromptCache) holds the first A prompts' slots in buffers made for all B (start): a prompt that
+    is done shrinks the views, nothing is reallocated. seq (A*K, S + new) ids by slot, pad (A*K,) first real slot,
     scores (A*K,) fp32 summed log-probs (at first only beam 0 is alive, the others -inf, so the K beams differ)."""
 
-    def __init__(self, cache: KVCache, seq: torch.Tensor, pad: torch.Tensor, beams: int):
+    def __init__(self, cache: SharedPromptCache, seq: torch.Tensor, pad: torch.Tensor, beams: int):
         self.cache, self.seq, self.pad, self.K = cache, seq, pad, beams
-        self.kbuf, self.vbuf = list(cache.k), list(cache.v)
         B = seq.size(0) // beams
         scores = torch.full((B, beams), -math.inf, device=seq.device)
         scores[:, 0] = 0.0
@@ -172,7 +229,8 @@ class Rows:
 
         ch: (summed log-probs, beams, tokens) (A, K) on the device; ch_b, first: to_host's. Row j*K + k of a prompt
         that keeps its position copies slots [first, n) from row j*K + beam; the first A' positions are kept, a
-        done prompt among them is replaced by a kept prompt from behind (whole rows, slots [0, n))."""
+        done prompt among them is replaced by a kept prompt from behind (its prompt slots, and its rows' answer
+        slots)."""
         K, device = self.K, self.seq.device
         kept = np.flatnonzero(~done)
         A2 = kept.size
@@ -187,9 +245,8 @@ class Rows:
         src = np.concatenate([(j[:, None] * K + ch_b[j])[need], (moved[:, None] * K + ch_b[moved]).ravel()])
         beg = np.concatenate([first[j][need], np.zeros(holes.size * K, dtype=np.int64)])
         o = torch.from_numpy(order).to(device)
-        copy_slots(self.kbuf + self.vbuf, tgt, src, beg, n)
-        for layer in range(len(self.kbuf)):
-            self.cache.k[layer], self.cache.v[layer] = self.kbuf[layer][:A2 * K], self.vbuf[layer][:A2 * K]
+        self.cache.move(tgt, src, beg, n, holes, moved)
+        self.cache.keep(A2)
         ch_v, beam, tok = (x.index_select(0, o) for x in ch)
         src_rows = (o[:, None] * K + beam).view(-1)  # (A'*K,) the row each new row continues
         self.seq, self.pad = self.seq.index_select(0, src_rows), self.pad.index_select(0, src_rows)
@@ -198,19 +255,17 @@ class Rows:
         return tok.reshape(-1, 1)
 
 
-def step_forward(model: Transformer, cache: KVCache, tok: torch.Tensor, pad: torch.Tensor, n: int) -> torch.Tensor:
+def step_forward(model: Transformer, cache: SharedPromptCache, tok: torch.Tensor, pad: torch.Tensor,
+                 n: int) -> torch.Tensor:
     """Feeds tok (R, 1) at slot n (rows left-padded, row r's first real slot pad[r]) -> log-probs (R, V) fp32."""
-    kj = torch.arange(n + 1, device=tok.device)[None, :]  # (1, n+1)
-    mask = (kj >= pad[:, None])[:, None, None, :]  # (R, 1, 1, n+1): every filled slot but the pad
     pos = (n - pad)[:, None]  # (R, 1) rotary position: tokens since the row's first real one
-    with decode_attention_backends():
-        h = model.hidden(tok, pos, mask, cache, n)  # cache.update writes slot n, attends slots [0, n]
+    h = model.hidden(tok, pos, None, cache, n)  # cache.attend writes slot n, attends the real slots of [0, n]
     return torch.log_softmax(model.logits(h[:, -1, :]).float(), dim=-1)
 
 
 def start(model: Transformer, prompts: list[list[int]], beams: int, max_new_tokens: int) -> tuple:
-    """Runs the prompts once (B rows, left-padded to S) and repeats the result to B x K beam rows, row b * K + k
-    being beam k of prompt b -> (cache with slots [0, S) filled, seq (B*K, S + new) ids by slot, pad (B*K,) first
+    """Runs the prompts once (B rows, left-padded to S); the beam rows are B x K, row b * K + k being beam k of
+    prompt b -> (SharedPromptCache with each prompt's slots [0, S), seq (B*K, S + new) ids by slot, pad (B*K,) first
     real slot per row, log-probs (B*K, V) fp32 of the first new token, S)."""
     a, device, K = model.args, model.rope_cos.device, beams
     B, S = len(prompts), max(len(p) for p in prompts)
@@ -219,16 +274,14 @@ def start(model: Transformer, prompts: list[list[int]], beams: int, max_new_toke
         rows[b, S - len(p):] = torch.tensor(p, dtype=torch.long)
     prompt = rows.to(device)  # (B, S) left-padded
     pad = torch.tensor([S - len(p) for p in prompts], device=device)  # (B,) first real slot per prompt
-    cache = KVCache(a.n_layers, S + max_new_tokens - 1)  # the last new token is never fed
+    cache = KVCache(a.n_layers, S)
     with decode_attention_backends():
         h = model.hidden(prompt, *prompt_positions(pad, S), cache, 0)  # fills slots [0, S) of B rows
     logp = torch.log_softmax(model.logits(h[:, -1, :]).float(), dim=-1).repeat_interleave(K, 0)  # (B*K, V)
-    for layer in range(a.n_layers):  # (B, n_kv, S + new - 1, head_dim) -> (B*K, ...): the beams share a prompt
-        cache.k[layer] = cache.k[layer].repeat_interleave(K, 0)
-        cache.v[layer] = cache.v[layer].repeat_interleave(K, 0)
+    shared = SharedPromptCache(cache, pad, K, max(max_new_tokens - 1, 1))  # the last new token is never fed
     seq = torch.zeros(B * K, S + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :S] = prompt.repeat_interleave(K, 0)
-    return cache, seq, pad.repeat_interleave(K), logp, S
+    return shared, seq, pad.repeat_interleave(K), logp, S
 
 
 @torch.inference_mode()

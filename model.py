@@ -112,7 +112,8 @@ class Attention(nn.Module):
 
         start: int = first cache slot of x (the slots up to start + T are attended); a 0-d long tensor = the slot
         of a single decode token, and the whole cache buffer is attended (fixed shapes, see generate.decode_step).
-        cache: None, or anything with update/write like generate.KVCache.
+        cache: None, or anything with update/write like generate.KVCache; a cache with an attend method computes the
+        attention itself (beam.SharedPromptCache: a prompt's keys stored once for its beams).
         """
         B, T, _ = x.shape
         if self.fused:  # one (dim -> q + 2 kv) GEMM reads x once; its gradient splits back into the three weights
@@ -126,6 +127,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if hasattr(cache, "attend"):  # (B, heads, T, head_dim), the cache's own layout and attention
+            y = cache.attend(self.layer_id, q, k, v, start)
+            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
         if isinstance(start, torch.Tensor):  # static-shape decode step (T = 1): all max_len slots, mask picks
             k, v = cache.write(self.layer_id, k, v, start.view(1))  # (B, n_kv, max_len, head_dim)
         elif cache is not None:

@@ -41,8 +41,8 @@ def length_order(lengths: Sequence[int], rank: int = 0, world: int = 1) -> List[
 
 def prompt_bytes(rows: int, model_args: dict, length: int, max_new_tokens: Optional[int], itemsize: int) -> int:
     """Decode state of one prompt of `length` tokens decoded as `rows` rows (beams x candidates): each row's K and V
-    over length + max_new_tokens slots, at most the context (beam.py's cache; max_new_tokens None: the whole context,
-    generate.py's static cache) in the activations' dtype (itemsize bytes), and four fp32 (rows, vocab) log-probs."""
+    over length + max_new_tokens slots, at most the context (an upper bound for beam.py's cache, which keeps the
+    prompt's slots once for its beams; max_new_tokens None: the whole context, generate.py's static cache) in the activations' dtype (itemsize bytes), and four fp32 (rows, vocab) log-probs."""
     a = model_args
     n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
     slots = a["max_seq_len"] if max_new_tokens is None else min(a["max_seq_len"], length + max_new_tokens)

@@ -60,14 +60,40 @@ def ref_select(top_v, top_i, base, vocab_size, eos_id, beams, hyps, new_tokens, 
     return chosen
 
 
+def ref_start(model, prompts, K, new):
+    """The prompts run once, their cache repeated to K rows each: every beam row holds its own copy of its prompt's
+    keys (a plain generate.KVCache over prompt + answer slots) -> (cache, seq, pad, log-probs, S)."""
+    B, S = len(prompts), max(len(p) for p in prompts)
+    rows = torch.zeros(B, S, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        rows[b, S - len(p):] = torch.tensor(p)
+    pad = torch.tensor([S - len(p) for p in prompts])
+    cache = generate.KVCache(model.args.n_layers, S + new - 1)
+    h = model.hidden(rows, *generate.prompt_positions(pad, S), cache, 0)
+    logp = torch.log_softmax(model.logits(h[:, -1, :]).float(), dim=-1).repeat_interleave(K, 0)
+    for layer in range(model.args.n_layers):
+        cache.k[layer], cache.v[layer] = cache.k[layer].repeat_interleave(K, 0), cache.v[layer].repeat_interleave(K, 0)
+    seq = torch.zeros(B * K, S + new, dtype=torch.long)
+    seq[:, :S] = rows.repeat_interleave(K, 0)
+    return cache, seq, pad.repeat_interleave(K), logp, S
+
+
+def ref_step(model, cache, tok, pad, n):
+    """tok (R, 1) fed at slot n over each row's own cache, attention by SDPA under a pad mask -> log-probs (R, V)."""
+    mask = (torch.arange(n + 1)[None, :] >= pad[:, None])[:, None, None, :]
+    h = model.hidden(tok, (n - pad)[:, None], mask, cache, n)
+    return torch.log_softmax(model.logits(h[:, -1, :]).float(), dim=-1)
+
+
 @torch.inference_mode()
 def reference_beam_search(model, prompts, sampling, eos_id):
-    """The plain algorithm (beam_prefix 0), on beam.py's unchanged model side (fit_prompts, start, step_forward)."""
+    """The plain algorithm (beam_prefix 0): every row copies the whole cache of the row it continues (ref_start,
+    ref_step); beam.py's fit_prompts and generate.ngram_ban are shared."""
     K, lp, ngram, new = sampling.beams, sampling.length_penalty, sampling.no_repeat_ngram, sampling.max_new_tokens
     V = model.args.vocab_size
     prompts = beam.fit_prompts(prompts, new, model.args.max_seq_len)
     hyps = [RefHypotheses(K, lp) for _ in prompts]
-    cache, seq, pad, logp, S = beam.start(model, prompts, K, new)
+    cache, seq, pad, logp, S = ref_start(model, prompts, K, new)
     scores = torch.full((len(prompts), K), -math.inf)
     scores[:, 0] = 0.0
     scores, active, n = scores.view(-1), list(range(len(prompts))), S
@@ -95,7 +121,7 @@ def reference_beam_search(model, prompts, sampling, eos_id):
         seq, pad = seq.index_select(0, idx), pad.index_select(0, idx)
         seq[:, n] = tok[:, 0]
         scores, active = torch.tensor(vals), still
-        logp = beam.step_forward(model, cache, tok, pad, n)
+        logp = ref_step(model, cache, tok, pad, n)
         n += 1
     return [h.items[0][1] if h.items else [] for h in hyps]
 
