@@ -157,7 +157,7 @@ class SharedPromptCache:
     """The beam rows' keys and values with each prompt's stored once for its K beams (model.Attention calls attend).
 
     Every beam of a prompt has the same prompt slots, so they are kept once per prompt: pk / pv[layer] (A, n_kv, S,
-    head_dim) with pmask (A, 1, 1, S) True on its real slots, while each row keeps only its answer's slots, k /
+    head_dim) with pad (A, 1, 1, S) True on its left padding, while each row keeps only its answer's slots, k /
     v[layer] (A*K, n_kv, new, head_dim), answer token i at slot i (cache slot S + i). A decode step then reads a
     prompt's keys once for its K rows instead of K times. The lists hold views of the first A prompts of buffers
     made for all B (kbuf, vbuf, pkbuf, pvbuf): a prompt that is done shrinks them (keep)."""
@@ -168,14 +168,15 @@ class SharedPromptCache:
         B, n_kv, S, head_dim = self.pkbuf[0].shape
         self.kbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
         self.vbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
-        self.pmask_buf = (torch.arange(S, device=pad.device)[None, :] >= pad[:, None])[:, None, None, :]
+        self.pad_buf = (torch.arange(S, device=pad.device)[None, :] < pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        self.ninf = torch.full((1,), -math.inf, device=pad.device)  # fp32: where() with it gives fp32 scores
         self.keep(B)
 
     def keep(self, A: int) -> None:
         """The views of the first A prompts (A*K rows)."""
         self.pk, self.pv = [b[:A] for b in self.pkbuf], [b[:A] for b in self.pvbuf]
         self.k, self.v = [b[:A * self.K] for b in self.kbuf], [b[:A * self.K] for b in self.vbuf]
-        self.pmask = self.pmask_buf[:A]
+        self.pad = self.pad_buf[:A]
 
     def move(self, tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int, holes: np.ndarray,
              moved: np.ndarray) -> None:
@@ -183,31 +184,32 @@ class SharedPromptCache:
         first answer slot), and prompt holes[j] the prompt slots and pad of prompt moved[j]."""
         copy_slots(self.kbuf + self.vbuf, tgt, src, np.maximum(beg - self.S, 0), n - self.S)
         if holes.size:
-            h, m = (torch.from_numpy(x).to(self.pmask_buf.device) for x in (holes, moved))
-            for buf in self.pkbuf + self.pvbuf + [self.pmask_buf]:
+            h, m = (torch.from_numpy(x).to(self.pad_buf.device) for x in (holes, moved))
+            for buf in self.pkbuf + self.pvbuf + [self.pad_buf]:
                 buf[h] = buf[m]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
         """q (R, heads, 1, head_dim) of the token at cache slot n, k / v (R, n_kv, 1, head_dim) its key and value
-        (written here) -> attention over the row's prompt and answer slots [0, n], (R, heads, 1, head_dim).
-        One softmax over both parts' scores; a prompt's K rows (x the heads sharing a key head) are the queries
-        of one matmul against its keys."""
+        (written here) -> attention over the row's real prompt slots and its answer slots [S, n], (R, heads, 1,
+        head_dim). One fp32 softmax over both parts' scores; a prompt's K rows (x the g heads sharing a key head)
+        are the K*g queries of one matmul against its keys. Few, large kernels: a step runs thousands of rows."""
         t, K, S = n - self.S, self.K, self.S
         kt, vt, pk, pv = self.k[layer], self.v[layer], self.pk[layer], self.pv[layer]
         kt[:, :, t], vt[:, :, t] = k[:, :, 0], v[:, :, 0]
+        kt, vt = kt[:, :, :t + 1], vt[:, :, :t + 1]  # (R, n_kv, T, head_dim), T = t + 1 answer slots
         R, H, _, d = q.shape
-        A, n_kv = R // K, kt.size(1)
+        A, n_kv, T = R // K, kt.size(1), t + 1
         g = H // n_kv  # query heads per key head
-        qr = q.reshape(R, n_kv, g, d)
-        qp = qr.view(A, K, n_kv, g, d).transpose(1, 2).reshape(A, n_kv, K * g, d)  # a prompt's queries together
-        sp = (qp @ pk.transpose(-2, -1)).float().masked_fill_(~self.pmask, -math.inf)  # (A, n_kv, K*g, S)
-        sp = sp.view(A, n_kv, K, g, S).transpose(1, 2).reshape(R, n_kv, g, S)
-        st = (qr @ kt[:, :, :t + 1].transpose(-2, -1)).float()  # (R, n_kv, g, t + 1)
-        p = torch.cat((sp, st), -1).mul_(d ** -0.5).softmax(-1)  # (R, n_kv, g, S + t + 1) fp32
-        pp = p[..., :S].to(pv.dtype).view(A, K, n_kv, g, S).transpose(1, 2).reshape(A, n_kv, K * g, S)
-        y = (pp @ pv).view(A, n_kv, K, g, d).transpose(1, 2).reshape(R, n_kv, g, d).float()
-        y += (p[..., S:].to(vt.dtype) @ vt[:, :, :t + 1]).float()
-        return y.to(q.dtype).view(R, H, 1, d)
+        q = (q * d ** -0.5).view(A, K, n_kv, g, d)
+        qp = q.transpose(1, 2).reshape(A, n_kv, K * g, d)  # a prompt's queries together
+        sp = torch.where(self.pad, self.ninf, qp @ pk.transpose(-2, -1))  # (A, n_kv, K*g, S) fp32, pad slots -inf
+        st = q.view(R, n_kv, g, d) @ kt.transpose(-2, -1)  # (R, n_kv, g, T)
+        p = torch.cat((sp.view(A, n_kv, K, g, S), st.view(A, K, n_kv, g, T).transpose(1, 2)), -1).softmax(-1)
+        pp = p[..., :S].to(pv.dtype).view(A, n_kv, K * g, S)  # (A, n_kv, K, g, S + T) fp32 -> prompt part
+        pt = p[..., S:].transpose(1, 2).to(vt.dtype).contiguous()  # (A, K, n_kv, g, T): one copy either way
+        y = (pt.view(R, n_kv, g, T) @ vt).view(A, K, n_kv, g, d)
+        y += (pp @ pv).view(A, n_kv, K, g, d).transpose(1, 2)
+        return y.view(R, H, 1, d)
 
 
 class Rows:

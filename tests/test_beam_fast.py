@@ -126,13 +126,14 @@ def reference_beam_search(model, prompts, sampling, eos_id):
     return [h.items[0][1] if h.items else [] for h in hyps]
 
 
-def small_model(seed=0, vocab_size=V):
+def small_model(seed=0, vocab_size=V, n_kv_heads=None):
     """A random 2-layer model whose next token depends on the whole context (unit-gain matrices, strong residual
     branches: at plain init the embedding dominates and every answer would repeat the prompt's last token), and
     whose <eos> (EOS) is likely at many steps: its (tied) embedding row points 0.8 of the way along the mean hidden
     state, so beams end at different steps, some at once, some never."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=CONTEXT)).eval()
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                                  max_seq_len=CONTEXT)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("tok_embeddings"):
@@ -187,6 +188,16 @@ def test_done_prompts_are_replaced_by_later_ones_and_the_answers_stay_the_same(m
     assert beam.beam_search(MODEL, prompts, knobs, eos_id=EOS) == \
         reference_beam_search(MODEL, prompts, knobs, EOS)
     assert sum(h > 0 for h in holes) >= 2, holes
+
+
+def test_grouped_query_heads_read_the_shared_prompt_as_the_reference_reads_its_copies():
+    """Two query heads per key head: the prompt's keys, stored once, are read by K beams x 2 heads."""
+    model = small_model(4, n_kv_heads=2)
+    prompts = random_prompts(random.Random(4), 8, 20)
+    for beams in (1, 4):
+        knobs = Sampling(max_new_tokens=12, beams=beams, length_penalty=0.0, no_repeat_ngram=3)
+        assert beam.beam_search(model, prompts, knobs, eos_id=EOS) == reference_beam_search(model, prompts, knobs,
+                                                                                            EOS)
 
 
 def test_beams_beyond_the_vocabulary_keep_the_reference_tie_breaking():
