@@ -2,6 +2,7 @@
 
     python chain.py pretrain.py --data_dir=data/pretrain -- sft.py --init_from=out/pretrain -- eval.py --ckpt=out/sft
     python chain.py --record=out/speedrun.jsonl pretrain.py ... -- sft.py ...   # a {"stage","command","seconds"} line each
+    python chain.py --after=out/.data-ready pretrain.py ... &    # starts torch and CUDA now, the stages once the file says ok
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
 reports), but the stages share the interpreter, the CUDA context and torch.compile's compiled graphs and kernels:
@@ -11,6 +12,8 @@ first imports torch or starts CUDA again (docs/speed.md). Stages are separated b
 `--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
 status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One
 process only: under torchrun each stage runs as its own command (a stage tears down its process group).
+--after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the first stage's script and start
+CUDA at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import importlib
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -30,11 +34,13 @@ SCRIPTS = ("pretrain.py", "sft.py", "eval.py", "report.py")  # scripts whose mai
 
 
 def parse(argv: List[str]) -> tuple:
-    """-> (log file or "", [(stage name, script, [flags])]), or a one-line error (exit 2) for a malformed command
-    line."""
-    log = ""
-    while argv and argv[0].startswith("--record="):
-        log, argv = argv[0][len("--record="):], argv[1:]
+    """-> (log file or "", --after file or "", [(stage name, script, [flags])]), or a one-line error (exit 2) for a
+    malformed command line."""
+    log = after = ""
+    while argv and argv[0].startswith(("--record=", "--after=")):
+        key, _, value = argv[0].partition("=")
+        log, after = (value, after) if key == "--record" else (log, value)
+        argv = argv[1:]
     stages, current, name = [], None, ""
     for word in argv + ["--"]:
         if word == "--":
@@ -52,7 +58,24 @@ def parse(argv: List[str]) -> tuple:
             current = (name or word[:-3], word, [])
         else:
             current[2].append(word)
-    return log, stages
+    return log, after, stages
+
+
+def start_early(script: str, ready: str, poll: float = 0.05) -> None:
+    """--after: torch, the first stage's script and the CUDA context (seconds: the first stage's start-up) while the
+    data is still being prepared, then waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
+    data stages failed, and their script says why). Started in the background by a script, this process inherited
+    Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import torch
+    importlib.import_module(script[:-3])
+    if torch.cuda.is_available():
+        torch.empty(1, device="cuda")
+    while not os.path.exists(ready):
+        time.sleep(poll)
+    with open(ready, encoding="utf-8") as f:
+        if f.read().strip() != "ok":
+            raise SystemExit(1)
 
 
 def run_stage(script: str, flags: List[str], first: bool) -> float:
@@ -76,15 +99,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         raise SystemExit(0)
-    log, stages = parse(argv)
+    log, after, stages = parse(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each stage sets up and tears down its process group
         fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
              "(speedrun.sh does with NPROC > 1)")
+    if after:
+        start_early(stages[0][1], after)
     t0 = time.time()
     for i, (name, script, flags) in enumerate(stages):
         command = shlex.join(["python", script, *flags])
         print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
-        seconds = run_stage(script, flags, first=i == 0)
+        seconds = run_stage(script, flags, first=i == 0 and not after)
         if log:  # appended, never through a link: the speedrun's record of each stage
             with open_append(log) as f:
                 f.write(json.dumps({"stage": name, "command": command, "seconds": round(seconds, 1)},

@@ -199,19 +199,10 @@ PY
 }
 
 TOK_X=()  # every stage reads the same tokenizer: ChatGLM2's as the scripts find it, or the one trained here
-if [ "$TOK_VOCAB" != 0 ]; then
-  # on 5M characters drawn from every file in turn: 6 s instead of 20 s for 8K pieces on an H200 host's CPU, for 5%
-  # more tokens on the corpora than a vocabulary learnt from all 19M (docs/speed.md)
-  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --max_chars=5000000 \
-    --out_dir="$DATA/tokenizer" "${OVERWRITE[@]}"
-  TOK_X=(--tokenizer="$DATA/tokenizer")
-fi
+[ "$TOK_VOCAB" = 0 ] || TOK_X=(--tokenizer="$DATA/tokenizer")
 read -ra EVAL_USER <<< "$EVAL_ARGS"  # --eval_args: flags separated by spaces (not expanded as file patterns)
 read -ra PRE_USER <<< "$PRE_ARGS"
 read -ra SFT_USER <<< "$SFT_ARGS"
-stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" "${TOK_X[@]}" \
-  "${OVERWRITE[@]}"
-stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" "${TOK_X[@]}" "${OVERWRITE[@]}"
 PRE_CMD=(pretrain.py --data_dir="$DATA/pretrain" --out_dir="$OUT/pretrain" "${TOK_X[@]}" "${PRE_X[@]}" "${PRE_USER[@]}"
   "${OVERWRITE[@]}")
 SFT_CMD=(sft.py --init_from="$OUT/pretrain" --data_dir="$DATA/sft" --out_dir="$OUT/sft" "${TOK_X[@]}" "${MIX_X[@]}"
@@ -229,12 +220,34 @@ else  # an earlier speedrun's (--overwrite) is not this run's: the card must not
 fi
 if [ "$NPROC" = 1 ]; then
   # one process for pretraining, SFT, eval and the card: they share torch's import, CUDA and the compiled graphs, so
-  # SFT's compilation can reuse pretraining's (chain.py; each stage is the command it prints, run as its script's main)
-  CHAIN=(python chain.py "--record=$LOG" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
+  # SFT's compilation can reuse pretraining's (chain.py; each stage is the command it prints, run as its script's
+  # main). It starts now and imports torch and starts CUDA while the data stages below run, then waits for READY
+  READY="$OUT/.data-ready"; rm -f -- "$READY"
+  CHAIN=(python chain.py "--record=$LOG" "--after=$READY" "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
   [ ${#ORIG_CMD[@]} = 0 ] || CHAIN+=(-- --name=eval-original "${ORIG_CMD[@]}")
   CHAIN+=(-- report.py --run="$OUT")
-  echo; echo "== [$(( $(date +%s) - T0 ))s] pretrain, sft, eval and report in one process: $(quoted "${CHAIN[@]}")"
-  "${CHAIN[@]}"
+  echo; echo "== [$(( $(date +%s) - T0 ))s] pretrain, sft, eval and report in one process, started now, its stages once the data is ready: $(quoted "${CHAIN[@]}")"
+  "${CHAIN[@]}" &
+  CHAIN_PID=$!
+  # READY is written whole (renamed into place): the chain never reads it half-written
+  ready() { rm -f -- "$READY.tmp"; echo "$1" > "$READY.tmp" && mv -f -- "$READY.tmp" "$READY"; }  # never through a link
+  trap '[ -e "$READY" ] || ready stop' EXIT  # a data stage failed
+  # (or Ctrl-C): the chain exits without running a stage
+fi
+
+if [ "$TOK_VOCAB" != 0 ]; then
+  # on 5M characters drawn from every file in turn: 6 s instead of 20 s for 8K pieces on an H200 host's CPU, for 5%
+  # more tokens on the corpora than a vocabulary learnt from all 19M (docs/speed.md)
+  stage tokenizer python train_tokenizer.py --inputs="$PRE_IN" --vocab_size="$TOK_VOCAB" --max_chars=5000000 \
+    --out_dir="$DATA/tokenizer" "${OVERWRITE[@]}"
+fi
+stage tokenize-pretrain python data_process.py pretrain --inputs="$PRE_IN" --out_dir="$DATA/pretrain" "${TOK_X[@]}" \
+  "${OVERWRITE[@]}"
+stage tokenize-sft python data_process.py sft --inputs="$SFT_IN" --out_dir="$DATA/sft" "${TOK_X[@]}" "${OVERWRITE[@]}"
+if [ "$NPROC" = 1 ]; then
+  ready ok
+  wait "$CHAIN_PID"  # its status is the speedrun's (set -e)
+  rm -f -- "$READY"
 else
   stage pretrain "${LAUNCH[@]}" "${PRE_CMD[@]}"
   stage sft "${LAUNCH[@]}" "${SFT_CMD[@]}"

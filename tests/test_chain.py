@@ -2,13 +2,17 @@
 stage's command and time, and stop at the first stage that fails with its exit status."""
 import glob
 import json
+import os
 import shlex
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from babyllama.checkpoint import load_checkpoint
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, base_env, one_line_error, run_script
 
 pytestmark = pytest.mark.slow
 MODEL = ["--dim=32", "--n_layers=2", "--n_heads=4", "--max_seq_len=64", "--batch_size=4", "--device=cpu",
@@ -52,6 +56,27 @@ def test_a_chain_writes_what_the_commands_write_one_by_one(sample_data, tmp_path
     assert 0.3 < startup[0] < lines[0]["seconds"] and 0 <= startup[1] < lines[1]["seconds"]
     assert [x["stage"] for x in lines] == ["pretrain", "fine-tune"]
     assert lines[1]["command"] == shlex.join(["python", *sft]) and all(x["seconds"] > 0 for x in lines)
+
+
+@pytest.mark.parametrize("word", ["ok", "stop"])
+def test_after_a_file_the_chain_starts_its_stages_only_when_it_says_ok(sample_data, tmp_path, word):
+    """--after=FILE (speedrun.sh): torch is imported while FILE is missing; "ok" runs the stages, whose start-up then
+    counts from their own turn; anything else exits with status 1 and runs none."""
+    pre, _ = stages(sample_data, tmp_path)
+    ready = tmp_path / ".data-ready"
+    p = subprocess.Popen([sys.executable, "chain.py", f"--after={ready}", *pre], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(base_env(), OMP_NUM_THREADS="1"))
+    time.sleep(3)
+    assert p.poll() is None and not (tmp_path / "pretrain").exists()  # waiting
+    (tmp_path / "tmp").write_text(word + "\n")
+    os.replace(tmp_path / "tmp", ready)
+    stdout, stderr = p.communicate(timeout=300)
+    if word == "stop":
+        assert p.returncode == 1 and "==" not in stdout and not (tmp_path / "pretrain").exists()
+        return
+    assert p.returncode == 0 and "== [+0s] pretrain: python pretrain.py" in stdout, stderr
+    startup = json.loads((tmp_path / "pretrain" / "summary.json").read_text())["startup_s"]
+    assert 0 <= startup < 3  # torch was imported during the wait
 
 
 def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):

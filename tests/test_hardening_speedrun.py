@@ -140,6 +140,25 @@ def test_speedrun_jsonl_is_never_written_through_a_link(tmp_path, env):
     assert victim.read_text() == "precious" and not os.path.lexists(out / "speedrun.jsonl")
 
 
+def test_a_failing_data_stage_stops_the_chain_started_beside_it(tmp_path, env):
+    """On one GPU (or a CPU) the chain of training stages starts with the data stages, to import torch meanwhile; a
+    data stage that fails tells it to stop: it runs no stage and does not outlive the speedrun."""
+    c = corpora(tmp_path, {"pretrain/notes.bin": "neither JSON nor text of a known format\n"})
+    out = tmp_path / "out"
+    r = speedrun(f"--corpora={c}", f"--out={out}", f"--data={tmp_path}/data", env=env)
+    assert r.returncode == 2 and "unknown format" in r.stderr
+    assert "started now, its stages once the data is ready" in r.stdout and "== [+0s] pretrain" not in r.stdout
+    assert (out / ".data-ready").read_text().strip() == "stop" and not (out / "pretrain").exists()
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                alive += [pid] if f"--after={out}".encode() in f.read() else []
+        except OSError:
+            pass
+    assert not alive
+
+
 def test_the_report_curves_are_never_written_through_a_link(tmp_path):
     import report
     victim = tmp_path / "victim.png"
