@@ -12,8 +12,8 @@ first imports torch or starts CUDA again (docs/speed.md). Stages are separated b
 `--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
 status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One
 process only: under torchrun each stage runs as its own command (a stage tears down its process group).
---after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the first stage's script and start
-CUDA at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
+--after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the stages' scripts and start CUDA
+at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
 """
 from __future__ import annotations
 
@@ -61,14 +61,16 @@ def parse(argv: List[str]) -> tuple:
     return log, after, stages
 
 
-def start_early(script: str, ready: str, poll: float = 0.05) -> None:
-    """--after: torch, the first stage's script and the CUDA context (seconds: the first stage's start-up) while the
-    data is still being prepared, then waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
+def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
+    """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
+    where their bytecode must be compiled first) and the CUDA context while the data is still being prepared, then
+    waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
     data stages failed, and their script says why). Started in the background by a script, this process inherited
     Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
-    importlib.import_module(script[:-3])
+    for script in dict.fromkeys(scripts):
+        importlib.import_module(script[:-3])
     if torch.cuda.is_available():
         torch.empty(1, device="cuda")
     while not os.path.exists(ready):
@@ -104,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
              "(speedrun.sh does with NPROC > 1)")
     if after:
-        start_early(stages[0][1], after)
+        start_early([script for _, script, _ in stages], after)
     t0 = time.time()
     for i, (name, script, flags) in enumerate(stages):
         command = shlex.join(["python", script, *flags])
