@@ -64,9 +64,9 @@ def parse(argv: List[str]) -> tuple:
 def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
     """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
     where their bytecode must be compiled first) and the CUDA context while the data is still being prepared, then
-    waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
-    data stages failed, and their script says why). Started in the background by a script, this process inherited
-    Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
+    waits for `ready` to exist; anything but "ok" in it exits with status 1 (the data stages failed, and their
+    script says why). Started in the background by a script, this process inherited Ctrl-C ignored: it takes it
+    again, so Ctrl-C stops it as it stops the script."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     for script in dict.fromkeys(scripts):

@@ -229,10 +229,10 @@ if [ "$NPROC" = 1 ]; then
   echo; echo "== [$(( $(date +%s) - T0 ))s] pretrain, sft, eval and report in one process, started now, its stages once the data is ready: $(quoted "${CHAIN[@]}")"
   "${CHAIN[@]}" &
   CHAIN_PID=$!
-  # READY is written whole (renamed into place): the chain never reads it half-written
-  ready() { rm -f -- "$READY.tmp"; echo "$1" > "$READY.tmp" && mv -f -- "$READY.tmp" "$READY"; }  # never through a link
-  trap '[ -e "$READY" ] || ready stop' EXIT  # a data stage failed
-  # (or Ctrl-C): the chain exits without running a stage
+  # READY is written whole (renamed into place, never through a link): the chain never reads it half-written. If a
+  # data stage fails (or Ctrl-C), READY says stop and the chain exits without running a stage
+  ready() { rm -f -- "$READY.tmp"; echo "$1" > "$READY.tmp" && mv -f -- "$READY.tmp" "$READY"; }
+  trap '[ -e "$READY" ] || ready stop' EXIT
 fi
 
 if [ "$TOK_VOCAB" != 0 ]; then
