@@ -127,9 +127,16 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if hasattr(cache, "attend"):  # (B, heads, T, head_dim), the cache's own layout and attention
+        if hasattr(cache, "attend"):  # the cache's own layout and attention (beam.SharedPromptCache)
             y = cache.attend(self.layer_id, q, k, v, start)
-            return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)))
+        else:
+            y = self.attend(q, k, v, mask, cache, start)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, heads, T, head_dim) -> (B, T, dim)
+        return self.resid_dropout(self.wo(y))
+
+    def attend(self, q, k, v, mask, cache, start) -> torch.Tensor:
+        """q (B, heads, T, head_dim), k / v (B, n_kv, T, head_dim), written to the cache first if there is one ->
+        attention output (B, heads, T, head_dim); mask, cache, start as in forward."""
         if isinstance(start, torch.Tensor):  # static-shape decode step (T = 1): all max_len slots, mask picks
             k, v = cache.write(self.layer_id, k, v, start.view(1))  # (B, n_kv, max_len, head_dim)
         elif cache is not None:
@@ -144,13 +151,10 @@ class Attention(nn.Module):
             # an attention kernel tiled for long queries (SDPA would pick one that is mostly idle here)
             att = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5  # (B, heads, 1, max_len)
             att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            y = att.to(v.dtype) @ v  # (B, heads, 1, head_dim)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.wo(y))
+            return att.to(v.dtype) @ v  # (B, heads, 1, head_dim)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 class FeedForward(nn.Module):

@@ -7,8 +7,8 @@ Library module, no command line:
                        itemsize=2, budget=int(FREE_SHARE * free))       # e.g. [248, 202, 50]
   outputs, seconds = generate_all(beam.beam_search, model, prompts, sizes, sampling, {"eos_id": 2}, device, dtype)
 
-Why: the cache beam search allocates spans a batch's longest prompt plus the new tokens, not the whole context, so
-planning by that fits more questions in the same memory, and prompts sorted by length keep the padding small. A
+Why: beam search's cache spans a batch's longest prompt (once per prompt) plus the new tokens (per row), not the whole
+context, so planning by prompt + new tokens per row, an upper bound of that, fits more questions in the same memory, and prompts sorted by length keep the padding small. A
 batch's decoding time follows its rows (each beam step reads every row's KV cache: bound by the GPU's memory), so
 the plan is about fitting, not speed: docs/speed.md, "Decode batches".
 """
@@ -42,7 +42,8 @@ def length_order(lengths: Sequence[int], rank: int = 0, world: int = 1) -> List[
 def prompt_bytes(rows: int, model_args: dict, length: int, max_new_tokens: Optional[int], itemsize: int) -> int:
     """Decode state of one prompt of `length` tokens decoded as `rows` rows (beams x candidates): each row's K and V
     over length + max_new_tokens slots, at most the context (an upper bound for beam.py's cache, which keeps the
-    prompt's slots once for its beams; max_new_tokens None: the whole context, generate.py's static cache) in the activations' dtype (itemsize bytes), and four fp32 (rows, vocab) log-probs."""
+    prompt's slots once for its beams; max_new_tokens None: the whole context, generate.py's static cache) in the
+    activations' dtype (itemsize bytes), and four fp32 (rows, vocab) log-probs."""
     a = model_args
     n_kv, head_dim = a.get("n_kv_heads") or a["n_heads"], a["dim"] // a["n_heads"]
     slots = a["max_seq_len"] if max_new_tokens is None else min(a["max_seq_len"], length + max_new_tokens)
