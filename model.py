@@ -67,30 +67,35 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.out_dtype: Optional[torch.dtype] = None  # None: x's dtype; cast_for_inference: the matmuls' bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the mean of squares overflows/loses precision in bf16/fp16, so normalise in fp32 and cast back
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return (xf * self.weight.float()).to(self.out_dtype or x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (max_seq_len, head_dim // 2), fp32."""
+    """The rotation of every position, each (max_seq_len, head_dim) fp32, laid out for apply_rope: cos of position *
+    frequency i at columns 2i and 2i+1, and sin at the same columns as (-sin, +sin)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)  # (max_seq_len, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the pairs (x[2i], x[2i+1]) of x (B, T, H, head_dim) by cos/sin (B or 1, T, 1, head_dim // 2).
+    """Rotates the pairs (x[2i], x[2i+1]) of x (B, T, H, head_dim) by the tables of rope_tables, indexed by position:
+    cos / sin (B or 1, T, 1, head_dim). (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin), the numbers of the complex
+    product, in six kernels rather than nine: a decode step runs it in every layer.
 
     Interleaved pairs as in Meta's Llama; an export to HF Llama must permute wq/wk rows as HF's converter does.
     Done in fp32 because bf16 angles lose the position information at long range.
     """
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, head_dim // 2)
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[1], x[0], x[3], x[2], ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -106,6 +111,7 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
         self.fused = False  # q, k, v from one matmul (Transformer.fuse_projections); the weights stay three
+        self.w_qkv: Optional[torch.Tensor] = None  # their concatenation, made once by cast_for_inference
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
         """x (B, T, dim). mask None = plain causal (training); else bool (B, 1, T, S), True = may attend.
@@ -116,16 +122,15 @@ class Attention(nn.Module):
         attention itself (beam.SharedPromptCache: a prompt's keys stored once for its beams).
         """
         B, T, _ = x.shape
+        H, n_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.fused:  # one (dim -> q + 2 kv) GEMM reads x once; its gradient splits back into the three weights
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            w = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))  # (nq + 2 nkv, dim)
-            q, k, v = F.linear(x, w).split((nq, nkv, nkv), dim=-1)
+            w = self.w_qkv if self.w_qkv is not None else torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+            qk, v = F.linear(x, w).split(((H + n_kv) * hd, n_kv * hd), dim=-1)  # w: (H + 2 n_kv) * hd rows
+            q, k = apply_rope(qk.view(B, T, H + n_kv, hd), cos, sin).split((H, n_kv), dim=2)  # one rotation for both
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.wq(x).view(B, T, H, hd), cos, sin)
+            k, v = apply_rope(self.wk(x).view(B, T, n_kv, hd), cos, sin), self.wv(x)
+        v = v.view(B, T, n_kv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if hasattr(cache, "attend"):  # the cache's own layout and attention (beam.SharedPromptCache)
             y = cache.attend(self.layer_id, q, k, v, start)
@@ -165,10 +170,12 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down, back into the residual stream
         self.dropout = nn.Dropout(args.dropout)
         self.fused = False  # gate and up from one matmul (Transformer.fuse_projections)
+        self.w13: Optional[torch.Tensor] = None  # their concatenation, made once by cast_for_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:  # (..., dim) @ (dim, 2 hidden): one GEMM instead of two over the same input
-            gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+            w = self.w13 if self.w13 is not None else torch.cat((self.w1.weight, self.w3.weight))
+            gate, up = F.linear(x, w).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.dropout(self.w2(F.silu(gate) * up))
@@ -234,19 +241,30 @@ class Transformer(nn.Module):
     def fuse_projections(self, on: bool = True) -> "Transformer":
         """Training speed: q/k/v and the SwiGLU gate/up each as one wider matmul over the concatenated weights (fewer,
         larger GEMMs; the concatenation is a few MB a step). Parameters, checkpoints and results are unchanged up to
-        float rounding; decoding keeps the separate matmuls (a concatenation per token would cost more than it saves)."""
+        float rounding. Decoding concatenates them once (cast_for_inference), not per token."""
         for layer in self.layers:
             layer.attention.fused = layer.feed_forward.fused = on
         return self
 
     def cast_for_inference(self, dtype: torch.dtype) -> "Transformer":
-        """Stores the weights in `dtype` (bf16) for generation under autocast of the same dtype: the matmuls see the
-        weights autocast would make, but no decode step re-casts all of them (a measurable share of each token's time on a GPU).
-        The residual stream and the rotary tables stay fp32. Not for training (no fp32 master weights)."""
-        cos, sin = self.rope_cos, self.rope_sin
+        """Generation under autocast of `dtype` (bf16) with fewer kernels per token, each a measurable share of a
+        decode step's time on a GPU: the matmuls' weights stored in `dtype` (no step re-casts them), q/k/v and
+        gate/up concatenated once (fuse_projections' matmuls), the blocks' norms handing those matmuls `dtype` once
+        instead of autocast casting for each. The same numbers as autocast over the fp32 model, up to the rounding
+        of the embedding rows and the matmuls' order: the norms' gains, the residual stream and the rotary tables
+        stay fp32. Not for training (no fp32 master weights); the tensors made here stay where they are made."""
+        norms = [m for m in self.modules() if isinstance(m, RMSNorm)]
+        gains, cos, sin = [m.weight.detach().clone() for m in norms], self.rope_cos, self.rope_sin
         self.to(dtype)
+        for m, g in zip(norms, gains):
+            m.weight = nn.Parameter(g, requires_grad=False)
         self.rope_cos, self.rope_sin = cos, sin
-        return self
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.w_qkv = torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight)).detach()
+            ffn.w13 = torch.cat((ffn.w1.weight, ffn.w3.weight)).detach()
+            layer.attention_norm.out_dtype = layer.ffn_norm.out_dtype = dtype
+        return self.fuse_projections(True)
 
     def num_params(self, unique: bool = True) -> int:
         """Parameters over the real vocabulary (padded embedding rows are not counted).
@@ -264,9 +282,9 @@ class Transformer(nn.Module):
         if pos is None:
             if T > self.args.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len {self.args.max_seq_len}")
-            cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]  # (1, T, 1, head_dim/2)
+            cos, sin = self.rope_cos[None, :T, None, :], self.rope_sin[None, :T, None, :]  # (1, T, 1, head_dim)
         else:
-            cos, sin = self.rope_cos[pos][:, :, None, :], self.rope_sin[pos][:, :, None, :]  # (B, T, 1, head_dim/2)
+            cos, sin = self.rope_cos[pos][:, :, None, :], self.rope_sin[pos][:, :, None, :]  # (B, T, 1, head_dim)
         h = self.dropout(self.tok_embeddings(idx)).float()  # fp32 residual stream, also under cast_for_inference
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, start)

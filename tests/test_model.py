@@ -119,6 +119,18 @@ def test_rope_is_a_relative_rotation():
     assert not torch.allclose(score, (at(q, 7) * at(k, 4)).sum(), atol=1e-3)
 
 
+def test_rope_rotates_meta_llamas_interleaved_pairs_as_the_complex_product():
+    """apply_rope's tables hold cos and (-sin, +sin) per column; the export to HF Llama relies on Meta's layout: pair
+    (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], times exp(i * position * theta ** (-2i / head_dim))."""
+    cos, sin = rope_tables(16, 32)
+    x = torch.randn(2, 5, 3, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 31], [4, 9, 16, 25, 30]])
+    angles = pos[..., None].float() * (1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16))  # (2, 5, 8)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # (2, 5, 1, 8)
+    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    assert torch.allclose(apply_rope(x, cos[pos][:, :, None], sin[pos][:, :, None]), want, atol=1e-5)
+
+
 def test_kv_cache_equals_no_cache_and_single_prompts():
     model = lively_model()
     cached = generate.generate(model, PROMPTS, sampling(12), eos_id=None)
@@ -483,14 +495,22 @@ def test_triton_softmax_grad_kernel_matches_torch_in_the_interpreter():
 
 def test_cast_for_inference_keeps_rope_fp32_and_matches_autocast():
     """bf16 weights (eval.py/chat.py on a GPU) give the logits the fp32 model gives under bf16 autocast, up to the
-    bf16 rounding of the embedding rows and norm gains; the rotary tables and the residual stream stay fp32."""
+    bf16 rounding of the embedding rows; the norms' gains, the rotary tables and the residual stream stay fp32."""
     m = tiny_model()
     x = torch.randint(0, 1000, (2, 24))
+    for layer in m.layers:  # gains other than 1, as a trained model has
+        torch.nn.init.uniform_(layer.attention_norm.weight, 0.5, 1.5)
+    fp32_gains = {name: p.detach().clone() for name, p in m.named_parameters() if p.dim() == 1}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref, _ = m(x)
         m.cast_for_inference(torch.bfloat16)
         out, _ = m(x)
     assert m.rope_cos.dtype == torch.float32 and m.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    for name, gain in m.named_parameters():  # the norms' gains as trained: autocast runs the norms in fp32
+        if gain.dim() == 1:
+            assert gain.dtype == torch.float32 and torch.equal(gain, fp32_gains[name]), name
+    attn = m.layers[1].attention  # q/k/v concatenated once, not per token
+    assert torch.equal(attn.w_qkv, torch.cat((attn.wq.weight, attn.wk.weight, attn.wv.weight))) and attn.fused
     assert m.output.weight is m.tok_embeddings.weight  # still tied
     assert (out.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
