@@ -135,22 +135,22 @@ def file_answers(hyps: list[Hypotheses], worst: np.ndarray, prompt: np.ndarray, 
             worst[b] = hyps[b].items[-1][0]
 
 
-def copy_slots(bufs: list[torch.Tensor], tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int) -> None:
-    """For each i, slots [beg[i], n) of row tgt[i] <- the same slots of row src[i], in every buffer (rows, n_kv,
-    max_len, head_dim). A buffer is read before it is written, so a row may be a source and a target. The bytes
-    move as int64 where a head's vector allows (128 bytes of bf16 as 16 copies, not 64): fewer index computations."""
+def copy_slots(buf: torch.Tensor, tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int) -> None:
+    """For each i, slots [beg[i], n) of row tgt[i] <- the same slots of row src[i] in buf (..., rows, n_kv, max_len,
+    head_dim), for every index of its leading dims (all layers' keys and values in one buffer: one gather and one
+    scatter a step, not one per layer). Read before written, so a row may be a source and a target. The bytes move
+    as int64 where a head's vector allows (128 bytes of bf16 as 16 copies, not 64): fewer index computations."""
     lens = n - beg
     total = int(lens.sum())
     if total == 0:
         return
     shift = beg - (np.cumsum(lens) - lens)  # pair p of row i is slot p + shift[i]
-    cols = torch.from_numpy(np.stack([tgt, src, shift, lens])).to(bufs[0].device)  # (4, rows copied)
+    cols = torch.from_numpy(np.stack([tgt, src, shift, lens])).to(buf.device)  # (4, rows copied)
     each = [c.repeat_interleave(cols[3], output_size=total) for c in cols[:3]]  # (total,) each
     ri, rs, si = each[0], each[1], torch.arange(total, device=cols.device) + each[2]
-    for buf in bufs:
-        if buf.size(-1) * buf.element_size() % 8 == 0:
-            buf = buf.view(torch.int64)  # (rows, n_kv, max_len, head_dim * itemsize / 8): the same bytes
-        buf[ri, :, si] = buf[rs, :, si]  # (total, n_kv, last dim)
+    if buf.size(-1) * buf.element_size() % 8 == 0:
+        buf = buf.view(torch.int64)  # (..., rows, n_kv, max_len, head_dim * itemsize / 8): the same bytes
+    buf[..., ri, :, si, :] = buf[..., rs, :, si, :]  # (total, leading dims..., n_kv, last dim)
 
 
 class SharedPromptCache:
@@ -160,14 +160,14 @@ class SharedPromptCache:
     head_dim) with pad (A, 1, 1, S) True on its left padding, while each row keeps only its answer's slots, k /
     v[layer] (A*K, n_kv, new, head_dim), answer token i at slot i (cache slot S + i). A decode step then reads a
     prompt's keys once for its K rows instead of K times. The lists hold views of the first A prompts of buffers
-    made for all B (kbuf, vbuf, pkbuf, pvbuf): a prompt that is done shrinks them (keep)."""
+    made for all B (kv, pkbuf, pvbuf): a prompt that is done shrinks them (keep)."""
 
     def __init__(self, prompt: KVCache, pad: torch.Tensor, beams: int, new: int):
         self.K, self.S = beams, prompt.max_len
         self.pkbuf, self.pvbuf = list(prompt.k), list(prompt.v)  # (B, n_kv, S, head_dim) each
         B, n_kv, S, head_dim = self.pkbuf[0].shape
-        self.kbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
-        self.vbuf = [self.pkbuf[0].new_zeros(B * beams, n_kv, new, head_dim) for _ in self.pkbuf]
+        # answer slots, [2 * layer] keys and [2 * layer + 1] values: (2 n_layers, B*K, n_kv, new, head_dim)
+        self.kv = self.pkbuf[0].new_zeros(2 * len(self.pkbuf), B * beams, n_kv, new, head_dim)
         self.pad_buf = (torch.arange(S, device=pad.device)[None, :] < pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
         self.ninf = torch.full((1,), -math.inf, device=pad.device)  # fp32: where() with it gives fp32 scores
         self.keep(B)
@@ -175,14 +175,15 @@ class SharedPromptCache:
     def keep(self, A: int) -> None:
         """The views of the first A prompts (A*K rows)."""
         self.pk, self.pv = [b[:A] for b in self.pkbuf], [b[:A] for b in self.pvbuf]
-        self.k, self.v = [b[:A * self.K] for b in self.kbuf], [b[:A * self.K] for b in self.vbuf]
+        rows = self.kv[:, :A * self.K]
+        self.k, self.v = rows[0::2].unbind(0), rows[1::2].unbind(0)
         self.pad = self.pad_buf[:A]
 
     def move(self, tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int, holes: np.ndarray,
              moved: np.ndarray) -> None:
         """Row tgt[i] takes cache slots [beg[i], n) of row src[i] (beg >= S: answer slots only; < S: from its
         first answer slot), and prompt holes[j] the prompt slots and pad of prompt moved[j]."""
-        copy_slots(self.kbuf + self.vbuf, tgt, src, np.maximum(beg - self.S, 0), n - self.S)
+        copy_slots(self.kv, tgt, src, np.maximum(beg - self.S, 0), n - self.S)
         if holes.size:
             h, m = (torch.from_numpy(x).to(self.pad_buf.device) for x in (holes, moved))
             for buf in self.pkbuf + self.pvbuf + [self.pad_buf]:
