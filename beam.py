@@ -160,23 +160,25 @@ class SharedPromptCache:
     head_dim) with pad (A, 1, 1, S) True on its left padding, while each row keeps only its answer's slots, k /
     v[layer] (A*K, n_kv, new, head_dim), answer token i at slot i (cache slot S + i). A decode step then reads a
     prompt's keys once for its K rows instead of K times. The lists hold views of the first A prompts of buffers
-    made for all B (kv, pkbuf, pvbuf): a prompt that is done shrinks them (keep)."""
+    made for all B, every layer's keys and values in one (prompt_kv, kv; a step moves slots with one gather and one
+    scatter, not one per layer): a prompt that is done shrinks them (keep)."""
 
     def __init__(self, prompt: KVCache, pad: torch.Tensor, beams: int, new: int):
-        self.K, self.S = beams, prompt.max_len
-        self.pkbuf, self.pvbuf = list(prompt.k), list(prompt.v)  # (B, n_kv, S, head_dim) each
-        B, n_kv, S, head_dim = self.pkbuf[0].shape
-        # answer slots, [2 * layer] keys and [2 * layer + 1] values: (2 n_layers, B*K, n_kv, new, head_dim)
-        self.kv = self.pkbuf[0].new_zeros(2 * len(self.pkbuf), B * beams, n_kv, new, head_dim)
+        self.K, self.S, L = beams, prompt.max_len, len(prompt.k)
+        # prompt slots, [layer] keys and [n_layers + layer] values: (2 n_layers, B, n_kv, S, head_dim)
+        self.prompt_kv = torch.stack(list(prompt.k) + list(prompt.v))
+        _, B, n_kv, S, head_dim = self.prompt_kv.shape
+        # answer slots, the same order: (2 n_layers, B*K, n_kv, new, head_dim)
+        self.kv = self.prompt_kv.new_zeros(2 * L, B * beams, n_kv, new, head_dim)
         self.pad_buf = (torch.arange(S, device=pad.device)[None, :] < pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
         self.ninf = torch.full((1,), -math.inf, device=pad.device)  # fp32: where() with it gives fp32 scores
         self.keep(B)
 
     def keep(self, A: int) -> None:
         """The views of the first A prompts (A*K rows)."""
-        self.pk, self.pv = [b[:A] for b in self.pkbuf], [b[:A] for b in self.pvbuf]
-        rows = self.kv[:, :A * self.K]
-        self.k, self.v = rows[0::2].unbind(0), rows[1::2].unbind(0)
+        L = self.kv.size(0) // 2
+        pkv, kv = self.prompt_kv[:, :A].unbind(0), self.kv[:, :A * self.K].unbind(0)
+        self.pk, self.pv, self.k, self.v = pkv[:L], pkv[L:], kv[:L], kv[L:]
         self.pad = self.pad_buf[:A]
 
     def move(self, tgt: np.ndarray, src: np.ndarray, beg: np.ndarray, n: int, holes: np.ndarray,
@@ -186,8 +188,8 @@ class SharedPromptCache:
         copy_slots(self.kv, tgt, src, np.maximum(beg - self.S, 0), n - self.S)
         if holes.size:
             h, m = (torch.from_numpy(x).to(self.pad_buf.device) for x in (holes, moved))
-            for buf in self.pkbuf + self.pvbuf + [self.pad_buf]:
-                buf[h] = buf[m]
+            self.prompt_kv[:, h] = self.prompt_kv[:, m]
+            self.pad_buf[h] = self.pad_buf[m]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
         """q (R, heads, 1, head_dim) of the token at cache slot n, k / v (R, n_kv, 1, head_dim) its key and value
