@@ -72,6 +72,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the mean of squares overflows/loses precision in bf16/fp16, so normalise in fp32 and cast back
         xf = x.float()
+        if not torch.is_grad_enabled():  # decoding: torch's own, one fused kernel on a GPU instead of seven launches
+            return F.rms_norm(xf, self.weight.shape, self.weight.float(), self.eps).to(self.out_dtype or x.dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(self.out_dtype or x.dtype)
 

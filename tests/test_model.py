@@ -119,6 +119,23 @@ def test_rope_is_a_relative_rotation():
     assert not torch.allclose(score, (at(q, 7) * at(k, 4)).sum(), atol=1e-3)
 
 
+def test_rmsnorm_without_autograd_matches_the_training_expression():
+    """Decoding (no autograd) normalises with torch's rms_norm (one kernel on a GPU), training with the expression
+    inductor fuses: the same numbers, in the dtype asked for."""
+    from model import RMSNorm
+    norm = RMSNorm(48, 1e-5)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(3, 5, 48) * 4
+    slow = norm(x)  # autograd on: the training path
+    with torch.no_grad():
+        fast = norm(x)
+        norm.out_dtype = torch.bfloat16
+        fast_bf16 = norm(x)
+    assert fast.dtype == torch.float32 and fast_bf16.dtype == torch.bfloat16 and slow.requires_grad
+    assert torch.allclose(fast, slow.detach(), atol=1e-5)
+    assert (fast_bf16.float() - slow.detach()).abs().max() <= 2 ** -7 * slow.detach().abs().max()  # bf16 rounding
+
+
 def test_rope_rotates_meta_llamas_interleaved_pairs_as_the_complex_product():
     """apply_rope's tables hold cos and (-sin, +sin) per column; the export to HF Llama relies on Meta's layout: pair
     (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], times exp(i * position * theta ** (-2i / head_dim))."""
