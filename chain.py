@@ -63,16 +63,19 @@ def parse(argv: List[str]) -> tuple:
 
 def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
     """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
-    where their bytecode must be compiled first) and the CUDA context while the data is still being prepared, then
-    waits for `ready` to exist; anything but "ok" in it exits with status 1 (the data stages failed, and their
-    script says why). Started in the background by a script, this process inherited Ctrl-C ignored: it takes it
-    again, so Ctrl-C stops it as it stops the script."""
+    where their bytecode must be compiled first), torch.compile's modules and the CUDA context with cuBLAS while the
+    data is still being prepared, then waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
+    data stages failed, and their script says why). Started in the background by a script, this process inherited
+    Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     for script in dict.fromkeys(scripts):
         importlib.import_module(script[:-3])
+    import torch._dynamo  # noqa: F401  torch.compile's tracer, which AdamW imports too: 1-2 s off the first stage
     if torch.cuda.is_available():
-        torch.empty(1, device="cuda")
+        import torch._inductor.compile_fx  # noqa: F401  the compiler the first compiled step imports
+        x = torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)
+        (x @ x).sum().item()  # the CUDA context, and cuBLAS's handle and workspace of the first matmul
     while not os.path.exists(ready):
         time.sleep(poll)
     with open(ready, encoding="utf-8") as f:

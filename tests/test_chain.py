@@ -81,6 +81,19 @@ def test_after_a_file_the_chain_starts_its_stages_only_when_it_says_ok(sample_da
     assert 0 <= startup < waited  # from its turn: counted from the process's start it would hold the whole wait
 
 
+def test_while_it_waits_the_chain_imports_what_the_first_stage_would(tmp_path):
+    """--after: torch.compile's tracer (which the training stages' AdamW imports too) is imported before the data is
+    ready, so the first stage's start-up does not pay for it."""
+    ready = tmp_path / ".data-ready"
+    ready.write_text("ok\n")
+    code = ("import sys, chain; chain.start_early(['pretrain.py'], sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'pretrain', 'trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ready)], cwd=ROOT, capture_output=True, text=True,
+                         env=base_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer']"
+
+
 def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
     pre, sft = stages(sample_data, tmp_path)
     log = tmp_path / "speedrun.jsonl"
