@@ -63,10 +63,10 @@ def parse(argv: List[str]) -> tuple:
 
 def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
     """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
-    where their bytecode must be compiled first), torch.compile's modules and the CUDA context with cuBLAS while the
-    data is still being prepared, then waits for `ready` to exist; anything but "ok" in it exits with status 1 (the
-    data stages failed, and their script says why). Started in the background by a script, this process inherited
-    Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
+    where their bytecode must be compiled first), torch.compile's modules, the CUDA context with cuBLAS and the eval's
+    word dictionary while the data is still being prepared, then waits for `ready` to exist; anything but "ok" in it
+    exits with status 1 (the data stages failed, and their script says why). Started in the background by a script,
+    this process inherited Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     for script in dict.fromkeys(scripts):
@@ -76,6 +76,9 @@ def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
         import torch._inductor.compile_fx  # noqa: F401  the compiler the first compiled step imports
         x = torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)
         (x @ x).sum().item()  # the CUDA context, and cuBLAS's handle and workspace of the first matmul
+    if "eval.py" in scripts:  # jieba's dictionary, which the eval's first BLEU score would load: a second of CPU
+        from babyllama.bleu import load_dictionary
+        load_dictionary()
     while not os.path.exists(ready):
         time.sleep(poll)
     with open(ready, encoding="utf-8") as f:

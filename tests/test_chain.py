@@ -82,16 +82,17 @@ def test_after_a_file_the_chain_starts_its_stages_only_when_it_says_ok(sample_da
 
 
 def test_while_it_waits_the_chain_imports_what_the_first_stage_would(tmp_path):
-    """--after: torch.compile's tracer (which the training stages' AdamW imports too) is imported before the data is
-    ready, so the first stage's start-up does not pay for it."""
+    """--after: torch.compile's tracer (which the training stages' AdamW imports too) is imported and the eval's word
+    dictionary loaded before the data is ready, so the stages do not pay for them."""
     ready = tmp_path / ".data-ready"
     ready.write_text("ok\n")
-    code = ("import sys, chain; chain.start_early(['pretrain.py'], sys.argv[1]); "
-            "print(sorted(m for m in ('torch._dynamo', 'pretrain', 'trainer') if m in sys.modules))")
+    code = ("import sys, chain, jieba; chain.start_early(['pretrain.py', 'eval.py'], sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'pretrain', 'trainer') if m in sys.modules), "
+            "jieba.dt.initialized)")
     out = subprocess.run([sys.executable, "-c", code, str(ready)], cwd=ROOT, capture_output=True, text=True,
                          env=base_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer']"
+    assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer'] True"
 
 
 def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
