@@ -47,6 +47,7 @@ def test_a_chain_writes_what_the_commands_write_one_by_one(sample_data, tmp_path
     (chained).mkdir()
     r = run_script("chain.py", [f"--record={log}", *pre, "--", "--name=fine-tune", *sft])
     assert "== [+0s] pretrain: python pretrain.py" in r.stdout and "fine-tune: python sft.py" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("done: best val loss")  # the end, though teardown is skipped
     for stage in ("pretrain", "sft"):  # the same weights, bit for bit, and the same record of the run
         a, b = (load_checkpoint(str(d / stage / "best.pt")) for d in (apart, chained))
         assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
