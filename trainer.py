@@ -428,8 +428,8 @@ def train(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Calla
         grad_accum_steps(cfg, model_args.max_seq_len, rt.world_size)
     cfg, model_args, ckpt, path, notes, lock, good = open_run(cfg, rt, model_args, tokenizer_sha256)
     try:
-        with attention_kernels(cfg.attention):
-            return run_training(cfg, rt, model_args, make_data, kind, tokenizer_sha256, init_state,
+        with Logger(cfg.out_dir, rt.master, cfg.tensorboard) as log, attention_kernels(cfg.attention):
+            return run_training(cfg, rt, log, model_args, make_data, kind, tokenizer_sha256, init_state,
                                 (ckpt, path, notes, good), token_bytes)
     finally:
         if lock is not None:
@@ -451,11 +451,11 @@ def describe_run(log: Logger, cfg: TrainConfig, rt: Runtime, what: str, compiled
                   "seconds per step and the time left follow it")
 
 
-def run_training(cfg: TrainConfig, rt: Runtime, model_args: ModelArgs, make_data: Callable, kind: str,
-                 tokenizer_sha256: str, init_state: Optional[dict], resume: tuple, token_bytes=None) -> dict:
-    """train()'s body, once the run folder is claimed; `resume` = (checkpoint or None, its path, notes, good step)."""
+def run_training(cfg: TrainConfig, rt: Runtime, log: Logger, model_args: ModelArgs, make_data: Callable,
+                 kind: str, tokenizer_sha256: str, init_state: Optional[dict], resume: tuple, token_bytes=None) -> dict:
+    """train()'s body, once the run folder is claimed and its log opened (train() closes it); `resume` = (checkpoint
+    or None, its path, notes, good step)."""
     ckpt, path, notes, good = resume
-    log = Logger(cfg.out_dir, rt.master, cfg.tensorboard)
     start_step, best_val = (ckpt["step"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
     for line in notes + ([f"resuming from {path} at step {start_step} (best val {best_val:.4f})"] if ckpt else []):
         log.print(line)

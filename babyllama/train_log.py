@@ -27,6 +27,21 @@ class Logger:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the files and TensorBoard's writer (its last events on disk): a stage's logs are whole when it
+        returns, even where its process then exits without the interpreter's teardown (chain.py)."""
+        if self.enabled:
+            self.log_file.close()
+            self.metrics_file.close()
+            if self.tb is not None:
+                self.tb.close()
+
     def print(self, msg: str) -> None:
         if self.enabled:
             print(msg, flush=True)

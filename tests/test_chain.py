@@ -7,11 +7,13 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 
 from babyllama.checkpoint import load_checkpoint
+from babyllama.train_log import Logger
 from conftest import ROOT, base_env, one_line_error, run_script
 
 pytestmark = pytest.mark.slow
@@ -94,6 +96,18 @@ def test_while_it_waits_the_chain_imports_what_the_first_stage_would(tmp_path):
                          env=base_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer'] True"
+
+
+def test_a_stage_closes_its_log_files_and_tensorboard_writer(tmp_path):
+    """chain.py exits without the interpreter's teardown, so a training stage's Logger (train() holds it) closes its
+    files and TensorBoard's writer, whose last events are buffered, before the stage returns."""
+    closed = []
+    with Logger(str(tmp_path), True, False) as log:
+        log.tb = types.SimpleNamespace(add_scalar=lambda *a: None, close=lambda: closed.append("tb"))
+        log.print("step 1")
+        log.metric(step=1, loss=2.0)
+    assert log.log_file.closed and log.metrics_file.closed and closed == ["tb"]
+    assert (tmp_path / "log.txt").read_text() == "step 1\n"
 
 
 def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
