@@ -16,7 +16,6 @@ answer_quality measures it over a list of answers (the model's, a baseline's, or
 """
 from __future__ import annotations
 
-import math
 import multiprocessing
 import re
 import time
