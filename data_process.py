@@ -26,6 +26,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -48,6 +49,7 @@ TOKENS_FORMAT = "baby-llama2-chinese/tokens-v1"
 SFT_FORMAT = "baby-llama2-chinese/sft-v1"
 EOS_ID = 2
 MODES = ("pretrain", "sft", "all")
+STOP_SLICE = 256  # texts a worker encodes between two looks at the stop request (a few ms of work)
 
 
 @dataclass
@@ -115,13 +117,16 @@ _WORKER: dict = {}  # per-process state of a pool worker (the tokenizer, loaded 
 
 
 def _worker_init(tokenizer_path: str, vocab_size: int, minhash_perms: int, seed: int, parent: int = 0,
-                 inherited_lock: Optional[int] = None):
+                 inherited_lock: Optional[int] = None, stop=None):
     """A worker ends with the main process however it ends (a SIGKILL included: orphans would keep the output lock),
-    and closes its forked copy of that lock, so only the main process holds it."""
+    and closes its forked copy of that lock, so only the main process holds it. Ctrl-C is the main process's to
+    handle (a terminal sends it to every worker too): it sets `stop` (an Event), which ends the workers' tasks."""
     from chatglm_tokenizer.tokenizer import ChatGLMTokenizer
 
-    if parent:
+    if parent:  # a pool worker (not a test calling this in its own process)
         die_with_parent(parent)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER["stop"] = stop
     if inherited_lock is not None:
         with contextlib.suppress(OSError):
             os.close(inherited_lock)
@@ -139,14 +144,11 @@ def to_uint16(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     return ids.astype(np.uint16, copy=False)
 
 
-def encode_chunk(texts: list[str]) -> tuple:
-    """Worker task: -> (hashes uint64 (n,), lengths int64 (n,) incl. <eos> (-1 = not encodable), ids uint16 (sum len,),
-    MinHash signatures uint32 (n, perms) or None)."""
-    tok, seed = _WORKER["tok"], _WORKER["seed"]
-    hashes = np.fromiter((text_hash(t, seed) for t in texts), dtype=np.uint64, count=len(texts))
+def _encode_texts(tok, texts: list[str]) -> list:
+    """-> one id list per text, None where sentencepiece cannot encode it."""
     try:
         # one sentencepiece thread per process: the pool already uses every core (measured: no gain from 2 threads)
-        encoded = tok.encode_batch(texts, num_threads=1)
+        return tok.encode_batch(texts, num_threads=1)
     except (UnicodeError, RuntimeError, TypeError):  # lone surrogates from JSON escapes: encode one by one
         encoded = []
         for t in texts:
@@ -154,6 +156,25 @@ def encode_chunk(texts: list[str]) -> tuple:
                 encoded.append(tok.encode(t))
             except (UnicodeError, RuntimeError, TypeError):
                 encoded.append(None)
+        return encoded
+
+
+def encode_chunk(texts: list[str]) -> Optional[tuple]:
+    """Worker task: -> (hashes uint64 (n,), lengths int64 (n,) incl. <eos> (-1 = not encodable), ids uint16 (sum len,),
+    MinHash signatures uint32 (n, perms) or None), or None once the main process has asked the pool to stop. The texts
+    go to sentencepiece STOP_SLICE at a time, so a stop ends the task within one slice: the pool then shuts down
+    without killing a worker (one killed while it sends a result leaves a half-written message that the pool's
+    shutdown would wait on forever)."""
+    tok, seed, stop = _WORKER["tok"], _WORKER["seed"], _WORKER.get("stop")
+    hashes = np.fromiter((text_hash(t, seed) for t in texts), dtype=np.uint64, count=len(texts))
+    minhash, encoded, sigs = _WORKER["minhash"], [], []
+    for i in range(0, len(texts), STOP_SLICE):
+        if stop is not None and stop.is_set():
+            return None
+        part = texts[i:i + STOP_SLICE]
+        encoded += _encode_texts(tok, part)
+        if minhash is not None:
+            sigs += [minhash_signature(t, *minhash) for t in part]
     lengths = np.array([len(e) + 1 if e is not None else -1 for e in encoded], dtype=np.int64)
     kept = [e for e in encoded if e is not None]
     for e in kept:
@@ -163,11 +184,7 @@ def encode_chunk(texts: list[str]) -> tuple:
     except OverflowError as e:
         raise DataError(f"{e}: token id does not fit uint16: wrong tokenizer.model?") from None
     ids = to_uint16(flat, _WORKER["vocab_size"])
-    sigs = None
-    if _WORKER["minhash"] is not None:
-        a, b = _WORKER["minhash"]
-        sigs = np.stack([minhash_signature(t, a, b) for t in texts]) if texts else None
-    return hashes, lengths, ids, sigs
+    return hashes, lengths, ids, np.stack(sigs) if sigs else None
 
 
 class ShardWriter:
@@ -289,9 +306,10 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     t0 = time.perf_counter()
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     # concurrent.futures, not mp.Pool: a worker that dies (killed, out of memory) fails its task at once
+    stop = ctx.Event()  # set by _stop_pool: the workers' tasks end early
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                initargs=(tok.path, tok.vocab_size, cfg.minhash_perms if cfg.minhash else 0, cfg.seed,
-                                         os.getpid(), out.lock_fd if ctx.get_start_method() == "fork" else None))
+                                         os.getpid(), out.lock_fd if ctx.get_start_method() == "fork" else None, stop))
     ok = False
     try:
         try:
@@ -312,7 +330,7 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
         if bar is not None:
             bar.close()
         if not ok:
-            _stop_pool(pool)
+            _stop_pool(pool, stop)
             for w in writers.values():
                 with contextlib.suppress(OSError):
                     w.close()
@@ -320,11 +338,10 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
     return _pretrain_summary(out_dir, counts, rep, writers, split_tokens, encoded, paths, time.perf_counter() - t0)
 
 
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Ends the workers now (an error or Ctrl-C must not wait for the tasks in flight)."""
-    for p in list((getattr(pool, "_processes", None) or {}).values()):
-        if p.is_alive():
-            p.terminate()
+def _stop_pool(pool: ProcessPoolExecutor, stop) -> None:
+    """Ends the pool soon after an error or Ctrl-C: the queued tasks are cancelled and those in flight end within one
+    slice of texts (encode_chunk), so nothing waits for whole chunks and no worker is killed mid-message."""
+    stop.set()
     pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -218,20 +218,22 @@ def alive(pid: int) -> bool:
 LINE = "中文语料的一个句子，用来测试分词进程在主进程被杀死之后是否随之结束。" * 20
 
 
-def tokenizing(tmp_path) -> tuple:
-    """data_process.py pretrain on 14M characters with 2 workers, started -> (process, worker pids) once both
-    workers are tokenizing."""
+def tokenizing(tmp_path, chunk_chars: int = 20000, settle: float = 0.3, session: bool = False,
+               lines: int = 20000) -> tuple:
+    """data_process.py pretrain on `lines` lines of 700 characters with 2 workers, started -> (process, worker pids) `settle` seconds
+    after both workers are up (tokenizing). `session`: in a process group of its own, as a terminal's job is."""
     corpus = tmp_path / "big.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{i} {LINE}"}, ensure_ascii=False) + "\n" for i in range(20000)),
-                      encoding="utf-8")
+    if not corpus.exists():
+        corpus.write_text("".join(json.dumps({"text": f"{i} {LINE}"}, ensure_ascii=False) + "\n" for i in range(lines)),
+                          encoding="utf-8")
     args = [sys.executable, "data_process.py", "pretrain", f"--inputs={corpus}", f"--out_dir={tmp_path / 'pre'}",
-            "--num_workers=2", "--chunk_chars=20000", "--progress=false"]
+            "--num_workers=2", f"--chunk_chars={chunk_chars}", "--progress=false"]
     p = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=session)
     deadline = time.time() + 60
     while len(children_of(p.pid)) < 2 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)  # the workers are tokenizing
+    time.sleep(settle)
     return p, children_of(p.pid)
 
 
@@ -256,6 +258,25 @@ def test_ctrl_c_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, tokeni
     finally:
         end(p, workers)
     assert not any(alive(w) for w in workers) and sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_at_any_moment_of_tokenizing_ends_soon_in_one_line(tmp_path, tokenizer_path):
+    """Tasks of a million characters (the default), Ctrl-C at six moments, to the main process alone or to the whole
+    process group as a terminal sends it: each run ends within seconds, in one line, leaving nothing (stopping a
+    worker while it sent a result used to leave the pool's shutdown waiting forever)."""
+    for i, settle in enumerate((0.0, 0.1, 0.2, 0.3, 0.4, 0.5)):  # a run takes about 2 s on 2 cores
+        p, workers = tokenizing(tmp_path, chunk_chars=1 << 20, settle=settle, session=i % 2 == 1, lines=60000)
+        try:
+            assert p.poll() is None, "the run ended before it could be interrupted"
+            t0 = time.time()
+            os.killpg(p.pid, signal.SIGINT) if i % 2 else p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", (settle, err[-2000:])
+            assert time.time() - t0 < 10, f"Ctrl-C {settle} s in took {time.time() - t0:.1f} s"
+        finally:
+            end(p, workers)
+        assert not any(alive(w) for w in workers) and sorted(os.listdir(tmp_path)) == ["big.jsonl"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
