@@ -579,8 +579,6 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
     return model.to(device).eval(), ckpt
 
 
-
-
 def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
     """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
 
