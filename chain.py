@@ -61,12 +61,15 @@ def parse(argv: List[str]) -> tuple:
     return log, after, stages
 
 
-def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
+def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> float:
     """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
     where their bytecode must be compiled first), torch.compile's modules, the CUDA context with cuBLAS and the eval's
     word dictionary while the data is still being prepared, then waits for `ready` to exist; anything but "ok" in it
     exits with status 1 (the data stages failed, and their script says why). Started in the background by a script,
-    this process inherited Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script."""
+    this process inherited Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script.
+    -> time.time() when the data was ready (`ready` written): where the imports outlast the data stages, the first
+    stage waited for them from then, and its start-up counts from then."""
+    began = time.time()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     for script in dict.fromkeys(scripts):
@@ -84,14 +87,17 @@ def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> None:
     with open(ready, encoding="utf-8") as f:
         if f.read().strip() != "ok":
             raise SystemExit(1)
+    # its modification time, within this wait (a clock that disagrees cannot move the stage's start outside it)
+    return min(time.time(), max(began, os.stat(ready).st_mtime))
 
 
-def run_stage(script: str, flags: List[str], first: bool) -> float:
-    """Runs one stage -> its seconds (the first's from the process's start). Raises SystemExit with the stage's status
-    if it fails."""
+def run_stage(script: str, flags: List[str], start: Optional[float]) -> float:
+    """Runs one stage -> its seconds from `start` (time.time()), or None: from the process's start (the first stage's
+    without --after: the interpreter, torch's import and CUDA are its start-up). Its start-up (summary.json,
+    eval_report.json) counts from there too. Raises SystemExit with the stage's status if it fails."""
     from babyllama.clocks import process_start, start_stage  # imports torch: after the stage's line is printed
-    if not first:  # a later stage's start-up (summary.json, eval_report.json) counts from here, the first's from the
-        start_stage()  # process's start: the interpreter, torch's import and CUDA are the first stage's
+    if start is not None:
+        start_stage(start)
     t0 = process_start()  # its wall time from there too, as speedrun.sh times a stage of its own process
     module = importlib.import_module(script[:-3])
     module.main(flags)  # a failure raises SystemExit with its status, as under `python SCRIPT`
@@ -111,13 +117,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each stage sets up and tears down its process group
         fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
              "(speedrun.sh does with NPROC > 1)")
-    if after:
-        start_early([script for _, script, _ in stages], after)
+    ready_at = start_early([script for _, script, _ in stages], after) if after else None
     t0 = time.time()
     for i, (name, script, flags) in enumerate(stages):
         command = shlex.join(["python", script, *flags])
         print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
-        seconds = run_stage(script, flags, first=i == 0 and not after)
+        # the first stage from the data being ready (--after) or the process's start (None), a later one from now
+        seconds = run_stage(script, flags, ready_at if i == 0 else time.time())
         if log:  # appended, never through a link: the speedrun's record of each stage
             with open_append(log) as f:
                 f.write(json.dumps({"stage": name, "command": command, "seconds": round(seconds, 1)},

@@ -16,11 +16,11 @@ _IMPORTED = time.time()
 _STAGE_START: Optional[float] = None  # set by start_stage() where one process runs several stages (chain.py)
 
 
-def start_stage() -> None:
+def start_stage(at: Optional[float] = None) -> None:
     """Marks the start of a stage in a process that runs several one after another (chain.py): the stage's start-up
-    is counted from here, not from the process's start."""
+    is counted from `at` (time.time(), default now), not from the process's start."""
     global _STAGE_START
-    _STAGE_START = time.time()
+    _STAGE_START = time.time() if at is None else at
 
 
 def process_start() -> float:

@@ -64,7 +64,7 @@ def test_a_chain_writes_what_the_commands_write_one_by_one(sample_data, tmp_path
 @pytest.mark.parametrize("word", ["ok", "stop"])
 def test_after_a_file_the_chain_starts_its_stages_only_when_it_says_ok(sample_data, tmp_path, word):
     """--after=FILE (speedrun.sh): torch is imported while FILE is missing; "ok" runs the stages, whose start-up then
-    counts from their own turn; anything else exits with status 1 and runs none."""
+    counts from the data being ready, not from the process's start; anything else exits with status 1 and runs none."""
     pre, _ = stages(sample_data, tmp_path)
     ready = tmp_path / ".data-ready"
     p = subprocess.Popen([sys.executable, "chain.py", f"--after={ready}", *pre], cwd=ROOT, stdout=subprocess.PIPE,
@@ -84,18 +84,33 @@ def test_after_a_file_the_chain_starts_its_stages_only_when_it_says_ok(sample_da
     assert 0 <= startup < waited  # from its turn: counted from the process's start it would hold the whole wait
 
 
+def test_imports_that_outlast_the_data_count_in_the_first_stages_start_up(sample_data, tmp_path):
+    """--after: where the data is ready before the chain's imports are done (a cold start), the first stage waited for
+    them from then: its start-up and wall time count from the data being ready, not from its turn, so the card's
+    stages add up to the run's end to end."""
+    pre, _ = stages(sample_data, tmp_path)
+    ready, log = tmp_path / ".data-ready", tmp_path / "speedrun.jsonl"
+    ready.write_text("ok\n")  # before the chain starts: every second of its imports is waited for
+    t0 = time.time()
+    r = run_script("chain.py", [f"--record={log}", f"--after={ready}", *pre])
+    took = time.time() - t0
+    startup = json.loads((tmp_path / "pretrain" / "summary.json").read_text())["startup_s"]
+    seconds = json.loads(log.read_text())["seconds"]
+    assert 0.8 < startup < seconds <= took + 0.1, (startup, seconds, took, r.stdout[-500:])
+
+
 def test_while_it_waits_the_chain_imports_what_the_first_stage_would(tmp_path):
     """--after: torch.compile's tracer (which the training stages' AdamW imports too) is imported and the eval's word
     dictionary loaded before the data is ready, so the stages do not pay for them."""
     ready = tmp_path / ".data-ready"
     ready.write_text("ok\n")
-    code = ("import sys, chain, jieba; chain.start_early(['pretrain.py', 'eval.py'], sys.argv[1]); "
+    code = ("import sys, time, chain, jieba; t = time.time(); at = chain.start_early(['pretrain.py', 'eval.py'], sys.argv[1]); "
             "print(sorted(m for m in ('torch._dynamo', 'pretrain', 'trainer') if m in sys.modules), "
-            "jieba.dt.initialized)")
+            "jieba.dt.initialized, t <= at < time.time() - 0.3)")  # ready before the imports: they count from t
     out = subprocess.run([sys.executable, "-c", code, str(ready)], cwd=ROOT, capture_output=True, text=True,
                          env=base_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer'] True"
+    assert out.stdout.strip() == "['pretrain', 'torch._dynamo', 'trainer'] True True"
 
 
 def test_a_stage_closes_its_log_files_and_tensorboard_writer(tmp_path):
