@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,7 +136,27 @@ def read_sentences(sources: list[Source], cfg: Config, rep: Reporter, stats: dic
 
 def train_model(sentences: list[str], cfg: Config) -> bytes:
     """SentencePiece BPE on `sentences` -> the serialized tokenizer.model; a vocabulary the text cannot fill and
-    other trainer failures are one-line DataErrors."""
+    other trainer failures are one-line DataErrors. The trainer runs in a thread of its own (it releases the GIL)
+    while this one waits, so Ctrl-C is answered at once, not when the training ends (minutes on a large budget)."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["model"] = train_bpe(sentences, cfg)
+        except BaseException as e:  # handed to the waiting thread, which raises it
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name="sentencepiece-trainer", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # a short wait: Python runs the Ctrl-C handler between two
+    if "error" in result:
+        raise result["error"]
+    return result["model"]
+
+
+def train_bpe(sentences: list[str], cfg: Config) -> bytes:
+    """train_model's work, in its thread."""
     import sentencepiece as spm
 
     out = io.BytesIO()

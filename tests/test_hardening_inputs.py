@@ -192,6 +192,32 @@ def test_ctrl_c_before_the_training_loop_is_one_line_exit_130(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "last.pt")
 
 
+def test_ctrl_c_while_a_tokenizer_trains_is_answered_at_once(tmp_path):
+    """SentencePiece's training is one long native call: Ctrl-C used to wait for its end (minutes on a large budget).
+    Here the training would take seconds more; the run ends within a second, in one line, leaving no folder."""
+    import random
+    rng = random.Random(0)
+    words = ["".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(3000):
+            text = "，".join("".join(rng.choice(words) for _ in range(8)) for _ in range(60)) + "。"
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    p = subprocess.Popen([sys.executable, "-u", "train_tokenizer.py", f"--inputs={corpus}", "--vocab_size=32000",
+                          "--num_threads=1", f"--out_dir={tmp_path}/tok"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("training on"):
+            break
+    time.sleep(0.3)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", err[-2000:]
+    assert took < 1.5 and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"], (took, os.listdir(tmp_path))
+
+
 # ---------------------------------------------------------------- data_process.py: workers, a full disk
 
 
