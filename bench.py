@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from babyllama.config import config_or_exit
-from babyllama.errors import ConfigError, check
+from babyllama.errors import ConfigError, check, ctrl_c
 from beam import beam_search
 from generate import EVAL_BEAMS, Sampling, generate
 from model import ModelArgs, Transformer
@@ -486,4 +486,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130
+        main()

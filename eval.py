@@ -61,7 +61,7 @@ from babyllama.batching import FREE_SHARE, fixed_batches, generate_all, length_o
 from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, bits_per_byte
 from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build_prompts
 from babyllama.config import config_dict, config_or_exit
-from babyllama.errors import DataError, check, user_errors
+from babyllama.errors import DataError, check, ctrl_c, user_errors
 from babyllama.clocks import process_start
 from babyllama.fileio import read_jsonl
 from beam import beam_search
@@ -576,4 +576,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130; the report files are written whole or not at all
+        main()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from babyllama.config import config_or_exit
-from babyllama.errors import check, user_errors
+from babyllama.errors import check, ctrl_c, user_errors
 from babyllama.fileio import read_jsonl
 from babyllama.train_log import read_metrics
 from babyllama.fileio import atomic_file, write_atomic
@@ -303,4 +303,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130; the card's files are written whole or not at all
+        main()

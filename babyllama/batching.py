@@ -83,31 +83,31 @@ def generate_all(decode: Callable, model, prompts: List[List[int]], batches: Uni
     ends = list(itertools.accumulate(sizes))
     todo = [order[e - n:e] for n, e in zip(sizes, ends)]
     outputs: List[Optional[List[int]]] = [None] * len(prompts)
-    bar = tqdm(total=len(order), desc="generating", unit="q", disable=not progress, file=sys.stderr)
-    synchronize(device)
-    t0 = time.perf_counter()
-    while todo:
-        idx = todo.pop(0)
-        try:
-            with autocast(device, dtype):
-                outs = decode(model, [prompts[i] for i in idx], sampling, **gen_kwargs)
-        except torch.cuda.OutOfMemoryError:
-            if len(idx) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(idx) // 2
-            print(f"out of GPU memory decoding {len(idx)} prompts at once: two batches of {half} and {len(idx) - half}",
-                  file=sys.stderr)
-            todo[:0] = [idx[:half], idx[half:]]
-            continue
-        for i, out in zip(idx, outs):
-            outputs[i] = list(out)
-        bar.update(len(idx))
+    # closed on the way out (Ctrl-C too), so its last state is printed before the error's line, not after it
+    with tqdm(total=len(order), desc="generating", unit="q", disable=not progress, file=sys.stderr) as bar:
+        synchronize(device)
+        t0 = time.perf_counter()
+        while todo:
+            idx = todo.pop(0)
+            try:
+                with autocast(device, dtype):
+                    outs = decode(model, [prompts[i] for i in idx], sampling, **gen_kwargs)
+            except torch.cuda.OutOfMemoryError:
+                if len(idx) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                half = len(idx) // 2
+                print(f"out of GPU memory decoding {len(idx)} prompts at once: two batches of {half} and "
+                      f"{len(idx) - half}", file=sys.stderr)
+                todo[:0] = [idx[:half], idx[half:]]
+                continue
+            for i, out in zip(idx, outs):
+                outputs[i] = list(out)
+            bar.update(len(idx))
     if world > 1:  # every rank's answers, in input order, on every rank
         parts: list = [None] * world
         dist.all_gather_object(parts, [(i, outputs[i]) for i in order])
         for i, out in itertools.chain.from_iterable(parts):
             outputs[i] = out
     synchronize(device)
-    bar.close()
     return outputs, time.perf_counter() - t0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_shard
+from conftest import ROOT, run_script, tiny_ckpt, tiny_model, write_jsonl, write_shard
 
 import hf_llama
 from babyllama.errors import DataError
@@ -216,6 +216,26 @@ def test_ctrl_c_while_a_tokenizer_trains_is_answered_at_once(tmp_path):
     took = time.time() - t0
     assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", err[-2000:]
     assert took < 1.5 and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"], (took, os.listdir(tmp_path))
+
+
+def test_ctrl_c_while_eval_generates_is_one_line_and_writes_no_report(tmp_path, tokenizer_path):
+    from babyllama.checkpoint import save_checkpoint
+    from chatglm_tokenizer import tokenizer_sha256
+
+    model = tiny_model(max_seq_len=512, vocab_size=64793)
+    save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"头疼{i}天了怎么办？", "answer": "注意休息。"} for i in range(64)])
+    p = subprocess.Popen([sys.executable, "eval.py", f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu",
+                          "--val_bin=none", f"--tokenizer={tokenizer_path}", "--max_new_tokens=400"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "generating" not in seen and p.poll() is None:  # the progress bar's first line: generation has begun
+        seen += p.stderr.read(1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "interrupted (Ctrl-C)", err[-2000:]
+    assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == ["best.pt", "qa.jsonl"]
 
 
 # ---------------------------------------------------------------- data_process.py: workers, a full disk
