@@ -22,10 +22,15 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, TextIO, Tuple
 
+from babyllama.errors import quiet_ctrl_c_until_main  # light: no torch
+
+if __name__ == "__main__":
+    quiet_ctrl_c_until_main()  # torch's import takes seconds: a Ctrl-C during it is one line, exit 130
+
 import torch
 
 from babyllama.config import config_or_exit, repair_text
-from babyllama.errors import check, user_errors
+from babyllama.errors import check, ctrl_c, user_errors
 from chatglm_tokenizer import template
 from beam import beam_search
 from generate import Sampling, stream
@@ -203,4 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with ctrl_c():  # one line, exit 130 (a Ctrl-C in the chat itself stops an answer or drops a line)
+        main()

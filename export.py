@@ -46,6 +46,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from babyllama.errors import quiet_ctrl_c_until_main  # light: no torch
+
+if __name__ == "__main__":
+    quiet_ctrl_c_until_main()  # torch's import takes seconds: a Ctrl-C during it is one line, exit 130
+
 import torch
 
 import hf_llama
