@@ -219,10 +219,10 @@ def time_table(r: dict) -> List[str]:
     for t in r["time"] + [dict({c: sum(t[c] or 0 for t in r["time"]) for c in cols}, stage="**total**")]:
         rows.append(f"| {t['stage']} | " + " | ".join("" if t[c] is None else f"{t[c]:,.1f} s" for c in cols) + " |")
     return rows + ["", "Data: tokenizing, or reading the data in a training stage. Start-up: from the stage's start "
-                   "(its process's, or its turn in chain.py's one process; the chain's first stage: the data being ready) to its first work (interpreter, imports, "
-                   "CUDA, loading the model). Compilation: the first steps' "
-                   "extra time. Validation: an eval's perplexity. Scoring: BLEU, the baselines, the references' bits "
-                   "per byte. Other: the rest (plots, reports, the process's exit)."]
+                   "(its process's, or its turn in chain.py's one process; the chain's first stage: the data being "
+                   "ready) to its first work (interpreter, imports, CUDA, loading the model). Compilation: the "
+                   "first steps' extra time. Validation: an eval's perplexity. Scoring: BLEU, the baselines, the "
+                   "references' bits per byte. Other: the rest (plots, reports, the process's exit)."]
 
 
 def markdown(r: dict) -> str:

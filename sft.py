@@ -22,11 +22,11 @@ from babyllama.errors import quiet_ctrl_c_until_main  # light: no torch
 
 if __name__ == "__main__":
     quiet_ctrl_c_until_main()  # torch's import takes seconds: a Ctrl-C during it is one line, exit 130
-
-if __name__ == "__main__" and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
-    # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
-    # data follow before the run's first line; a user waiting in silence thinks it hangs
-    print("sft: starting (importing torch, then the tokenizer, the pretrained model and the conversations)", flush=True)
+    if os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(sys.argv[1:]):
+        # before the imports: torch takes seconds to import on a CPU, a minute on a busy or cold one, and the model and
+        # data follow before the run's first line; a user waiting in silence thinks it hangs
+        print("sft: starting (importing torch, then the tokenizer, the pretrained model and the conversations)",
+              flush=True)
 
 from dataclasses import dataclass
 

@@ -104,7 +104,8 @@ def test_while_it_waits_the_chain_imports_what_the_first_stage_would(tmp_path):
     dictionary loaded before the data is ready, so the stages do not pay for them."""
     ready = tmp_path / ".data-ready"
     ready.write_text("ok\n")
-    code = ("import sys, time, chain, jieba; t = time.time(); at = chain.start_early(['pretrain.py', 'eval.py'], sys.argv[1]); "
+    code = ("import sys, time, chain, jieba; t = time.time(); "
+            "at = chain.start_early(['pretrain.py', 'eval.py'], sys.argv[1]); "
             "print(sorted(m for m in ('torch._dynamo', 'pretrain', 'trainer') if m in sys.modules), "
             "jieba.dt.initialized, t <= at < time.time() - 0.3)")  # ready before the imports: they count from t
     out = subprocess.run([sys.executable, "-c", code, str(ready)], cwd=ROOT, capture_output=True, text=True,

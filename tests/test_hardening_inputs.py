@@ -237,7 +237,8 @@ def test_ctrl_c_while_eval_generates_is_one_line_and_writes_no_report(tmp_path, 
 
     model = tiny_model(max_seq_len=512, vocab_size=64793)
     save_checkpoint(tiny_ckpt(model, sha=tokenizer_sha256(tokenizer_path)), str(tmp_path / "best.pt"))
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"头疼{i}天了怎么办？", "answer": "注意休息。"} for i in range(64)])
+    rows = [{"question": f"头疼{i}天了怎么办？", "answer": "注意休息。"} for i in range(64)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
     p = subprocess.Popen([sys.executable, "eval.py", f"--ckpt={tmp_path}", f"--data={data}", "--device=cpu",
                           "--val_bin=none", f"--tokenizer={tokenizer_path}", "--max_new_tokens=400"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -279,8 +280,9 @@ LINE = "中文语料的一个句子，用来测试分词进程在主进程被杀
 
 def tokenizing(tmp_path, chunk_chars: int = 20000, settle: float = 0.3, session: bool = False,
                lines: int = 20000) -> tuple:
-    """data_process.py pretrain on `lines` lines of 700 characters with 2 workers, started -> (process, worker pids) `settle` seconds
-    after both workers are up (tokenizing). `session`: in a process group of its own, as a terminal's job is."""
+    """data_process.py pretrain on `lines` lines of 700 characters with 2 workers, started -> (process, worker pids)
+    `settle` seconds after both workers are up (tokenizing). `session`: in a process group of its own, as a terminal's
+    job is."""
     corpus = tmp_path / "big.jsonl"
     if not corpus.exists():
         corpus.write_text("".join(json.dumps({"text": f"{i} {LINE}"}, ensure_ascii=False) + "\n" for i in range(lines)),
