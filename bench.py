@@ -28,6 +28,11 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from babyllama.errors import quiet_ctrl_c_until_main  # light: no torch
+
+if __name__ == "__main__":
+    quiet_ctrl_c_until_main()  # torch's import takes seconds: a Ctrl-C during it is one line, exit 130
+
 import torch
 
 from babyllama.config import config_or_exit

@@ -30,7 +30,7 @@ The folder is out_dir's alone: it is built beside it (<parent>/.<name>.new), che
 manifest.json listing its files (babyllama/output_dir.py), so a kill at any moment leaves the old or the new export;
 a folder holding files export.py did not write is replaced only with --overwrite. --push_to_hub uploads exactly the
 files of the manifest. A checkpoint with non-finite weights is refused before anything is written.
-The checkpoint is read through the loader eval.py and chat.py use (runtime.load_for_inference), the tokenizer as
+The checkpoint is read through the loader eval.py and chat.py use (generate.load_for_inference), the tokenizer as
 every script finds it.
 Flags are the fields of ExportConfig below (`--key=value`, or --config x.json).
 """

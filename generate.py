@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from babyllama.checkpoint import check_checkpoint, checkpoint_file, load_checkpoint
+from babyllama.checkpoint import check_checkpoint, checkpoint_file
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
-from model import ModelArgs, Transformer
+from model import Transformer, load_model
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
@@ -557,26 +557,6 @@ def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generato
     """logits (B, vocab_size) fp32 -> next ids (B,); draws the noise for sample_tokens from generator."""
     noise = None if temperature == 0.0 else torch.empty_like(logits).exponential_(generator=generator)
     return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, banned)
-
-
-def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
-    """Rebuilds a Transformer from a checkpoint file or run folder (checkpoint_file) -> (model in eval mode, ckpt).
-
-    Accepts state dicts saved from torch.compile ("_orig_mod.") or DDP ("module.") wrappers; only the model moves
-    to `device`."""
-    path = checkpoint_file(path)
-    ckpt = load_checkpoint(path)
-    try:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
-    except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
-        raise ValueError(f"{path}: bad model_args: {e}") from None
-    state = {}
-    for key, value in ckpt["model"].items():
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        state[key] = value
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
 
 
 def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:

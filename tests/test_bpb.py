@@ -23,7 +23,7 @@ from conftest import ROOT, SHARED_DATA, SKIP_NO_SHARED_DATA, gguf_tools, main_er
 from dataset import PretrainData
 from model import ModelArgs, Transformer
 from babyllama.runtime import Runtime
-from generate import load_model
+from model import load_model
 from trainer import ValBytes, evaluate
 
 EXTRA = ["", " lead", "  two spaces", "tab\tand\nnewline  ", "数字 2024 年 3.14 ％ ①", "emoji 🙂 ok 生僻 𠀀𪚥",

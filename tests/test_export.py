@@ -25,7 +25,7 @@ from babyllama.errors import DataError
 from chatglm_tokenizer.template import render, render_prompt
 from model import ModelArgs, Transformer
 from babyllama.checkpoint import save_checkpoint
-from generate import load_model
+from model import load_model
 
 PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "请你讲一个童话故事：", "前列腺囊肿的症状是什么？",
            "请问，世界上最大的动物是什么？", "Hypertension 高血压患者 should 注意什么 123"]

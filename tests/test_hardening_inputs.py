@@ -192,11 +192,12 @@ def test_ctrl_c_before_the_training_loop_is_one_line_exit_130(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "last.pt")
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "sft.py", "eval.py", "export.py", "chat.py"])
+@pytest.mark.parametrize("script", ["pretrain.py", "sft.py", "eval.py", "export.py", "chat.py", "bench.py"])
 def test_ctrl_c_while_a_script_imports_torch_is_one_line(script, tmp_path):
     """torch's import takes seconds (a minute on a cold machine), and pretrain.py says it is starting: a Ctrl-C then
     is one line and exit 130, not the traceback of an import."""
-    p = subprocess.Popen([sys.executable, script, f"--out_dir={tmp_path}/out"], cwd=ROOT, stdin=subprocess.DEVNULL,
+    out = f"--out={tmp_path}/out/bench.json" if script == "bench.py" else f"--out_dir={tmp_path}/out"
+    p = subprocess.Popen([sys.executable, script, out], cwd=ROOT, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)  # python is up, torch is being imported
     p.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ import generate
 from model import ModelArgs, Transformer, apply_rope, rope_tables
 from babyllama.checkpoint import save_checkpoint
 from conftest import PROMPTS, ROOT, lively_model, repeats_an_ngram, sampling, tiny_args, tiny_model
-from generate import load_model
+from model import load_model
 
 torch.set_num_threads(1)
 
