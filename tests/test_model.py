@@ -12,10 +12,9 @@ import torch.nn.functional as F
 
 from babyllama.errors import ConfigError
 import generate
-from model import ModelArgs, Transformer, apply_rope, rope_tables
+from model import ModelArgs, Transformer, apply_rope, load_model, rope_tables
 from babyllama.checkpoint import save_checkpoint
 from conftest import PROMPTS, ROOT, lively_model, repeats_an_ngram, sampling, tiny_args, tiny_model
-from model import load_model
 
 torch.set_num_threads(1)
 
@@ -562,3 +561,24 @@ def test_second_model_in_one_process_compiles_with_its_dropout_as_a_constant(mon
     assert len(graph_inputs) == 2 and graph_inputs[0] == graph_inputs[1]  # no input for the second model's rates
     assert not [name for name in graph_inputs[1] if "dropout" in name]
     torch._dynamo.reset()
+
+
+def test_residual_stream_is_bf16_only_when_training_under_bf16_autocast():
+    """Training under bf16 autocast carries the residual stream in bf16 (half its memory traffic); everything else
+    (fp32, fp16 autocast, and any forward without gradients: validation, scoring, decoding) keeps it fp32, so those
+    numbers do not move. The bf16 stream's loss stays close to fp32's."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    x = torch.randint(0, model.args.vocab_size, (2, 16))
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    _, fp32_loss = model(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16_loss = model(x, x)
+        with torch.no_grad():
+            model(x, x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(x, x)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16, torch.float32, torch.float32]
+    assert abs(bf16_loss.item() - fp32_loss.item()) < 2e-2
