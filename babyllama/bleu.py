@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import List, Sequence, Tuple
 
-import jieba
+with warnings.catch_warnings():
+    # jieba 0.42 warns on import, about itself, in the middle of a run's output (eval's progress bar): its regexes'
+    # escapes when its modules are first compiled (SyntaxWarning on Python 3.12+), and its use of setuptools'
+    # deprecated pkg_resources (UserWarning). Neither is the user's to fix.
+    warnings.simplefilter("ignore")
+    import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from sacrebleu.metrics import BLEU
 
