@@ -5,15 +5,16 @@
     python chain.py --after=out/.data-ready pretrain.py ... &    # starts torch and CUDA now, the stages once the file says ok
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
-reports), but the stages share the interpreter, the CUDA context and torch.compile's compiled graphs and kernels:
-SFT's step has pretraining's shapes and code, so torch.compile can reuse what it built, and no stage after the
-first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a
-`--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
+reports), but the stages share the interpreter, the CUDA context and torch.compile's modules and worker processes:
+no stage after the first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a `--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
 `--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
 status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One
 process only: under torchrun each stage runs as its own command (a stage tears down its process group).
 --after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the stages' scripts and start CUDA
 at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
+Where SFT follows pretraining on a GPU, SFT's step (another graph: dropout, packed rows) is compiled in a side
+process while pretraining runs, once pretraining's own compilation is done (AheadCompile), so the SFT stage finds
+torch.compile's caches warm.
 """
 from __future__ import annotations
 
@@ -31,6 +32,119 @@ from babyllama.errors import ctrl_c, fail
 from babyllama.fileio import open_append
 
 SCRIPTS = ("pretrain.py", "sft.py", "eval.py", "report.py")  # scripts whose main(argv) can run as a stage
+AHEAD_WAIT_S = 120.0  # the longest the SFT stage waits for its step compiled ahead before compiling it itself
+
+
+def sft_config() -> type:
+    """sft.py's SFTConfig: the stage's script loaded as run_stage loads it (a script, not a library to import)."""
+    return importlib.import_module("sft").SFTConfig
+
+
+class RandomRows:
+    """Packed SFT micro-batches of random ids, shaped and typed as dataset_sft.SFTData.batch's: (x, y, seg), each
+    (B, T) int64, contiguous; two segments per row, a prompt's targets -1. torch.compile keys its graphs by these."""
+
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int):
+        self.shape, self.vocab = (batch_size, seq_len), vocab_size
+
+    def batch(self, step: int, micro_step: int):
+        import torch
+        x = torch.randint(1, self.vocab, self.shape)
+        y = torch.roll(x, -1, dims=1)
+        seg = torch.ones(self.shape, dtype=torch.int64)
+        seg[:, self.shape[1] // 2:] = 2
+        y[:, :8] = -1
+        return x, y, seg
+
+
+def ahead_spec(pre_cfg, model_args, flags: List[str]) -> Optional[dict]:
+    """What the side process needs to compile the step `sft.py FLAGS` will run after this pretraining run, or None
+    when that step's shape cannot be told now: SFT from another model, a resumed SFT run, rows of varying width
+    (--batch_mode=dynamic), no compilation, or flags sft.py will refuse anyway (it says why when its turn comes)."""
+    import dataclasses
+    from babyllama.config import parse_config
+    try:
+        cfg = parse_config(sft_config(), flags)
+    except Exception:  # noqa: BLE001  (a bad flag: the SFT stage reports it itself)
+        return None
+    start = os.path.realpath(cfg.init_from)  # the pretraining run's folder, or a checkpoint file it will write
+    if start.endswith(".pt"):
+        start = os.path.dirname(start)
+    if (cfg.resume or cfg.resume_from or cfg.batch_mode != "packed" or not cfg.compile or pre_cfg.out_dir == ""
+            or start != os.path.realpath(pre_cfg.out_dir)):
+        return None
+    args = dict(dataclasses.asdict(model_args), dropout=cfg.dropout)  # sft.start_point's model: SFT's dropout
+    if cfg.max_seq_len:
+        args["max_seq_len"] = min(cfg.max_seq_len, args["max_seq_len"])
+    return {"model_args": args, "flags": flags}
+
+
+def compile_ahead(spec: dict) -> None:
+    """The side process (`python chain.py --compile_ahead=SPEC`): builds and compiles SFT's model as trainer.py will,
+    with pretraining's shape and SFT's flags, and runs one training step on random rows of SFT's shape, so that
+    torch.compile's caches hold the graphs and kernels the SFT stage asks for. Its weights and data are thrown away."""
+    from babyllama.config import parse_config
+    from babyllama.runtime import attention_kernels, setup_runtime
+    from model import ModelArgs
+    from trainer import DeviceBatches, build_model, grad_accum_steps, train_step
+    cfg = parse_config(sft_config(), spec["flags"])
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    args = ModelArgs(**spec["model_args"])
+    accum = grad_accum_steps(cfg, args.max_seq_len, rt.world_size)
+    with attention_kernels(cfg.attention):
+        _, model, optimizer, scaler, _ = build_model(cfg, rt, args, None, None)
+        rows = RandomRows(cfg.batch_size, args.max_seq_len, args.vocab_size)
+        loss, _ = train_step(model, optimizer, scaler, DeviceBatches(rows, 0, accum, rt.device), accum,
+                             cfg.learning_rate, cfg.grad_clip, rt)
+        float(loss)  # the step ran to its end
+
+
+class AheadCompile:
+    """SFT's training step compiled in a side process while pretraining still runs (started by trainer.ON_COMPILED
+    once pretraining's own compilation is done): the SFT stage then finds torch.compile's caches warm, instead of
+    spending its first 15-25 s compiling (docs/speed.md). Nothing the stage computes depends on it: if the side
+    process fails, or is not done within AHEAD_WAIT_S of the stage's start, the stage compiles as it would anyway."""
+
+    def __init__(self, flags: List[str]):
+        self.flags, self.proc, self.t0, self.err = flags, None, 0.0, None
+
+    def start(self, pre_cfg, model_args) -> None:
+        import subprocess
+        import tempfile
+        spec = None if self.t0 else ahead_spec(pre_cfg, model_args, self.flags)
+        if spec is None:  # started once at most
+            return
+        self.err = tempfile.TemporaryFile()
+        self.t0 = time.time()
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile_ahead=" + json.dumps(spec)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def settle(self, limit: float = AHEAD_WAIT_S) -> Optional[str]:
+        """Waits for the side process (at most `limit` s; then it is stopped) -> a line saying how it went, or None if
+        none was started."""
+        import subprocess
+        if self.proc is None:
+            return None
+        t_wait = time.time()
+        try:
+            code = self.proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.stop()
+        waited, took = time.time() - t_wait, time.time() - self.t0
+        if code == 0:
+            return (f"sft's step was compiled ahead while pretraining ran ({took:.1f} s in a side process"
+                    + (f", {waited:.1f} s of it waited for here)" if waited >= 0.1 else ")"))
+        self.err.seek(0)
+        last = (self.err.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+        why = f"not done within {limit:.0f} s" if code is None else f"exit status {code}: {last[:200]}"
+        return f"sft's step compiled ahead: {why}; sft compiles it itself"
 
 
 def parse(argv: List[str]) -> tuple:
@@ -110,6 +224,9 @@ def run_stage(script: str, flags: List[str], start: Optional[float]) -> float:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--compile_ahead="):  # the side process of AheadCompile
+        compile_ahead(json.loads(argv[0].partition("=")[2]))
+        return
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         raise SystemExit(0)
@@ -118,16 +235,30 @@ def main(argv: Optional[List[str]] = None) -> None:
         fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
              "(speedrun.sh does with NPROC > 1)")
     ready_at = start_early([script for _, script, _ in stages], after) if after else None
+    ahead = AheadCompile([])  # SFT's step, compiled in a side process while the pretraining stage before it runs
     t0 = time.time()
-    for i, (name, script, flags) in enumerate(stages):
-        command = shlex.join(["python", script, *flags])
-        print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
-        # the first stage from the data being ready (--after) or the process's start (None), a later one from now
-        seconds = run_stage(script, flags, ready_at if i == 0 else time.time())
-        if log:  # appended, never through a link: the speedrun's record of each stage
-            with open_append(log) as f:
-                f.write(json.dumps({"stage": name, "command": command, "seconds": round(seconds, 1)},
-                                   ensure_ascii=False) + "\n")
+    try:
+        for i, (name, script, flags) in enumerate(stages):
+            # the first stage from the data being ready (--after) or the process's start (None), a later one from now
+            start = ready_at if i == 0 else time.time()
+            command = shlex.join(["python", script, *flags])
+            print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
+            said = ahead.settle()  # in this stage's time: a wait for it is this stage's
+            if said:
+                print(said, flush=True)
+            if "trainer" in sys.modules:  # the hook is the pretraining stage's only
+                sys.modules["trainer"].ON_COMPILED.clear()
+            if script == "pretrain.py" and i + 1 < len(stages) and stages[i + 1][1] == "sft.py":
+                import trainer
+                ahead = AheadCompile(stages[i + 1][2])
+                trainer.ON_COMPILED.append(ahead.start)
+            seconds = run_stage(script, flags, start)
+            if log:  # appended, never through a link: the speedrun's record of each stage
+                with open_append(log) as f:
+                    f.write(json.dumps({"stage": name, "command": command, "seconds": round(seconds, 1)},
+                                       ensure_ascii=False) + "\n")
+    finally:
+        ahead.stop()  # a failed or interrupted chain leaves no side process behind
 
 
 if __name__ == "__main__":

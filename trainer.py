@@ -28,6 +28,10 @@ from babyllama.run_dir import StopSignals, check_data_tokenizer, open_run, stop_
 from babyllama.runtime import (ATTENTION, COMPILE_MODES, Runtime, attention_kernels, autocast_context, compile_mode,
                                 configure_dynamo, device_problem, set_rng_state, wrap_ddp)
 
+# Called once as hook(cfg, model_args) when a compiled run's first steps have been timed (its compilation and CUDA
+# graphs done): chain.py starts compiling the next stage's step in a side process then, off this stage's critical path
+ON_COMPILED: list = []
+
 # dense bf16 tensor-core peaks (datasheet, TFLOP/s) for the MFU column; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L4": 121.0, "4090": 165.2,
                "3090": 71.0, "A6000": 154.8, "V100": 125.0, "T4": 65.0}
@@ -484,7 +488,8 @@ def run_training(cfg: TrainConfig, rt: Runtime, log: Logger, model_args: ModelAr
     meter = Throughput(batches, rt.world_size, raw_model.flops_per_token(seq_len), peak * rt.world_size if peak else None,
                        cfg.eval_interval, None if start_step else time.time() - t_start)  # + step 0's validation time
     losses, fit = LossLog(log, cfg.max_bad_steps, ckpts), FitClock(cfg, rt, log, start_step)
-    clock = CompileClock(rt.device, compiled != "eager", log)
+    clock = CompileClock(rt.device, compiled != "eager", log,
+                         then=lambda: [hook(cfg, model_args) for hook in ON_COMPILED])
     done, outside, t_loop = start_step, 0.0, time.time()  # outside: seconds of validation and saves in the loop
     try:
         with StopSignals() as signals:

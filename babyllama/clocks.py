@@ -46,10 +46,12 @@ class CompileClock:
     only): seconds = the first FIRST steps' time - FIRST x the median of the next STEADY."""
     FIRST, STEADY = 5, 5  # reduce-overhead compiles on step 1 and records its CUDA graphs on steps 2-3
 
-    def __init__(self, device: torch.device, compiled: bool, log):
-        self.device, self.compiled, self.log = device, compiled, log
+    def __init__(self, device: torch.device, compiled: bool, log, then=None):
+        """then: called once when a compiled model's timing ends (trainer.ON_COMPILED's hooks)."""
+        self.device, self.compiled, self.log, self.then = device, compiled, log, then
         self.times: list = []  # seconds of each timed step, to the device's end of it
         self.said = False
+        self.cache_at = cache_counts() if compiled else (0, 0)  # the process's counts so far (chain.py: an earlier stage's compilations)
 
     def say(self) -> None:
         """Logs the compile line once (a compiled model only), when the timing ends or at the run's end."""
@@ -68,6 +70,8 @@ class CompileClock:
             self.times.append(time.time() - t_step)
             if not self.timing:
                 self.say()
+                if self.compiled and self.then is not None:
+                    self.then()
 
     def seconds(self) -> Optional[float]:
         """The extra time (None before the first step); a run shorter than FIRST + 1 steps takes its fastest step as
@@ -81,8 +85,18 @@ class CompileClock:
     def line(self) -> str:
         first = self.times[:self.FIRST]
         steady = (sum(first) - self.seconds()) / len(first)
+        hits, misses = (now - then for now, then in zip(cache_counts(), self.cache_at))
+        cached = f"; graphs from the compile cache: {hits} of {hits + misses}" if hits + misses else ""
         return (f"compile: {self.seconds():.1f} s (the first {len(first)} steps took {sum(first):.1f} s, then "
-                f"{1000 * steady:.1f} ms/step)")
+                f"{1000 * steady:.1f} ms/step{cached})")
+
+
+def cache_counts() -> tuple[int, int]:
+    """(graphs torch.compile found in its FX-graph cache, graphs it compiled) in this process so far: a warm cache
+    (a second run, or chain.py's compiling ahead) shows as hits."""
+    from torch._dynamo.utils import counters
+    inductor = counters["inductor"]
+    return inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"]
 
 
 class FitClock:

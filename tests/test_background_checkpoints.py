@@ -16,7 +16,7 @@ import torch
 
 import pretrain
 import trainer
-from babyllama import checkpoint
+from babyllama import checkpoint, clocks
 from babyllama.checkpoint import CheckpointError, Checkpoints, load_checkpoint
 from babyllama.clocks import CompileClock
 from babyllama.run_dir import RESUME_KEYS
@@ -157,7 +157,7 @@ def test_a_failed_background_write_keeps_the_previous_files(tmp_path, monkeypatc
     ck.settle()  # the error was reported once
 
 
-def test_compile_clock_is_the_first_steps_time_over_a_steady_step():
+def test_compile_clock_is_the_first_steps_time_over_a_steady_step(monkeypatch):
     said = []
     clock = CompileClock(torch.device("cpu"), True, types.SimpleNamespace(print=said.append))
     assert clock.seconds() is None
@@ -167,6 +167,12 @@ def test_compile_clock_is_the_first_steps_time_over_a_steady_step():
     assert said == ["compile: 34.7 s (the first 5 steps took 35.2 s, then 100.0 ms/step)"]
     clock.say()
     assert len(said) == 1  # once
+    counts = iter([(3, 1), (9, 1)])  # graphs from the cache, compiled: before this run, after its steps
+    monkeypatch.setattr(clocks, "cache_counts", lambda: next(counts))
+    warm = CompileClock(torch.device("cpu"), True, types.SimpleNamespace(print=said.append))
+    for took in [3.0] + [0.1] * 9:
+        warm.step_done(time.time() - took)
+    assert said[-1].endswith("then 100.0 ms/step; graphs from the compile cache: 6 of 6)"), said
     short = CompileClock(torch.device("cpu"), False, None)
     short.times = [3.0, 0.5]  # a two-step run: its fastest step is the steady one
     assert short.seconds() == pytest.approx(2.5)
@@ -180,8 +186,11 @@ def test_the_run_logs_and_keeps_its_compile_time(tiny_corpus, tmp_path, monkeypa
     real = trainer.build_model
     if compiled:
         monkeypatch.setattr(trainer, "build_model", lambda *a: real(*a)[:4] + ("compiled (default)",))
+    called = []  # trainer.ON_COMPILED (chain.py's compiling ahead): once, for a compiled model, with its shape
+    monkeypatch.setattr(trainer, "ON_COMPILED", [lambda cfg, args: called.append((cfg.max_steps, args.dim))])
     out = tmp_path / "run"
     assert run(tiny_corpus, out, "--max_steps=14", "--eval_interval=7") == 0
+    assert called == ([(14, 32)] if compiled else [])
     log = (out / "log.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_s"] >= 0 and summary["steps_s"] > 0

@@ -3,6 +3,7 @@ stage's command and time, and stop at the first stage that fails with its exit s
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -150,3 +151,73 @@ def test_under_torchrun_a_chain_is_refused_before_any_stage(monkeypatch, capsys)
         chain.main(["pretrain.py", "--max_steps=1", "--", "sft.py"])
     out = capsys.readouterr()
     assert e.value.code == 2 and "under torchrun" in out.err and "==" not in out.out
+
+
+def test_the_rows_compiled_ahead_are_shaped_and_typed_as_sfts(sample_data):
+    """torch.compile keys its graphs by the inputs' shapes, dtypes and strides: the side process's random rows must
+    be what dataset_sft gives the SFT stage, or its compiled graphs would never be asked for."""
+    import chain
+    from chatglm_tokenizer import load_tokenizer
+    from dataset_sft import Batching, SFTData, SFTSamples
+    samples = SFTSamples(str(sample_data / "sft" / "train.jsonl"), load_tokenizer(None), 64)
+    real = SFTData(samples, Batching(batch_size=4, seed=0, mode="packed")).batch(0, 0)
+    fake = chain.RandomRows(4, 64, 500).batch(0, 0)
+    assert len(fake) == len(real) == 3
+    for f, r in zip(fake, real):
+        assert (f.shape, f.dtype, f.stride(), f.is_contiguous()) == (r.shape, r.dtype, r.stride(), r.is_contiguous())
+    x, y, seg = fake
+    assert 0 < int(x.min()) and int(x.max()) < 500 and (y == -1).any() and set(seg.unique().tolist()) == {1, 2}
+
+
+def test_sfts_step_is_compiled_ahead_only_where_its_shape_is_known(tmp_path):
+    import chain
+    from model import ModelArgs
+    from pretrain import PretrainConfig
+    pre = PretrainConfig(out_dir=str(tmp_path / "pre"))
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64)
+    base = [f"--init_from={tmp_path}/pre", "--batch_size=4"]
+    spec = chain.ahead_spec(pre, args, base + ["--dropout=0.2"])
+    assert spec["model_args"] == dict(vars(args), dropout=0.2) and spec["flags"] == base + ["--dropout=0.2"]
+    assert chain.ahead_spec(pre, args, [f"--init_from={tmp_path}/pre/best.pt"]) is not None  # the run's file
+    assert chain.ahead_spec(pre, args, base + ["--max_seq_len=32"])["model_args"]["max_seq_len"] == 32
+    for other in ([f"--init_from={tmp_path}/elsewhere"], ["--init_from=hf:x"], base + ["--batch_mode=dynamic"],
+                  base + ["--compile=false"], base + ["--resume"], base + ["--no_such_flag=1"]):
+        assert chain.ahead_spec(pre, args, other) is None, other
+
+
+def test_the_side_process_runs_sfts_step_and_a_chain_leaves_none_behind(sample_data, tmp_path):
+    """On a CPU nothing is compiled, but the side process builds SFT's model from the spec and runs its step to the
+    end (exit 0); a failing one is one line that says sft compiles its step itself."""
+    import chain
+    from model import ModelArgs
+    from pretrain import PretrainConfig
+    pre = PretrainConfig(out_dir=str(tmp_path / "pre"))
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64)
+    ahead = chain.AheadCompile([f"--init_from={tmp_path}/pre", "--batch_size=4", "--device=cpu"])
+    ahead.start(pre, args)
+    said = ahead.settle(limit=240)
+    assert said.startswith("sft's step was compiled ahead while pretraining ran ("), said
+    assert ahead.proc is None
+    ahead.start(pre, args)  # once per chain at most
+    assert ahead.proc is None
+    bad = chain.AheadCompile([f"--init_from={tmp_path}/pre", "--batch_size=4", "--device=cpu"])
+    bad.start(pre, ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64, multiple_of=0))
+    said = bad.settle(limit=240)
+    assert said.startswith("sft's step compiled ahead: exit status 1: ") and said.endswith("sft compiles it itself")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_sft_finds_its_step_in_the_compile_cache(sample_data, tmp_path, monkeypatch):
+    """A chain of pretraining and SFT with empty compile caches: the side process compiles SFT's step while
+    pretraining runs, and the SFT stage finds every graph it compiles in the cache."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache" / "triton"))
+    gpu = [a.replace("--device=cpu", "--device=cuda") for a in MODEL]
+    pre = ["pretrain.py", f"--data_dir={sample_data}/pretrain", f"--out_dir={tmp_path}/pretrain", *gpu, "--max_steps=40"]
+    sft = ["sft.py", f"--init_from={tmp_path}/pretrain", f"--data_dir={sample_data}/sft", f"--out_dir={tmp_path}/sft",
+           "--batch_size=4", "--log_interval=2", "--eval_interval=20", "--warmup_steps=1", "--max_steps=20"]
+    r = run_script("chain.py", [*pre, "--", *sft], timeout=600)
+    assert "sft's step was compiled ahead while pretraining ran" in r.stdout, r.stdout[-3000:]
+    said = [ln for ln in (tmp_path / "sft" / "log.txt").read_text().splitlines() if ln.startswith("compile: ")]
+    hits = re.search(r"graphs from the compile cache: (\d+) of (\d+)", said[0])
+    assert hits and int(hits[1]) == int(hits[2]) > 0, said
