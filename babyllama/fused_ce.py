@@ -99,10 +99,12 @@ def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
 
 
 @torch.library.custom_op("babyllama::linear_ce_grads", mutates_args=())
-def linear_ce_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                    chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h (N, dim), weight (padded_vocab, dim), both in the matmul dtype; targets (N,) long, -1 ignored.
-    -> (mean loss fp32 0-d, d loss / d h (N, dim) in h's dtype, d loss / d weight (padded_vocab, dim) fp32)."""
+def linear_ce_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (N, dim), weight (padded_vocab, dim), the matmuls in `dtype` (autocast's, or h's); targets (N,) long, -1
+    ignored. -> (mean loss fp32 0-d, d loss / d h (N, dim) in `dtype`, d loss / d weight (padded_vocab, dim) fp32).
+    Its autograd (below) scales the two stored gradients: backward recomputes nothing."""
+    h, weight = h.to(dtype), weight.to(dtype)
     n_targets = (targets != -1).sum().clamp(min=1)
     scale = (1.0 / n_targets).float().reshape(1)  # stays on the device: no host sync
     grad_h = torch.empty_like(h)
@@ -118,6 +120,30 @@ def linear_ce_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return total / n_targets, grad_h, grad_w
 
 
+@linear_ce_grads.register_fake
+def _(h, weight, targets, vocab_size, chunk, dtype):
+    return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape, dtype=dtype),
+            weight.new_empty(weight.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])  # d loss / d h, d loss / d weight
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+
+
+def _backward(ctx, grad_loss, _grad_h, _grad_w):
+    """Gradients of the loss only (the op's other two outputs are never differentiated): the stored ones, scaled,
+    each in its input's dtype (the fp32 weight gets an fp32 gradient, not a rounded one)."""
+    grad_h, grad_w = ctx.saved_tensors
+    return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None, None
+
+
+# autograd registered on the op itself, not a torch.autograd.Function: torch.compile's graph then holds the op and
+# plain tensor ops, which its AOT-autograd cache can store (a Function's graph is never cached: a warm compile cache
+# would still trace and partition the whole training step again, seconds on every run)
+linear_ce_grads.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b. On CUDA with bf16/fp16 inputs the GEMM adds into the fp32 buffer itself (out_dtype),
     saving a rounded temporary, its upcast and a separate add over the 133 MB gradient per chunk."""
@@ -127,27 +153,6 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).float()
 
 
-@linear_ce_grads.register_fake
-def _(h, weight, targets, vocab_size, chunk):
-    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), weight.new_empty(weight.shape, dtype=torch.float32)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, chunk: int):
-        dev = h.device.type  # under autocast the matmuls run in its dtype, as the plain path's would
-        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        loss, grad_h, grad_w = linear_ce_grads(h.to(mm), weight.to(mm), targets, vocab_size, chunk)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h.dtype, weight.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
-
-
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                          chunk: int) -> torch.Tensor:
     """Mean cross-entropy of h @ weight[:vocab_size].T against targets (-1 ignored), as F.cross_entropy of the
@@ -155,7 +160,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Under torch.no_grad (validation, eval.py's perplexity) only the loss is computed, with no gradient terms."""
     if not torch.is_grad_enabled():
         return _cross_entropy_chunked(h, weight, targets, vocab_size, chunk)
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab_size, chunk)
+    dev = h.device.type  # under autocast the matmuls run in its dtype, as the plain path's would
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    return linear_ce_grads(h, weight, targets, vocab_size, chunk, dtype)[0]
 
 
 def _cross_entropy_chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

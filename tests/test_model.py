@@ -464,6 +464,34 @@ def test_fused_loss_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+def test_the_compiled_training_step_can_be_kept_in_the_compile_cache():
+    """torch.compile's AOT-autograd cache stores no graph holding a higher-order op (a torch.autograd.Function
+    becomes one): a warm cache would trace and partition the whole training step again on every run. The fused loss
+    is a custom op with its own autograd, so the graph dynamo hands over holds none."""
+    m = tiny_model().train()
+    m.ce_chunk = 32
+    graphs = []
+
+    def keep(gm, example_inputs):  # a torch.compile backend that runs the traced graph as it is
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randint(0, 1000, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(m, backend=keep)(x, x)
+    loss.backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert not [op for op in ops if isinstance(op, torch._ops.HigherOrderOperator)], ops
+    assert any("linear_ce_grads" in str(op) for op in ops), ops
+    try:  # the cache's own check, where this torch has it under this name
+        from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+    except ImportError:
+        return
+    check_cacheable(graphs[0])
+
+
 TRITON_CHECK = r"""
 import torch
 import triton
