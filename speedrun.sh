@@ -164,10 +164,12 @@ if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --standalone "--nproc_per_node=$NPR
 LOG="$OUT/speedrun.jsonl"; rm -f -- "$LOG"  # a new log (a link there is removed, not followed)
 T0=$(date +%s)
 # in the background while the first stages use a core or two: matplotlib's font list (a fresh machine builds it at its
-# first plot, seconds at the end of pretraining) and, where the bytecode is kept here, torch's and torch.compile's
-# modules compiled once for every later stage
+# first plot, seconds at the end of pretraining) and, where the bytecode is kept here, the modules of the packages the
+# stages import compiled at once on every core (instead of one by one as each is first imported: a cold start of
+# chain.py's imports took twice as long on 2 cores, docs/speed.md)
 (python -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot" >/dev/null 2>&1 &)
-[ $WARM_TORCH = 0 ] || (python -c "import torch._dynamo, torch._inductor.compile_fx" >/dev/null 2>&1 &)
+[ $WARM_TORCH = 0 ] || (python -m babyllama.pycache --compile torch triton sympy networkx mpmath numpy jinja2 nltk \
+  jieba sacrebleu sentencepiece tqdm matplotlib >/dev/null 2>&1 &)
 
 # quoted WORD...: the words as one command line a shell reads back as the same words (as Python's shlex.join): a
 # word of these characters as it is, any other in single quotes; what the console, speedrun.jsonl and the card show

@@ -6,12 +6,20 @@ speedrun and in each of torch.compile's worker processes. speedrun.sh asks, and 
 bytecode in its cache folder instead (PYTHONPYCACHEPREFIX):
 
     python -m babyllama.pycache torch      # exit 0: the bytecode is reused; 1: it is compiled again by every process
+    python -m babyllama.pycache --compile torch nltk    # compiles every module of these packages now, on every core
+
+--compile fills the bytecode cache at once, in parallel, where otherwise each module would be compiled when a process
+first imports it, one after another: speedrun.sh runs it in the background while the tokenizer trains.
 """
 from __future__ import annotations
 
+import compileall
 import importlib.util
 import os
+import re
 import sys
+
+SKIP = re.compile(r"[/\\](tests?|testing[/\\]_internal)[/\\]")  # test suites shipped in packages: never imported
 
 
 def valid_pyc(source: str, pyc: str) -> bool:
@@ -48,5 +56,18 @@ def bytecode_reused(package: str) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def compile_packages(packages) -> bool:
+    """Compiles every module of the installed packages (their test suites left out) into the bytecode cache, in as
+    many processes as there are cores; a package that is not installed is skipped. -> True if every file compiled."""
+    ok = True
+    for name in packages:
+        spec = importlib.util.find_spec(name)  # finds, does not import
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            ok &= bool(compileall.compile_dir(folder, quiet=2, workers=0, rx=SKIP))
+    return ok
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compile"]:
+        raise SystemExit(0 if compile_packages(sys.argv[2:]) else 1)
     raise SystemExit(0 if all(bytecode_reused(p) for p in sys.argv[1:]) else 1)

@@ -53,3 +53,24 @@ def test_the_command_line_answers_with_its_exit_status(tmp_path):
     assert run().returncode == 1  # no pyc, and Python may not write one
     py_compile.compile(str(tmp_path / "pkg_for_pycache" / "__init__.py"))
     assert run().returncode == 0
+
+
+def test_compile_fills_the_cache_with_every_module_but_the_test_suites(tmp_path):
+    """--compile: each module of the package gets valid bytecode in the cache folder (PYTHONPYCACHEPREFIX), where a
+    later import finds it; the package's tests/ are left out, a package that is not installed is skipped."""
+    init = make_package(tmp_path)
+    (init.parent / "sub").mkdir()
+    (init.parent / "sub" / "deep.py").write_text("Y = 2\n")
+    (init.parent / "tests").mkdir()
+    (init.parent / "tests" / "test_x.py").write_text("Z = 3\n")
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]), PYTHONPYCACHEPREFIX=str(cache))
+    r = subprocess.run([sys.executable, "-m", "babyllama.pycache", "--compile", "pkg_for_pycache", "no_such_package"],
+                       cwd=ROOT, env=env)
+    assert r.returncode == 0
+    compiled = {p.name.split(".")[0] for p in cache.rglob("*.pyc")}
+    assert compiled == {"__init__", "deep"}, compiled
+    for src in (init, init.parent / "sub" / "deep.py"):  # where the interpreter would look, given that prefix
+        rel = str(src.resolve()).lstrip(os.sep)
+        pyc = next(cache.rglob(f"{src.stem}.*.pyc"))
+        assert str(pyc).startswith(str(cache / os.path.dirname(rel))) and pycache.valid_pyc(str(src), str(pyc))
