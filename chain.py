@@ -143,7 +143,7 @@ class AheadCompile:
                     + (f", {waited:.1f} s of it waited for here)" if waited >= 0.1 else ")"))
         self.err.seek(0)
         last = (self.err.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
-        why = f"not done within {limit:.0f} s" if code is None else f"exit status {code}: {last[:200]}"
+        why = f"not done within {limit:g} s" if code is None else f"exit status {code}: {last[:200]}"
         return f"sft's step compiled ahead: {why}; sft compiles it itself"
 
 

@@ -221,3 +221,17 @@ def test_on_a_gpu_sft_finds_its_step_in_the_compile_cache(sample_data, tmp_path,
     said = [ln for ln in (tmp_path / "sft" / "log.txt").read_text().splitlines() if ln.startswith("compile: ")]
     hits = re.search(r"graphs from the compile cache: (\d+) of (\d+)", said[0])
     assert hits and int(hits[1]) == int(hits[2]) > 0, said
+
+
+def test_a_side_process_not_done_in_time_is_stopped_and_said(tmp_path):
+    """The SFT stage waits for the step compiled ahead at most `limit` seconds: then the side process is killed (no
+    process left behind) and the stage compiles its step itself."""
+    import tempfile
+    import chain
+    ahead = chain.AheadCompile([])
+    ahead.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ahead.t0, ahead.err = time.time(), tempfile.TemporaryFile()
+    proc, t = ahead.proc, time.time()
+    said = ahead.settle(limit=0.5)
+    assert time.time() - t < 10 and proc.poll() is not None and ahead.proc is None
+    assert said == "sft's step compiled ahead: not done within 0.5 s; sft compiles it itself", said
