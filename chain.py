@@ -6,10 +6,11 @@
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
 reports), but the stages share the interpreter, the CUDA context and torch.compile's modules and worker processes:
-no stage after the first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a `--` word; SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless
-`--name=NAME` comes first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit
-status (2 for bad input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One
-process only: under torchrun each stage runs as its own command (a stage tears down its process group).
+no stage after the first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a `--` word;
+SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless `--name=NAME` comes
+first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit status (2 for bad
+input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One process only: under
+torchrun each stage runs as its own command (a stage tears down its process group).
 --after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the stages' scripts and start CUDA
 at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
 Where SFT follows pretraining on a GPU, SFT's step (another graph: dropout, packed rows) is compiled in a side
@@ -70,7 +71,7 @@ def ahead_spec(pre_cfg, model_args, flags: List[str]) -> Optional[dict]:
     start = os.path.realpath(cfg.init_from)  # the pretraining run's folder, or a checkpoint file it will write
     if start.endswith(".pt"):
         start = os.path.dirname(start)
-    if (cfg.resume or cfg.resume_from or cfg.batch_mode != "packed" or not cfg.compile or pre_cfg.out_dir == ""
+    if (cfg.resume or cfg.resume_from or cfg.batch_mode != "packed" or not cfg.compile
             or start != os.path.realpath(pre_cfg.out_dir)):
         return None
     args = dict(dataclasses.asdict(model_args), dropout=cfg.dropout)  # sft.start_point's model: SFT's dropout

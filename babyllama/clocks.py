@@ -51,7 +51,8 @@ class CompileClock:
         self.device, self.compiled, self.log, self.then = device, compiled, log, then
         self.times: list = []  # seconds of each timed step, to the device's end of it
         self.said = False
-        self.cache_at = cache_counts() if compiled else (0, 0)  # the process's counts so far (chain.py: an earlier stage's compilations)
+        # the process's cache counts so far (in chain.py's one process, an earlier stage's compilations)
+        self.cache_at = cache_counts() if compiled else (0, 0)
 
     def say(self) -> None:
         """Logs the compile line once (a compiled model only), when the timing ends or at the run's end."""

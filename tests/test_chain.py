@@ -213,7 +213,8 @@ def test_on_a_gpu_sft_finds_its_step_in_the_compile_cache(sample_data, tmp_path,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache" / "triton"))
     gpu = [a.replace("--device=cpu", "--device=cuda") for a in MODEL]
-    pre = ["pretrain.py", f"--data_dir={sample_data}/pretrain", f"--out_dir={tmp_path}/pretrain", *gpu, "--max_steps=40"]
+    pre = ["pretrain.py", f"--data_dir={sample_data}/pretrain", f"--out_dir={tmp_path}/pretrain", *gpu,
+           "--max_steps=40"]
     sft = ["sft.py", f"--init_from={tmp_path}/pretrain", f"--data_dir={sample_data}/sft", f"--out_dir={tmp_path}/sft",
            "--batch_size=4", "--log_interval=2", "--eval_interval=20", "--warmup_steps=1", "--max_steps=20"]
     r = run_script("chain.py", [*pre, "--", *sft], timeout=600)
