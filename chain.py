@@ -247,12 +247,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             said = ahead.settle()  # in this stage's time: a wait for it is this stage's
             if said:
                 print(said, flush=True)
-            if "trainer" in sys.modules:  # the hook is the pretraining stage's only
-                sys.modules["trainer"].ON_COMPILED.clear()
-            if script == "pretrain.py" and i + 1 < len(stages) and stages[i + 1][1] == "sft.py":
-                import trainer
+            sft_next = script == "pretrain.py" and i + 1 < len(stages) and stages[i + 1][1] == "sft.py"
+            if sft_next:
                 ahead = AheadCompile(stages[i + 1][2])
-                trainer.ON_COMPILED.append(ahead.start)
+            if sft_next or "trainer" in sys.modules:  # the hook belongs to a pretraining stage followed by SFT only
+                import trainer
+                trainer.ON_COMPILED[:] = [ahead.start] if sft_next else []
             seconds = run_stage(script, flags, start)
             if log:  # appended, never through a link: the speedrun's record of each stage
                 with open_append(log) as f:
