@@ -14,8 +14,8 @@ torchrun each stage runs as its own command (a stage tears down its process grou
 --after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the stages' scripts and start CUDA
 at once, then wait for FILE; "ok" in it runs the stages, anything else exits with status 1 and runs none.
 Where SFT follows pretraining on a GPU, SFT's step (another graph: dropout, packed rows) is compiled in a side
-process while pretraining runs, once pretraining's own compilation is done (AheadCompile), so the SFT stage finds
-torch.compile's caches warm.
+process while pretraining runs (AheadCompile): spawned with the pretraining stage, it imports and starts CUDA at once
+and compiles once pretraining's own compilation is done, so the SFT stage finds torch.compile's caches warm.
 """
 from __future__ import annotations
 
@@ -58,21 +58,31 @@ class RandomRows:
         return x, y, seg
 
 
-def ahead_spec(pre_cfg, model_args, flags: List[str]) -> Optional[dict]:
-    """What the side process needs to compile the step `sft.py FLAGS` will run after this pretraining run, or None
-    when that step's shape cannot be told now: SFT from another model, a resumed SFT run, rows of varying width
-    (--batch_mode=dynamic), no compilation, or flags sft.py will refuse anyway (it says why when its turn comes)."""
-    import dataclasses
+def ahead_config(flags: List[str]):
+    """sft.py's config for FLAGS when its step can be compiled ahead, else None: a resumed SFT run, rows of varying
+    width (--batch_mode=dynamic), no compilation, or flags sft.py will refuse anyway (it says why when its turn
+    comes)."""
     from babyllama.config import parse_config
     try:
         cfg = parse_config(sft_config(), flags)
     except Exception:  # noqa: BLE001  (a bad flag: the SFT stage reports it itself)
         return None
+    if cfg.resume or cfg.resume_from or cfg.batch_mode != "packed" or not cfg.compile:
+        return None
+    return cfg
+
+
+def ahead_spec(pre_cfg, model_args, flags: List[str]) -> Optional[dict]:
+    """What the side process needs to compile the step `sft.py FLAGS` will run after this pretraining run, or None
+    when that step's shape cannot be told now: SFT from another model, or ahead_config's cases."""
+    import dataclasses
+    cfg = ahead_config(flags)
+    if cfg is None:
+        return None
     start = os.path.realpath(cfg.init_from)  # the pretraining run's folder, or a checkpoint file it will write
     if start.endswith(".pt"):
         start = os.path.dirname(start)
-    if (cfg.resume or cfg.resume_from or cfg.batch_mode != "packed" or not cfg.compile
-            or start != os.path.realpath(pre_cfg.out_dir)):
+    if start != os.path.realpath(pre_cfg.out_dir):
         return None
     args = dict(dataclasses.asdict(model_args), dropout=cfg.dropout)  # sft.start_point's model: SFT's dropout
     if cfg.max_seq_len:
@@ -80,14 +90,24 @@ def ahead_spec(pre_cfg, model_args, flags: List[str]) -> Optional[dict]:
     return {"model_args": args, "flags": flags}
 
 
-def compile_ahead(spec: dict) -> None:
-    """The side process (`python chain.py --compile_ahead=SPEC`): builds and compiles SFT's model as trainer.py will,
-    with pretraining's shape and SFT's flags, and runs one training step on random rows of SFT's shape, so that
-    torch.compile's caches hold the graphs and kernels the SFT stage asks for. Its weights and data are thrown away."""
+def compile_ahead(stream) -> None:
+    """The side process (`python chain.py --compile_ahead=-`): imports what compiling needs and starts CUDA, then
+    reads its spec (ahead_spec's, one JSON line; an empty stream: nothing to do) from `stream`, builds and compiles
+    SFT's model as trainer.py will, with pretraining's shape and SFT's flags, and runs one training step on random
+    rows of SFT's shape, so that torch.compile's caches hold the graphs and kernels the SFT stage asks for. Its
+    weights and data are thrown away."""
+    import torch
+    import torch._inductor.compile_fx  # noqa: F401  the compiler, imported while pretraining starts
     from babyllama.config import parse_config
     from babyllama.runtime import attention_kernels, setup_runtime
     from model import ModelArgs
     from trainer import DeviceBatches, build_model, grad_accum_steps, train_step
+    if torch.cuda.is_available():
+        torch.ones(1, device="cuda").item()  # the CUDA context
+    line = stream.readline()
+    if not line.strip():
+        return
+    spec = json.loads(line)
     cfg = parse_config(sft_config(), spec["flags"])
     rt = setup_runtime(cfg.device, cfg.dtype)
     args = ModelArgs(**spec["model_args"])
@@ -100,37 +120,63 @@ def compile_ahead(spec: dict) -> None:
         float(loss)  # the step ran to its end
 
 
+def gpu_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 class AheadCompile:
-    """SFT's training step compiled in a side process while pretraining still runs (started by trainer.ON_COMPILED
-    once pretraining's own compilation is done): the SFT stage then finds torch.compile's caches warm, instead of
-    spending its first 15-25 s compiling (docs/speed.md). Nothing the stage computes depends on it: if the side
-    process fails, or is not done within AHEAD_WAIT_S of the stage's start, the stage compiles as it would anyway."""
+    """SFT's training step compiled in a side process while pretraining still runs: the SFT stage then finds
+    torch.compile's caches warm, instead of spending its first 15-25 s compiling (docs/speed.md). The process is
+    spawned as the pretraining stage starts (it imports torch and torch.compile's modules and starts CUDA beside
+    pretraining's start-up) and compiles once trainer.ON_COMPILED says pretraining's own compilation is done, so the
+    two compilations do not share the CPU. Nothing the stage computes depends on it: if the side process fails, or is
+    not done within AHEAD_WAIT_S of the stage's start, the stage compiles as it would anyway."""
 
     def __init__(self, flags: List[str]):
-        self.flags, self.proc, self.t0, self.err = flags, None, 0.0, None
+        self.flags, self.proc, self.t0, self.err, self.sent = flags, None, 0.0, None, False
 
-    def start(self, pre_cfg, model_args) -> None:
+    def spawn(self) -> None:
+        """Starts the side process, which waits for its spec on stdin (an empty line: nothing to compile)."""
         import subprocess
         import tempfile
-        spec = None if self.t0 else ahead_spec(pre_cfg, model_args, self.flags)
-        if spec is None:  # started once at most
-            return
         self.err = tempfile.TemporaryFile()
-        self.t0 = time.time()
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile_ahead=" + json.dumps(spec)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--compile_ahead=-"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.err)
+
+    def start(self, pre_cfg, model_args) -> None:
+        """trainer.ON_COMPILED's hook: hands the side process what to compile (spawning it first if it is not
+        running), or stops it when SFT's step cannot be told now. Once per chain at most."""
+        if self.sent:
+            return
+        self.sent = True
+        spec = ahead_spec(pre_cfg, model_args, self.flags)
+        if spec is None:
+            self.stop()
+            return
+        if self.proc is None:
+            self.spawn()
+        self.t0 = time.time()  # its compilation from here
+        try:
+            self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+            self.proc.stdin.close()
+        except OSError:  # it has died already: settle() says how
+            pass
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            if self.proc.stdin:
+                self.proc.stdin.close()
             self.proc = None
 
     def settle(self, limit: float = AHEAD_WAIT_S) -> Optional[str]:
         """Waits for the side process (at most `limit` s; then it is stopped) -> a line saying how it went, or None if
-        none was started."""
+        it was given nothing to compile (pretraining never finished compiling, or SFT's step was not known)."""
         import subprocess
-        if self.proc is None:
+        if self.proc is None or not self.sent:
+            self.stop()
             return None
         t_wait = time.time()
         try:
@@ -225,8 +271,8 @@ def run_stage(script: str, flags: List[str], start: Optional[float]) -> float:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--compile_ahead="):  # the side process of AheadCompile
-        compile_ahead(json.loads(argv[0].partition("=")[2]))
+    if argv == ["--compile_ahead=-"]:  # the side process of AheadCompile
+        compile_ahead(sys.stdin)
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -250,6 +296,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             sft_next = script == "pretrain.py" and i + 1 < len(stages) and stages[i + 1][1] == "sft.py"
             if sft_next:
                 ahead = AheadCompile(stages[i + 1][2])
+                sft_cfg = ahead_config(ahead.flags)
+                if sft_cfg is not None and sft_cfg.device != "cpu" and gpu_available():
+                    ahead.spawn()  # its imports and CUDA start beside pretraining's
             if sft_next or "trainer" in sys.modules:  # the hook belongs to a pretraining stage followed by SFT only
                 import trainer
                 trainer.ON_COMPILED[:] = [ahead.start] if sft_next else []

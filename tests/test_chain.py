@@ -206,6 +206,41 @@ def test_the_side_process_runs_sfts_step_and_a_chain_leaves_none_behind(sample_d
     assert said.startswith("sft's step compiled ahead: exit status 1: ") and said.endswith("sft compiles it itself")
 
 
+def test_a_side_process_spawned_early_compiles_on_its_spec_and_goes_without_one(tmp_path):
+    """Spawned as pretraining starts, the side process imports and then waits: the spec sent once pretraining has
+    compiled runs SFT's step (exit 0); where none comes (pretraining never compiled) or SFT's step is not known, it is
+    stopped, nothing is said, and no process is left."""
+    import chain
+    from model import ModelArgs
+    from pretrain import PretrainConfig
+    pre = PretrainConfig(out_dir=str(tmp_path / "pre"))
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64)
+    ahead = chain.AheadCompile([f"--init_from={tmp_path}/pre", "--batch_size=4", "--device=cpu"])
+    ahead.spawn()
+    proc = ahead.proc
+    time.sleep(1)
+    assert proc.poll() is None  # waiting for its spec
+    ahead.start(pre, args)
+    said = ahead.settle(limit=240)
+    assert said.startswith("sft's step was compiled ahead while pretraining ran ("), said
+    assert proc.returncode == 0 and ahead.proc is None
+    for flags in ([f"--init_from={tmp_path}/pre", "--device=cpu"], [f"--init_from={tmp_path}/elsewhere"]):
+        ahead = chain.AheadCompile(flags)
+        ahead.spawn()
+        proc = ahead.proc
+        if "--device=cpu" not in flags:  # SFT from another model: the hook stops it at once
+            ahead.start(pre, args)
+            assert proc.poll() is not None and ahead.proc is None
+        assert ahead.settle(limit=240) is None  # never told what to compile: stopped, nothing said
+        assert proc.poll() is not None and ahead.proc is None
+
+
+def test_the_side_process_with_an_empty_spec_exits_at_once():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "chain.py"), "--compile_ahead=-"], input="\n", text=True,
+                       capture_output=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == "", r.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_sft_finds_its_step_in_the_compile_cache(sample_data, tmp_path, monkeypatch):
     """A chain of pretraining and SFT with empty compile caches: the side process compiles SFT's step while
@@ -231,7 +266,7 @@ def test_a_side_process_not_done_in_time_is_stopped_and_said(tmp_path):
     import chain
     ahead = chain.AheadCompile([])
     ahead.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    ahead.t0, ahead.err = time.time(), tempfile.TemporaryFile()
+    ahead.t0, ahead.err, ahead.sent = time.time(), tempfile.TemporaryFile(), True
     proc, t = ahead.proc, time.time()
     said = ahead.settle(limit=0.5)
     assert time.time() - t < 10 and proc.poll() is not None and ahead.proc is None
