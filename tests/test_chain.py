@@ -235,6 +235,25 @@ def test_a_side_process_spawned_early_compiles_on_its_spec_and_goes_without_one(
         assert proc.poll() is not None and ahead.proc is None
 
 
+def test_a_side_process_dead_before_its_spec_is_said_not_raised(tmp_path):
+    """The side process died (an import failed) before pretraining finished compiling: handing it its spec fails
+    quietly, and the SFT stage says why it compiles its step itself."""
+    import tempfile
+    import chain
+    from model import ModelArgs
+    from pretrain import PretrainConfig
+    ahead = chain.AheadCompile([f"--init_from={tmp_path}/pre", "--batch_size=4"])
+    ahead.err = tempfile.TemporaryFile()
+    ahead.proc = subprocess.Popen([sys.executable, "-c", "import sys; print('no module named x', file=sys.stderr); "
+                                   "sys.exit(3)"], stdin=subprocess.PIPE, stderr=ahead.err)
+    ahead.proc.wait()
+    ahead.start(PretrainConfig(out_dir=str(tmp_path / "pre")),
+                ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64))
+    said = ahead.settle(limit=10)
+    assert said == "sft's step compiled ahead: exit status 3: no module named x; sft compiles it itself", said
+    assert ahead.proc is None
+
+
 def test_the_side_process_with_an_empty_spec_exits_at_once():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "chain.py"), "--compile_ahead=-"], input="\n", text=True,
                        capture_output=True, timeout=240, cwd=ROOT)
