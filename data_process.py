@@ -321,6 +321,9 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
             raise DataError("out of memory while tokenizing (lower --chunk_chars, --max_pending or --num_workers); "
                             f"nothing was written to {out_dir}") from None
         pool.shutdown()
+        if split_tokens["train"] == 0:  # nothing to pretrain on: an error, and an earlier output stays as it was
+            raise DataError(f"no document kept for training from {len(sources)} input(s) ({dropped_line(counts, rep)});"
+                            f" nothing was written to {out_dir}")
         names = writers["train"].finish() + writers["val"].finish()
         paths = out.commit(names + [n[:-4] + ".json" for n in names])[:len(names)]
         ok = True
@@ -371,6 +374,14 @@ def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Re
             bar.update(len(lengths))
             bar.set_postfix_str(f"{encoded / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
     return encoded
+
+
+def dropped_line(counts: Counter, rep: Reporter) -> str:
+    """Why documents were not kept, the reasons that occurred: "read 3 documents; too_short 2, malformed 1"."""
+    why = [(k, counts[k]) for k in ("too_short", "duplicate", "near_duplicate", "unencodable")]
+    why += [(k, rep.counts[k]) for k in ("malformed", "missing_field", "undecodable", "too_long")]
+    return f"read {counts['read']:,} documents" + "".join(
+        f"{'; ' if i == 0 else ', '}{k} {n:,}" for i, (k, n) in enumerate((k, n) for k, n in why if n))
 
 
 def _pretrain_summary(out_dir: str, counts: Counter, rep: Reporter, writers: dict, split_tokens: dict, encoded: int,

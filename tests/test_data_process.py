@@ -206,6 +206,23 @@ def test_unknown_or_empty_input_exits_2_without_output(tmp_path, capsys, content
         assert not out.exists()
 
 
+def test_inputs_that_leave_nothing_to_pretrain_on_exit_2_and_keep_the_earlier_output(tmp_path, capsys):
+    """Every document too short or malformed: not a run of 0 shards that replaces good data (--overwrite) with an
+    empty folder, but one line saying why nothing was kept, and the earlier output as it was."""
+    out = tmp_path / "out"
+    dp_run_pretrain(str(out))
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    bad = tmp_path / "short.jsonl"
+    bad.write_text('{"text": "短"}\n{"text": "也短"}\n{oops\n', encoding="utf-8")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dp.main(["pretrain", f"--inputs={bad}", f"--out_dir={out}", "--progress=false", "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == (f"error: no document kept for training from 1 input(s) (read 2 documents; "
+                                             f"too_short 2, malformed 1); nothing was written to {out}"), err
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before and no_temp_left(tmp_path)
+
+
 def test_truncated_gzip_is_a_one_line_error(tmp_path, capsys):
     data = "".join(json.dumps({"text": f"第{i}篇文章，内容足够长。"}, ensure_ascii=False) + "\n" for i in range(20000))
     gz = gzip.compress(data.encode())
