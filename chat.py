@@ -3,6 +3,7 @@
     python chat.py                                   # out/sft (best.pt, else last.pt), GPU if there is one
     python chat.py --ckpt=out/sft/last.pt --temperature=0 --max_new_tokens=128
     python chat.py --device=cpu --system="你是一名医生。"
+    python chat.py --ckpt=hf:out/hf                 # a Hugging Face Llama folder (export.py's, or one from the Hub)
     python chat.py --beams=4                        # beam search: whole answers, not streamed
     python chat.py --beams=8 --beam_prefix=8        # beam search after 8 sampled tokens: a different answer each time
     python chat.py --candidates=8 --rerank=mbr      # 8 sampled answers, the one most like the others shown (rerank.py)
@@ -41,7 +42,7 @@ from generate import load_for_inference
 
 @dataclass
 class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, candidates, rerank (generate.Sampling); samples by default, unlike eval.py
-    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
+    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt), or hf:FOLDER (export.py's)
     system: str = ""  # optional system text put before the first question (as in SFT data with "system")
     max_new_tokens: int = 256  # longest answer (at most half the context if it would not fit); the history gets the rest
     temperature: float = 0.7  # 0 = greedy
@@ -147,8 +148,10 @@ def read_lines(interactive: bool, prompt: str = "你> ") -> Iterator[str]:
 
 
 def chat_loop(model, tokenizer, kind: str, cfg: ChatConfig, lines: Iterable[str], max_seq_len: int,
-              device: torch.device, dtype: torch.dtype, out: TextIO = sys.stdout, render_prompt=None) -> List[dict]:
-    """Answers each line, keeping the conversation; returns the history at the end."""
+              device: torch.device, dtype: torch.dtype, out: Optional[TextIO] = None, render_prompt=None) -> List[dict]:
+    """Answers each line, keeping the conversation, into `out` (None: sys.stdout as it is when called); returns the
+    history at the end."""
+    out = out or sys.stdout
     history: List[dict] = []
     budget = max_seq_len - cfg.max_new_tokens  # prompt tokens that leave room for a full answer
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

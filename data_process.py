@@ -322,8 +322,9 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
                             f"nothing was written to {out_dir}") from None
         pool.shutdown()
         if split_tokens["train"] == 0:  # nothing to pretrain on: an error, and an earlier output stays as it was
-            raise DataError(f"no document kept for training from {len(sources)} input(s) ({dropped_line(counts, rep)});"
-                            f" nothing was written to {out_dir}")
+            why = dropped_line(counts, rep, ("too_short", "duplicate", "near_duplicate", "unencodable"), "documents")
+            raise DataError(f"no document kept for training from {len(sources)} input(s) ({why}); nothing was "
+                            f"written to {out_dir}")
         names = writers["train"].finish() + writers["val"].finish()
         paths = out.commit(names + [n[:-4] + ".json" for n in names])[:len(names)]
         ok = True
@@ -376,11 +377,12 @@ def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Re
     return encoded
 
 
-def dropped_line(counts: Counter, rep: Reporter) -> str:
-    """Why documents were not kept, the reasons that occurred: "read 3 documents; too_short 2, malformed 1"."""
-    why = [(k, counts[k]) for k in ("too_short", "duplicate", "near_duplicate", "unencodable")]
-    why += [(k, rep.counts[k]) for k in ("malformed", "missing_field", "undecodable", "too_long")]
-    return f"read {counts['read']:,} documents" + "".join(
+def dropped_line(counts: Counter, rep: Reporter, dropped: tuple, noun: str) -> str:
+    """Why nothing was kept, the reasons that occurred: "read 3 documents; too_short 2, malformed 1". dropped: the
+    counts' reasons (filters), then the skipped records' (Reporter)."""
+    why = [(k, counts[k]) for k in dropped] + [(k, rep.counts[k]) for k in ("malformed", "missing_field",
+                                                                              "undecodable", "too_long")]
+    return f"read {counts['read']:,} {noun}" + "".join(
         f"{'; ' if i == 0 else ', '}{k} {n:,}" for i, (k, n) in enumerate((k, n) for k, n in why if n))
 
 
@@ -486,6 +488,10 @@ def run_sft(cfg: Config, out_dir: str) -> dict:
                 stats[split]["turns"] += len(turns)
                 stats[split]["chars"] += n_chars
                 srcs[split][src.name] += 1
+        if stats["train"]["conversations"] == 0:  # nothing to fine-tune on: an error, an earlier output stays
+            why = dropped_line(counts, rep, ("empty_or_short", "too_long", "duplicate"), "conversations")
+            raise DataError(f"no conversation kept for training from {len(sources)} input(s) ({why}); nothing was "
+                            f"written to {out_dir}")
         for split, f in files.items():
             f.close()
             _write_sft_sidecar(folder.path(f"{split}.json"), split, stats[split], srcs[split], cfg)

@@ -9,6 +9,7 @@
     python eval.py --beams=1 --candidates=8 --temperature=0.7 --top_p=0.9 --rerank=mbr   # keep one of 8 sampled answers
     python eval.py --prompts="前列腺囊肿的症状是什么？,请问，世界上最大的动物是什么？"   # just generate and print
     python eval.py --ckpt=out/tiny --device=cpu --limit=8 --max_new_tokens=32 --ppl_windows=16   # tiny CPU run
+    python eval.py --ckpt=hf:out/hf                         # a Hugging Face Llama folder (export.py's): its tokenizer, its report inside it
 
 Input: JSON lines `{"question": str, "answer": str, ...}` (extra keys such as "department" are kept in the
 report). Default: data/eval/medical_qa.jsonl if present (the medical QA dev set the README tells you to get),
@@ -101,7 +102,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     pmi_weight: float = 0.02  # + this x the PMI of the candidate's opening with its question, nats per token (docs/recipe.md: ends the stock openings); 0 = off
     pmi_tokens: int = 8  # the opening whose PMI counts: the first this many tokens (the sampled start); 0 = the whole answer
     pool_bias: float = 0.5  # the beams add up to 3x this to the log-prob of a word the answers to the 16 like questions share more than answers at large (rerank.AnswerPool.token_bias; docs/recipe.md); 0 = off
-    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt)
+    ckpt: str = "out/sft"  # checkpoint file, or a run dir (best.pt preferred, else last.pt), or hf:FOLDER (export.py's)
     data: str = ""  # JSON lines {"question","answer"}; "" = data/eval/medical_qa.jsonl, else the embedded sample (said so); "none" = the original project's prompts
     prompts: List[str] = field(default_factory=list)  # ad-hoc prompts, comma-separated: generate and print only
     val_bin: str = DEFAULT_VAL  # data_process.py output dir whose val_*.bin shards give perplexity; "" or "none" = skip
@@ -368,7 +369,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
     gen_s = timing["generation_s"]
     ppl = ppl_info["ppl"] if ppl_info else None
     report = {
-        "checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
+        "checkpoint": "hf:" + os.path.abspath(ckpt_path[3:]) if ckpt_path.startswith("hf:") else os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
         "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "hardware": hardware(),
@@ -546,7 +547,7 @@ def per_process(world: int) -> str:
 def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
     """eval_report.json and .md into out_dir ("" = the checkpoint's folder) -> their paths; a folder that cannot
     be written (read-only, full) is a DataError saying where to write instead."""
-    folder = out_dir or os.path.dirname(os.path.abspath(ckpt_path))
+    folder = out_dir or (ckpt_path[3:] if ckpt_path.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt_path)))
     json_path, md_path = os.path.join(folder, "eval_report.json"), os.path.join(folder, "eval_report.md")
     try:
         os.makedirs(folder, exist_ok=True)

@@ -20,6 +20,7 @@ caches live here, keyed by the model, never on it.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -31,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from babyllama.checkpoint import check_checkpoint, checkpoint_file
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
-from model import Transformer, load_model
+from model import ModelArgs, Transformer, load_model
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
@@ -559,6 +560,26 @@ def sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generato
     return sample_tokens(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, banned)
 
 
+def load_weights(ckpt: str, device: torch.device) -> tuple:
+    """--ckpt (a checkpoint file, a run folder: its best.pt, else last.pt, or hf:FOLDER: a Hugging Face Llama folder)
+    -> (model in eval mode on `device`, checkpoint dict, its path); a DataError names what is missing or wrong."""
+    if ckpt.startswith("hf:"):
+        from hf_llama import load_init  # hf_llama imports model.py only: no cycle
+        saved = load_init(ckpt)
+        model = Transformer(ModelArgs(**saved["model_args"]))
+        model.load_state_dict(saved["model"])
+        return model.to(device).eval(), saved, ckpt
+    try:
+        path = checkpoint_file(ckpt)
+    except FileNotFoundError as e:
+        raise DataError(f"--ckpt {e} (train first, or pass --ckpt=FILE or hf:FOLDER)") from None
+    try:
+        model, saved = load_model(path, device=str(device))
+    except (ValueError, OSError) as e:
+        raise DataError(str(e)) from None
+    return model, saved, path
+
+
 def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
     """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
 
@@ -568,17 +589,12 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     enable_tf32(device)
+    model, saved, ckpt_path = load_weights(ckpt, device)
+    if ckpt.startswith("hf:") and not tokenizer_path and os.path.isfile(os.path.join(ckpt[3:], "tokenizer.model")):
+        tokenizer_path = os.path.join(ckpt[3:], "tokenizer.model")  # an hf: folder's own tokenizer, unless one is named
     try:
         tokenizer = load_tokenizer(tokenizer_path or None)
     except FileNotFoundError as e:
-        raise DataError(str(e)) from None
-    try:
-        ckpt_path = checkpoint_file(ckpt)
-    except FileNotFoundError as e:
-        raise DataError(f"--ckpt {e} (train first, or pass --ckpt=FILE)") from None
-    try:
-        model, saved = load_model(ckpt_path, device=str(device))
-    except (ValueError, OSError) as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)
     if device.type == "cuda" and dtype == torch.bfloat16:

@@ -240,8 +240,10 @@ def test_long_records_are_skipped_and_long_documents_cut(tmp_path, capsys):
     assert "".join(docs) == "长" * 5000 and max(len(d) for d in docs) <= 2048
     assert dp.cut_document("一二\n三四五\n六", 4) == ["一二\n", "三四五\n", "六"] and dp.cut_document("一" * 9, 4) == [
         "一" * 4, "一" * 4, "一"]
-    s = dp.main(["sft", f"--inputs={lines}:prompt_answer", f"--out_dir={tmp_path / 'o'}", "--max_record_chars=4096"])
-    assert s[0]["counts"]["bad_too_long"] == 1 and "long.jsonl:2: too long" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no record of this file is a conversation: nothing to fine-tune on
+        dp.main(["sft", f"--inputs={lines}:prompt_answer", f"--out_dir={tmp_path / 'o'}", "--max_record_chars=4096"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "long.jsonl:2: too long" in err and "too_long 1); nothing was written" in err
 
 
 # peak RSS of the largest process of the run: VmHWM of this one (ru_maxrss would count the pytest process it was

@@ -7,6 +7,7 @@ shared corpora ($BABYLLAMA_SHARED_DATA). The GGUF test runs only where llama-cpp
 llama.cpp's convert_hf_to_gguf.py is found ($LLAMA_CPP_DIR, see export.py's docstring).
 """
 import dataclasses
+import io
 import json
 import os
 
@@ -195,6 +196,34 @@ def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path):
         with open(out / "metrics.jsonl") as f:
             losses.append(next(r["val_loss"] for r in map(json.loads, f) if r["step"] == 0 and "val_loss" in r))
     assert abs(losses[0] - losses[1]) < 1e-5, losses
+
+
+def test_eval_and_chat_answer_from_the_folder_as_from_the_checkpoint(hf_dir, ckpt_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--ckpt=hf:FOLDER (an exported or downloaded Llama folder): the same greedy answers and scores as the checkpoint
+    it came from, the folder's own tokenizer when none is named, the report written into the folder; a folder it
+    cannot load is one line."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": "多休息，多喝水。"}, ensure_ascii=False)
+                             for q in PROMPTS[2:]), encoding="utf-8")
+    flags = [f"--data={qa}", "--device=cpu", "--val_bin=none", "--beams=1", "--max_new_tokens=12"]
+    reports = []
+    for src in (ckpt_dir, f"hf:{hf_dir}"):
+        ev.main([*flags, f"--ckpt={src}"])
+        with open(os.path.join(src.removeprefix("hf:"), "eval_report.json"), encoding="utf-8") as f:
+            reports.append(json.load(f))
+    assert [r["answer"] for r in reports[0]["results"]] == [r["answer"] for r in reports[1]["results"]]
+    assert reports[0]["scores"] == reports[1]["scores"] and reports[1]["checkpoint"] == f"hf:{hf_dir}"
+    monkeypatch.delenv("BABYLLAMA_TOKENIZER", raising=False)  # hf: finds the folder's tokenizer.model
+    import chat
+    for src, named in ((ckpt_dir, [f"--tokenizer={hf_dir}/tokenizer.model"]), (f"hf:{hf_dir}", [])):
+        monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[2] + "\n"))
+        monkeypatch.setattr("sys.argv", ["chat.py", f"--ckpt={src}", "--device=cpu", "--temperature=0",
+                                         "--max_new_tokens=12", *named])
+        chat.main()
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("模型>")]
+    assert len(said) == 2 and said[0] == said[1] and len(said[0]) > 4, said
+    assert "config.json" in main_error(ev, [*flags, f"--ckpt=hf:{tmp_path}"], monkeypatch, capsys)
 
 
 def test_import_refuses_other_llamas_in_one_line(hf_dir, tmp_path):
