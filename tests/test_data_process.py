@@ -206,33 +206,25 @@ def test_unknown_or_empty_input_exits_2_without_output(tmp_path, capsys, content
         assert not out.exists()
 
 
-def test_inputs_that_leave_nothing_to_train_on_exit_2_and_keep_the_earlier_output(tmp_path, capsys):
-    """Every document too short or malformed: not a run of 0 shards that replaces good data (--overwrite) with an
-    empty folder, but one line saying why nothing was kept, and the earlier output as it was."""
+@pytest.mark.parametrize("mode,good,bad,why", [
+    ("pretrain", os.path.join(PRE, PRE_FILES[0]), '{"text": "短"}\n{"text": "也短"}\n{oops\n',
+     "no document kept for training from 1 input(s) (read 2 documents; too_short 2, malformed 1)"),
+    ("sft", os.path.join(SFT, SFT_FILES[0]), '{"instruction": "", "output": ""}\n{oops\n',
+     "no conversation kept for training from 1 input(s) (read 1 conversations; empty_or_short 1, malformed 1)")])
+def test_inputs_that_leave_nothing_to_train_on_exit_2_and_keep_the_earlier_output(tmp_path, capsys, mode, good, bad,
+                                                                                  why):
+    """Every record too short or malformed: not a run that replaces good data (--overwrite) with an empty one, but
+    one line saying why nothing was kept, and the earlier output as it was."""
     out = tmp_path / "out"
-    dp_run_pretrain(str(out))
+    dp.main([mode, f"--inputs={good}", f"--out_dir={out}", "--progress=false", "--val_fraction=0"])
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
-    bad = tmp_path / "short.jsonl"
-    bad.write_text('{"text": "短"}\n{"text": "也短"}\n{oops\n', encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text(bad, encoding="utf-8")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        dp.main(["pretrain", f"--inputs={bad}", f"--out_dir={out}", "--progress=false", "--overwrite"])
+        dp.main([mode, f"--inputs={tmp_path / 'bad.jsonl'}", f"--out_dir={out}", "--progress=false", "--overwrite"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1] == (f"error: no document kept for training from 1 input(s) (read 2 documents; "
-                                             f"too_short 2, malformed 1); nothing was written to {out}"), err
+    assert e.value.code == 2 and err[-1] == f"error: {why}; nothing was written to {out}", err
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before and no_temp_left(tmp_path)
-    sft_out = tmp_path / "sft"
-    dp.main(["sft", f"--inputs={os.path.join(SFT, SFT_FILES[0])}", f"--out_dir={sft_out}", "--progress=false"])
-    before = {n: (sft_out / n).read_bytes() for n in os.listdir(sft_out)}
-    bad.write_text('{"instruction": "", "output": ""}\n{oops\n', encoding="utf-8")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        dp.main(["sft", f"--inputs={bad}", f"--out_dir={sft_out}", "--progress=false", "--overwrite"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1] == (f"error: no conversation kept for training from 1 input(s) (read 1 "
-                                             f"conversations; empty_or_short 1, malformed 1); nothing was written to "
-                                             f"{sft_out}"), err
-    assert {n: (sft_out / n).read_bytes() for n in os.listdir(sft_out)} == before and no_temp_left(tmp_path)
 
 
 def test_truncated_gzip_is_a_one_line_error(tmp_path, capsys):
