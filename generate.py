@@ -20,7 +20,6 @@ caches live here, keyed by the model, never on it.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -564,7 +563,7 @@ def load_weights(ckpt: str, device: torch.device) -> tuple:
     """--ckpt (a checkpoint file, a run folder: its best.pt, else last.pt, or hf:FOLDER: a Hugging Face Llama folder)
     -> (model in eval mode on `device`, checkpoint dict, its path); a DataError names what is missing or wrong."""
     if ckpt.startswith("hf:"):
-        from hf_llama import load_init  # hf_llama imports model.py only: no cycle
+        from hf_llama import load_init
         saved = load_init(ckpt)
         model = Transformer(ModelArgs(**saved["model_args"]))
         model.load_state_dict(saved["model"])
@@ -589,11 +588,10 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     enable_tf32(device)
+    from hf_llama import folder_tokenizer  # hf_llama imports model.py only: no cycle
     model, saved, ckpt_path = load_weights(ckpt, device)
-    if ckpt.startswith("hf:") and not tokenizer_path and os.path.isfile(os.path.join(ckpt[3:], "tokenizer.model")):
-        tokenizer_path = os.path.join(ckpt[3:], "tokenizer.model")  # an hf: folder's own tokenizer, unless one is named
     try:
-        tokenizer = load_tokenizer(tokenizer_path or None)
+        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or None)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)

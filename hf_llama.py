@@ -287,6 +287,13 @@ def read_hf(path: str) -> tuple:
     return args, state, cfg
 
 
+def folder_tokenizer(spec: str) -> str:
+    """The tokenizer.model inside hf:FOLDER, or "" (another spec, or a folder without one): the tokenizer the scripts
+    use with such a folder unless --tokenizer names another, as the folder's model was trained with it."""
+    path = os.path.join(spec[3:], "tokenizer.model") if spec.startswith("hf:") else ""
+    return path if path and os.path.isfile(path) else ""
+
+
 def load_init(spec: str) -> dict:
     """`hf:PATH` -> the fields of a checkpoint that pretrain.py / sft.py start from: model, model_args, kind, step,
     val_loss, tokenizer_sha256 (of the folder's tokenizer.model when it has one, so a mismatch is caught)."""

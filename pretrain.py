@@ -39,7 +39,7 @@ from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
 from babyllama.errors import DataError, check, ctrl_c, fail, user_errors
 from dataset import PretrainData, data_tokenizer
-from hf_llama import load_init
+from hf_llama import folder_tokenizer, load_init
 from model import ModelArgs
 from babyllama.runtime import cleanup, setup_runtime
 from trainer import TrainConfig, train
@@ -99,7 +99,7 @@ def run_vocab(cfg: PretrainConfig, tok: Optional[ChatGLMTokenizer], data_sha: Op
 def load_run_tokenizer(cfg: PretrainConfig) -> Optional[ChatGLMTokenizer]:
     """The tokenizer when it is at hand (no download: pretraining needs only its hash, vocab and byte lengths)."""
     try:
-        return ChatGLMTokenizer(find_tokenizer(cfg.tokenizer or None, download=False))
+        return ChatGLMTokenizer(find_tokenizer(cfg.tokenizer or folder_tokenizer(cfg.init_from) or None, download=False))
     except FileNotFoundError as e:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))

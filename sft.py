@@ -34,7 +34,7 @@ from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, DataError, check, ctrl_c, user_errors
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
-from hf_llama import load_init
+from hf_llama import folder_tokenizer, load_init
 from model import ModelArgs
 from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint
 from babyllama.runtime import cleanup, setup_runtime
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         with user_errors(FileNotFoundError):
             if not (cfg.resume or cfg.resume_from):
                 check_mix(cfg)  # before the tokenizer, the model and the data are loaded
-            tok = load_tokenizer(cfg.tokenizer or None)
+            tok = load_tokenizer(cfg.tokenizer or folder_tokenizer(cfg.init_from) or None)  # hf:FOLDER: its own
             init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
             if not (cfg.resume or cfg.resume_from):
                 init, args = start_point(cfg, tok, rt.master)

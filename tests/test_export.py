@@ -166,7 +166,7 @@ def test_chat_template_equals_render(hf_dir, tok, tmp_path):
                                                 46317, 1, 40636, 33503, 2]  # dataset_sft's worked example
 
 
-def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path):
+def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path, monkeypatch):
     model, _ = load_model(ckpt_dir)
     init = hf_llama.load_init(f"hf:{hf_dir}")
     assert init["model_args"] == dataclasses.asdict(model.args) and init["kind"] == "sft" and init["step"] == 7
@@ -187,10 +187,11 @@ def test_hf_round_trip_import(hf_dir, ckpt_dir, tmp_path):
               "--eval_interval=1", "--batch_mode=dynamic", f"--data_dir={data}"]
     losses = []
     import sft
-    for src in (ckpt_dir, f"hf:{hf_dir}"):
+    monkeypatch.delenv("BABYLLAMA_TOKENIZER", raising=False)  # from hf:, the folder's own tokenizer.model
+    for src, named in ((ckpt_dir, [f"--tokenizer={hf_dir}/tokenizer.model"]), (f"hf:{hf_dir}", [])):
         out = tmp_path / f"out{len(losses)}"
         try:
-            sft.main([*common, f"--init_from={src}", f"--out_dir={out}"])  # sft.py's main, in this process
+            sft.main([*common, f"--init_from={src}", f"--out_dir={out}", *named])  # sft.py's main, in this process
         except SystemExit as e:  # this random model's peaky logits (embeddings x30) lose to a uniform guess: the
             assert e.code == 3  # divergence guard stops the run after step 0's validation, which is all we compare
         with open(out / "metrics.jsonl") as f:
