@@ -69,7 +69,7 @@ from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check, ctrl_c, user_errors
 from babyllama.clocks import process_start
-from babyllama.fileio import read_jsonl
+from babyllama.fileio import load_qa
 from beam import beam_search
 from generate import EVAL_BEAMS, Sampling, generate
 from rerank import AnswerPool, generate_best, pool_fallback
@@ -158,34 +158,6 @@ def resolve_data_path(data: str) -> Optional[str]:
             raise DataError(f"--data {data}: no such file")
         return data
     return next((p for p in DEFAULT_DATA if os.path.isfile(p)), None)
-
-
-def load_qa(path: str) -> List[dict]:
-    """JSON lines of {"question", "answer"?} -> list of dicts; one-line DataError naming file:line on bad input.
-
-    Either every record has a string "answer" (scored) or none has (generate only)."""
-
-    records, with_answer = [], []
-    try:
-        rows = list(read_jsonl(path, 'a JSON object with "question" and "answer"'))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for lineno, rec in rows:
-        if not isinstance(rec.get("question"), str) or not rec["question"].strip():
-            what = "missing field" if "question" not in rec else "empty or non-string field"
-            raise DataError(f"{path}:{lineno}: {what} \"question\" (expected a non-empty string)")
-        if "answer" in rec and not isinstance(rec["answer"], str):
-            raise DataError(f"{path}:{lineno}: field \"answer\" must be a string, got {type(rec['answer']).__name__}")
-        if with_answer and ("answer" in rec) != with_answer[0][1]:
-            first_line, first_has = with_answer[0]
-            missing_at = lineno if first_has else first_line
-            raise DataError(f"{path}:{missing_at}: missing field \"answer\" (other lines have one: "
-                            f"give every question a reference answer, or none)")
-        with_answer.append((lineno, "answer" in rec))
-        records.append(rec)
-    if not records:
-        raise DataError(f"{path}: empty; expected JSON lines of {{\"question\", \"answer\"}}")
-    return records
 
 
 # ----------------------------------------------------------------------------- generation

@@ -103,6 +103,9 @@ files() { find "$1" -maxdepth 1 -type f ! -name '.*' ! -name '*.md' | sort | pas
 PRE_IN=$(files "$CORPORA/pretrain"); SFT_IN=$(files "$CORPORA/sft")
 EVAL_FILE=$(find "$CORPORA/eval" -maxdepth 1 -name '*.jsonl' | sort | head -n 1)
 [ -n "$PRE_IN" ] && [ -n "$SFT_IN" ] && [ -n "$EVAL_FILE" ] || die "$CORPORA needs files in pretrain/ and sft/ and a .jsonl in eval/"
+# the eval set is read last, after minutes of training: a bad line is said now (file:line), as the eval would say it
+python3 -c 'import sys; from babyllama.errors import user_errors; from babyllama.fileio import load_qa
+with user_errors(): load_qa(sys.argv[1])' "$EVAL_FILE" || exit 2
 
 # the SFT mix (sft.py --mix), checked here against the sft/ file names, not after pretraining: NAME=TIMES parts
 # (TIMES 0-100; spaces around them are dropped), each NAME part of a file name; the first matching part sets a file's

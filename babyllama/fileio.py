@@ -3,6 +3,7 @@
   with atomic_file("out/x/summary.json") as f: f.write(b"...")  # whole or not at all, never through a link
   write_atomic("report.md", text); write_json("report.json", obj)
   for lineno, rec in read_jsonl("data.jsonl", "a {\"question\", \"answer\"} object"): ...
+  records = load_qa("medical_qa.jsonl")  # an eval set, checked line by line (no torch: speedrun.sh checks it first)
 
 A write goes to a temp file created exclusively (O_EXCL: never an existing file, never a link) in the target's
 folder, is flushed to disk, then renamed over the target: a kill at any moment leaves the old file or the new one,
@@ -108,3 +109,31 @@ def read_jsonl(path: str, expected: str = "a JSON object", torn_tail_ok: bool = 
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected {expected}, got {type(rec).__name__}")
             yield lineno, rec
+
+
+def load_qa(path: str) -> list:
+    """JSON lines of {"question", "answer"?} -> list of dicts; one-line DataError naming file:line on bad input.
+
+    Either every record has a string "answer" (scored) or none has (generate only)."""
+
+    records, with_answer = [], []
+    try:
+        rows = list(read_jsonl(path, 'a JSON object with "question" and "answer"'))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for lineno, rec in rows:
+        if not isinstance(rec.get("question"), str) or not rec["question"].strip():
+            what = "missing field" if "question" not in rec else "empty or non-string field"
+            raise DataError(f"{path}:{lineno}: {what} \"question\" (expected a non-empty string)")
+        if "answer" in rec and not isinstance(rec["answer"], str):
+            raise DataError(f"{path}:{lineno}: field \"answer\" must be a string, got {type(rec['answer']).__name__}")
+        if with_answer and ("answer" in rec) != with_answer[0][1]:
+            first_line, first_has = with_answer[0]
+            missing_at = lineno if first_has else first_line
+            raise DataError(f"{path}:{missing_at}: missing field \"answer\" (other lines have one: "
+                            f"give every question a reference answer, or none)")
+        with_answer.append((lineno, "answer" in rec))
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty; expected JSON lines of {{\"question\", \"answer\"}}")
+    return records

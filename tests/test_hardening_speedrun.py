@@ -115,6 +115,8 @@ def test_an_earlier_runs_output_is_refused_at_once_without_overwrite(tmp_path):
     (["--sft_mix=surgery=2"], None, {}, "'surgery' is in no file name of data/sample/sft"),
     (["--sft_mix=medical=0, alpaca = 0"], None, {}, "leaves no conversation"),
     (["--sft_mix=medical cases=2"], None, {}, "'medical cases=2' is not NAME=TIMES"),
+    (["--corpora={corpora}"], {"eval/medical_qa.jsonl": '{"question": "头疼", "answer": "休息"}\n{"question": ""}\n'},
+     {}, "error: {corpora}/eval/medical_qa.jsonl:2: empty or non-string field \"question\""),
 ])
 def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, extra, env_add, message):
     c = corpora(tmp_path, extra) if extra else None
