@@ -8,7 +8,8 @@ Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flag
 reports), but the stages share the interpreter, the CUDA context and torch.compile's modules and worker processes:
 no stage after the first imports torch or starts CUDA again (docs/speed.md). Stages are separated by a `--` word;
 SCRIPT is one of pretrain.py, sft.py, eval.py, report.py, and a stage is named after it unless `--name=NAME` comes
-first (`-- --name=eval-original eval.py ...`). A stage that fails stops the chain with its exit status (2 for bad
+first (`-- --name=eval-original eval.py ...`). Every stage's flags are checked first, as its script parses them: a
+bad one is one line (exit 2) before any stage runs. A stage that fails stops the chain with its exit status (2 for bad
 input, 3 for a run stopped by its guards, 130 for Ctrl-C); the later stages do not run. One process only: under
 torchrun each stage runs as its own command (a stage tears down its process group).
 --after=FILE (speedrun.sh, while it still tokenizes the data): import torch and the stages' scripts and start CUDA
@@ -32,7 +33,8 @@ from typing import List, Optional
 from babyllama.errors import ctrl_c, fail
 from babyllama.fileio import open_append
 
-SCRIPTS = ("pretrain.py", "sft.py", "eval.py", "report.py")  # scripts whose main(argv) can run as a stage
+# scripts whose main(argv) can run as a stage -> the config class their flags make
+SCRIPTS = {"pretrain.py": "PretrainConfig", "sft.py": "SFTConfig", "eval.py": "EvalConfig", "report.py": "ReportConfig"}
 AHEAD_WAIT_S = 120.0  # the longest the SFT stage waits for its step compiled ahead before compiling it itself
 
 
@@ -222,16 +224,26 @@ def parse(argv: List[str]) -> tuple:
     return log, after, stages
 
 
+def check_flags(stages: List[tuple]) -> None:
+    """Every stage's flags parsed and validated as its script will parse them, before any stage runs: a typo in the
+    last stage's flags is one line now (exit 2), not after the training."""
+    from babyllama.config import ConfigError, parse_config
+    for name, script, flags in stages:
+        if "--help" not in flags and "-h" not in flags:  # the stage prints its help when its turn comes
+            try:
+                parse_config(getattr(importlib.import_module(script[:-3]), SCRIPTS[script]), flags)
+            except ConfigError as e:
+                fail(f"{name}: {e}")
+
+
 def start_early(scripts: List[str], ready: str, poll: float = 0.05) -> float:
     """--after: torch, the stages' scripts with what they import (eval.py's scoring libraries among them: seconds
     where their bytecode must be compiled first), torch.compile's modules, the CUDA context with cuBLAS and the eval's
     word dictionary while the data is still being prepared, then waits for `ready` to exist; anything but "ok" in it
-    exits with status 1 (the data stages failed, and their script says why). Started in the background by a script,
-    this process inherited Ctrl-C ignored: it takes it again, so Ctrl-C stops it as it stops the script.
+    exits with status 1 (the data stages failed, and their script says why).
     -> time.time() when the data was ready (`ready` written): where the imports outlast the data stages, the first
     stage waited for them from then, and its start-up counts from then."""
     began = time.time()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     for script in dict.fromkeys(scripts):
         importlib.import_module(script[:-3])
@@ -281,6 +293,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each stage sets up and tears down its process group
         fail("chain.py runs the stages of one process; under torchrun run each stage's script on its own "
              "(speedrun.sh does with NPROC > 1)")
+    if after:  # started in the background by a script, this process inherited Ctrl-C ignored: it takes it again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    check_flags(stages)  # with --after: while the data is still being made
     ready_at = start_early([script for _, script, _ in stages], after) if after else None
     ahead = AheadCompile([])  # SFT's step, compiled in a side process while the pretraining stage before it runs
     t0 = time.time()

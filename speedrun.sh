@@ -190,6 +190,9 @@ quoted() {
 # stage NAME COMMAND...: runs it, prints it first, appends {"stage","command","seconds"} to speedrun.jsonl
 stage() {
   local name=$1; shift
+  # the chain (one GPU) checks every stage's flags as it starts: a flag it refused ended it, and ends the speedrun
+  # here, before the next data stage, not after the training
+  if [ -n "${CHAIN_PID:-}" ] && ! kill -0 "$CHAIN_PID" 2>/dev/null; then wait "$CHAIN_PID" || exit $?; exit 1; fi
   local cmd; cmd=$(quoted "$@")
   echo; echo "== [$(( $(date +%s) - T0 ))s] $name: $cmd"
   local t=$(date +%s.%N)

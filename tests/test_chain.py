@@ -138,7 +138,10 @@ def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
 
 @pytest.mark.parametrize("argv, says", [(["train.py"], "'train.py' is not a stage"),
                                         (["pretrain.py", "--", "--", "sft.py"], "an empty stage"),
-                                        (["pretrain.py", "--"], "an empty stage")])
+                                        (["pretrain.py", "--"], "an empty stage"),
+                                        (["pretrain.py", "--", "eval.py", "--beam=4"],
+                                         "eval: unknown flag --beam; did you mean --beams?"),
+                                        (["pretrain.py", "--max_steps=x"], "pretrain: --max_steps: expected int")])
 def test_a_malformed_chain_is_one_line_before_any_stage(argv, says):
     r = run_script("chain.py", argv, check=False)
     assert says in one_line_error(r, 2) and "==" not in r.stdout

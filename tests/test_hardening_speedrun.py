@@ -149,6 +149,18 @@ def test_speedrun_jsonl_is_never_written_through_a_link(tmp_path, env):
     assert victim.read_text() == "precious" and not os.path.lexists(out / "speedrun.jsonl")
 
 
+@pytest.mark.parametrize("flag,says", [("--eval_args=--beam=4", "error: eval: unknown flag --beam; did you mean --beams?"),
+                                       ("--sft_args=--dropout=x", "error: sft: --dropout: expected float, got 'x'")])
+def test_a_bad_flag_of_a_later_stage_stops_the_speedrun_before_any_training(tmp_path, env, flag, says):
+    """The chain checks every stage's flags as it starts (while the data stages run): a typo in the eval's flags is
+    one line within seconds, not after pretraining and SFT."""
+    t = time.time()
+    r = speedrun(flag, f"--out={tmp_path}/out", f"--data={tmp_path}/data", env=env)
+    assert r.returncode == 2 and says in r.stderr.splitlines(), r.stderr[-2000:]
+    assert "== [+0s] pretrain" not in r.stdout and not (tmp_path / "out" / "pretrain").exists()
+    assert time.time() - t < 40  # the tiny run's training alone takes longer on a CPU
+
+
 def test_a_failing_data_stage_stops_the_chain_started_beside_it(tmp_path, env):
     """On one GPU (or a CPU) the chain of training stages starts with the data stages, to import torch meanwhile; a
     data stage that fails tells it to stop: it runs no stage and does not outlive the speedrun."""
