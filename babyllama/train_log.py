@@ -180,9 +180,17 @@ def eta(steps_left: int, step_s: float, left_s: Optional[float], outside_s: floa
     return f"eta {steps_s / 60:.1f} min"
 
 
+LONG_CPU_RUN_S = 2 * 3600  # a CPU run whose first step says more than this gets a pointer to a smaller one
+
+
 def first_step_line(step_s: float, steps_left: int, left_s: Optional[float]) -> str:
-    """On a CPU, after the first step (before any log line): its time and the ETA it gives, an upper bound."""
-    return f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)} at most"
+    """On a CPU, after the first step (before any log line): its time and the ETA it gives, an upper bound; where
+    that is hours (the GPU-sized defaults on a laptop), where a run of minutes is."""
+    line = f"first step: {step_s:.2f} s (the first is the slowest) | {eta(steps_left, step_s, left_s)} at most"
+    if left_s is None and step_s * steps_left > LONG_CPU_RUN_S:
+        line += ("\nhours on this CPU: a model sized for one (minutes) is in the README's \"On a laptop\" "
+                 "(--dim=128 --n_layers=4 --max_seq_len=128 ...), or stop it in time with --max_minutes=N")
+    return line
 
 
 def start_val_loss(out_dir: str) -> float:

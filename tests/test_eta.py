@@ -87,3 +87,6 @@ def test_eta_stops_at_max_minutes_and_the_first_step_line_is_an_upper_bound(cloc
     run(meter, clock, batches, 9, 1.0)
     assert "eta 0.5 min (max_minutes; 1.5 min for every step)" in meter.line(10, 100, 1e-3, 1.0, "5.0", 30.0)
     assert first_step_line(2.0, 60, None) == "first step: 2.00 s (the first is the slowest) | eta 2.0 min at most"
+    long = first_step_line(34.6, 5458, None).splitlines()  # the GPU defaults on a laptop: hours, and what to do
+    assert len(long) == 2 and "On a laptop" in long[1] and "--max_minutes" in long[1]
+    assert "\n" not in first_step_line(34.6, 5458, 600.0)  # --max_minutes given: it stops in time anyway
