@@ -295,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> None:
              "(speedrun.sh does with NPROC > 1)")
     if after:  # started in the background by a script, this process inherited Ctrl-C ignored: it takes it again
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    check_flags(stages)  # with --after: while the data is still being made
+        check_flags(stages)  # while the data is still being made
     ready_at = start_early([script for _, script, _ in stages], after) if after else None
     ahead = AheadCompile([])  # SFT's step, compiled in a side process while the pretraining stage before it runs
     t0 = time.time()
@@ -305,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             start = ready_at if i == 0 else time.time()
             command = shlex.join(["python", script, *flags])
             print(f"\n== [+{time.time() - t0:.0f}s] {name}: {command}", flush=True)
+            if i == 0 and not after:  # said first: the scripts import torch, seconds before the stage's own line
+                check_flags(stages)
             said = ahead.settle()  # in this stage's time: a wait for it is this stage's
             if said:
                 print(said, flush=True)

@@ -138,13 +138,20 @@ def test_a_failing_stage_stops_the_chain_with_its_status(sample_data, tmp_path):
 
 @pytest.mark.parametrize("argv, says", [(["train.py"], "'train.py' is not a stage"),
                                         (["pretrain.py", "--", "--", "sft.py"], "an empty stage"),
-                                        (["pretrain.py", "--"], "an empty stage"),
-                                        (["pretrain.py", "--", "eval.py", "--beam=4"],
-                                         "eval: unknown flag --beam; did you mean --beams?"),
-                                        (["pretrain.py", "--max_steps=x"], "pretrain: --max_steps: expected int")])
+                                        (["pretrain.py", "--"], "an empty stage")])
 def test_a_malformed_chain_is_one_line_before_any_stage(argv, says):
     r = run_script("chain.py", argv, check=False)
     assert says in one_line_error(r, 2) and "==" not in r.stdout
+
+
+@pytest.mark.parametrize("stage2, says", [(["eval.py", "--beam=4"], "eval: unknown flag --beam; did you mean --beams?"),
+                                          (["sft.py", "--dropout=x"], "sft: --dropout: expected float, got 'x'")])
+def test_a_bad_flag_of_a_later_stage_is_one_line_before_any_stage_runs(sample_data, tmp_path, stage2, says):
+    """Every stage's flags are checked before the first stage runs: not after pretraining."""
+    pre, _ = stages(sample_data, tmp_path)
+    r = run_script("chain.py", [f"--record={tmp_path}/log.jsonl", *pre, "--", *stage2], check=False)
+    assert says in one_line_error(r, 2) and "== [+0s] pretrain" in r.stdout and r.stdout.count("==") == 1
+    assert not (tmp_path / "pretrain").exists() and not (tmp_path / "log.jsonl").exists()
 
 
 def test_under_torchrun_a_chain_is_refused_before_any_stage(monkeypatch, capsys):
