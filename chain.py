@@ -3,6 +3,7 @@
     python chain.py pretrain.py --data_dir=data/pretrain -- sft.py --init_from=out/pretrain -- eval.py --ckpt=out/sft
     python chain.py --record=out/speedrun.jsonl pretrain.py ... -- sft.py ...   # a {"stage","command","seconds"} line each
     python chain.py --after=out/.data-ready pretrain.py ... &    # starts torch and CUDA now, the stages once the file says ok
+    python chain.py --check pretrain.py ... -- sft.py ...        # only checks every stage's flags (exit 2 on a bad one)
 
 Each stage is exactly `python SCRIPT FLAGS` (the script's main() with those flags: same checkpoints, logs and
 reports), but the stages share the interpreter, the CUDA context and torch.compile's modules and worker processes:
@@ -285,6 +286,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--compile_ahead=-"]:  # the side process of AheadCompile
         compile_ahead(sys.stdin)
+        return
+    if argv[:1] == ["--check"]:  # the stages' flags only (speedrun.sh, where torchrun runs each stage on its own)
+        check_flags(parse(argv[1:])[2])
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -190,9 +190,13 @@ quoted() {
 # stage NAME COMMAND...: runs it, prints it first, appends {"stage","command","seconds"} to speedrun.jsonl
 stage() {
   local name=$1; shift
-  # the chain (one GPU) checks every stage's flags as it starts: a flag it refused ended it, and ends the speedrun
-  # here, before the next data stage, not after the training
-  if [ -n "${CHAIN_PID:-}" ] && ! kill -0 "$CHAIN_PID" 2>/dev/null; then wait "$CHAIN_PID" || exit $?; exit 1; fi
+  # the chain (one GPU; several: its --check) checks every stage's flags as it starts: a flag it refused ended it,
+  # and ends the speedrun here, before the next data stage, not after the training
+  if [ -n "${CHAIN_PID:-}" ] && ! kill -0 "$CHAIN_PID" 2>/dev/null; then
+    wait "$CHAIN_PID" || exit $?
+    [ "$NPROC" -gt 1 ] || exit 1  # the chain of one GPU ends only after the data stages
+    CHAIN_PID=""
+  fi
   local cmd; cmd=$(quoted "$@")
   echo; echo "== [$(( $(date +%s) - T0 ))s] $name: $cmd"
   local t=$(date +%s.%N)
@@ -241,6 +245,11 @@ if [ "$NPROC" = 1 ]; then
   # data stage fails (or Ctrl-C), READY says stop and the chain exits without running a stage
   ready() { rm -f -- "$READY.tmp"; echo "$1" > "$READY.tmp" && mv -f -- "$READY.tmp" "$READY"; }
   trap '[ -e "$READY" ] || ready stop' EXIT
+else  # torchrun runs each stage on its own: their flags are checked now, beside the data stages
+  CHECK=(python chain.py --check "${PRE_CMD[@]}" -- "${SFT_CMD[@]}" -- "${EVAL_CMD[@]}")
+  [ ${#ORIG_CMD[@]} = 0 ] || CHECK+=(-- "${ORIG_CMD[@]}")
+  "${CHECK[@]}" &
+  CHAIN_PID=$!
 fi
 
 if [ "$TOK_VOCAB" != 0 ]; then
@@ -257,6 +266,8 @@ if [ "$NPROC" = 1 ]; then
   wait "$CHAIN_PID"  # its status is the speedrun's (set -e)
   rm -f -- "$READY"
 else
+  [ -z "$CHAIN_PID" ] || wait "$CHAIN_PID"  # the flags checked before any GPU trains (set -e: a bad one ends here)
+  CHAIN_PID=""
   stage pretrain "${LAUNCH[@]}" "${PRE_CMD[@]}"
   stage sft "${LAUNCH[@]}" "${SFT_CMD[@]}"
   stage eval python "${EVAL_CMD[@]}"

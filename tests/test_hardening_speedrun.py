@@ -149,15 +149,18 @@ def test_speedrun_jsonl_is_never_written_through_a_link(tmp_path, env):
     assert victim.read_text() == "precious" and not os.path.lexists(out / "speedrun.jsonl")
 
 
-@pytest.mark.parametrize("flag,says", [("--eval_args=--beam=4", "error: eval: unknown flag --beam; did you mean --beams?"),
-                                       ("--sft_args=--dropout=x", "error: sft: --dropout: expected float, got 'x'")])
-def test_a_bad_flag_of_a_later_stage_stops_the_speedrun_before_any_training(tmp_path, env, flag, says):
-    """The chain checks every stage's flags as it starts (while the data stages run): a typo in the eval's flags is
-    one line within seconds, not after pretraining and SFT."""
+@pytest.mark.parametrize("flag,says,nproc", [
+    ("--eval_args=--beam=4", "error: eval: unknown flag --beam; did you mean --beams?", "1"),
+    ("--sft_args=--dropout=x", "error: sft: --dropout: expected float, got 'x'", "1"),
+    ("--eval_args=--beam=4", "error: eval: unknown flag --beam; did you mean --beams?", "2")])
+def test_a_bad_flag_of_a_later_stage_stops_the_speedrun_before_any_training(tmp_path, env, flag, says, nproc):
+    """Every stage's flags are checked as the speedrun starts (while the data stages run; with NPROC > 1, where
+    torchrun runs each stage on its own, too): a typo in the eval's flags is one line within seconds, not after
+    pretraining and SFT."""
     t = time.time()
-    r = speedrun(flag, f"--out={tmp_path}/out", f"--data={tmp_path}/data", env=env)
+    r = speedrun(flag, f"--out={tmp_path}/out", f"--data={tmp_path}/data", env=dict(env, NPROC=nproc))
     assert r.returncode == 2 and says in r.stderr.splitlines(), r.stderr[-2000:]
-    assert "== [+0s] pretrain" not in r.stdout and not (tmp_path / "out" / "pretrain").exists()
+    assert "] pretrain:" not in r.stdout and not (tmp_path / "out" / "pretrain").exists()
     assert time.time() - t < 40  # the tiny run's training alone takes longer on a CPU
 
 
