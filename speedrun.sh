@@ -19,7 +19,8 @@
 # --tokenizer_vocab=N (train a tokenizer of our own with N pieces on DIR/pretrain first, train_tokenizer.py, and use it
 # in every stage; default 8192, --tiny 0; 0 = the ChatGLM2 tokenizer; docs/recipe.md compares them), --eval_args="FLAGS" (added to the
 # main eval stage, e.g. --eval_args="--candidates=8 --temperature=0.7 --top_p=0.9" to score another decoding),
-# --pretrain_args="FLAGS" and --sft_args="FLAGS" (the same for pretrain.py and sft.py, e.g. --pretrain_args="--epochs=2").
+# --pretrain_args="FLAGS" and --sft_args="FLAGS" (the same for pretrain.py and sft.py, e.g. --pretrain_args="--epochs=2";
+# not the flags that wire the stages together: --data_dir, --out_dir, --init_from, --ckpt, --data, --tokenizer, ...).
 # Otherwise each stage keeps its own defaults (pretrain.py, sft.py, eval.py), so what it measures is what a user
 # gets from the plain commands it prints, except fewer validation passes and checkpoint saves.
 # torch.compile's caches (graphs, kernels) go to $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/babyllama/torch_compile
@@ -46,7 +47,7 @@ for arg in "$@"; do
     --pretrain_args=*) PRE_ARGS="${arg#*=}" ;;
     --sft_args=*) SFT_ARGS="${arg#*=}" ;;
     --eval_original) EVAL_ORIG=1 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $arg (see bash speedrun.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -133,6 +134,20 @@ if [ -n "$MIX" ]; then
   [ "$left" -gt 0 ] || die "--sft_mix=$MIX: leaves no conversation (every file of $CORPORA/sft counted 0 times)"
 fi
 MIX_X=(); [ -n "$MIX" ] && MIX_X=("--mix=$MIX")
+# the speedrun wires the stages together (where each reads and writes, which tokenizer): --*_args may not move that
+wired() {  # wired NAME "FLAGS" FLAG...: one of FLAG in the --NAME_args is refused
+  local name=$1 word flag words=(); read -ra words <<< "$2"; shift 2
+  for word in ${words[@]+"${words[@]}"}; do
+    for flag in "$@"; do
+      [[ "$word" == "$flag" || "$word" == "$flag="* ]] && die "--${name}_args: $flag is set by the speedrun (it" \
+        "wires the stages together); choose the folders with --out, --data and --corpora, the tokenizer with --tokenizer_vocab"
+    done
+  done
+  return 0
+}
+wired pretrain "$PRE_ARGS" --data_dir --out_dir --tokenizer
+wired sft "$SFT_ARGS" --init_from --data_dir --out_dir --tokenizer
+wired eval "$EVAL_ARGS" --ckpt --data --val_bin --answer_pool --tokenizer --out_dir
 echo "SFT mix: ${MIX:-none (every conversation once per epoch)}"
 
 # the folders are this speedrun's alone: one lock over all its stages (flock on the folders themselves, held by this

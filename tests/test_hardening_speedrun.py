@@ -115,6 +115,8 @@ def test_an_earlier_runs_output_is_refused_at_once_without_overwrite(tmp_path):
     (["--sft_mix=surgery=2"], None, {}, "'surgery' is in no file name of data/sample/sft"),
     (["--sft_mix=medical=0, alpaca = 0"], None, {}, "leaves no conversation"),
     (["--sft_mix=medical cases=2"], None, {}, "'medical cases=2' is not NAME=TIMES"),
+    (["--pretrain_args=--epochs=1 --out_dir=elsewhere"], None, {}, "--pretrain_args: --out_dir is set by the speedrun"),
+    (["--eval_args=--ckpt out/x"], None, {}, "--eval_args: --ckpt is set by the speedrun"),
     (["--corpora={corpora}"], {"eval/medical_qa.jsonl": '{"question": "头疼", "answer": "休息"}\n{"question": ""}\n'},
      {}, "error: {corpora}/eval/medical_qa.jsonl:2: empty or non-string field \"question\""),
 ])
