@@ -341,7 +341,7 @@ def build_report(cfg: EvalConfig, ckpt: dict, ckpt_path: str, tokenizer, kind: s
     gen_s = timing["generation_s"]
     ppl = ppl_info["ppl"] if ppl_info else None
     report = {
-        "checkpoint": "hf:" + os.path.abspath(ckpt_path[3:]) if ckpt_path.startswith("hf:") else os.path.abspath(ckpt_path), "step": ckpt.get("step"), "kind": kind,
+        "checkpoint": full_path(ckpt_path), "step": ckpt.get("step"), "kind": kind,
         "model_args": ckpt["model_args"], "tokenizer_sha256": tokenizer.sha256,
         "checkpoint_val_loss": ckpt.get("val_loss"), "data": data_path, "samples": len(records),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "hardware": hardware(),
@@ -516,10 +516,15 @@ def per_process(world: int) -> str:
     return f" per process, {world} processes" if world > 1 else ""
 
 
+def full_path(ckpt_path: str) -> str:
+    """A checkpoint file's absolute path, or hf:FOLDER's with the folder's."""
+    return "hf:" + os.path.abspath(ckpt_path[3:]) if ckpt_path.startswith("hf:") else os.path.abspath(ckpt_path)
+
+
 def write_reports(report: dict, out_dir: str, ckpt_path: str) -> tuple:
     """eval_report.json and .md into out_dir ("" = the checkpoint's folder) -> their paths; a folder that cannot
     be written (read-only, full) is a DataError saying where to write instead."""
-    folder = out_dir or (ckpt_path[3:] if ckpt_path.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt_path)))
+    folder = out_dir or (ckpt_path[3:] if ckpt_path.startswith("hf:") else os.path.dirname(full_path(ckpt_path)))
     json_path, md_path = os.path.join(folder, "eval_report.json"), os.path.join(folder, "eval_report.md")
     try:
         os.makedirs(folder, exist_ok=True)
