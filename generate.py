@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from babyllama.checkpoint import check_checkpoint, checkpoint_file
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
-from model import ModelArgs, Transformer, load_model
+from model import Transformer, load_model, model_from
 
 MAX_BEAMS = 64  # beam search keeps beams x batch rows of KV cache: more would only exhaust memory
 MAX_CANDIDATES = 64  # candidate decoding generates candidates x batch rows at once (rerank.py)
@@ -565,9 +565,7 @@ def load_weights(ckpt: str, device: torch.device) -> tuple:
     if ckpt.startswith("hf:"):
         from hf_llama import load_init
         saved = load_init(ckpt)
-        model = Transformer(ModelArgs(**saved["model_args"]))
-        model.load_state_dict(saved["model"])
-        return model.to(device).eval(), saved, ckpt
+        return model_from(saved, ckpt).to(device).eval(), saved, ckpt
     try:
         path = checkpoint_file(ckpt)
     except FileNotFoundError as e:

@@ -353,14 +353,20 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, dict]:
     to `device`."""
     path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
+    return model_from(ckpt, path).to(device).eval(), ckpt
+
+
+def model_from(ckpt: dict, where: str) -> Transformer:
+    """The Transformer of a checkpoint-like dict ({"model_args", "model"}: load_checkpoint's, hf_llama.load_init's),
+    on the CPU in train mode; `where` names its source in a ValueError for bad model_args."""
     try:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:  # unknown field, or a ConfigError from validate()
-        raise ValueError(f"{path}: bad model_args: {e}") from None
+        raise ValueError(f"{where}: bad model_args: {e}") from None
     state = {}
     for key, value in ckpt["model"].items():
         while key.startswith(("_orig_mod.", "module.")):
             key = key.split(".", 1)[1]
         state[key] = value
     model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
+    return model
