@@ -564,7 +564,7 @@ def load_weights(ckpt: str, device: torch.device) -> tuple:
     -> (model in eval mode on `device`, checkpoint dict, its path); a DataError names what is missing or wrong."""
     if ckpt.startswith("hf:"):
         from hf_llama import load_init
-        saved = load_init(ckpt)
+        saved = load_init(ckpt, "--ckpt")
         return model_from(saved, ckpt).to(device).eval(), saved, ckpt
     try:
         path = checkpoint_file(ckpt)

@@ -294,14 +294,15 @@ def folder_tokenizer(spec: str) -> str:
     return path if path and os.path.isfile(path) else ""
 
 
-def load_init(spec: str) -> dict:
+def load_init(spec: str, flag: str = "--init_from") -> dict:
     """`hf:PATH` -> the fields of a checkpoint that pretrain.py / sft.py start from: model, model_args, kind, step,
-    val_loss, tokenizer_sha256 (of the folder's tokenizer.model when it has one, so a mismatch is caught)."""
+    val_loss, tokenizer_sha256 (of the folder's tokenizer.model when it has one, so a mismatch is caught).
+    flag: the command-line flag that named spec, for the error lines (eval.py and chat.py pass --ckpt)."""
     if not spec.startswith("hf:"):
-        raise DataError(f"--init_from={spec}: expected hf:PATH (a local Hugging Face Llama folder)")
+        raise DataError(f"{flag}={spec}: expected hf:PATH (a local Hugging Face Llama folder)")
     path = spec[3:]
     if not os.path.isdir(path):
-        raise DataError(f"--init_from={spec}: {path} is not a folder")
+        raise DataError(f"{flag}={spec}: {path} is not a folder")
     args, state, cfg = read_hf(path)
     project = cfg.get(PROJECT_KEY) or {}
     for key, types in (("kind", str), ("step", int), ("val_loss", (int, float)), ("tokenizer_sha256", str)):

@@ -225,6 +225,9 @@ def test_eval_and_chat_answer_from_the_folder_as_from_the_checkpoint(hf_dir, ckp
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("模型>")]
     assert len(said) == 2 and said[0] == said[1] and len(said[0]) > 4, said
     assert "config.json" in main_error(ev, [*flags, f"--ckpt=hf:{tmp_path}"], monkeypatch, capsys)
+    # the line names the flag the user gave (eval's --ckpt), not pretraining's --init_from
+    said = main_error(ev, [*flags, f"--ckpt=hf:{tmp_path / 'nowhere'}"], monkeypatch, capsys)
+    assert said.startswith(f"error: --ckpt=hf:{tmp_path / 'nowhere'}") and "is not a folder" in said, said
 
 
 def test_import_refuses_other_llamas_in_one_line(hf_dir, tmp_path):
