@@ -124,7 +124,8 @@ class BenchConfig:
                 parse_variant(v)
             except ValueError as e:
                 raise ConfigError(f"--variants/--parity_variant/--sft_variant: {e}") from None
-        check(self.steps > 0 and self.warmup >= 0, "need steps > 0 and warmup >= 0")
+        check(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        check(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
 
     def model_args(self) -> ModelArgs:
         return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size,

@@ -85,18 +85,22 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
         check(self.mode != "all" or not (self.inputs or self.manifest or self.out_dir),
               "--inputs/--manifest/--out_dir need a mode: python data_process.py pretrain|sft ...")
         check(not (self.inputs and self.manifest), "give --inputs or --manifest, not both")
-        check(self.num_workers >= 0, "--num_workers must be >= 0")
-        check(self.chunk_chars >= 1, "--chunk_chars must be >= 1")
-        check(self.max_pending >= 0, "--max_pending must be >= 0")
-        check(self.shard_tokens >= 1, "--shard_tokens must be >= 1")
-        check(self.min_chars >= 0 and self.txt_max_chars >= 1, "--min_chars must be >= 0, --txt_max_chars >= 1")
-        check(self.max_doc_chars >= 1024, "--max_doc_chars must be >= 1024")
-        check(0.0 <= self.val_fraction < 1.0, "--val_fraction must be in [0, 1)")
-        check(self.val_min_tokens >= 0 and self.val_min_records >= 0, "--val_min_tokens/--val_min_records must be >= 0")
+        check(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        check(self.chunk_chars >= 1, f"--chunk_chars must be >= 1, got {self.chunk_chars}")
+        check(self.max_pending >= 0, f"--max_pending must be >= 0, got {self.max_pending}")
+        check(self.shard_tokens >= 1, f"--shard_tokens must be >= 1, got {self.shard_tokens}")
+        check(self.min_chars >= 0, f"--min_chars must be >= 0, got {self.min_chars}")
+        check(self.txt_max_chars >= 1, f"--txt_max_chars must be >= 1, got {self.txt_max_chars}")
+        check(self.max_doc_chars >= 1024, f"--max_doc_chars must be >= 1024, got {self.max_doc_chars}")
+        check(0.0 <= self.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        check(self.val_min_tokens >= 0, f"--val_min_tokens must be >= 0, got {self.val_min_tokens}")
+        check(self.val_min_records >= 0, f"--val_min_records must be >= 0, got {self.val_min_records}")
         check(self.minhash_perms >= 1 and self.minhash_bands >= 1 and self.minhash_perms % self.minhash_bands == 0,
-              "--minhash_perms must be a positive multiple of --minhash_bands")
-        check(self.sft_max_chars >= 1 and self.sft_min_answer_chars >= 0, "--sft_max_chars must be >= 1")
-        check(self.max_record_chars >= 1024, "--max_record_chars must be >= 1024")
+              f"--minhash_perms must be a positive multiple of --minhash_bands, "
+              f"got {self.minhash_perms} and {self.minhash_bands}")
+        check(self.sft_max_chars >= 1, f"--sft_max_chars must be >= 1, got {self.sft_max_chars}")
+        check(self.sft_min_answer_chars >= 0, f"--sft_min_answer_chars must be >= 0, got {self.sft_min_answer_chars}")
+        check(self.max_record_chars >= 1024, f"--max_record_chars must be >= 1024, got {self.max_record_chars}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

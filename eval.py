@@ -140,7 +140,8 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
         check(self.batch_size >= 0, f"batch_size must be >= 0 (0 = auto), got {self.batch_size}")
         check(not self.baselines or os.path.isfile(self.answer_pool),
               f"--baselines: no {self.answer_pool} (run data_process.py sft, or pass --answer_pool=FILE)")
-        check(self.limit >= 0 and self.ppl_windows >= 0 and self.ppl_seq_len >= 0, "limit, ppl_windows, ppl_seq_len must be >= 0")
+        for name in ("limit", "ppl_windows", "ppl_seq_len"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}")
         check(device_problem(self.device) is None, device_problem(self.device) or "")

@@ -70,9 +70,10 @@ class PretrainConfig(TrainConfig):
         super().validate()
         check(self.n_kv_heads >= 0, f"n_kv_heads must be >= 0 (0 = n_heads), got {self.n_kv_heads}")
         self.model_args().validate()  # positive sizes, dim / n_heads even, n_heads / n_kv_heads, dropout in [0, 1)
-        check(self.max_seq_len >= 8, "max_seq_len must be >= 8")
-        check(0 <= self.vocab_size <= 65536, "vocab_size must be in 0..65536 (0 = the tokenizer's; ids are uint16)")
-        check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        check(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        check(0 <= self.vocab_size <= 65536,
+              f"vocab_size must be in 0..65536 (0 = the tokenizer's; ids are uint16), got {self.vocab_size}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(not self.init_from or self.init_from.startswith("hf:"),
               f"init_from must be hf:PATH (a Hugging Face Llama folder), got {self.init_from!r}; --resume continues a run")
 

@@ -45,7 +45,7 @@ class ReportConfig:
 
     def validate(self):
         check(os.path.isdir(self.run), f"--run {self.run}: no such folder (run speedrun.sh first)")
-        check(self.samples >= 0, "samples must be >= 0")
+        check(self.samples >= 0, f"samples must be >= 0, got {self.samples}")
 
 
 def read_json(path: str) -> Optional[dict]:

@@ -66,8 +66,8 @@ class SFTConfig(TrainConfig):
     def validate(self):
         super().validate()
         check(self.batch_mode in TRAIN_MODES, f"batch_mode must be one of {'|'.join(TRAIN_MODES)}, got {self.batch_mode!r}")
-        check(self.max_seq_len >= 0, "max_seq_len must be >= 0")
-        check(self.pad_multiple >= 1, "pad_multiple must be >= 1")
+        check(self.max_seq_len >= 0, f"max_seq_len must be >= 0, got {self.max_seq_len}")
+        check(self.pad_multiple >= 1, f"pad_multiple must be >= 1, got {self.pad_multiple}")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         try:
             parse_mix(self.mix)

@@ -73,12 +73,13 @@ class Config(ReadOptions):  # + txt_max_chars, max_record_chars (corpora.ReadOpt
         check(not (self.inputs and self.manifest), "give --inputs or --manifest, not both")
         check(300 <= self.vocab_size <= MAX_VOCAB,
               f"--vocab_size must be in 300..{MAX_VOCAB} (3 specials + 256 byte pieces + merges; ids fit uint16)")
-        check(self.max_chars >= 1, "--max_chars must be >= 1")
-        check(16 <= self.max_sentence_chars <= 16384, "--max_sentence_chars must be in 16..16384")
-        check(self.min_chars >= 0 and self.txt_max_chars >= 1, "--min_chars must be >= 0, --txt_max_chars >= 1")
-        check(0.9 <= self.character_coverage <= 1.0, "--character_coverage must be in [0.9, 1]")
-        check(self.num_threads >= 0, "--num_threads must be >= 0")
-        check(self.max_record_chars >= 1024, "--max_record_chars must be >= 1024")
+        check(self.max_chars >= 1, f"--max_chars must be >= 1, got {self.max_chars}")
+        check(16 <= self.max_sentence_chars <= 16384, f"--max_sentence_chars must be in 16..16384, got {self.max_sentence_chars}")
+        check(self.min_chars >= 0, f"--min_chars must be >= 0, got {self.min_chars}")
+        check(self.txt_max_chars >= 1, f"--txt_max_chars must be >= 1, got {self.txt_max_chars}")
+        check(0.9 <= self.character_coverage <= 1.0, f"--character_coverage must be in [0.9, 1], got {self.character_coverage}")
+        check(self.num_threads >= 0, f"--num_threads must be >= 0, got {self.num_threads}")
+        check(self.max_record_chars >= 1024, f"--max_record_chars must be >= 1024, got {self.max_record_chars}")
 
 
 def split_sentences(text: str, max_chars: int) -> Iterator[str]:

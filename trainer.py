@@ -87,9 +87,11 @@ class TrainConfig:
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1, beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        check(self.grad_clip >= 0 and self.peak_tflops >= 0, "grad_clip and peak_tflops must be >= 0")
+        for name in ("grad_clip", "peak_tflops", "eval_windows", "batch_tokens", "ce_chunk", "max_minutes", "fit_minutes"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_bad_steps", "eval_interval", "log_interval", "ckpt_interval"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(0 <= self.seed < 2**32, f"seed must be in 0..2**32-1, got {self.seed}")
-        check(self.max_bad_steps > 0 and self.eval_windows >= 0, "max_bad_steps must be > 0, eval_windows >= 0")
         check(device_problem(self.device) is None, device_problem(self.device) or "")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(self.max_steps >= 0, f"max_steps must be >= 0 (0 = derived from --epochs), got {self.max_steps}")
@@ -98,20 +100,17 @@ class TrainConfig:
               f"tokens_per_param must be >= 0, got {self.tokens_per_param}")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         check(self.lr_schedule in ("cosine", "wsd"), f"lr_schedule must be cosine|wsd, got {self.lr_schedule!r}")
-        check(0 <= self.min_lr <= self.learning_rate, "need 0 <= min_lr <= learning_rate")
+        check(0 <= self.min_lr <= self.learning_rate,
+              f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         # a resumed run's warmup is the saved run's (run_dir.resumed_config), not the flag's default
         check(self.max_steps == 0 or self.warmup_steps < self.max_steps or self.resume or bool(self.resume_from),
               f"--warmup_steps={self.warmup_steps} must be below --max_steps={self.max_steps} "
               f"(a short run: add --warmup_steps={self.max_steps // 10})")
-        check(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
-        check(self.eval_interval > 0 and self.log_interval > 0 and self.ckpt_interval > 0, "intervals must be > 0")
-        check(self.batch_tokens >= 0, "batch_tokens must be >= 0")
-        check(self.ce_chunk >= 0, "ce_chunk must be >= 0")
+        check(0 < self.decay_frac <= 1, f"decay_frac must be in (0, 1], got {self.decay_frac}")
         check(self.attention in ATTENTION, f"attention must be {'|'.join(ATTENTION)}, got {self.attention!r}")
         check(self.compile_mode in COMPILE_MODES,
               f"compile_mode must be {'|'.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        check(self.max_minutes >= 0 and self.fit_minutes >= 0, "max_minutes and fit_minutes must be >= 0")
         check(not (self.fit_minutes and self.max_steps) or self.resume or bool(self.resume_from),
               "--fit_minutes sets the number of steps: leave --max_steps at 0")
         if self.tensorboard:

@@ -191,6 +191,40 @@ def test_bad_values_fail_validation(flag, message):
         parse_config(pretrain.PretrainConfig, [flag])
 
 
+@pytest.mark.parametrize("name, bad", [
+    ("grad_clip", "-1"), ("peak_tflops", "-1"), ("eval_windows", "-1"), ("batch_tokens", "-1"), ("ce_chunk", "-1"),
+    ("max_minutes", "-1"), ("fit_minutes", "-1"), ("max_bad_steps", "0"), ("eval_interval", "0"), ("log_interval", "0"),
+    ("ckpt_interval", "0"), ("decay_frac", "0"), ("decay_frac", "1.5"), ("min_lr", "0.5"), ("min_lr", "-1e-4")])
+def test_a_bad_bound_names_its_flag_and_the_value_given(name, bad):
+    """A user with several interval flags learns which one is wrong and what was read, not "intervals must be > 0"."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(pretrain.PretrainConfig, [f"--{name}={bad}"])
+    message = str(e.value)
+    assert message.startswith(f"{name} must be") and float(message.rsplit("got ", 1)[1]) == float(bad), message
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("data_process", ["--num_workers=-1"]), ("data_process", ["--min_chars=-1"]), ("data_process", ["--txt_max_chars=0"]),
+    ("data_process", ["--val_fraction=1.5"]), ("data_process", ["--val_min_records=-1"]),
+    ("data_process", ["--sft_min_answer_chars=-1"]), ("data_process", ["--max_record_chars=10"]),
+    ("train_tokenizer", ["--max_chars=0"]), ("train_tokenizer", ["--txt_max_chars=0"]),
+    ("train_tokenizer", ["--character_coverage=0.5"]), ("eval", ["--ppl_windows=-1"]), ("eval", ["--limit=-1"]),
+    ("sft", ["--pad_multiple=0"]), ("pretrain", ["--max_seq_len=4"]), ("pretrain", ["--vocab_size=70000"]),
+    ("bench", ["--warmup=-1"]), ("bench", ["--steps=0"])])
+def test_every_script_names_the_bad_flag_and_the_value_given(script, argv):
+    """The same rule for each script's own knobs: the message starts with the flag that is wrong and ends with what was
+    read, one check per flag (a combined check named two flags and no value)."""
+    import importlib
+    mod = importlib.import_module(script)
+    cls = next(c for name, c in vars(mod).items() if name.endswith("Config") and getattr(c, "__module__", "") == script)
+    name, value = argv[0][2:].split("=")
+    with pytest.raises(ConfigError) as e:
+        parse_config(cls, argv)
+    message = str(e.value)
+    assert message.lstrip("-").startswith(f"{name} must be"), message
+    assert float(message.rsplit("got ", 1)[1]) == float(value), message
+
+
 def test_bad_sft_mix_fails_validation():
     import sft
     with pytest.raises(ConfigError, match="mix: 'medical'.*NAME=TIMES"):
