@@ -348,9 +348,19 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
 
 def _stop_pool(pool: ProcessPoolExecutor, stop) -> None:
     """Ends the pool soon after an error or Ctrl-C: the queued tasks are cancelled and those in flight end within one
-    slice of texts (encode_chunk), so nothing waits for whole chunks and no worker is killed mid-message."""
+    slice of texts (encode_chunk), so nothing waits for whole chunks and no worker is killed mid-message.
+
+    A Ctrl-C inside the first submit() can land while the pool's manager thread is starting; shutdown() then cannot
+    join it yet ("cannot join thread before it is started") and would turn the one-line Ctrl-C into a traceback. Its
+    start completes a moment later, so the join is tried again for up to a second; a thread that never started has
+    nothing to wait for, and the workers die with this process (die_with_parent)."""
     stop.set()
-    pool.shutdown(wait=True, cancel_futures=True)
+    for _ in range(100):
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        except RuntimeError:
+            time.sleep(0.01)
 
 
 def _encode_all(pool, sources: list[Source], cfg: Config, writers: dict, rep: Reporter, counts: Counter,
