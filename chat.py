@@ -51,7 +51,7 @@ class ChatConfig(Sampling):  # + top_k, no_repeat_ngram, beams, length_penalty, 
     seed: int = 1337  # seeds sampling
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
-    tokenizer: str = ""  # path to tokenizer.model (else an hf: folder's own, $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    tokenizer: str = ""  # path to tokenizer.model (else the model's own: an hf: folder's, the one a checkpoint was trained with; then $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     answer_pool: str = "data/sft/train.jsonl"  # --rerank=pool: the SFT conversations whose answers it agrees with
     pool_bias: float = 0.5  # --rerank=pool with --beams > 1: the beams lean towards the words those answers share (as eval.py); 0 = off
 

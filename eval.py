@@ -113,7 +113,7 @@ class EvalConfig(Sampling):  # + max_new_tokens, temperature, top_k, top_p, repe
     seed: int = 1337  # seeds sampling (no effect when greedy)
     device: str = "auto"  # auto = cuda > mps > cpu
     dtype: str = "auto"  # auto = bfloat16 on cuda (float16 where bf16 is missing), float32 elsewhere
-    tokenizer: str = ""  # path to tokenizer.model (else an hf: folder's own, $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    tokenizer: str = ""  # path to tokenizer.model (else the model's own: an hf: folder's, the one a checkpoint was trained with; then $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     out_dir: str = ""  # where eval_report.{json,md} go; "" = the checkpoint's folder
     baselines: bool = False  # also score two answers made without a model (babyllama/quality.py): retrieval and a fixed sentence
     answer_pool: str = "data/sft/train.jsonl"  # SFT conversations (data_process.py sft): the answers --rerank=pool agrees with, and the retrieval baseline's

@@ -103,7 +103,7 @@ class ExportConfig:
     dtype: str = "float32"  # weights in model.safetensors: float32 (exact) | bfloat16 | float16
     gguf_types: List[str] = field(default_factory=lambda: ["f16", "q8_0"])  # converter --outtype, one file each
     llama_cpp: str = ""  # folder holding convert_hf_to_gguf.py (see the docstring); "" = look it up
-    tokenizer: str = ""  # path to tokenizer.model (else $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    tokenizer: str = ""  # path to tokenizer.model (else the one the checkpoint was trained with, where at hand; then $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     push_to_hub: str = ""  # OWNER/NAME: upload the export's files (its manifest) to this Hub model repo (needs a token)
     private: bool = False  # create the Hub repo as private
     check: bool = True  # reload the export and compare with the checkpoint: logits and greedy tokens (see check_export)

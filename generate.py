@@ -578,10 +578,12 @@ def load_weights(ckpt: str, device: torch.device) -> tuple:
 
 
 def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
-    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype).
+    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype). The tokenizer:
+    tokenizer_path (--tokenizer), else an hf: folder's own, else the one the checkpoint was trained with where it
+    is at hand (a model of its own tokenizer, demo.sh's or speedrun.sh's, needs no flag), else the default lookup.
 
     Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is a DataError."""
-    from chatglm_tokenizer import load_tokenizer
+    from chatglm_tokenizer import load_tokenizer, recorded_tokenizer
 
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
@@ -589,7 +591,8 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     from hf_llama import folder_tokenizer  # hf_llama imports model.py only: no cycle
     model, saved, ckpt_path = load_weights(ckpt, device)
     try:
-        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or None)
+        trained_with = recorded_tokenizer((saved.get("config") or {}).get("tokenizer"), saved.get("tokenizer_sha256"))
+        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or trained_with or None)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)

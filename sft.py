@@ -36,7 +36,7 @@ from babyllama.errors import ConfigError, DataError, check, ctrl_c, user_errors
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import folder_tokenizer, load_init
 from model import ModelArgs
-from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint
+from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint, tokenizer_advice
 from babyllama.runtime import cleanup, setup_runtime
 from trainer import TrainConfig, train
 
@@ -106,7 +106,7 @@ def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
     else:
         init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
         init = load_checkpoint(init_path)
-    check_same_tokenizer(init_path, init.get("tokenizer_sha256"), tok.sha256, tok.path)
+    check_same_tokenizer(init_path, init.get("tokenizer_sha256"), tok.sha256, tok.path, advice=tokenizer_advice(init))
     if master:
         print(f"sft: starting from {init_path} ({init.get('kind', '?')} step {init.get('step')}, "
               f"val loss {init.get('val_loss', float('nan')):.4f})")

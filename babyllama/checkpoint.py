@@ -247,16 +247,24 @@ def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], 
                     f"{': ' + advice if advice else ''}")
 
 
+def tokenizer_advice(ckpt: dict) -> str:
+    """What to pass when a checkpoint meets another tokenizer: the --tokenizer it was trained with, as it recorded it
+    (its config), or "" when it recorded none (trained with the default lookup)."""
+    path = (ckpt.get("config") or {}).get("tokenizer") or ""
+    return f"pass --tokenizer={path}, the tokenizer it was trained with" if isinstance(path, str) and path else ""
+
+
 def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:
     """A checkpoint trained with another vocabulary or tokenizer.model cannot be used with this tokenizer. A model
     vocab larger than the tokenizer's (pretrain.py --vocab_size: padding rows) is fine when the checkpoint names
     this tokenizer.model."""
     vocab, want = ckpt.get("model_args", {}).get("vocab_size"), ckpt.get("tokenizer_sha256")
     padded = isinstance(vocab, int) and vocab > tokenizer.vocab_size and want == tokenizer.sha256
+    advice = tokenizer_advice(ckpt)
     if vocab != tokenizer.vocab_size and not padded:
         raise DataError(f"{ckpt_path}: model vocab_size {vocab}, but the tokenizer has {tokenizer.vocab_size} "
-                        f"(checkpoint from another vocabulary)")
-    check_same_tokenizer(ckpt_path, want, tokenizer.sha256, getattr(tokenizer, "path", "the tokenizer"))
+                        f"(checkpoint from another vocabulary){': ' + advice if advice else ''}")
+    check_same_tokenizer(ckpt_path, want, tokenizer.sha256, getattr(tokenizer, "path", "the tokenizer"), advice=advice)
 
 
 class Checkpoints:

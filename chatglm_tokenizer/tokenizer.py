@@ -14,6 +14,8 @@ Where tokenizer.model comes from, first match wins (each path may be the file or
   2. the environment variable BABYLLAMA_TOKENIZER,
   3. chatglm_tokenizer/tokenizer.model beside this file (git-ignored),
   4. a download of tokenizer.model from the Hugging Face Hub (repo THUDM/chatglm2-6b) into 3.
+Scripts that open a trained model (eval.py, chat.py, export.py) try, between 1 and 2, the model's own: an hf: folder's
+tokenizer.model, or the --tokenizer a checkpoint recorded where that file is still at hand (recorded_tokenizer).
 """
 from __future__ import annotations
 
@@ -69,6 +71,19 @@ def find_tokenizer(path: Optional[str] = None, download: bool = True) -> str:
             f"{TOKENIZER_ENV}=PATH, or put it at {LOCAL_PATH} "
             f"(download from {HF_REPO} failed: {e})"
         ) from None
+
+
+def recorded_tokenizer(path, sha256) -> str:
+    """The tokenizer.model a run recorded (its --tokenizer: a file or a folder holding one), if it is still here with
+    the sha256 the run recorded; else "". Scripts that open a checkpoint take it before the lookup above when no
+    --tokenizer is given: a file that changed since is never taken."""
+    if not (isinstance(path, str) and path and sha256):
+        return ""
+    try:
+        found = _model_file(path, path)
+        return found if tokenizer_sha256(found) == sha256 else ""
+    except OSError:  # gone, unreadable, or a folder without a tokenizer.model
+        return ""
 
 
 @lru_cache(maxsize=8)

@@ -241,3 +241,40 @@ def test_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("Train a tokenizer of our own")
     check_help(tt.Config, out)
+
+
+def test_a_checkpoint_finds_the_tokenizer_it_was_trained_with(trained, tmp_path, monkeypatch):
+    """A model of its own tokenizer (demo.sh's, speedrun.sh's) opens in eval.py / chat.py / export.py without
+    --tokenizer: the path its checkpoint recorded, if the file there still has the recorded sha256. Else the default
+    lookup, and the error names the --tokenizer to pass (it used to say only "another vocabulary")."""
+    from babyllama.checkpoint import save_checkpoint
+    from chatglm_tokenizer import recorded_tokenizer, tokenizer_sha256
+    from conftest import tiny_ckpt, tiny_eval_model
+    from generate import load_for_inference
+
+    folder = str(trained[0])
+    model_file, sha = os.path.join(folder, MODEL_FILE), tokenizer_sha256(os.path.join(folder, MODEL_FILE))
+    assert recorded_tokenizer(folder, sha) == recorded_tokenizer(model_file, sha) == model_file
+    assert recorded_tokenizer(folder, "0" * 64) == ""  # the file changed since: never taken
+    assert recorded_tokenizer(str(tmp_path / "gone"), sha) == recorded_tokenizer(str(tmp_path), sha) == ""
+    assert recorded_tokenizer("", sha) == recorded_tokenizer(folder, None) == ""
+
+    def save(name, vocab, recorded, sha256):
+        ckpt = dict(tiny_ckpt(tiny_eval_model(vocab_size=vocab), sha=sha256), config={"tokenizer": recorded})
+        os.makedirs(tmp_path / name)
+        save_checkpoint(ckpt, str(tmp_path / name / "best.pt"))
+        return str(tmp_path / name)
+
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path / "elsewhere"))  # a default that would fail
+    run = save("own", VOCAB, folder, sha)
+    tok = load_for_inference(run, "", "cpu", "float32")[3]
+    assert tok.path == model_file and tok.vocab_size == VOCAB
+
+    monkeypatch.setenv(TOKENIZER_ENV, folder)  # the recorded path is gone: the default lookup, and the advice
+    for name, vocab, want in (("moved", VOCAB, "made with a tokenizer of sha256"), ("other", 512, "vocab_size 512")):
+        run = save(name, vocab, "data/moved/tokenizer", "f" * 64)
+        with pytest.raises(DataError) as e:
+            load_for_inference(run, "", "cpu", "float32")
+        assert want in str(e.value) and str(e.value).endswith(
+            "pass --tokenizer=data/moved/tokenizer, the tokenizer it was trained with"), str(e.value)
