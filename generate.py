@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from babyllama.checkpoint import check_checkpoint, checkpoint_file
+from babyllama.checkpoint import check_checkpoint, checkpoint_file, tokenizer_record
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
 from model import Transformer, load_model, model_from
@@ -591,8 +591,8 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     from hf_llama import folder_tokenizer  # hf_llama imports model.py only: no cycle
     model, saved, ckpt_path = load_weights(ckpt, device)
     try:
-        trained_with = recorded_tokenizer((saved.get("config") or {}).get("tokenizer"), saved.get("tokenizer_sha256"))
-        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or trained_with or None)
+        own = recorded_tokenizer(*tokenizer_record(saved))  # the one it was trained with, if still here
+        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or own or None)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)

@@ -30,13 +30,13 @@ if __name__ == "__main__":
 
 from dataclasses import dataclass
 
-from chatglm_tokenizer import TokenBytes, load_tokenizer
+from chatglm_tokenizer import TokenBytes, load_tokenizer, recorded_tokenizer
 from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, DataError, check, ctrl_c, user_errors
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
 from hf_llama import folder_tokenizer, load_init
 from model import ModelArgs
-from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint, tokenizer_advice
+from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint, tokenizer_advice, tokenizer_record
 from babyllama.runtime import cleanup, setup_runtime
 from trainer import TrainConfig, train
 
@@ -99,13 +99,16 @@ def check_mix(cfg: SFTConfig) -> None:
         raise DataError(f"--mix={cfg.mix}: leaves no conversation of {side} (every source 0 times)")
 
 
-def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
-    """The pretrained model SFT starts from -> (its checkpoint dict, model args with this run's context length)."""
+def read_init(cfg: SFTConfig) -> tuple:
+    """The pretrained model SFT starts from -> (its path, its checkpoint dict: an hf: folder's fields, or best.pt)."""
     if cfg.init_from.startswith("hf:"):
-        init_path, init = cfg.init_from, load_init(cfg.init_from)
-    else:
-        init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
-        init = load_checkpoint(init_path)
+        return cfg.init_from, load_init(cfg.init_from)
+    init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+    return init_path, load_checkpoint(init_path)
+
+
+def start_point(cfg: SFTConfig, init_path: str, init: dict, tok, master: bool) -> ModelArgs:
+    """Checks the pretrained model against the tokenizer -> its model args with this run's dropout and context."""
     check_same_tokenizer(init_path, init.get("tokenizer_sha256"), tok.sha256, tok.path, advice=tokenizer_advice(init))
     if master:
         print(f"sft: starting from {init_path} ({init.get('kind', '?')} step {init.get('step')}, "
@@ -115,7 +118,7 @@ def start_point(cfg: SFTConfig, tok, master: bool) -> tuple:
         check(cfg.max_seq_len <= args.max_seq_len, f"max_seq_len {cfg.max_seq_len} is longer than the "
               f"pretrained model's {args.max_seq_len}")
         args.max_seq_len = cfg.max_seq_len
-    return init, args
+    return args
 
 
 def main(argv=None) -> dict:
@@ -123,12 +126,16 @@ def main(argv=None) -> dict:
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         with user_errors(FileNotFoundError):
-            if not (cfg.resume or cfg.resume_from):
-                check_mix(cfg)  # before the tokenizer, the model and the data are loaded
-            tok = load_tokenizer(cfg.tokenizer or folder_tokenizer(cfg.init_from) or None)  # hf:FOLDER: its own
             init, args = None, ModelArgs()  # a resumed run's model and config come from its checkpoint (trainer.py)
             if not (cfg.resume or cfg.resume_from):
-                init, args = start_point(cfg, tok, rt.master)
+                check_mix(cfg)  # before the tokenizer, the model and the data are loaded
+                init_path, init = read_init(cfg)
+            # the tokenizer: the flag's, else the pretrained model's own (an hf: folder's, or the one its run was given
+            # where it is still here), else the default lookup
+            own = folder_tokenizer(cfg.init_from) or (recorded_tokenizer(*tokenizer_record(init)) if init else "")
+            tok = load_tokenizer(cfg.tokenizer or own or None)
+            if init is not None:
+                args = start_point(cfg, init_path, init, tok, rt.master)
 
             def make_data(run: SFTConfig, margs: ModelArgs, grad_accum: int):
                 def split(name: str, accum: int) -> SFTData:

@@ -247,11 +247,17 @@ def check_same_tokenizer(what: str, theirs: Optional[str], ours: Optional[str], 
                     f"{': ' + advice if advice else ''}")
 
 
-def tokenizer_advice(ckpt: dict) -> str:
-    """What to pass when a checkpoint meets another tokenizer: the --tokenizer it was trained with, as it recorded it
-    (its config), or "" when it recorded none (trained with the default lookup)."""
+def tokenizer_record(ckpt: dict) -> tuple:
+    """-> (the --tokenizer the checkpoint's run was given, "" if none: the default lookup; its tokenizer's sha256)."""
     path = (ckpt.get("config") or {}).get("tokenizer") or ""
-    return f"pass --tokenizer={path}, the tokenizer it was trained with" if isinstance(path, str) and path else ""
+    return (path if isinstance(path, str) else ""), ckpt.get("tokenizer_sha256")
+
+
+def tokenizer_advice(ckpt: dict) -> str:
+    """What to pass when a checkpoint meets another tokenizer: the --tokenizer it was trained with, or "" when its run
+    was given none."""
+    path = tokenizer_record(ckpt)[0]
+    return f"pass --tokenizer={path}, the tokenizer it was trained with" if path else ""
 
 
 def check_checkpoint(ckpt: dict, tokenizer, ckpt_path: str) -> None:

@@ -176,7 +176,8 @@ def test_sft_dropout_replaces_the_pretrained_models_and_is_checked(tmp_path, tok
     tok = load_tokenizer(tokenizer_path)
     for dropout in (0.0, 0.1):
         cfg = sft.SFTConfig(init_from=str(pre), dropout=dropout)
-        init, args = sft.start_point(cfg, tok, master=False)
+        init_path, init = sft.read_init(cfg)
+        args = sft.start_point(cfg, init_path, init, tok, master=False)
         assert init["model_args"]["dropout"] == 0.0 and args.dropout == dropout
     with pytest.raises(ConfigError, match="dropout must be in"):
         parse_config(sft.SFTConfig, ["--dropout=1.0"])

@@ -278,3 +278,30 @@ def test_a_checkpoint_finds_the_tokenizer_it_was_trained_with(trained, tmp_path,
             load_for_inference(run, "", "cpu", "float32")
         assert want in str(e.value) and str(e.value).endswith(
             "pass --tokenizer=data/moved/tokenizer, the tokenizer it was trained with"), str(e.value)
+
+
+def test_sft_starts_from_a_model_of_its_own_tokenizer_without_the_flag(trained, tmp_path, monkeypatch):
+    """`python sft.py --init_from=RUN` after `pretrain.py --tokenizer=X`: SFT takes X, the pretrained model's own,
+    not $BABYLLAMA_TOKENIZER or ChatGLM2's (which would fail: another vocabulary)."""
+    import sft
+    from babyllama.checkpoint import load_checkpoint, save_checkpoint
+    from chatglm_tokenizer import tokenizer_sha256
+    from conftest import tiny_ckpt, tiny_eval_model, write_jsonl
+
+    folder = str(trained[0])
+    sha = tokenizer_sha256(os.path.join(folder, MODEL_FILE))
+    os.makedirs(tmp_path / "pre")
+    pre = dict(tiny_ckpt(tiny_eval_model(max_seq_len=64, vocab_size=VOCAB), kind="pretrain", sha=sha),
+               config={"tokenizer": folder})
+    save_checkpoint(pre, str(tmp_path / "pre" / "best.pt"))
+    convs = [{"conversations": [{"role": "user", "content": f"问题{i}：头疼怎么办？"},
+                                {"role": "assistant", "content": f"回答{i}：多休息，多喝水。"}]} for i in range(8)]
+    os.makedirs(tmp_path / "sft")
+    write_jsonl(tmp_path / "sft" / "train.jsonl", convs)
+    write_jsonl(tmp_path / "sft" / "val.jsonl", convs[:2])
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path / "elsewhere"))  # the default lookup would fail
+    sft.main([f"--init_from={tmp_path / 'pre'}", f"--data_dir={tmp_path / 'sft'}", f"--out_dir={tmp_path / 'out'}",
+              "--max_steps=2", "--warmup_steps=1", "--eval_interval=2", "--log_interval=1", "--batch_size=2",
+              "--device=cpu", "--compile=false"])
+    assert load_checkpoint(str(tmp_path / "out" / "last.pt"))["tokenizer_sha256"] == sha
