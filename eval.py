@@ -69,6 +69,7 @@ from chatglm_tokenizer.template import SEED_CONTINUATIONS, SEED_QUESTIONS, build
 from babyllama.config import config_dict, config_or_exit
 from babyllama.errors import DataError, check, ctrl_c, user_errors
 from babyllama.clocks import process_start
+from babyllama.checkpoint import check_same_tokenizer
 from babyllama.fileio import load_qa
 from beam import beam_search
 from generate import EVAL_BEAMS, Sampling, generate
@@ -302,13 +303,30 @@ def load_records(cfg: EvalConfig, kind: str) -> tuple[List[dict], Optional[str]]
     return (records[:cfg.limit] if cfg.limit else records), data_path
 
 
+def check_val_bin(cfg: EvalConfig, tokenizer) -> str:
+    """--val_bin, checked before any answer is generated -> a note when perplexity will be skipped, else "". The
+    default folder is skipped (val_bin set to none) when it holds no val shards or another tokenizer's (a model of
+    its own tokenizer beside a data/pretrain of ChatGLM2's); a folder the user named must hold this tokenizer's."""
+    from dataset import find_shards, read_sidecar
+
+    if not cfg.val_bin or cfg.val_bin.lower() == "none":
+        return ""
+    try:
+        for path in find_shards(cfg.val_bin, "val"):
+            check_same_tokenizer(path, read_sidecar(path).get("tokenizer_sha256"), getattr(tokenizer, "sha256", None),
+                                 "the model's tokenizer")
+    except DataError as e:
+        if cfg.val_bin != DEFAULT_VAL:
+            raise DataError(f"--val_bin: {e}") from None
+        cfg.val_bin = "none"
+        return f"perplexity skipped: {e} (--val_bin=DIR: shards of this model's tokenizer)"
+    return ""
+
+
 def val_perplexity(cfg: EvalConfig, model, ckpt: dict, tokenizer, device: torch.device, dtype: torch.dtype,
                    progress: bool = True) -> tuple:
-    """perplexity() over --val_bin as configured -> (info dict or None when skipped, seconds)."""
+    """perplexity() over --val_bin as configured (check_val_bin first) -> (info dict or None when skipped, seconds)."""
     if not cfg.val_bin or cfg.val_bin.lower() == "none":
-        return None, 0.0
-    if cfg.val_bin == DEFAULT_VAL and not os.path.isdir(DEFAULT_VAL):
-        print(f"perplexity skipped: no {DEFAULT_VAL}/ (run data_process.py, or pass --val_bin=DIR)")
         return None, 0.0
     t0 = time.perf_counter()
     ma = ckpt["model_args"]
@@ -417,7 +435,8 @@ def evaluate(cfg: EvalConfig, model, ckpt: dict, tokenizer, ckpt_path: str, devi
     kind = ckpt.get("kind", "pretrain")
     max_seq_len = ckpt["model_args"]["max_seq_len"]
     cfg.resolve_decoding()  # a config built in code: --beams=1 means greedy there too
-    for note in (cfg.fit_context(max_seq_len), pool_fallback(cfg, cfg.answer_pool)):  # fit: as chat.py, 256 -> 64 on a 128 context
+    # fit_context as chat.py does (256 new tokens -> 64 on a 128 context); a bad pool or --val_bin fails here
+    for note in (cfg.fit_context(max_seq_len), pool_fallback(cfg, cfg.answer_pool), check_val_bin(cfg, tokenizer)):
         if note:
             print(note)
     records, data_path = load_records(cfg, kind)

@@ -519,6 +519,37 @@ def test_eval_prints_its_scores_when_perplexity_then_fails(tmp_path, tokenizer_p
     assert not (tmp_path / "eval_report.json").exists()
 
 
+def test_val_shards_of_another_tokenizer_are_caught_before_generating(tmp_path, tokenizer_path, monkeypatch, capsys):
+    """A model of its own tokenizer beside data/pretrain of ChatGLM2's (eval.py's default --val_bin): perplexity is
+    skipped with a note and the report written; it used to generate every answer, then fail with no report. A folder
+    the user named fails at once, before any answer."""
+    import dataclasses
+    import eval as ev
+    from babyllama.checkpoint import save_checkpoint
+    from chatglm_tokenizer import ChatGLMTokenizer
+    from conftest import main_error, run_main
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, max_seq_len=64)
+    (tmp_path / "run").mkdir()
+    save_checkpoint({"model": Transformer(args).state_dict(), "model_args": dataclasses.asdict(args), "kind": "sft",
+                     "step": 1, "val_loss": 9.0, "best_val_loss": 9.0, "config": {},
+                     "tokenizer_sha256": ChatGLMTokenizer(tokenizer_path).sha256}, str(tmp_path / "run" / "best.pt"))
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": "头疼怎么办？", "answer": "多休息"}])
+    (tmp_path / "data" / "pretrain").mkdir(parents=True)
+    write_shard(str(tmp_path / "data" / "pretrain" / "val_00000.bin"), np.full(300, 5), "val", 64793,
+                tokenizer_sha256="e" * 64)
+    monkeypatch.chdir(tmp_path)
+    argv = [f"--ckpt={tmp_path / 'run'}", f"--data={tmp_path / 'qa.jsonl'}", "--max_new_tokens=4", "--device=cpu",
+            "--beams=1", f"--tokenizer={tokenizer_path}", "--reference_bpb=false"]
+    run_main(ev, argv, monkeypatch)
+    out = capsys.readouterr().out
+    assert "perplexity skipped: data/pretrain/val_00000.bin: made with a tokenizer of sha256 eeeeeeeeeeee" in out, out
+    assert json.load(open(tmp_path / "run" / "eval_report.json"))["scores"]["ppl"] is None
+    err = main_error(ev, argv + [f"--val_bin={tmp_path / 'data' / 'pretrain'}"], monkeypatch, capsys)
+    assert err.startswith(f"error: --val_bin: {tmp_path}/data/pretrain/val_00000.bin: made with a tokenizer") and \
+        "[question 1/1]" not in capsys.readouterr().out
+
+
 def test_an_input_inside_the_folder_that_is_replaced_is_refused(tmp_path):
     """--overwrite replaces the output folder whole: an input read from inside it would be deleted with it."""
     out = tmp_path / "sft"
