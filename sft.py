@@ -103,7 +103,11 @@ def read_init(cfg: SFTConfig) -> tuple:
     """The pretrained model SFT starts from -> (its path, its checkpoint dict: an hf: folder's fields, or best.pt)."""
     if cfg.init_from.startswith("hf:"):
         return cfg.init_from, load_init(cfg.init_from)
-    init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+    try:
+        init_path = checkpoint_file(cfg.init_from, prefer="best.pt")
+    except FileNotFoundError as e:
+        raise DataError(f"--init_from {e} (run pretrain.py first, or pass --init_from=RUN_FOLDER, FILE or hf:FOLDER)") \
+            from None
     return init_path, load_checkpoint(init_path)
 
 

@@ -167,7 +167,8 @@ def test_sft_mix_is_checked_against_the_data_before_the_model_is_loaded(tmp_path
         r = run_script("sft.py", [*common, f"--mix={mix}"], check=False)
         assert message in one_line_error(r) and not (tmp_path / "out").exists()
     r = run_script("sft.py", [*common, "--mix= medical = 2 , alpaca=0"], check=False)  # spaces are fine: the mix passes
-    assert "/nonexistent/pretrain" in one_line_error(r)
+    assert one_line_error(r) == ("error: --init_from /nonexistent/pretrain: no such checkpoint (run pretrain.py "
+                                 "first, or pass --init_from=RUN_FOLDER, FILE or hf:FOLDER)")
 
 
 def test_ctrl_c_before_the_training_loop_is_one_line_exit_130(tmp_path):
