@@ -578,11 +578,10 @@ def load_weights(ckpt: str, device: torch.device) -> tuple:
 
 
 def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_name: str) -> tuple:
-    """What eval.py and chat.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype). The tokenizer:
-    tokenizer_path (--tokenizer), else an hf: folder's own, else the one the checkpoint was trained with where it
-    is at hand (a model of its own tokenizer, demo.sh's or speedrun.sh's, needs no flag), else the default lookup.
-
-    Bad input (no tokenizer, no checkpoint, a checkpoint of another vocabulary or tokenizer) is a DataError."""
+    """What eval.py, chat.py and export.py start from -> (model, ckpt dict, ckpt path, tokenizer, device, dtype). The
+    tokenizer: tokenizer_path (--tokenizer), else the model's own (an hf: folder's, or the one the checkpoint was
+    trained with where it is at hand), else the default lookup. Bad input (no tokenizer, no checkpoint, a checkpoint
+    of another vocabulary or tokenizer) is a DataError."""
     from chatglm_tokenizer import load_tokenizer, recorded_tokenizer
 
     device = resolve_device(device_name)
