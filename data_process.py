@@ -294,6 +294,8 @@ def run_pretrain(cfg: Config, out_dir: str) -> dict:
                "val_fraction": cfg.val_fraction, "val_min_tokens": cfg.val_min_tokens, "seed": cfg.seed}
     meta = {"format": TOKENS_FORMAT, "dtype": "uint16", "vocab_size": tok.vocab_size, "eos_id": EOS_ID,
             "tokenizer_sha256": tok.sha256, "filters": filters}
+    if cfg.tokenizer:  # as given: pretrain.py takes it when it is given no --tokenizer (chatglm_tokenizer.recorded_tokenizer)
+        meta["tokenizer"] = cfg.tokenizer
     print(f"pretrain: {len(sources)} inputs -> {out_dir} | {workers} workers, {cfg.chunk_chars:,} chars/task, "
           f"<= {max_pending} tasks in flight, shards of >= {cfg.shard_tokens:,} tokens")
     for s in sources:

@@ -48,6 +48,17 @@ def find_shards(data_dir: str, split: str) -> List[str]:
     return shards
 
 
+def recorded_data_tokenizer(data_dir: str) -> Tuple[str, Optional[str]]:
+    """(the --tokenizer data_process.py was given, its sha256) as the first train shard's sidecar records them; ("",
+    None) when it records none or cannot be read (data_tokenizer reports a bad folder)."""
+    try:
+        meta = read_sidecar(find_shards(data_dir, "train")[0])
+    except DataError:
+        return "", None
+    path = meta.get("tokenizer")
+    return (path if isinstance(path, str) else ""), meta.get("tokenizer_sha256")
+
+
 def data_tokenizer(data_dir: str) -> Tuple[Optional[str], Optional[int]]:
     """(tokenizer_sha256, vocab_size) that every train_*/val_* sidecar in data_dir names (sha None: synthetic ids).
     Shards that disagree (two tokenizers, or two vocabulary sizes) are a DataError naming both files."""

@@ -33,12 +33,12 @@ if __name__ == "__main__":
 from dataclasses import dataclass
 from typing import Optional
 
-from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer
+from chatglm_tokenizer import ChatGLMTokenizer, TokenBytes, find_tokenizer, recorded_tokenizer
 from chatglm_tokenizer.tokenizer import VOCAB_SIZE
 from babyllama.config import config_or_exit
 from babyllama.checkpoint import check_same_tokenizer
 from babyllama.errors import DataError, check, ctrl_c, fail, user_errors
-from dataset import PretrainData, data_tokenizer
+from dataset import PretrainData, data_tokenizer, recorded_data_tokenizer
 from hf_llama import folder_tokenizer, load_init
 from model import ModelArgs
 from babyllama.runtime import cleanup, setup_runtime
@@ -98,9 +98,13 @@ def run_vocab(cfg: PretrainConfig, tok: Optional[ChatGLMTokenizer], data_sha: Op
 
 
 def load_run_tokenizer(cfg: PretrainConfig) -> Optional[ChatGLMTokenizer]:
-    """The tokenizer when it is at hand (no download: pretraining needs only its hash, vocab and byte lengths)."""
+    """The tokenizer when it is at hand (no download: pretraining needs only its hash, vocab and byte lengths):
+    --tokenizer, else an hf: --init_from's own, else the one the shards were made with where it is still here (then
+    cfg.tokenizer names it, so the checkpoints record it for sft.py, eval.py and chat.py), else the default lookup."""
+    cfg.tokenizer = cfg.tokenizer or folder_tokenizer(cfg.init_from) or \
+        recorded_tokenizer(*recorded_data_tokenizer(cfg.data_dir))
     try:
-        return ChatGLMTokenizer(find_tokenizer(cfg.tokenizer or folder_tokenizer(cfg.init_from) or None, download=False))
+        return ChatGLMTokenizer(find_tokenizer(cfg.tokenizer or None, download=False))
     except FileNotFoundError as e:
         if cfg.tokenizer:  # a path the user named must exist
             fail(str(e))

@@ -135,9 +135,10 @@ def main(argv=None) -> dict:
                 check_mix(cfg)  # before the tokenizer, the model and the data are loaded
                 init_path, init = read_init(cfg)
             # the tokenizer: the flag's, else the pretrained model's own (an hf: folder's, or the one its run was given
-            # where it is still here), else the default lookup
+            # where it is still here; then recorded in this run's checkpoints too), else the default lookup
             own = folder_tokenizer(cfg.init_from) or (recorded_tokenizer(*tokenizer_record(init)) if init else "")
-            tok = load_tokenizer(cfg.tokenizer or own or None)
+            cfg.tokenizer = cfg.tokenizer or own
+            tok = load_tokenizer(cfg.tokenizer or None)
             if init is not None:
                 args = start_point(cfg, init_path, init, tok, rt.master)
 

@@ -49,7 +49,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 where supported, else float16 (+grad scaler) on cuda, float32 on cpu
     compile: bool = True  # torch.compile the model (CUDA only; ignored elsewhere)
     compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead (+ CUDA graphs), default, or max-autotune (+ GEMMs tuned while compiling: minutes)
-    tokenizer: str = ""  # path to tokenizer.model (else --init_from's own: an hf: folder's, or for sft.py the one its checkpoint was trained with; then $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
+    tokenizer: str = ""  # path to tokenizer.model (else the one the input recorded: hf: folder's, the checkpoint's for sft.py, the shards' for pretrain.py; then $BABYLLAMA_TOKENIZER, chatglm_tokenizer/, the Hub)
     # batch: the global batch is fixed in tokens, whatever the number of processes
     batch_size: int = 32  # micro-batch rows per process per forward pass
     batch_tokens: int = 0  # tokens per optimizer step over all processes; 0 = batch_size * seq_len * world

@@ -14,8 +14,9 @@ Where tokenizer.model comes from, first match wins (each path may be the file or
   2. the environment variable BABYLLAMA_TOKENIZER,
   3. chatglm_tokenizer/tokenizer.model beside this file (git-ignored),
   4. a download of tokenizer.model from the Hugging Face Hub (repo THUDM/chatglm2-6b) into 3.
-Scripts that open a trained model (sft.py, eval.py, chat.py, export.py) try, between 1 and 2, the model's own: an hf:
-folder's tokenizer.model, or the --tokenizer a checkpoint recorded where that file is still at hand (recorded_tokenizer).
+Between 1 and 2 the later stages try what the stage before recorded, where that file is still at hand with the same
+sha256 (recorded_tokenizer): pretrain.py the shards' --tokenizer, sft.py, eval.py, chat.py and export.py the
+checkpoint's (or an hf: folder's tokenizer.model).
 """
 from __future__ import annotations
 

@@ -305,3 +305,32 @@ def test_sft_starts_from_a_model_of_its_own_tokenizer_without_the_flag(trained, 
               "--max_steps=2", "--warmup_steps=1", "--eval_interval=2", "--log_interval=1", "--batch_size=2",
               "--device=cpu", "--compile=false"])
     assert load_checkpoint(str(tmp_path / "out" / "last.pt"))["tokenizer_sha256"] == sha
+
+
+def test_the_stages_hand_their_tokenizer_on_without_the_flag(trained, tmp_path, monkeypatch):
+    """data_process.py --tokenizer=X, then pretrain.py, sft.py and eval.py's loader with no --tokenizer (the default
+    lookup pointing elsewhere): each stage takes X from what the one before recorded (the shards' sidecar, then the
+    checkpoints' config), so a model of its own tokenizer is trained and opened as one of ChatGLM2's is."""
+    import data_process
+    import pretrain
+    import sft
+    from babyllama.checkpoint import load_checkpoint
+    from generate import load_for_inference
+
+    folder = str(trained[0])
+    model_file = os.path.join(folder, MODEL_FILE)
+    monkeypatch.chdir(ROOT)  # the default inputs are the sample, cwd-relative
+    data_process.main(["pretrain", f"--tokenizer={folder}", f"--out_dir={tmp_path / 'pre'}", "--num_workers=1",
+                       "--progress=false"])
+    data_process.main(["sft", f"--tokenizer={folder}", f"--out_dir={tmp_path / 'sft'}", "--progress=false"])
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path / "elsewhere"))  # the default lookup would fail
+    small = ["--dim=32", "--n_layers=1", "--n_heads=2", "--max_seq_len=64", "--batch_size=4", "--max_steps=2",
+             "--warmup_steps=1", "--eval_interval=2", "--eval_windows=4", "--device=cpu", "--compile=false"]
+    pretrain.main([f"--data_dir={tmp_path / 'pre'}", f"--out_dir={tmp_path / 'p'}", *small])
+    sft.main([f"--init_from={tmp_path / 'p'}", f"--data_dir={tmp_path / 'sft'}", f"--out_dir={tmp_path / 's'}",
+              *[a for a in small if not a.split("=")[0] in ("--dim", "--n_layers", "--n_heads", "--max_seq_len")]])
+    for run in ("p", "s"):
+        saved = load_checkpoint(str(tmp_path / run / "last.pt"))
+        assert saved["config"]["tokenizer"] == model_file and saved["model_args"]["vocab_size"] == VOCAB
+    assert load_for_inference(str(tmp_path / "s"), "", "cpu", "float32")[3].path == model_file
