@@ -290,3 +290,6 @@ else
   stage report python report.py --run="$OUT"
 fi
 echo; echo "== speedrun done in $(( $(date +%s) - T0 ))s: $OUT/report.md"
+# the model's tokenizer is found from its checkpoint: no --tokenizer needed
+echo "talk to the model: $(quoted python chat.py --ckpt="$OUT/sft"); use it elsewhere: $(quoted python export.py \
+--ckpt="$OUT/sft" --out_dir="$OUT/hf") (docs/export.md)"

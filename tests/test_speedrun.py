@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -348,3 +349,12 @@ def test_speedrun_with_a_tokenizer_of_its_own(speedruns):
     assert "--log_interval=4 --seed=7" in commands["sft"] and "--log_interval=5" not in commands["sft"]
     for stage, interval in (("pretrain", 5), ("sft", 4)):
         assert f"step {interval}/" in open(os.path.join(out, stage, "log.txt"), encoding="utf-8").read()
+    # the chat command the speedrun ends with works as printed: no --tokenizer, the model's own found from its
+    # checkpoint (no $BABYLLAMA_TOKENIZER to fall back on)
+    talk = shlex.split(re.search(r"^talk to the model: (.*); use it elsewhere: ", stdout, flags=re.M).group(1))
+    assert talk[:2] == ["python", "chat.py"] and not any(w.startswith("--tokenizer") for w in talk)
+    env = dict(base_env(), OMP_NUM_THREADS="1")
+    env.pop("BABYLLAMA_TOKENIZER", None)
+    r = subprocess.run([sys.executable, *talk[1:], "--max_new_tokens=4"], cwd=ROOT, env=env, input="头疼怎么办\n/quit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "sft model" in r.stdout and "模型>" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
