@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Quick start: the whole pipeline on the embedded sample (data/sample/) at a tiny size.
 #   bash demo.sh
-# Creates .venv (or uses the active virtual environment), installs the requirements, then runs
-# train_tokenizer -> data_process -> pretrain -> sft -> eval. Under a minute on 2 idle CPU cores once the packages
-# are installed (README.md gives the measured times); a CUDA GPU is used when present. Needs no download beyond the Python packages: the tokenizer
-# is one of our own, trained on the sample in a second (ChatGLM2's 64,793 pieces would make the output layer most of
-# a tiny model's time). The real-corpus flow is in README.md; this demo writes only to data/demo/ and out/demo/, and
-# a second run replaces what the first wrote (--overwrite).
+# Creates .venv (or uses the active virtual environment), installs the requirements, then runs train_tokenizer ->
+# data_process -> pretrain -> sft -> eval. Under a minute on 2 idle CPU cores once the packages are installed
+# (README.md gives the measured times); a CUDA GPU is used when present. Needs no download beyond the Python packages:
+# the tokenizer is one of our own, trained on the sample in a second (ChatGLM2's 64,793 pieces would make the output
+# layer most of a tiny model's time). The real-corpus flow is in README.md; this demo writes only to data/demo/ and
+# out/demo/, and a second run replaces what the first wrote (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup.sh
