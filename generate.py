@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from babyllama.checkpoint import check_checkpoint, checkpoint_file, tokenizer_record
+from babyllama.checkpoint import check_checkpoint, checkpoint_file
 from babyllama.errors import DataError, check
 from babyllama.runtime import enable_tf32, resolve_device, resolve_dtype
 from model import Transformer, load_model, model_from
@@ -582,16 +582,15 @@ def load_for_inference(ckpt: str, tokenizer_path: str, device_name: str, dtype_n
     tokenizer: tokenizer_path (--tokenizer), else the model's own (an hf: folder's, or the one the checkpoint was
     trained with where it is at hand), else the default lookup. Bad input (no tokenizer, no checkpoint, a checkpoint
     of another vocabulary or tokenizer) is a DataError."""
-    from chatglm_tokenizer import load_tokenizer, recorded_tokenizer
+    from chatglm_tokenizer import load_tokenizer
 
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     enable_tf32(device)
-    from hf_llama import folder_tokenizer  # hf_llama imports model.py only: no cycle
+    from hf_llama import model_tokenizer  # hf_llama imports model.py only: no cycle
     model, saved, ckpt_path = load_weights(ckpt, device)
     try:
-        own = recorded_tokenizer(*tokenizer_record(saved))  # the one it was trained with, if still here
-        tokenizer = load_tokenizer(tokenizer_path or folder_tokenizer(ckpt) or own or None)
+        tokenizer = load_tokenizer(tokenizer_path or model_tokenizer(ckpt, saved) or None)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
     check_checkpoint(saved, tokenizer, ckpt_path)

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from chatglm_tokenizer import tokenizer_sha256
+from chatglm_tokenizer import recorded_tokenizer, tokenizer_sha256
+from babyllama.checkpoint import tokenizer_record
 from babyllama.errors import DataError, first_line  # a folder this project cannot load: one line naming the file and what was expected
 from model import ModelArgs
 
@@ -292,6 +293,13 @@ def folder_tokenizer(spec: str) -> str:
     use with such a folder unless --tokenizer names another, as the folder's model was trained with it."""
     path = os.path.join(spec[3:], "tokenizer.model") if spec.startswith("hf:") else ""
     return path if path and os.path.isfile(path) else ""
+
+
+def model_tokenizer(spec: str, saved: Optional[dict]) -> str:
+    """The tokenizer.model a model was made with, where it is at hand, else "": hf:FOLDER's own, or the --tokenizer
+    the checkpoint dict `saved` recorded if that file is still there with the recorded sha256. What sft.py (its
+    --init_from), eval.py, chat.py and export.py (their --ckpt) use when given no --tokenizer."""
+    return folder_tokenizer(spec) or (recorded_tokenizer(*tokenizer_record(saved)) if saved else "")
 
 
 def load_init(spec: str, flag: str = "--init_from") -> dict:

@@ -30,13 +30,13 @@ if __name__ == "__main__":
 
 from dataclasses import dataclass
 
-from chatglm_tokenizer import TokenBytes, load_tokenizer, recorded_tokenizer
+from chatglm_tokenizer import TokenBytes, load_tokenizer
 from babyllama.config import config_or_exit
 from babyllama.errors import ConfigError, DataError, check, ctrl_c, user_errors
 from dataset_sft import Batching, SFTData, SFTSamples, mix_repeats, parse_mix
-from hf_llama import folder_tokenizer, load_init
+from hf_llama import load_init, model_tokenizer
 from model import ModelArgs
-from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint, tokenizer_advice, tokenizer_record
+from babyllama.checkpoint import check_same_tokenizer, checkpoint_file, load_checkpoint, tokenizer_advice
 from babyllama.runtime import cleanup, setup_runtime
 from trainer import TrainConfig, train
 
@@ -136,8 +136,7 @@ def main(argv=None) -> dict:
                 init_path, init = read_init(cfg)
             # the tokenizer: the flag's, else the pretrained model's own (an hf: folder's, or the one its run was given
             # where it is still here; then recorded in this run's checkpoints too), else the default lookup
-            own = folder_tokenizer(cfg.init_from) or (recorded_tokenizer(*tokenizer_record(init)) if init else "")
-            cfg.tokenizer = cfg.tokenizer or own
+            cfg.tokenizer = cfg.tokenizer or model_tokenizer(cfg.init_from, init)
             tok = load_tokenizer(cfg.tokenizer or None)
             if init is not None:
                 args = start_point(cfg, init_path, init, tok, rt.master)
